@@ -1,0 +1,468 @@
+"""Offline ways in and out of the store: rootfs tarballs, OCI layouts and archives.
+
+Owns the formats that move images without a registry: a root filesystem
+tarball (imported as a one-layer image), an OCI image layout directory, an
+``oci-archive`` (a tar of a layout) and a ``docker-archive`` (what
+``docker save``/``podman save`` write, and ``docker load``/``podman load`` read).
+Must not talk to registries or start containers; everything it stores goes
+through :class:`Store`, which verifies every blob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
+
+from ...errors import ImageError, ManifestError
+from ..spec import (
+    ANNOTATION_REF_NAME,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    OCI_LAYOUT_VERSION,
+    OCI_MANIFEST,
+    Descriptor,
+    ImageConfig,
+    Index,
+    Manifest,
+    Platform,
+    Reference,
+    canonical_json,
+    digest_hex,
+    local_name,
+    parse_document,
+)
+from .store import ImageRecord, Store, now_rfc3339
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class _HashingReader:
+    """Reads a stream while hashing (and counting) what passes through."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        self._src = src
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+
+def _open_decompressed(f: BinaryIO) -> BinaryIO:
+    """The uncompressed stream of a tar that may be gzip- or zstd-compressed."""
+    head = f.read(4)
+    f.seek(0)
+    if head.startswith(_GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+    if head.startswith(_ZSTD_MAGIC):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(f)  # type: ignore[return-value]
+    return f
+
+
+def store_layer_from_tar(store: Store, src: BinaryIO, *, compress: bool = True,
+                         progress: Callable[[int], None] | None = None) -> tuple[Descriptor, str]:
+    """Store an uncompressed tar stream as a layer blob; returns (descriptor, diff_id).
+
+    The DiffID and the compressed digest come out of one streaming pass.
+    gzip level 1: a store-local layer is read far more often than it is pushed,
+    and level 1 is several times faster than the default for little size.
+    """
+    diff_hash = hashlib.sha256()
+    with store.blob_writer(what="layer") as w:
+        comp = zlib.compressobj(1, zlib.DEFLATED, 31) if compress else None  # 31: gzip container
+        while chunk := src.read(_CHUNK):
+            diff_hash.update(chunk)
+            w.write(comp.compress(chunk) if comp else chunk)
+            if progress:
+                progress(len(chunk))
+        if comp:
+            w.write(comp.flush())
+        digest = w.commit()
+        return Descriptor(OCI_LAYER_GZIP if compress else OCI_LAYER, digest, w.size), "sha256:" + diff_hash.hexdigest()
+
+
+def image_config(*, diff_ids: Sequence[str], env: Sequence[str] = (), cmd: Sequence[str] = (),
+                 entrypoint: Sequence[str] = (), workdir: str = "", user: str = "",
+                 labels: Mapping[str, str] | None = None, created_by: str = "jupyter-contain import",
+                 comment: str = "", platform: Platform | None = None) -> dict[str, Any]:
+    """A fresh OCI image config."""
+    plat = platform or Platform.host()
+    created = now_rfc3339()
+    cfg: dict[str, Any] = {}
+    if env:
+        cfg["Env"] = list(env)
+    if cmd:
+        cfg["Cmd"] = list(cmd)
+    if entrypoint:
+        cfg["Entrypoint"] = list(entrypoint)
+    if workdir:
+        cfg["WorkingDir"] = workdir
+    if user:
+        cfg["User"] = user
+    if labels:
+        cfg["Labels"] = dict(labels)
+    doc: dict[str, Any] = {
+        "created": created,
+        "architecture": plat.architecture,
+        "os": plat.os,
+        "config": cfg,
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+        "history": [{"created": created, "created_by": created_by, **({"comment": comment} if comment else {})}],
+    }
+    if plat.variant:
+        doc["variant"] = plat.variant
+    return doc
+
+
+DEFAULT_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",)
+
+
+def import_rootfs(store: Store, tarball: Path | BinaryIO, name: str, *, env: Sequence[str] = DEFAULT_ENV,
+                  cmd: Sequence[str] = ("/bin/sh",), entrypoint: Sequence[str] = (), workdir: str = "",
+                  user: str = "", labels: Mapping[str, str] | None = None, unpack: bool = True,
+                  progress: Callable[[int], None] | None = None) -> ImageRecord:
+    """Import a root filesystem tarball (plain, gzip or zstd) as a one-layer image tagged ``name``."""
+    local_name(name)  # a bad name fails before any work
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(open(tarball, "rb")) if isinstance(tarball, (str, Path)) else tarball
+        raw = _open_decompressed(f)
+        with store.writing():
+            desc, diff_id = store_layer_from_tar(store, raw, progress=progress)
+            cfg = image_config(diff_ids=[diff_id], env=env, cmd=cmd, entrypoint=entrypoint, workdir=workdir,
+                               user=user, labels=labels)
+            rec = store.add_image(name=name, config=cfg, layers=[desc])
+    if unpack:
+        store.ensure_unpacked(rec)
+    return rec
+
+
+def _target_name(given: str | None, embedded: str | None, *, source: str) -> Reference:
+    """The name to tag an imported image with: the caller's, else the one it carries.
+
+    A layout's ``ref.name`` is often a bare tag (``skopeo copy ... oci:DIR:v1``):
+    names without a registry are local ones.
+    """
+    if given or embedded:
+        return local_name(given or embedded or "")
+    raise ImageError(f"{source}: the image has no name: give one")
+
+
+# --- OCI layouts -----------------------------------------------------------------------
+
+
+def _layout_entries(index_doc: bytes) -> list[Descriptor]:
+    doc = parse_document(index_doc, media_type=OCI_INDEX)
+    if not isinstance(doc, Index):
+        raise ManifestError("index.json is not an image index")
+    return list(doc.manifests)
+
+
+def _pick_entry(entries: list[Descriptor], ref: str | None, *, source: str) -> Descriptor:
+    if ref:
+        hits = [e for e in entries if e.annotations.get(ANNOTATION_REF_NAME) == ref]
+        if not hits:
+            names = sorted(e.annotations.get(ANNOTATION_REF_NAME, "") for e in entries) or ["none"]
+            raise ImageError(f"{source} has no image named {ref!r} (it has: {', '.join(n for n in names if n)})")
+        return hits[0]
+    if len(entries) != 1:
+        raise ImageError(f"{source} holds {len(entries)} images: name the one to import ({source}:NAME)")
+    return entries[0]
+
+
+def _copy_image_blobs(store: Store, top: Descriptor, open_blob: Callable[[str], BinaryIO],
+                      platform: Platform | None) -> Descriptor:
+    """Copy a manifest (choosing from an index) and everything it names; returns the manifest descriptor."""
+    def fetch_doc(desc: Descriptor) -> bytes:
+        with open_blob(desc.digest) as f:
+            data = f.read(desc.size + 1)
+        if len(data) != desc.size:
+            raise ManifestError(f"{desc.digest}: size {len(data)} differs from the announced {desc.size}")
+        store.write_blob(data, expected_digest=desc.digest, what=f"manifest {desc.digest}")
+        return data
+
+    desc = top
+    doc = parse_document(fetch_doc(desc), media_type=desc.media_type)
+    while isinstance(doc, Index):
+        desc = doc.select(platform or Platform.host())
+        doc = parse_document(fetch_doc(desc), media_type=desc.media_type)
+    for blob in (doc.config, *doc.layers):
+        if not store.has_blob(blob.digest):
+            with open_blob(blob.digest) as f:
+                store.ingest(f, expected_digest=blob.digest, expected_size=blob.size, what=f"blob {blob.digest}")
+    return Descriptor(desc.media_type, desc.digest, desc.size)
+
+
+def import_oci_layout(store: Store, layout: Path, *, ref: str | None = None, name: str | None = None,
+                      platform: Platform | None = None, unpack: bool = True) -> ImageRecord:
+    """Import image ``ref`` (its ``ref.name``) from an OCI layout directory, tagged ``name``."""
+    layout = Path(layout)
+    if not (layout / "oci-layout").is_file() or not (layout / "index.json").is_file():
+        raise ImageError(f"{layout} is not an OCI image layout (no oci-layout or index.json)")
+    top = _pick_entry(_layout_entries((layout / "index.json").read_bytes()), ref, source=str(layout))
+
+    def open_blob(digest: str) -> BinaryIO:
+        try:
+            return open(layout / "blobs" / "sha256" / digest_hex(digest), "rb")
+        except FileNotFoundError:
+            raise ImageError(f"{layout}: blob {digest} is missing") from None
+
+    target = _target_name(name, ref or top.annotations.get(ANNOTATION_REF_NAME), source=str(layout))
+    with store.writing():
+        desc = _copy_image_blobs(store, top, open_blob, platform)
+        store.tag(target, desc)
+    rec = store.resolve(str(target))
+    if unpack:
+        store.ensure_unpacked(rec)
+    return rec
+
+
+def _ingest_tar_members(store: Store, archive: Path) -> dict[str, str]:
+    """Stream every regular file of an archive into the store; member name -> digest.
+
+    One pass over the archive (it may be compressed and is read as a stream):
+    blobs are verified later against the digests the documents announce.
+    """
+    names: dict[str, str] = {}
+    with open(archive, "rb") as f, tarfile.open(fileobj=_open_decompressed(f), mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            src = tar.extractfile(member)
+            assert src is not None
+            names[os.path.normpath(member.name).lstrip("/")] = store.ingest(src, what=member.name)
+    return names
+
+
+def import_oci_archive(store: Store, archive: Path, *, ref: str | None = None, name: str | None = None,
+                       platform: Platform | None = None, unpack: bool = True) -> ImageRecord:
+    """Import from an oci-archive (a tar of an OCI layout)."""
+    with store.writing():
+        members = _ingest_tar_members(store, archive)
+        if "index.json" not in members:
+            raise ImageError(f"{archive} is not an oci-archive (no index.json)")
+        top = _pick_entry(_layout_entries(store.read_blob(members["index.json"])), ref, source=str(archive))
+        by_digest = {f"sha256:{Path(n).name}" for n in members if n.startswith("blobs/sha256/")}
+
+        def open_blob(digest: str) -> BinaryIO:
+            if digest not in by_digest:
+                raise ImageError(f"{archive}: blob {digest} is missing")
+            return store.open_blob(digest)  # ingest already verified it hashes to its name
+
+        for n, d in members.items():
+            if n.startswith("blobs/sha256/") and d != f"sha256:{Path(n).name}":
+                raise ImageError(f"{archive}: {n} does not match its digest (it hashes to {d})")
+        target = _target_name(name, ref or top.annotations.get(ANNOTATION_REF_NAME), source=str(archive))
+        desc = _copy_image_blobs(store, top, open_blob, platform)
+        store.tag(target, desc)
+    rec = store.resolve(str(target))
+    if unpack:
+        store.ensure_unpacked(rec)
+    return rec
+
+
+def import_docker_archive(store: Store, archive: Path, *, name: str | None = None,
+                          unpack: bool = True) -> ImageRecord:
+    """Import from a docker-archive (``docker save`` output; the first image in it)."""
+    with store.writing():
+        members = _ingest_tar_members(store, archive)
+        if "manifest.json" not in members:
+            raise ImageError(f"{archive} is not a docker-archive (no manifest.json)")
+        try:
+            entries = json.loads(store.read_blob(members["manifest.json"]))
+            entry = entries[0]
+            config_name, layer_names = entry["Config"], list(entry["Layers"])
+            tags = list(entry.get("RepoTags") or [])
+        except (ValueError, LookupError, TypeError):
+            raise ManifestError(f"{archive}: manifest.json is malformed") from None
+        # docker-archive tags follow Docker's rules: "busybox:latest" is Docker Hub's busybox
+        target = local_name(name) if name else Reference.parse(tags[0]) if tags else None
+        if target is None:
+            raise ImageError(f"{archive}: the image has no tag: give a name")
+
+        def member(n: str) -> str:
+            key = os.path.normpath(n).lstrip("/")
+            if key not in members:
+                raise ImageError(f"{archive}: {n} is missing")
+            return members[key]
+
+        cfg_digest = member(config_name)
+        cfg_bytes = store.read_blob(cfg_digest)
+        config = ImageConfig.parse(cfg_bytes)
+        if len(config.diff_ids) != len(layer_names):
+            raise ManifestError(f"{archive}: {len(layer_names)} layers but {len(config.diff_ids)} diff_ids")
+        layers = []
+        for n, diff_id in zip(layer_names, config.diff_ids):
+            digest = member(n)
+            with store.open_blob(digest) as f:
+                head = f.read(4)
+            if head.startswith(_GZIP_MAGIC):
+                mt = OCI_LAYER_GZIP
+            elif head.startswith(_ZSTD_MAGIC):
+                mt = OCI_LAYER_ZSTD
+            else:
+                mt = OCI_LAYER
+                if digest != diff_id:
+                    raise ImageError(f"{archive}: layer {n} does not match its diff_id {diff_id}")
+            layers.append(Descriptor(mt, digest, store.blob_path(digest).stat().st_size))
+        manifest = Manifest(OCI_MANIFEST, Descriptor(OCI_CONFIG, cfg_digest, len(cfg_bytes)), tuple(layers))
+        m_bytes = canonical_json(manifest.to_json())
+        m_digest = store.write_blob(m_bytes, what="manifest")
+        store.tag(target, Descriptor(OCI_MANIFEST, m_digest, len(m_bytes)))
+    rec = store.resolve(str(target))
+    if unpack:
+        store.ensure_unpacked(rec)
+    return rec
+
+
+def detect_format(path: Path) -> str:
+    """``oci`` (layout dir), ``oci-archive``, ``docker-archive`` or ``rootfs`` (a plain rootfs tarball)."""
+    path = Path(path)
+    if path.is_dir():
+        return "oci"
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=_open_decompressed(f), mode="r|") as tar:
+            for i, member in enumerate(tar):
+                n = os.path.normpath(member.name).lstrip("/")
+                if n == "manifest.json":
+                    return "docker-archive"
+                if n in ("oci-layout", "index.json"):
+                    return "oci-archive"
+                if i > 64:  # archives put their documents among the first few members
+                    break
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ImageError(f"{path}: not a tar archive or OCI layout ({exc})") from None
+    return "rootfs"
+
+
+# --- saving -----------------------------------------------------------------------------
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_blob(tar: tarfile.TarFile, store: Store, name: str, digest: str) -> None:
+    path = store.blob_path(digest)
+    info = tarfile.TarInfo(name)
+    info.size = path.stat().st_size
+    info.mode = 0o644
+    with open(path, "rb") as f:
+        tar.addfile(info, f)
+
+
+def _write_atomically(dest: Path, write: Callable[[BinaryIO], None]) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_oci_archive(store: Store, image: ImageRecord, dest: Path) -> None:
+    """Write ``image`` as an oci-archive (read by ``podman load``, ``skopeo``, ``docker load``)."""
+    ref = Reference.parse(image.name)
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [image.descriptor.with_annotations({ANNOTATION_REF_NAME: str(ref)}).to_json()],
+    }
+
+    def write(f: BinaryIO) -> None:
+        with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            _add_bytes(tar, "oci-layout", json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode())
+            _add_bytes(tar, "index.json", json.dumps(index).encode())
+            for d in dict.fromkeys([image.digest, image.manifest.config.digest,
+                                    *(layer.digest for layer in image.manifest.layers)]):
+                _add_blob(tar, store, f"blobs/sha256/{digest_hex(d)}", d)
+
+    _write_atomically(Path(dest), write)
+
+
+def save_docker_archive(store: Store, image: ImageRecord, dest: Path) -> None:
+    """Write ``image`` as a docker-archive (``docker load``/``podman load``/``skopeo`` read it).
+
+    Layers are written uncompressed, as ``docker save`` does, so that every
+    version of ``docker load`` accepts them; their digests are then the DiffIDs.
+    """
+    ref = Reference.parse(image.name)
+    tag = ref.familiar if ref.tag else None
+    layer_names = [f"blobs/sha256/{digest_hex(d)}" for d in image.config.diff_ids]
+    manifest = [{
+        "Config": f"blobs/sha256/{digest_hex(image.id)}",
+        "RepoTags": [tag] if tag else [],
+        "Layers": layer_names,
+    }]
+
+    def write(f: BinaryIO) -> None:
+        with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            _add_blob(tar, store, manifest[0]["Config"], image.id)
+            written: set[str] = set()
+            for desc, diff_id, n in zip(image.manifest.layers, image.config.diff_ids, layer_names):
+                if n in written:
+                    continue
+                written.add(n)
+                if desc.media_type == OCI_LAYER or desc.digest == diff_id:
+                    _add_blob(tar, store, n, desc.digest)
+                    continue
+                _add_decompressed_layer(tar, store, n, desc.digest, diff_id)
+            _add_bytes(tar, "manifest.json", json.dumps(manifest).encode())
+            if tag:
+                _add_bytes(tar, "repositories", json.dumps(
+                    {tag.rsplit(":", 1)[0]: {ref.tag: digest_hex(image.config.diff_ids[-1])}}).encode())
+
+    _write_atomically(Path(dest), write)
+
+
+def _add_decompressed_layer(tar: tarfile.TarFile, store: Store, name: str, digest: str, diff_id: str) -> None:
+    # tar needs the size before the data: decompress to a temp file first (verifying the DiffID)
+    with store.writing(), store.open_blob(digest) as src:
+        raw = _open_decompressed(src)
+        h = hashlib.sha256()
+        with tempfile.TemporaryFile(dir=store.tmp_dir) as tmp:
+            while chunk := raw.read(_CHUNK):
+                h.update(chunk)
+                tmp.write(chunk)
+            if "sha256:" + h.hexdigest() != diff_id:
+                raise ImageError(f"layer {digest} does not match its DiffID {diff_id}")
+            info = tarfile.TarInfo(name)
+            info.size = tmp.tell()
+            info.mode = 0o644
+            tmp.seek(0)
+            tar.addfile(info, tmp)
+
+
+__all__ = [
+    "DEFAULT_ENV", "detect_format", "image_config", "import_docker_archive", "import_oci_archive",
+    "import_oci_layout", "import_rootfs", "save_docker_archive", "save_oci_archive", "store_layer_from_tar",
+]

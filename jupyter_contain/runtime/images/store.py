@@ -1,0 +1,646 @@
+"""The image store: an OCI image layout on disk, plus unpacked layers beside it.
+
+Owns the store's directory (``ROOT``): the OCI layout (``oci-layout``,
+``index.json``, ``blobs/sha256/``) that ``skopeo`` and ``umoci`` read as is; the
+unpacked layers (``layers/<diffid-hex>/``, extracted once, shared read-only by
+every container); pins (``pins/<owner>.json``: which image a container holds);
+and the locks and temp space that keep it consistent. Must not start
+containers, talk to registries or know about Jupyter.
+
+Consistency rules, so that a crash at any point leaves a store that opens and
+lists correctly:
+- a blob is written to ``tmp/``, verified (size, sha256), fsynced, then renamed
+  into ``blobs/``; nothing refers to a blob before it is in place;
+- ``index.json`` is replaced atomically (write, fsync, rename) under an
+  exclusive lock, after the blobs it names are in place;
+- a layer is unpacked into a temp directory and renamed when complete;
+- every writer holds the store's shared lock; ``gc`` holds it exclusively, so
+  it never removes what a writer is about to reference, and whatever it finds in
+  ``tmp/`` then is debris of a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, BinaryIO, Callable, Iterator, Sequence
+
+from ...errors import DigestMismatch, ImageInUse, ImageNotFound, ManifestError, StoreError
+from ..spec import (
+    ANNOTATION_REF_NAME,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYOUT_VERSION,
+    OCI_MANIFEST,
+    Descriptor,
+    ImageConfig,
+    Index,
+    Manifest,
+    Platform,
+    Reference,
+    canonical_json,
+    check_digest,
+    digest_hex,
+    local_alternative,
+    local_name,
+    parse_document,
+)
+
+log = logging.getLogger(__name__)
+
+#: largest manifest/config/index we read into memory
+MAX_DOCUMENT_SIZE = 8 << 20
+_CHUNK = 1 << 20
+
+
+def default_root() -> Path:
+    """``$JUPYTER_CONTAIN_ROOT``, else ``/var/lib/jupyter-contain`` for root, else XDG data."""
+    env = os.environ.get("JUPYTER_CONTAIN_ROOT")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/jupyter-contain")
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(xdg) / "jupyter-contain"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One tagged image in the store."""
+
+    name: str                  # full reference, e.g. "docker.io/library/debian:bookworm"
+    descriptor: Descriptor     # of the manifest
+    manifest: Manifest
+    config: ImageConfig
+
+    @property
+    def digest(self) -> str:
+        return self.descriptor.digest
+
+    @property
+    def id(self) -> str:
+        """The image id, as Docker defines it: the config's digest."""
+        return self.manifest.config.digest
+
+    @property
+    def size(self) -> int:
+        """Compressed size: config plus layers (what a pull would move)."""
+        return self.manifest.config.size + sum(layer.size for layer in self.manifest.layers)
+
+    @property
+    def familiar(self) -> str:
+        try:
+            return Reference.parse(self.name).familiar
+        except Exception:  # names written by other tools may not parse; show them as they are
+            return self.name
+
+
+@dataclass(frozen=True)
+class GcReport:
+    blobs_removed: int
+    layers_removed: int
+    bytes_freed: int
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    blobs_bytes: int
+    layers_bytes: int
+    containers_bytes: int
+    images: tuple[tuple[str, int, int], ...]   # (name, unique bytes, shared bytes) of unpacked layers
+
+
+class BlobWriter:
+    """Streams one blob into ``tmp/``; ``commit()`` verifies it and moves it into place."""
+
+    def __init__(self, store: "Store", *, expected_digest: str | None, expected_size: int | None,
+                 what: str) -> None:
+        self._store = store
+        self.expected_digest = check_digest(expected_digest) if expected_digest else None
+        self.expected_size = expected_size
+        self.what = what
+        self._hash = hashlib.sha256()
+        self.size = 0
+        fd, self._tmp = tempfile.mkstemp(dir=store.tmp_dir, prefix="blob-")
+        self._file: IO[bytes] | None = os.fdopen(fd, "wb")
+        self.digest: str | None = None
+
+    def write(self, data: bytes) -> int:
+        assert self._file is not None, "blob writer already closed"
+        self.size += len(data)
+        if self.expected_size is not None and self.size > self.expected_size:
+            raise DigestMismatch(f"{self.what}: size", str(self.expected_size), f"more than {self.expected_size}")
+        self._hash.update(data)
+        return self._file.write(data)
+
+    def commit(self) -> str:
+        assert self._file is not None, "blob writer already closed"
+        digest = "sha256:" + self._hash.hexdigest()
+        if self.expected_size is not None and self.size != self.expected_size:
+            raise DigestMismatch(f"{self.what}: size", str(self.expected_size), str(self.size))
+        if self.expected_digest is not None and digest != self.expected_digest:
+            raise DigestMismatch(self.what, self.expected_digest, digest)
+        self._file.flush()
+        os.fchmod(self._file.fileno(), 0o644)
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        dest = self._store.blob_path(digest)
+        if dest.exists():  # another writer got there first: same content by definition
+            os.unlink(self._tmp)
+        else:
+            os.rename(self._tmp, dest)
+            _fsync_dir(dest.parent)
+        self.digest = digest
+        return digest
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> "BlobWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None or self.digest is None:
+            self.abort()
+
+
+class Store:
+    """An image store rooted at ``root`` (created on first use)."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+        self.blobs_dir = self.root / "blobs" / "sha256"
+        self.layers_dir = self.root / "layers"
+        self.containers_dir = self.root / "containers"
+        self.pins_dir = self.root / "pins"
+        self.tmp_dir = self.root / "tmp"
+        self.locks_dir = self.root / "locks"
+        self._ensure_layout()
+
+    # --- layout and locks ------------------------------------------------------
+
+    def _ensure_layout(self) -> None:
+        try:
+            for d in (self.blobs_dir, self.layers_dir, self.containers_dir, self.pins_dir, self.tmp_dir,
+                      self.locks_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            layout = self.root / "oci-layout"
+            if not layout.exists():
+                atomic_write(layout, json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode())
+            if not (self.root / "index.json").exists():
+                with self._lock("index", exclusive=True):
+                    if not (self.root / "index.json").exists():
+                        self._write_index([])
+        except PermissionError as exc:
+            raise StoreError(f"cannot use image store at {self.root}: {exc.strerror} "
+                             "(set JUPYTER_CONTAIN_ROOT or --root to a folder you can write)") from None
+        except OSError as exc:
+            raise StoreError(f"cannot use image store at {self.root}: {exc}") from None
+
+    @contextlib.contextmanager
+    def _lock(self, name: str, *, exclusive: bool) -> Iterator[None]:
+        fd = os.open(self.locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold while adding content that is not yet referenced (keeps ``gc`` away)."""
+        with self._lock("gc", exclusive=False):
+            yield
+
+    # --- blobs -------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs_dir / digest_hex(digest)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest} is missing from the store at {self.root}") from None
+
+    def read_blob(self, digest: str, *, max_size: int = MAX_DOCUMENT_SIZE) -> bytes:
+        """Read a small blob (a manifest, a config) and verify it against its digest."""
+        with self.open_blob(digest) as f:
+            data = f.read(max_size + 1)
+        if len(data) > max_size:
+            raise ManifestError(f"blob {digest} is larger than {max_size} bytes")
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise DigestMismatch(f"stored blob {digest} is corrupt", digest, actual)
+        return data
+
+    def blob_writer(self, *, expected_digest: str | None = None, expected_size: int | None = None,
+                    what: str = "blob") -> BlobWriter:
+        return BlobWriter(self, expected_digest=expected_digest, expected_size=expected_size, what=what)
+
+    def write_blob(self, data: bytes, *, expected_digest: str | None = None, what: str = "blob") -> str:
+        with self.blob_writer(expected_digest=expected_digest, expected_size=None, what=what) as w:
+            w.write(data)
+            return w.commit()
+
+    def ingest(self, src: BinaryIO, *, expected_digest: str | None = None, expected_size: int | None = None,
+               what: str = "blob", progress: Callable[[int], None] | None = None) -> str:
+        """Copy a stream into the store, verifying it; returns the digest."""
+        if expected_digest and self.has_blob(expected_digest):
+            return expected_digest
+        with self.blob_writer(expected_digest=expected_digest, expected_size=expected_size, what=what) as w:
+            while chunk := src.read(_CHUNK):
+                w.write(chunk)
+                if progress:
+                    progress(len(chunk))
+            return w.commit()
+
+    # --- index -------------------------------------------------------------------
+
+    def _read_index(self) -> list[dict[str, Any]]:
+        try:
+            doc = json.loads((self.root / "index.json").read_bytes())
+        except FileNotFoundError:
+            return []
+        except ValueError as exc:
+            raise StoreError(f"{self.root / 'index.json'} is not valid JSON: {exc}") from None
+        entries = doc.get("manifests") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            raise StoreError(f"{self.root / 'index.json'} has no manifests list")
+        return entries
+
+    def _write_index(self, entries: list[dict[str, Any]]) -> None:
+        doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+        atomic_write(self.root / "index.json", json.dumps(doc, indent=2).encode() + b"\n")
+
+    def tag(self, name: str | Reference, descriptor: Descriptor) -> str:
+        """Point tag ``name`` at the manifest ``descriptor`` (whose blob must be stored).
+
+        A plain string without a registry names a local image (``localhost/``),
+        as Podman does; pass a :class:`Reference` to store a name exactly.
+        """
+        ref = name if isinstance(name, Reference) else local_name(name)
+        if ref.tag is None:
+            raise StoreError(f"cannot tag by digest: {ref}")
+        ref_name = str(ref)
+        if not self.has_blob(descriptor.digest):
+            raise StoreError(f"cannot tag {ref_name}: manifest {descriptor.digest} is not stored")
+        entry = descriptor.with_annotations({**descriptor.annotations, ANNOTATION_REF_NAME: ref_name}).to_json()
+        with self._lock("index", exclusive=True):
+            entries = [e for e in self._read_index() if _ref_name(e) != ref_name]
+            entries.append(entry)
+            self._write_index(entries)
+        log.info("tagged %s -> %s", ref_name, descriptor.digest)
+        return ref_name
+
+    def untag(self, name: str) -> Descriptor:
+        rec = self.resolve(name)
+        with self._lock("index", exclusive=True):
+            entries = [e for e in self._read_index() if _ref_name(e) != rec.name]
+            self._write_index(entries)
+        return rec.descriptor
+
+    # --- reading images ------------------------------------------------------------
+
+    def manifest(self, digest: str) -> Manifest:
+        doc = parse_document(self.read_blob(digest))
+        if not isinstance(doc, Manifest):
+            raise ManifestError(f"{digest} is an index, not an image manifest")
+        return doc
+
+    def config(self, digest: str) -> ImageConfig:
+        return ImageConfig.parse(self.read_blob(digest))
+
+    def _record(self, name: str, desc: Descriptor, *, platform: Platform | None = None) -> ImageRecord:
+        doc = parse_document(self.read_blob(desc.digest), media_type=desc.media_type)
+        if isinstance(doc, Index):
+            # an index stored whole (e.g. from an oci layout): pick this machine's entry
+            desc = doc.select(platform or Platform.host())
+            return self._record(name, desc, platform=platform)
+        config = self.config(doc.config.digest)
+        if len(config.diff_ids) != len(doc.layers):
+            raise ManifestError(f"image {name}: {len(doc.layers)} layers but {len(config.diff_ids)} diff_ids")
+        return ImageRecord(name=name, descriptor=desc, manifest=doc, config=config)
+
+    def images(self) -> list[ImageRecord]:
+        """Every tagged image; an entry whose blobs are damaged is logged and skipped."""
+        out = []
+        for e in self._read_index():
+            name = _ref_name(e)
+            if not name:
+                continue
+            try:
+                out.append(self._record(name, Descriptor.from_json(e)))
+            except (ManifestError, StoreError, DigestMismatch) as exc:
+                log.warning("skipping damaged image %s: %s", name, exc)
+        return out
+
+    def resolve(self, text: str) -> ImageRecord:
+        """Find an image by name (Docker rules, ``localhost/`` fallback), digest or id prefix."""
+        entries = [(n, e) for e in self._read_index() if (n := _ref_name(e))]
+        wanted: list[str] = []
+        try:
+            ref = Reference.parse(text)
+        except Exception:
+            ref = None
+        if ref is not None:
+            if ref.digest and not ref.tag and "@" in text:
+                for n, e in entries:
+                    if e.get("digest") == ref.digest and n.startswith(ref.name + ":"):
+                        return self._record(n, Descriptor.from_json(e))
+                if self.has_blob(ref.digest):
+                    return self._record(str(ref), Descriptor(OCI_MANIFEST, ref.digest,
+                                                             self.blob_path(ref.digest).stat().st_size))
+            wanted.append(str(Reference(ref.registry, ref.repository, ref.tag)))
+            alt = local_alternative(text)
+            if alt is not None:
+                wanted.append(str(Reference(alt.registry, alt.repository, alt.tag)))
+        by_name = dict(entries)
+        for w in wanted:
+            if w in by_name:
+                return self._record(w, Descriptor.from_json(by_name[w]))
+        if text in by_name:  # a name written by another tool, taken literally
+            return self._record(text, Descriptor.from_json(by_name[text]))
+        # an image id or manifest digest (prefix of at least 12 hex digits, like Docker)
+        short = text.removeprefix("sha256:")
+        if len(short) >= 12 and all(c in "0123456789abcdef" for c in short):
+            matches = {}
+            for rec in self.images():
+                if digest_hex(rec.id).startswith(short) or digest_hex(rec.digest).startswith(short):
+                    matches[rec.digest] = rec
+            if len(matches) == 1:
+                return next(iter(matches.values()))
+            if len(matches) > 1:
+                raise ImageNotFound(f"image id {text!r} is ambiguous")
+        raise ImageNotFound(f"no such image: {text} (see `jupyter contain images`)")
+
+    # --- writing images ------------------------------------------------------------
+
+    def add_image(self, *, name: str, config: dict[str, Any], layers: Sequence[Descriptor],
+                  annotations: dict[str, str] | None = None) -> ImageRecord:
+        """Store a config and an OCI manifest for already-stored layer blobs, and tag it."""
+        with self.writing():
+            for layer in layers:
+                if not self.has_blob(layer.digest):
+                    raise StoreError(f"layer blob {layer.digest} is not stored")
+            cfg_bytes = canonical_json(config)
+            ImageConfig.parse(cfg_bytes)
+            cfg_digest = self.write_blob(cfg_bytes, what="image config")
+            manifest = Manifest(OCI_MANIFEST, Descriptor(OCI_CONFIG, cfg_digest, len(cfg_bytes)), tuple(layers),
+                                annotations or {})
+            m_bytes = canonical_json(manifest.to_json())
+            m_digest = self.write_blob(m_bytes, what="manifest")
+            ref_name = self.tag(name, Descriptor(OCI_MANIFEST, m_digest, len(m_bytes)))
+        return self.resolve(ref_name)
+
+    # --- unpacked layers -----------------------------------------------------------
+
+    def layer_dir(self, diff_id: str) -> Path:
+        return self.layers_dir / digest_hex(diff_id)
+
+    def unpacked(self, diff_id: str) -> bool:
+        return self.layer_dir(diff_id).is_dir()
+
+    def layer_dirs(self, image: ImageRecord) -> list[Path]:
+        """Lower directories of ``image`` for overlayfs, topmost first (all must be unpacked)."""
+        return [self.layer_dir(d) for d in reversed(image.config.diff_ids)]
+
+    def ensure_unpacked(self, image: ImageRecord, *,
+                        progress: Callable[[str, int, int], None] | None = None) -> list[Path]:
+        """Unpack any layer of ``image`` not yet unpacked; returns the lower dirs, topmost first.
+
+        Each layer is extracted once, under a per-layer lock, so concurrent callers
+        (two kernels starting from one fresh image) share the work.
+        """
+        from .layers import unpack_layer  # layers pulls in compression libraries; import when needed
+
+        done: list[Path] = []
+        n = len(image.manifest.layers)
+        with self.writing():
+            for i, (desc, diff_id) in enumerate(zip(image.manifest.layers, image.config.diff_ids)):
+                dest = self.layer_dir(diff_id)
+                if not dest.is_dir():
+                    with self._lock(f"layer-{digest_hex(diff_id)}", exclusive=True):
+                        if not dest.is_dir():
+                            if progress:
+                                progress(desc.digest, i, n)
+                            with self.open_blob(desc.digest) as f:
+                                unpack_layer(f, dest, media_type=desc.media_type, layer=desc.digest,
+                                             expected_diff_id=diff_id, lower_dirs=list(reversed(done)))
+                done.append(dest)
+        return list(reversed(done))
+
+    # --- pins (which images containers hold) -------------------------------------------
+
+    def pin(self, owner: str, image: ImageRecord) -> None:
+        """Record that ``owner`` (a container id) uses ``image``: gc and rmi respect it."""
+        _check_owner(owner)
+        doc = {"name": image.name, "manifest": image.digest, "diff_ids": list(image.config.diff_ids)}
+        atomic_write(self.pins_dir / f"{owner}.json", json.dumps(doc).encode())
+
+    def unpin(self, owner: str) -> None:
+        _check_owner(owner)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.pins_dir / f"{owner}.json")
+
+    def pins(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for p in self.pins_dir.glob("*.json"):
+            try:
+                out[p.stem] = json.loads(p.read_bytes())
+            except (OSError, ValueError):
+                log.warning("ignoring unreadable pin %s", p)
+        return out
+
+    # --- removal ---------------------------------------------------------------------
+
+    def rmi(self, name: str, *, force: bool = False) -> ImageRecord:
+        """Remove tag ``name``; refuse while a container uses the image unless ``force``."""
+        rec = self.resolve(name)
+        users = [o for o, p in self.pins().items() if p.get("manifest") == rec.digest]
+        if users and not force:
+            raise ImageInUse(f"image {rec.familiar} is used by container(s) {', '.join(sorted(users))}: "
+                             "remove them first or use --force")
+        self.untag(rec.name)
+        return rec
+
+    def _referenced(self) -> tuple[set[str], set[str]]:
+        """Blob digests and diff_ids reachable from tags and pins."""
+        blobs: set[str] = set()
+        diff_ids: set[str] = set()
+
+        def walk(digest: str) -> None:
+            if digest in blobs or not self.has_blob(digest):
+                return
+            blobs.add(digest)
+            try:
+                doc = parse_document(self.read_blob(digest))
+            except (ManifestError, DigestMismatch, StoreError):
+                return
+            if isinstance(doc, Index):
+                for m in doc.manifests:
+                    walk(m.digest)
+                return
+            blobs.add(doc.config.digest)
+            blobs.update(layer.digest for layer in doc.layers)
+            with contextlib.suppress(ManifestError, DigestMismatch, StoreError):
+                diff_ids.update(self.config(doc.config.digest).diff_ids)
+
+        for e in self._read_index():
+            if isinstance(e.get("digest"), str):
+                with contextlib.suppress(ManifestError):
+                    walk(check_digest(e["digest"]))
+        for pin in self.pins().values():
+            with contextlib.suppress(ManifestError):
+                walk(check_digest(pin.get("manifest", "")))
+            diff_ids.update(d for d in pin.get("diff_ids", ()) if isinstance(d, str))
+        return blobs, diff_ids
+
+    def gc(self) -> GcReport:
+        """Remove blobs, unpacked layers and temp debris nothing references."""
+        freed = blobs_removed = layers_removed = 0
+        with self._lock("gc", exclusive=True):
+            blobs, diff_ids = self._referenced()
+            keep_blobs = {digest_hex(d) for d in blobs}
+            keep_layers = {digest_hex(d) for d in diff_ids}
+            for p in self.blobs_dir.iterdir():
+                if p.name not in keep_blobs:
+                    freed += p.lstat().st_size
+                    p.unlink()
+                    blobs_removed += 1
+            for p in self.layers_dir.iterdir():
+                if p.name not in keep_layers:
+                    freed += _tree_size(p)
+                    remove_tree(p)
+                    layers_removed += 1
+            for p in self.tmp_dir.iterdir():  # no writer runs now: this is crash debris
+                freed += _tree_size(p)
+                remove_tree(p)
+        log.info("gc: removed %d blobs, %d layers, %d bytes", blobs_removed, layers_removed, freed)
+        return GcReport(blobs_removed, layers_removed, freed)
+
+    def disk_usage(self) -> DiskUsage:
+        layer_sizes = {p.name: _tree_size(p) for p in self.layers_dir.iterdir()}
+        images = self.images()
+        users: dict[str, int] = {}
+        for rec in images:
+            for d in set(rec.config.diff_ids):
+                users[digest_hex(d)] = users.get(digest_hex(d), 0) + 1
+        rows = []
+        for rec in images:
+            hexes = {digest_hex(d) for d in rec.config.diff_ids}
+            unique = sum(layer_sizes.get(h, 0) for h in hexes if users.get(h) == 1)
+            shared = sum(layer_sizes.get(h, 0) for h in hexes if users.get(h, 0) > 1)
+            rows.append((rec.name, unique, shared))
+        return DiskUsage(
+            blobs_bytes=sum(p.lstat().st_size for p in self.blobs_dir.iterdir()),
+            layers_bytes=sum(layer_sizes.values()),
+            containers_bytes=_tree_size(self.containers_dir),
+            images=tuple(rows),
+        )
+
+
+def _ref_name(entry: dict[str, Any]) -> str | None:
+    ann = entry.get("annotations")
+    if isinstance(ann, dict):
+        name = ann.get(ANNOTATION_REF_NAME)
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def _check_owner(owner: str) -> None:
+    if not owner or "/" in owner or owner.startswith(".") or "\0" in owner:
+        raise StoreError(f"invalid pin owner {owner!r}")
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes used by a tree (hardlinked files counted once)."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in filenames + dirnames:
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a tree we own, including read-only directories left by unpacking."""
+    def onerror(func: Any, p: str, exc_info: Any) -> None:
+        exc = exc_info[1]
+        if isinstance(exc, FileNotFoundError):
+            return
+        if isinstance(exc, PermissionError):
+            parent = os.path.dirname(p)
+            os.chmod(parent, 0o700)
+            func(p)
+            return
+        raise exc
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, onerror=onerror)
+    else:
+        os.unlink(path)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
