@@ -23,7 +23,7 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
-from ...errors import ImageError, ManifestError
+from ...errors import DigestMismatch, ImageError, ManifestError
 from ..spec import (
     ANNOTATION_REF_NAME,
     OCI_CONFIG,
@@ -43,8 +43,9 @@ from ..spec import (
     digest_hex,
     local_name,
     parse_document,
+    sha256_digest,
 )
-from .store import ImageRecord, Store, now_rfc3339
+from .store import ImageRecord, Staging, Store, now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -191,15 +192,22 @@ def _pick_entry(entries: list[Descriptor], ref: str | None, *, source: str) -> D
     return entries[0]
 
 
-def _copy_image_blobs(store: Store, top: Descriptor, open_blob: Callable[[str], BinaryIO],
-                      platform: Platform | None) -> Descriptor:
-    """Copy a manifest (choosing from an index) and everything it names; returns the manifest descriptor."""
+def _copy_image_blobs(store: Store, top: Descriptor, *, read_doc: Callable[[Descriptor], bytes],
+                      put_blob: Callable[[Descriptor], None], platform: Platform | None) -> Descriptor:
+    """Store a manifest (choosing from an index) and every blob it names; returns its descriptor.
+
+    ``read_doc`` returns a document's bytes; ``put_blob`` moves a blob into the
+    store, verifying its size and digest.
+    """
+    docs: list[tuple[Descriptor, bytes]] = []
+
     def fetch_doc(desc: Descriptor) -> bytes:
-        with open_blob(desc.digest) as f:
-            data = f.read(desc.size + 1)
+        data = read_doc(desc)
         if len(data) != desc.size:
             raise ManifestError(f"{desc.digest}: size {len(data)} differs from the announced {desc.size}")
-        store.write_blob(data, expected_digest=desc.digest, what=f"manifest {desc.digest}")
+        if sha256_digest(data) != desc.digest:
+            raise DigestMismatch(f"manifest {desc.digest}", desc.digest, sha256_digest(data))
+        docs.append((desc, data))
         return data
 
     desc = top
@@ -209,8 +217,10 @@ def _copy_image_blobs(store: Store, top: Descriptor, open_blob: Callable[[str], 
         doc = parse_document(fetch_doc(desc), media_type=desc.media_type)
     for blob in (doc.config, *doc.layers):
         if not store.has_blob(blob.digest):
-            with open_blob(blob.digest) as f:
-                store.ingest(f, expected_digest=blob.digest, expected_size=blob.size, what=f"blob {blob.digest}")
+            put_blob(blob)
+    ImageConfig.parse(store.read_blob(doc.config.digest))
+    for d, data in docs:  # the documents go in last: nothing names a blob that is not there
+        store.write_blob(data, expected_digest=d.digest, what=f"manifest {d.digest}")
     return Descriptor(desc.media_type, desc.digest, desc.size)
 
 
@@ -228,9 +238,17 @@ def import_oci_layout(store: Store, layout: Path, *, ref: str | None = None, nam
         except FileNotFoundError:
             raise ImageError(f"{layout}: blob {digest} is missing") from None
 
+    def read_doc(desc: Descriptor) -> bytes:
+        with open_blob(desc.digest) as f:
+            return f.read(desc.size + 1)
+
+    def put_blob(desc: Descriptor) -> None:
+        with open_blob(desc.digest) as f:
+            store.ingest(f, expected_digest=desc.digest, expected_size=desc.size, what=f"blob {desc.digest}")
+
     target = _target_name(name, ref or top.annotations.get(ANNOTATION_REF_NAME), source=str(layout))
     with store.writing():
-        desc = _copy_image_blobs(store, top, open_blob, platform)
+        desc = _copy_image_blobs(store, top, read_doc=read_doc, put_blob=put_blob, platform=platform)
         store.tag(target, desc)
     rec = store.resolve(str(target))
     if unpack:
@@ -238,43 +256,58 @@ def import_oci_layout(store: Store, layout: Path, *, ref: str | None = None, nam
     return rec
 
 
-def _ingest_tar_members(store: Store, archive: Path) -> dict[str, str]:
-    """Stream every regular file of an archive into the store; member name -> digest.
+def _stage_archive(staging: Staging, archive: Path) -> dict[str, str]:
+    """Stream every regular file of an archive into staging; member name -> digest.
 
-    One pass over the archive (it may be compressed and is read as a stream):
-    blobs are verified later against the digests the documents announce.
+    One pass over the archive (it may be compressed, and is read as a stream);
+    nothing reaches the store until the caller commits what the image needs.
     """
     names: dict[str, str] = {}
-    with open(archive, "rb") as f, tarfile.open(fileobj=_open_decompressed(f), mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            src = tar.extractfile(member)
-            assert src is not None
-            names[os.path.normpath(member.name).lstrip("/")] = store.ingest(src, what=member.name)
+    try:
+        with open(archive, "rb") as f, tarfile.open(fileobj=_open_decompressed(f), mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                src = tar.extractfile(member)
+                assert src is not None
+                names[os.path.normpath(member.name).lstrip("/")] = staging.add(src)[0]
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ImageError(f"{archive}: not a readable tar archive ({exc})") from None
     return names
+
+
+def _staged_put(staging: Staging, source: Path) -> Callable[[Descriptor], None]:
+    def put_blob(desc: Descriptor) -> None:
+        if not staging.has(desc.digest):
+            raise ImageError(f"{source}: blob {desc.digest} is missing")
+        with staging.open(desc.digest) as f:
+            size = os.fstat(f.fileno()).st_size
+        if size != desc.size:
+            raise ImageError(f"{source}: blob {desc.digest} has {size} bytes, the manifest says {desc.size}")
+        staging.commit(desc.digest)
+    return put_blob
 
 
 def import_oci_archive(store: Store, archive: Path, *, ref: str | None = None, name: str | None = None,
                        platform: Platform | None = None, unpack: bool = True) -> ImageRecord:
     """Import from an oci-archive (a tar of an OCI layout)."""
-    with store.writing():
-        members = _ingest_tar_members(store, archive)
+    with store.staging() as staging:
+        members = _stage_archive(staging, archive)
         if "index.json" not in members:
             raise ImageError(f"{archive} is not an oci-archive (no index.json)")
-        top = _pick_entry(_layout_entries(store.read_blob(members["index.json"])), ref, source=str(archive))
-        by_digest = {f"sha256:{Path(n).name}" for n in members if n.startswith("blobs/sha256/")}
-
-        def open_blob(digest: str) -> BinaryIO:
-            if digest not in by_digest:
-                raise ImageError(f"{archive}: blob {digest} is missing")
-            return store.open_blob(digest)  # ingest already verified it hashes to its name
-
         for n, d in members.items():
             if n.startswith("blobs/sha256/") and d != f"sha256:{Path(n).name}":
-                raise ImageError(f"{archive}: {n} does not match its digest (it hashes to {d})")
+                raise ImageError(f"{archive}: {n} does not match its digest (its content hashes to {d})")
+        top = _pick_entry(_layout_entries(staging.read(members["index.json"])), ref, source=str(archive))
         target = _target_name(name, ref or top.annotations.get(ANNOTATION_REF_NAME), source=str(archive))
-        desc = _copy_image_blobs(store, top, open_blob, platform)
+
+        def read_doc(desc: Descriptor) -> bytes:
+            if not staging.has(desc.digest):
+                raise ImageError(f"{archive}: blob {desc.digest} is missing")
+            return staging.read(desc.digest)
+
+        desc = _copy_image_blobs(store, top, read_doc=read_doc, put_blob=_staged_put(staging, archive),
+                                 platform=platform)
         store.tag(target, desc)
     rec = store.resolve(str(target))
     if unpack:
@@ -285,12 +318,12 @@ def import_oci_archive(store: Store, archive: Path, *, ref: str | None = None, n
 def import_docker_archive(store: Store, archive: Path, *, name: str | None = None,
                           unpack: bool = True) -> ImageRecord:
     """Import from a docker-archive (``docker save`` output; the first image in it)."""
-    with store.writing():
-        members = _ingest_tar_members(store, archive)
+    with store.staging() as staging:
+        members = _stage_archive(staging, archive)
         if "manifest.json" not in members:
             raise ImageError(f"{archive} is not a docker-archive (no manifest.json)")
         try:
-            entries = json.loads(store.read_blob(members["manifest.json"]))
+            entries = json.loads(staging.read(members["manifest.json"]))
             entry = entries[0]
             config_name, layer_names = entry["Config"], list(entry["Layers"])
             tags = list(entry.get("RepoTags") or [])
@@ -308,15 +341,16 @@ def import_docker_archive(store: Store, archive: Path, *, name: str | None = Non
             return members[key]
 
         cfg_digest = member(config_name)
-        cfg_bytes = store.read_blob(cfg_digest)
+        cfg_bytes = staging.read(cfg_digest)
         config = ImageConfig.parse(cfg_bytes)
         if len(config.diff_ids) != len(layer_names):
             raise ManifestError(f"{archive}: {len(layer_names)} layers but {len(config.diff_ids)} diff_ids")
         layers = []
         for n, diff_id in zip(layer_names, config.diff_ids):
             digest = member(n)
-            with store.open_blob(digest) as f:
+            with staging.open(digest) as f:
                 head = f.read(4)
+                size = os.fstat(f.fileno()).st_size
             if head.startswith(_GZIP_MAGIC):
                 mt = OCI_LAYER_GZIP
             elif head.startswith(_ZSTD_MAGIC):
@@ -325,7 +359,9 @@ def import_docker_archive(store: Store, archive: Path, *, name: str | None = Non
                 mt = OCI_LAYER
                 if digest != diff_id:
                     raise ImageError(f"{archive}: layer {n} does not match its diff_id {diff_id}")
-            layers.append(Descriptor(mt, digest, store.blob_path(digest).stat().st_size))
+            layers.append(Descriptor(mt, digest, size))
+        for d in (cfg_digest, *(layer.digest for layer in layers)):
+            staging.commit(d)
         manifest = Manifest(OCI_MANIFEST, Descriptor(OCI_CONFIG, cfg_digest, len(cfg_bytes)), tuple(layers))
         m_bytes = canonical_json(manifest.to_json())
         m_digest = store.write_blob(m_bytes, what="manifest")

@@ -204,6 +204,61 @@ class BlobWriter:
             self.abort()
 
 
+class Staging:
+    """A private folder in ``tmp/`` for blobs not yet known to be wanted.
+
+    Importers stream whole archives here, read the documents, verify, and then
+    ``commit`` only the blobs the image needs; on failure (or for blobs nobody
+    needs) the folder goes away and the store is exactly as before.
+    """
+
+    def __init__(self, store: "Store") -> None:
+        self._store = store
+        self.dir = Path(tempfile.mkdtemp(dir=store.tmp_dir, prefix="stage-"))
+
+    def add(self, src: BinaryIO, *, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+        """Copy a stream in; returns its (digest, size)."""
+        h = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(dir=self.dir)
+        with os.fdopen(fd, "wb") as f:
+            while chunk := src.read(_CHUNK):
+                h.update(chunk)
+                f.write(chunk)
+                size += len(chunk)
+                if progress:
+                    progress(len(chunk))
+        digest = "sha256:" + h.hexdigest()
+        os.rename(tmp, self.dir / digest_hex(digest))
+        return digest, size
+
+    def has(self, digest: str) -> bool:
+        return (self.dir / digest_hex(digest)).is_file()
+
+    def open(self, digest: str) -> BinaryIO:
+        return open(self.dir / digest_hex(digest), "rb")
+
+    def read(self, digest: str, *, max_size: int = MAX_DOCUMENT_SIZE) -> bytes:
+        path = self.dir / digest_hex(digest)
+        if path.stat().st_size > max_size:
+            raise ManifestError(f"document {digest} is larger than {max_size} bytes")
+        return path.read_bytes()
+
+    def commit(self, digest: str) -> None:
+        """Move a staged blob into the store (its name is its verified digest)."""
+        if self._store.has_blob(digest):
+            return
+        src = self.dir / digest_hex(digest)
+        with open(src, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(src, 0o644)
+        os.rename(src, self._store.blob_path(digest))
+        _fsync_dir(self._store.blobs_dir)
+
+    def remove(self) -> None:
+        remove_tree(self.dir)
+
+
 class Store:
     """An image store rooted at ``root`` (created on first use)."""
 
@@ -280,6 +335,16 @@ class Store:
     def blob_writer(self, *, expected_digest: str | None = None, expected_size: int | None = None,
                     what: str = "blob") -> BlobWriter:
         return BlobWriter(self, expected_digest=expected_digest, expected_size=expected_size, what=what)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Staging]:
+        """A private staging folder, removed on exit whatever happens (see :class:`Staging`)."""
+        with self.writing():
+            st = Staging(self)
+            try:
+                yield st
+            finally:
+                st.remove()
 
     def write_blob(self, data: bytes, *, expected_digest: str | None = None, what: str = "blob") -> str:
         with self.blob_writer(expected_digest=expected_digest, expected_size=None, what=what) as w:
