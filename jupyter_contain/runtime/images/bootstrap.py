@@ -1,0 +1,539 @@
+"""Offline-friendly root filesystem tarballs for the base images (busybox, Debian).
+
+Owns: turning a :class:`RootfsRecipe` into one uncompressed, reproducible
+root-filesystem tar (the future image's single layer) and caching it once per
+machine, keyed by a hash of the recipe. The busybox tarball is assembled in pure
+Python from the host's ``busybox-static``; the Debian tarball comes from
+``mmdebstrap`` talking only to the Debian mirror the host's apt already uses.
+
+Must not: touch the image store (another module imports these tarballs and
+computes the DiffID itself), contact any registry, or leave a half-written file
+under the cache directory. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jupyter_contain.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+#: Bump whenever the build steps change what ends up in a tarball, so every
+#: machine's cache rebuilds instead of serving a stale rootfs under a new recipe.
+BUILDER_VERSION = 2
+
+#: mtime for every entry (busybox) and upper clamp for mmdebstrap output;
+#: fixed (2024-01-01T00:00:00Z) so the same inputs give the same DiffID.
+SOURCE_DATE_EPOCH = 1704067200
+
+#: Where the host's busybox-static lives (merged /usr: /bin is a symlink).
+BUSYBOX_BINARY = Path("/bin/busybox")
+
+_MERGED_USR_HOOKS = "/usr/share/mmdebstrap/hooks/maybe-merged-usr"
+
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: /etc/pip.conf for the Debian kernel image. Debian marks its python as
+#: "externally managed" (PEP 668); a user typing ``pip install x`` in a notebook
+#: expects it to work. We ship pip.conf rather than deleting
+#: /usr/lib/python3.11/EXTERNALLY-MANAGED because (a) dpkg would restore the
+#: marker on the next python3.11 upgrade inside the container, while /etc is
+#: the admin's and survives; (b) it is pip's documented switch and visible to
+#: anyone who wonders; (c) Debian's pip installs into /usr/local/lib/python3.11/
+#: dist-packages, so user packages shadow but never overwrite dpkg's files.
+#: The version check is off because it would reach out to PyPI on every run.
+PIP_CONF = """\
+[global]
+break-system-packages = true
+root-user-action = ignore
+disable-pip-version-check = true
+"""
+
+
+@dataclass(frozen=True)
+class RootfsRecipe:
+    """What a base root filesystem is made of.
+
+    ``config`` is the ``config`` section (Env, Cmd, WorkingDir, ...) of the OCI
+    image config the importer should write next to the tarball.
+    """
+
+    name: str  # "busybox" | "debian"
+    suite: str = "bookworm"
+    packages: tuple[str, ...] = ()
+    config: Mapping = field(default_factory=dict)
+
+    def cache_key(self) -> str:
+        """Hex sha256 over everything that changes the tarball's content."""
+        doc = {
+            "builder": BUILDER_VERSION,
+            "epoch": SOURCE_DATE_EPOCH,
+            "name": self.name,
+            "suite": self.suite,
+            "packages": sorted(self.packages),
+            "config": _jsonable(self.config),
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+BUSYBOX = RootfsRecipe(
+    name="busybox",
+    config={"Env": [f"PATH={_PATH}"], "Cmd": ["sh"], "WorkingDir": "/"},
+)
+
+DEBIAN_KERNEL = RootfsRecipe(
+    name="debian",
+    suite="bookworm",
+    packages=(
+        "python3",
+        "python3-ipykernel",
+        "python3-ipywidgets",
+        "python3-pip",
+        # `python -m venv` is what users reach for after pip; without it venv
+        # fails with a message telling them to apt-get install this package.
+        "python3-venv",
+        # pip (and requests, urllib) need a CA bundle for https to PyPI.
+        "ca-certificates",
+    ),
+    config={
+        "Env": [f"PATH={_PATH}", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1"],
+        "Cmd": ["python3"],
+        "WorkingDir": "/root",
+    },
+)
+
+
+def suggested_image_config(recipe: RootfsRecipe, *, architecture: str = "amd64") -> dict:
+    """The OCI image config (minus ``rootfs``/``history``) to import the tarball with."""
+    return {"architecture": architecture, "os": "linux", "config": _jsonable(recipe.config)}
+
+
+def default_cache_dir() -> Path:
+    """/var/cache/jupyter-contain/rootfs for root, else the XDG cache directory."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/jupyter-contain/rootfs")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jupyter-contain" / "rootfs"
+
+
+# --------------------------------------------------------------------------- API
+
+def build_rootfs_tar(
+    recipe: RootfsRecipe,
+    dest: Path,
+    *,
+    mirror: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Build ``recipe`` into an uncompressed tar at ``dest`` and return ``dest``.
+
+    ``dest`` appears atomically (written beside it, then renamed); on any
+    failure no file is left at or beside it. ``mirror`` overrides the host's apt
+    sources for Debian builds: a URI (``http://deb.debian.org/debian``) or one
+    or more full ``deb ...`` lines separated by newlines.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    say = _reporter(progress)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    start = time.monotonic()
+    try:
+        if recipe.name == "busybox":
+            _build_busybox(recipe, tmp, say)
+        elif recipe.name == "debian":
+            _build_debian(recipe, tmp, mirror=mirror, say=say)
+        else:
+            raise ImageError(f"unknown rootfs recipe {recipe.name!r} (known: busybox, debian)")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    say(f"built {recipe.name} rootfs {dest} ({dest.stat().st_size} bytes, "
+        f"{time.monotonic() - start:.1f} s)")
+    return dest
+
+
+def cached_rootfs_tar(
+    recipe: RootfsRecipe,
+    *,
+    cache_dir: Path | None = None,
+    mirror: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Return the cached tarball for ``recipe``, building it once per machine.
+
+    An exclusive ``flock`` per recipe key makes a second process wait for the
+    first one's build instead of starting its own. Beside the tar, a ``.json``
+    records the recipe, the sha256 (= DiffID of the uncompressed layer), the
+    size and the build time, for the importer and for humans.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = recipe.cache_key()
+    final = cache_dir / f"{recipe.name}-{recipe.suite}-{key[:16]}.tar"
+    if final.exists():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    say = _reporter(progress)
+    with _locked(cache_dir / f".{final.name}.lock", say):
+        if final.exists():  # someone else built it while we waited
+            return final
+        # We hold the lock, so any temp file for this key is a crashed build's.
+        for stale in cache_dir.glob(f".{final.name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        start = time.monotonic()
+        build_rootfs_tar(recipe, final, mirror=mirror, progress=progress)
+        seconds = time.monotonic() - start
+        meta = {
+            "recipe": {"name": recipe.name, "suite": recipe.suite,
+                       "packages": list(recipe.packages), "config": _jsonable(recipe.config)},
+            "key": key,
+            "builder_version": BUILDER_VERSION,
+            "diff_id": "sha256:" + _sha256_file(final),
+            "size": final.stat().st_size,
+            "build_seconds": round(seconds, 1),
+            "built_at": int(time.time()),
+        }
+        _write_atomic(final.with_suffix(".json"), json.dumps(meta, indent=2).encode() + b"\n")
+    return final
+
+
+def host_apt_sources(suite: str, *, etc_apt: Path = Path("/etc/apt")) -> list[str]:
+    """One-line ``deb URI SUITE COMPONENTS`` entries of the host for ``suite``.
+
+    Reads ``sources.list``, ``sources.list.d/*.list`` and ``*.sources`` (deb822)
+    and keeps the binary entries whose suite is ``suite`` or ``suite-*``
+    (``bookworm-updates``, ``bookworm-security``): that is Debian's own mirror
+    set and drops third-party repositories (their suites are named otherwise).
+    """
+    entries: list[tuple[str, str, list[str]]] = []
+    files: list[Path] = []
+    if (etc_apt / "sources.list").is_file():
+        files.append(etc_apt / "sources.list")
+    d = etc_apt / "sources.list.d"
+    if d.is_dir():
+        files.extend(sorted(p for p in d.iterdir() if p.suffix in (".list", ".sources")))
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            log.debug("skipping unreadable %s: %s", path, exc)
+            continue
+        entries.extend(_parse_deb822(text) if path.suffix == ".sources" else _parse_one_line(text))
+    lines: list[str] = []
+    for uri, s, comps in entries:
+        if s == suite or s.startswith(suite + "-"):
+            line = f"deb {uri} {s} {' '.join(comps) or 'main'}"
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
+# ------------------------------------------------------------------ busybox
+
+def _build_busybox(recipe: RootfsRecipe, dest: Path, say: Progress) -> None:
+    binary = BUSYBOX_BINARY
+    if not binary.is_file():
+        raise ImageError(f"{binary} not found: install Debian's busybox-static package "
+                         "(apt-get install busybox-static)")
+    try:
+        out = subprocess.run([str(binary), "--list-full"], check=True, capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ImageError(f"{binary} --list-full failed: {exc}; is it busybox-static?") from exc
+    applets = sorted({p.strip().lstrip("/") for p in out.split() if "/" in p.strip()})
+    if "bin/sh" not in applets:
+        raise ImageError(f"{binary} has no sh applet; is it Debian's busybox-static?")
+    say(f"busybox: {len(applets)} applets from {binary}")
+
+    dirs = {"bin": 0o755, "dev": 0o755, "etc": 0o755, "home": 0o755, "proc": 0o555,
+            "root": 0o700, "sbin": 0o755, "sys": 0o555, "tmp": 0o1777, "usr": 0o755,
+            "usr/bin": 0o755, "usr/sbin": 0o755, "var": 0o755, "var/tmp": 0o1777}
+    for a in applets:  # any further parent an applet path needs
+        parent = os.path.dirname(a)
+        while parent and parent not in dirs:
+            dirs[parent] = 0o755
+            parent = os.path.dirname(parent)
+    files: dict[str, tuple[bytes | Path, int]] = {
+        "bin/busybox": (binary, 0o755),
+        "etc/passwd": ((b"root:x:0:0:root:/root:/bin/sh\n"
+                        b"nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"), 0o644),
+        "etc/group": (b"root:x:0:\nnogroup:x:65534:\nnobody:x:65534:\n", 0o644),
+        "etc/hostname": (b"localhost\n", 0o644),
+        "etc/hosts": (b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n", 0o644),
+    }
+    copyright_file = Path("/usr/share/doc/busybox-static/copyright")
+    if copyright_file.is_file():  # GPL: ship the licence with the binary
+        for p in ("usr/share", "usr/share/doc", "usr/share/doc/busybox-static"):
+            dirs.setdefault(p, 0o755)
+        files["usr/share/doc/busybox-static/copyright"] = (copyright_file, 0o644)
+    links = {a: "/bin/busybox" for a in applets if a != "bin/busybox"}
+
+    names = sorted(set(dirs) | set(files) | set(links))
+    with open(dest, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            ti = tarfile.TarInfo(name)
+            ti.mtime = SOURCE_DATE_EPOCH
+            ti.uid = ti.gid = 0
+            ti.uname = ti.gname = "root"
+            if name in dirs:
+                ti.type, ti.mode = tarfile.DIRTYPE, dirs[name]
+                tar.addfile(ti)
+            elif name in files:
+                content, ti.mode = files[name]
+                data = content.read_bytes() if isinstance(content, Path) else content
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+            else:
+                ti.type, ti.mode, ti.linkname = tarfile.SYMTYPE, 0o777, links[name]
+                tar.addfile(ti)
+
+
+# ------------------------------------------------------------------- debian
+
+def _build_debian(recipe: RootfsRecipe, dest: Path, *, mirror: str | None, say: Progress) -> None:
+    exe = shutil.which("mmdebstrap")
+    if exe is None:
+        raise ImageError("mmdebstrap not found: building the Debian base image needs it "
+                         "(apt-get install mmdebstrap)")
+    if mirror:
+        sources = ([ln.strip() for ln in mirror.splitlines() if ln.strip()]
+                   if mirror.lstrip().startswith("deb ")
+                   else [f"deb {mirror} {recipe.suite} main",
+                         f"deb {mirror} {recipe.suite}-updates main"])
+    else:
+        sources = host_apt_sources(recipe.suite)
+    if not sources:
+        log.info("host apt has no source for %s; mmdebstrap picks deb.debian.org", recipe.suite)
+    pip_conf = PIP_CONF.replace("\n", "\\n")
+    argv = [
+        exe, "--variant=minbase", "--format=tar", "--mode=auto",
+        # debian:*-slim's trimming; written to the chroot's dpkg.cfg.d so it
+        # also holds for what users apt-get install later.
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/info/*",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        # Kernel messages are English; gettext falls back silently. -30 MB.
+        "--dpkgopt=path-exclude=/usr/share/locale/*",
+        "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+        # python3-ipywidgets drags in the classic notebook's JS (MathJax,
+        # CodeMirror, ...); the kernel never serves it, the host's Jupyter
+        # server does. -55 MB, and dpkg's state stays consistent.
+        "--dpkgopt=path-exclude=/usr/share/javascript/*",
+        "--dpkgopt=path-exclude=/usr/share/fonts/*",
+        "--aptopt=Acquire::Languages \"none\"",
+        "--aptopt=APT::Install-Recommends \"false\"",
+    ]
+    if Path(_MERGED_USR_HOOKS).is_dir():
+        # merged /usr via usr-is-merged instead of the usrmerge package, which
+        # would pull the whole of perl (~50 MB) into the image.
+        argv.append(f"--hook-dir={_MERGED_USR_HOOKS}")
+    if recipe.packages:
+        argv.append("--include=" + ",".join(recipe.packages))
+    argv += [
+        f"--customize-hook=printf '{pip_conf}' > \"$1/etc/pip.conf\"",
+        # The runtime provides these per container; keep the image's copies
+        # identical across build hosts.
+        "--customize-hook=: > \"$1/etc/resolv.conf\"",
+        "--customize-hook=echo localhost > \"$1/etc/hostname\"",
+        ("--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/* "
+         "\"$1\"/var/cache/debconf/*-old \"$1\"/var/lib/dpkg/*-old"),
+        recipe.suite, "-", *sources,
+    ]
+    env = dict(os.environ, SOURCE_DATE_EPOCH=str(SOURCE_DATE_EPOCH), LC_ALL="C.UTF-8")
+    say("mmdebstrap: " + " ".join(recipe.packages) + " from " + ("; ".join(sources) or "default"))
+    log.debug("running %s", argv)
+
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+
+    def pump_stderr() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            tail.append(line)
+            say(line)
+
+    reader = threading.Thread(target=pump_stderr, name="mmdebstrap-stderr", daemon=True)
+    reader.start()
+    error: BaseException | None = None
+    try:
+        assert proc.stdout is not None
+        _filter_tar(proc.stdout, dest)
+    except BaseException as exc:  # noqa: BLE001 - also ^C: stop mmdebstrap first
+        error = exc
+    finally:
+        if error is not None and proc.poll() is None:
+            # SIGTERM, not SIGKILL: mmdebstrap unmounts /proc, /sys, /dev of
+            # its temporary chroot in its signal handler.
+            proc.terminate()
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        reader.join(timeout=10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    if rc != 0 or error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            raise error
+        detail = "\n".join(tail)
+        # A ReadError only echoes mmdebstrap dying before it wrote a tar.
+        cause = f" ({error})" if error is not None and not isinstance(error, tarfile.ReadError) else ""
+        raise ImageError(f"mmdebstrap failed with exit code {rc}{cause}; last lines:\n{detail}") from error
+
+
+def _filter_tar(stream, dest: Path) -> None:
+    """Copy mmdebstrap's tar stream to ``dest``, dropping device nodes and /dev.
+
+    The runtime builds a minimal /dev per container; image layers carry none
+    (as Docker's images), so our store never sees a device node from us.
+    mtimes are clamped (files written at build time, e.g. pip.conf).
+    """
+    with open(dest, "wb") as raw, \
+            tarfile.open(fileobj=stream, mode="r|") as src, \
+            tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as out:
+        for m in src:
+            name = m.name.removeprefix("./")
+            if m.ischr() or m.isblk() or m.isfifo():
+                continue
+            if name.startswith("dev/") and name != "dev/":
+                continue
+            for k in ("mtime", "atime", "ctime"):
+                m.pax_headers.pop(k, None)
+            m.mtime = min(int(m.mtime), SOURCE_DATE_EPOCH)
+            out.addfile(m, src.extractfile(m) if m.isreg() else None)
+
+
+# ----------------------------------------------------------------- helpers
+
+def _parse_one_line(text: str) -> Iterator[tuple[str, str, list[str]]]:
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line.startswith("deb "):
+            continue
+        rest = line[4:].strip()
+        if rest.startswith("["):  # options such as [signed-by=...]
+            rest = rest.split("]", 1)[1].strip() if "]" in rest else ""
+        parts = rest.split()
+        if len(parts) >= 2:
+            yield parts[0], parts[1], parts[2:]
+
+
+def _parse_deb822(text: str) -> Iterator[tuple[str, str, list[str]]]:
+    stanzas: list[dict[str, str]] = [{}]
+    last = None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if not line.strip():
+            if stanzas[-1]:
+                stanzas.append({})
+            last = None
+            continue
+        if line[0] in " \t" and last:  # continuation line
+            stanzas[-1][last] += " " + line.strip()
+            continue
+        if ":" in line:
+            k, v = line.split(":", 1)
+            last = k.strip().lower()
+            stanzas[-1][last] = v.strip()
+    for st in stanzas:
+        if "deb" not in st.get("types", "").split() or st.get("enabled", "yes").lower() == "no":
+            continue
+        for uri in st.get("uris", "").split():
+            for suite in st.get("suites", "").split():
+                yield uri, suite, st.get("components", "").split()
+
+
+def _reporter(progress: Progress | None) -> Progress:
+    def say(msg: str) -> None:
+        log.debug("%s", msg)
+        if progress is not None:
+            progress(msg)
+    return say
+
+
+@contextlib.contextmanager
+def _locked(path: Path, say: Progress) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process building {path.name[1:-5]}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(value):
+    """Mappings/tuples -> plain dicts/lists so recipes hash and serialise stably."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+__all__ = [
+    "BUSYBOX", "DEBIAN_KERNEL", "RootfsRecipe", "build_rootfs_tar", "cached_rootfs_tar",
+    "default_cache_dir", "host_apt_sources", "suggested_image_config",
+]
