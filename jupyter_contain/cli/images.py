@@ -69,10 +69,16 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    report = _store(args).gc()
+    from ..runtime.containers.container import Runtime
+
+    store = _store(args)
+    cleaned = Runtime(store).gc()   # containers first: what they release, the store may collect
+    report = store.gc()
     if args.json:
-        emit_json(report.__dict__)
+        emit_json({**report.__dict__, "containers_cleaned": cleaned})
     else:
+        if cleaned:
+            print(f"cleaned {len(cleaned)} dead containers and stray cgroups")
         print(f"removed {report.blobs_removed} blobs and {report.layers_removed} unpacked layers, "
               f"freed {human_size(report.bytes_freed)}")
     return 0

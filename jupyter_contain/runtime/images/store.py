@@ -168,6 +168,16 @@ class BlobWriter:
         self._hash.update(data)
         return self._file.write(data)
 
+    @property
+    def path(self) -> Path:
+        """The temp file being written: another reader may follow it (call ``flush()`` first)."""
+        return Path(self._tmp)
+
+    def flush(self) -> None:
+        """Push buffered bytes to the file so a reader of ``path`` sees all of ``size``."""
+        assert self._file is not None, "blob writer already closed"
+        self._file.flush()
+
     def commit(self) -> str:
         assert self._file is not None, "blob writer already closed"
         digest = "sha256:" + self._hash.hexdigest()
@@ -430,6 +440,12 @@ class Store:
             raise ManifestError(f"image {name}: {len(doc.layers)} layers but {len(config.diff_ids)} diff_ids")
         return ImageRecord(name=name, descriptor=desc, manifest=doc, config=config)
 
+    def record(self, name: str, digest: str) -> ImageRecord:
+        """The image with manifest ``digest`` (tagged or not), reported under ``name``."""
+        if not self.has_blob(digest):
+            raise ImageNotFound(f"image {name} ({digest}) is no longer in the store")
+        return self._record(name, Descriptor(OCI_MANIFEST, digest, self.blob_path(digest).stat().st_size))
+
     def images(self) -> list[ImageRecord]:
         """Every tagged image; an entry whose blobs are damaged is logged and skipped."""
         out = []
@@ -508,6 +524,12 @@ class Store:
 
     def unpacked(self, diff_id: str) -> bool:
         return self.layer_dir(diff_id).is_dir()
+
+    @contextlib.contextmanager
+    def layer_lock(self, diff_id: str) -> Iterator[None]:
+        """The per-layer lock ``ensure_unpacked`` takes: hold it to move an unpacked layer into place."""
+        with self._lock(f"layer-{digest_hex(diff_id)}", exclusive=True):
+            yield
 
     def layer_dirs(self, image: ImageRecord) -> list[Path]:
         """Lower directories of ``image`` for overlayfs, topmost first (all must be unpacked)."""

@@ -1,0 +1,707 @@
+"""Container lifecycle: create, start, wait, signal, stop, exec, remove, list, gc.
+
+Owns a container's directory in the store (``containers/<id>/``: the writable
+layer ``upper/`` + ``work/``, the ``rootfs/`` mount point, prepared ``etc/``
+files, the OCI runtime-spec ``config.json``, ``state.json`` and logs), turning a
+:class:`ContainerSpec` plus an image into one spawn plan, and the state
+machine on disk so that another process (the CLI, a restarted server) sees
+every container and can clean what a dead process left. Must not parse
+layers, talk to registries or know about Jupyter; syscalls go through
+``spawn`` (native) and file I/O only.
+
+The rootfs overlay is mounted inside the container's own mount namespace,
+never in the host's: when the last process of a container ends, its mounts
+go with it, so a killed server cannot leave overlay mounts behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import stat
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Sequence
+
+from ... import errors
+from ..images.store import ImageRecord, Store, atomic_write, now_rfc3339, remove_tree
+from . import rootfs, spawn
+from .cgroups import Cgroups, Limits, find_orphans
+
+log = logging.getLogger(__name__)
+
+Network = Literal["none", "host"]
+Status = Literal["created", "running", "exited", "dead"]
+
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_ETC_FILES = ("hosts", "hostname", "resolv.conf")
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What the caller wants; unset fields come from the image config."""
+
+    image: str
+    command: tuple[str, ...] | None = None          # replaces the image's Cmd
+    entrypoint: tuple[str, ...] | None = None       # replaces the image's Entrypoint
+    env: Mapping[str, str] = field(default_factory=dict)  # over the image's Env
+    workdir: str | None = None
+    user: str | None = None                          # "name", "uid", "uid:gid", "name:group"
+    hostname: str | None = None
+    binds: tuple[rootfs.Bind, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    network: Network = "none"
+    name: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    tty: bool = False
+    rlimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    readonly_rootfs: bool = False
+    #: a process that owns the container (a Jupyter server): when it is gone,
+    #: gc removes the container even if it still runs
+    owner_pid: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.network not in ("none", "host"):
+            raise errors.InvalidSpec(f"unknown network mode {self.network!r} (none or host)")
+        if self.name is not None:
+            check_name(self.name)
+        for b in self.binds:
+            if not Path(b.source).is_absolute():
+                raise errors.InvalidSpec(f"bind source {b.source} must be an absolute path")
+
+
+def check_name(name: str) -> str:
+    if not name or len(name) > 128 or not set(name) <= _NAME_OK or name[0] in ".-":
+        raise errors.InvalidSpec(f"invalid container name {name!r} (letters, digits, _ . -)")
+    return name
+
+
+def parse_bind(text: str) -> rootfs.Bind:
+    """``SRC:DST[:ro|rw]`` as Docker's ``-v`` takes it (SRC must exist)."""
+    parts = text.split(":")
+    if len(parts) == 2:
+        src, dst, mode = parts[0], parts[1], "rw"
+    elif len(parts) == 3:
+        src, dst, mode = parts
+    else:
+        raise errors.InvalidSpec(f"invalid volume {text!r} (expected SRC:DST[:ro])")
+    if mode not in ("ro", "rw"):
+        raise errors.InvalidSpec(f"invalid volume mode {mode!r} in {text!r} (ro or rw)")
+    source = Path(src).expanduser().absolute()
+    if not source.exists():
+        raise errors.InvalidSpec(f"bind source {source} does not exist")
+    return rootfs.Bind(source=source, target=dst, readonly=mode == "ro")
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a container's main process ended."""
+
+    code: int                       # exit code, 128+N for a signal
+    signal: int | None = None
+    oom_killed: bool = False
+    memory_limit: int | None = None
+    memory_peak: int | None = None
+    finished: str = ""
+
+    def describe(self) -> str:
+        if self.oom_killed:
+            mib = lambda n: f"{n / (1 << 20):.0f} MiB" if n else "?"  # noqa: E731
+            return f"killed: out of memory (limit {mib(self.memory_limit)}, peak {mib(self.memory_peak)})"
+        if self.signal:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"killed by {name}"
+        return f"exited with code {self.code}"
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` (clock ticks since boot), to tell a pid from a reused one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int | None, start_time: int | None) -> bool:
+    return bool(pid) and start_time is not None and _proc_start_time(pid) == start_time  # type: ignore[arg-type]
+
+
+class Container:
+    """A container on disk; a handle, cheap to make (``Runtime.get``)."""
+
+    def __init__(self, runtime: "Runtime", cid: str) -> None:
+        self.runtime = runtime
+        self.id = cid
+        self.dir = runtime.store.containers_dir / cid
+        self._proc: spawn.ContainerProcess | None = None   # set in the process that started it
+
+    # --- state ----------------------------------------------------------------------
+
+    @property
+    def state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.dir / "state.json").read_bytes())
+        except FileNotFoundError:
+            raise errors.ContainerNotFound(f"no such container: {self.id}") from None
+        except ValueError as exc:
+            raise errors.ContainerError(f"container {self.id}: state.json is unreadable: {exc}") from None
+
+    def _update(self, **changes: Any) -> dict[str, Any]:
+        with self._lock():
+            st = self.state
+            st.update(changes)
+            atomic_write(self.dir / "state.json", json.dumps(st, indent=2).encode())
+            return st
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @property
+    def name(self) -> str:
+        return self.state["name"]
+
+    @property
+    def upper(self) -> Path:
+        return self.dir / "upper"
+
+    @property
+    def pid(self) -> int | None:
+        """Host pid of the container's init while it runs."""
+        st = self.state
+        return st.get("pid") if _alive(st.get("pid"), st.get("pid_start")) else None
+
+    def status(self) -> Status:
+        st = self.state
+        if st["status"] == "running" and not _alive(st.get("pid"), st.get("pid_start")):
+            if self._proc is not None:      # we are its parent: reap and record properly
+                self.wait()
+                return self.state["status"]
+            return "exited"
+        if st["status"] == "creating":
+            return "dead" if not _alive(st.get("creator_pid"), st.get("creator_start")) else "created"
+        return st["status"]
+
+    def exit_info(self) -> ExitInfo | None:
+        e = self.state.get("exit")
+        return ExitInfo(**e) if e else None
+
+    def cgroups(self) -> Cgroups | None:
+        paths = self.state.get("cgroup")
+        if not paths:
+            return None
+        try:
+            return Cgroups.open(self.id, paths={k: Path(v) for k, v in paths.items()})
+        except errors.CgroupError:
+            return None
+
+    def image(self) -> ImageRecord:
+        """The image the container was made from (pinned, so present even if untagged since)."""
+        st = self.state
+        return self.runtime.store.record(st["image_name"], st["image_digest"])
+
+    # --- start ----------------------------------------------------------------------
+
+    def start(self, *, stdio: tuple[int, int, int] | None = None) -> int:
+        """Start the main process; returns its host pid once exec succeeded.
+
+        ``stdio``: fds for stdin/stdout/stderr (default: ``/dev/null`` in,
+        the container's log file out). The calling process becomes the
+        container init's parent and should call :meth:`wait` eventually.
+        """
+        st = self.state
+        if st["status"] != "created":
+            raise errors.ContainerError(f"container {st['name']} is {self.status()}, not created")
+        image = self.image()
+        lowers = self.runtime.store.ensure_unpacked(image)
+        process = spawn.ProcessSpec(**st["process"], rlimits={k: tuple(v) for k, v in st["rlimits"].items()})
+        mounts = rootfs.plan(
+            rootfs_layers=lowers, upper=self.upper, work=self.dir / "work", target=self.dir / "rootfs",
+            binds=[rootfs.Bind(Path(b["source"]), b["target"], b["readonly"]) for b in st["binds"]],
+            etc_files={n: self.dir / "etc" / n for n in _ETC_FILES},
+            readonly_rootfs=st.get("readonly_rootfs", False),
+        )
+        with contextlib.ExitStack() as stack:
+            if stdio is None:
+                null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+                stack.callback(os.close, null)
+                out = os.open(self.dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                stack.callback(os.close, out)
+                stdio = (null, out, out)
+            cfg = spawn.SpawnConfig(mounts=tuple(mounts), process=process, stdio=stdio,
+                                    network=st["network"])
+            limits = Limits(**st["limits"])
+            cg = Cgroups.create(self.id, limits, root=self.runtime.cgroup_root)
+            try:
+                proc = spawn.spawn(cfg)
+            except BaseException:
+                cg.destroy()
+                raise
+            try:
+                cg.attach(proc.pid)
+                self._update(status="running", pid=proc.pid, pid_start=_proc_start_time(proc.pid),
+                             started=now_rfc3339(), cgroup={k: str(v) for k, v in cg.paths.items()})
+                proc.release()
+            except BaseException:
+                proc.abort()
+                proc.close()
+                cg.destroy()
+                self._update(status="created", pid=None, pid_start=None, cgroup=None)
+                raise
+        self._proc = proc
+        log.info("started container %s (pid %d)", st["name"], proc.pid)
+        return proc.pid
+
+    # --- running ----------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> ExitInfo | None:
+        """Wait for the main process to end; record and return how it ended.
+
+        In the process that started the container this reaps the init and
+        knows the exit code; elsewhere it polls until the init is gone.
+        Returns None if ``timeout`` expires first.
+        """
+        st = self.state
+        if st.get("exit"):
+            return ExitInfo(**st["exit"])
+        if st["status"] == "created":
+            raise errors.ContainerError(f"container {st['name']} was not started")
+        code: int | None
+        if self._proc is not None:
+            code = self._proc.wait(timeout)
+            if code is None:
+                return None
+            self._proc.close()
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while _alive(st.get("pid"), st.get("pid_start")):
+                if deadline is not None and time.monotonic() > deadline:
+                    return None
+                time.sleep(0.05)
+            code = None
+        return self._record_exit(code)
+
+    def _record_exit(self, code: int | None) -> ExitInfo:
+        cg = self.cgroups()
+        oom = limit = peak = None
+        if cg is not None:
+            try:
+                stats = cg.stats()
+                oom, limit, peak = cg.oom_killed(), stats.memory_limit, stats.memory_peak
+            except errors.CgroupError:
+                pass
+        if code is None:
+            code = 137 if oom else 255   # not our child: the code is unknown
+        sig = code - 128 if code > 128 else None
+        info = ExitInfo(code=code, signal=sig, oom_killed=bool(oom) and sig == signal.SIGKILL,
+                        memory_limit=limit, memory_peak=peak, finished=now_rfc3339())
+        if cg is not None:
+            cg.destroy()   # kills whatever the payload left behind, then removes the folders
+        self._update(status="exited", exit=asdict(info), cgroup=None, pid=None)
+        log.info("container %s %s", self.id[:12], info.describe())
+        return info
+
+    def signal(self, sig: int) -> None:
+        pid = self.pid
+        if pid is None:
+            raise errors.ContainerError(f"container {self.name} is not running")
+        if self._proc is not None:
+            self._proc.send_signal(sig)
+            return
+        fd = os.pidfd_open(pid)
+        try:
+            signal.pidfd_send_signal(fd, sig)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(fd)
+
+    def stop(self, *, timeout: float = 10.0) -> ExitInfo | None:
+        """SIGTERM, then SIGKILL of everything in the container after ``timeout``."""
+        if self.status() != "running":
+            return self.exit_info()
+        with contextlib.suppress(errors.ContainerError):
+            self.signal(signal.SIGTERM)
+        info = self.wait(timeout)
+        if info is None:
+            self.kill()
+            info = self.wait(10)
+        return info
+
+    def kill(self) -> None:
+        """SIGKILL every process of the container (through its cgroup, and its init)."""
+        cg = self.cgroups()
+        if cg is not None:
+            cg.kill_all()
+        with contextlib.suppress(errors.ContainerError):
+            self.signal(signal.SIGKILL)
+
+    def stats(self) -> dict[str, Any]:
+        cg = self.cgroups()
+        if cg is None:
+            raise errors.ContainerError(f"container {self.name} is not running")
+        return asdict(cg.stats())
+
+    def exec(self, argv: Sequence[str], *, stdio: tuple[int, int, int], env: Mapping[str, str] | None = None,
+             workdir: str | None = None, user: str | None = None, tty: bool = False) -> spawn.ContainerProcess:
+        """Run ``argv`` inside the running container (same namespaces and cgroup)."""
+        st = self.state
+        pid = self.pid
+        if pid is None:
+            raise errors.ContainerError(f"container {st['name']} is not running")
+        proc_cfg = dict(st["process"])
+        base_env = dict(proc_cfg["env"])
+        base_env.update(env or {})
+        uid, gid, groups = (proc_cfg["uid"], proc_cfg["gid"], proc_cfg["additional_gids"])
+        if user:
+            uid, gid, groups = resolve_user(user, self._etc_lookup_dirs())
+        process = spawn.ProcessSpec(argv=tuple(argv), env=base_env, cwd=workdir or proc_cfg["cwd"],
+                                    uid=uid, gid=gid, additional_gids=tuple(groups), tty=tty)
+        ns = frozenset(spawn.NAMESPACES - ({"network"} if st["network"] == "host" else set()))
+        proc = spawn.join(pid, process=process, stdio=stdio, namespaces=ns)
+        try:
+            cg = self.cgroups()
+            if cg is not None:
+                cg.attach(proc.pid)
+            proc.release()
+        except BaseException:
+            proc.abort()
+            proc.close()
+            raise
+        return proc
+
+    def _etc_lookup_dirs(self) -> list[Path]:
+        layers = self.runtime.store.layer_dirs(self.image())
+        return [self.upper, *layers]
+
+    # --- removal -----------------------------------------------------------------------
+
+    def remove(self, *, force: bool = False) -> None:
+        """Remove the container (``force``: kill it first if it runs)."""
+        status = self.status()
+        if status == "running":
+            if not force:
+                raise errors.ContainerError(f"container {self.name} is running: stop it first or use --force")
+            self.kill()
+            self.wait(10)
+        cg = self.cgroups()
+        if cg is not None:
+            cg.destroy()
+        self.runtime.store.unpin(self.id)
+        remove_tree(self.dir)
+        log.info("removed container %s", self.id[:12])
+
+    def info(self) -> dict[str, Any]:
+        st = self.state
+        status = self.status()
+        exit_ = st.get("exit")
+        return {
+            "id": self.id, "name": st["name"], "image": st["image_name"], "status": status,
+            "created": st["created"], "command": st["process"]["argv"], "pid": self.pid,
+            "exit": exit_, "reason": ExitInfo(**exit_).describe() if exit_ else None,
+            "labels": st.get("labels", {}), "limits": st["limits"], "network": st["network"],
+        }
+
+
+class Runtime:
+    """The container half of the runtime over one store."""
+
+    def __init__(self, store: Store | None = None, *, cgroup_root: Any = None) -> None:
+        self.store = store or Store()
+        self.cgroup_root = cgroup_root
+
+    # --- lookup ---------------------------------------------------------------------
+
+    def containers(self) -> list[Container]:
+        out = []
+        for d in sorted(self.store.containers_dir.iterdir()):
+            if (d / "state.json").is_file():
+                out.append(Container(self, d.name))
+        return out
+
+    def get(self, ref: str) -> Container:
+        """By name, full id, or unique id prefix."""
+        if (self.store.containers_dir / ref / "state.json").is_file():
+            return Container(self, ref)
+        by_name = [c for c in self.containers() if c.state.get("name") == ref]
+        if by_name:
+            return by_name[0]
+        if len(ref) >= 3:
+            hits = [c for c in self.containers() if c.id.startswith(ref)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise errors.ContainerNotFound(f"container id prefix {ref!r} is ambiguous")
+        raise errors.ContainerNotFound(f"no such container: {ref}")
+
+    # --- create ---------------------------------------------------------------------
+
+    def create(self, spec: ContainerSpec, *, image: ImageRecord | None = None) -> Container:
+        """Make a container (directories, config, pinned image) without starting it."""
+        image = image or self.store.resolve(spec.image)
+        cid = secrets.token_hex(32)
+        name = spec.name or f"jc-{cid[:12]}"
+        if spec.name and any(c.state.get("name") == name for c in self.containers()):
+            raise errors.InvalidSpec(f"a container named {name!r} already exists")
+        cfg = image.config
+        argv = tuple(spec.entrypoint if spec.entrypoint is not None else cfg.entrypoint) + tuple(
+            spec.command if spec.command is not None else (cfg.cmd if spec.entrypoint is None else ()))
+        if not argv:
+            raise errors.InvalidSpec(f"no command given and image {image.familiar} has no Cmd or Entrypoint")
+        env = _env_dict(cfg.env)
+        env.update(spec.env)
+        env.setdefault("PATH", spawn.DEFAULT_PATH)
+        hostname = spec.hostname or cid[:12]
+        env.setdefault("HOSTNAME", hostname)
+        lowers_needed = self.store.ensure_unpacked(image)  # before any directory exists: may fail cleanly
+        uid, gid, groups = resolve_user(spec.user if spec.user is not None else cfg.user, lowers_needed)
+        env.setdefault("HOME", _home_of(uid, lowers_needed))
+        self.store.pin(cid, image)
+        d = self.store.containers_dir / cid
+        try:
+            for sub in ("upper", "work", "rootfs", "etc"):
+                (d / sub).mkdir(parents=True, mode=0o755 if sub != "work" else 0o700)
+            (d / "etc" / "hostname").write_text(hostname + "\n")
+            (d / "etc" / "hosts").write_text(
+                f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")
+            (d / "etc" / "resolv.conf").write_text(_resolv_conf(spec.network))
+            process = {
+                "argv": list(argv), "env": env, "cwd": spec.workdir or cfg.working_dir, "uid": uid, "gid": gid,
+                "additional_gids": list(groups), "hostname": hostname, "tty": spec.tty,
+            }
+            spawn.ProcessSpec(**process)  # validate now, not at start
+            state = {
+                "id": cid, "name": name, "status": "created", "created": now_rfc3339(),
+                "image_name": image.name, "image_digest": image.digest,
+                "process": process, "rlimits": {k: list(v) for k, v in spec.rlimits.items()},
+                "binds": [{"source": str(b.source), "target": b.target, "readonly": b.readonly}
+                          for b in spec.binds],
+                "limits": asdict(spec.limits), "network": spec.network, "labels": dict(spec.labels),
+                "readonly_rootfs": spec.readonly_rootfs,
+                "owner_pid": spec.owner_pid,
+                "owner_start": _proc_start_time(spec.owner_pid) if spec.owner_pid else None,
+                "creator_pid": os.getpid(), "creator_start": _proc_start_time(os.getpid()),
+            }
+            rootfs.plan(rootfs_layers=lowers_needed, upper=d / "upper", work=d / "work", target=d / "rootfs",
+                        binds=spec.binds, etc_files={n: d / "etc" / n for n in _ETC_FILES})  # validates binds
+            atomic_write(d / "config.json", json.dumps(oci_config(state, image), indent=2).encode())
+            atomic_write(d / "state.json", json.dumps(state, indent=2).encode())
+        except BaseException:
+            remove_tree(d)
+            self.store.unpin(cid)
+            raise
+        log.info("created container %s from %s", name, image.familiar)
+        return Container(self, cid)
+
+    def run(self, spec: ContainerSpec, *, stdio: tuple[int, int, int] | None = None,
+            remove: bool = False) -> ExitInfo:
+        """create + start + wait (+ remove): the library form of ``jupyter contain run``."""
+        c = self.create(spec)
+        try:
+            c.start(stdio=stdio)
+            info = c.wait()
+            assert info is not None
+            return info
+        finally:
+            if remove:
+                c.remove(force=True)
+
+    # --- gc ----------------------------------------------------------------------------
+
+    def gc(self) -> list[str]:
+        """Clean what dead processes left: containers whose owner died, half-made ones, stray cgroups.
+
+        Exited containers without an owner stay (``ps -a`` shows them, ``rm``
+        removes them), but their cgroups go.
+        """
+        removed = []
+        known = set()
+        for c in self.containers():
+            known.add(c.id)
+            try:
+                st = c.state
+                status = c.status()
+                owner_gone = st.get("owner_pid") and not _alive(st["owner_pid"], st.get("owner_start"))
+                if status == "dead" or owner_gone:
+                    c.remove(force=True)
+                    removed.append(c.id)
+                elif status == "exited" and not st.get("exit"):
+                    c._record_exit(None)
+            except errors.ContainerNotFound:
+                continue
+        # directories without state (a crash between mkdir and state.json)
+        for d in self.store.containers_dir.iterdir():
+            if d.name not in known and not (d / "state.json").exists():
+                age = time.time() - d.lstat().st_mtime
+                if age > 60:
+                    remove_tree(d)
+                    self.store.unpin(d.name)
+                    removed.append(d.name)
+        live = {c.id for c in self.containers()}
+        for name in find_orphans(root=self.cgroup_root, exclude=live):
+            with contextlib.suppress(errors.CgroupError):
+                Cgroups.open(name, root=self.cgroup_root).destroy()
+                removed.append(f"cgroup:{name}")
+        for owner in self.store.pins():
+            if owner not in live and not (self.store.containers_dir / owner).exists():
+                self.store.unpin(owner)
+        return removed
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _env_dict(env: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in env:
+        k, sep, v = item.partition("=")
+        if k and sep:
+            out[k] = v
+    return out
+
+
+def _resolv_conf(network: Network) -> str:
+    if network == "host":
+        try:
+            return Path("/etc/resolv.conf").read_text()
+        except OSError:
+            return ""
+    return ""   # network "none": nothing to resolve with
+
+
+def _read_image_file(dirs: Sequence[Path], rel: str) -> str | None:
+    """``rel`` as the merged view shows it (topmost dir first); never follows a symlink to the host."""
+    for d in dirs:
+        p = d / rel
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:
+            return None
+        if stat.S_ISREG(st.st_mode):
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd) as f:
+                return f.read(1 << 20)
+        return None   # a whiteout, a symlink or anything else: treat as absent
+    return None
+
+
+def _passwd(dirs: Sequence[Path]) -> list[list[str]]:
+    text = _read_image_file(dirs, "etc/passwd") or ""
+    return [line.split(":") for line in text.splitlines() if line.count(":") >= 6]
+
+
+def _groups(dirs: Sequence[Path]) -> list[list[str]]:
+    text = _read_image_file(dirs, "etc/group") or ""
+    return [line.split(":") for line in text.splitlines() if line.count(":") >= 3]
+
+
+def resolve_user(user: str, dirs: Sequence[Path]) -> tuple[int, int, tuple[int, ...]]:
+    """``user`` (``name|uid[:group|gid]``) -> (uid, gid, supplementary gids) from the image's files."""
+    if not user:
+        return 0, 0, ()
+    name, _, group = user.partition(":")
+    passwd = _passwd(dirs)
+    if name.isdigit():
+        uid = int(name)
+        row = next((r for r in passwd if r[2] == name), None)
+        gid = int(row[3]) if row else uid if not group else 0
+        login = row[0] if row else None
+    else:
+        row = next((r for r in passwd if r[0] == name), None)
+        if row is None:
+            raise errors.InvalidSpec(f"unable to find user {name}: no matching entries in the image's /etc/passwd")
+        uid, gid, login = int(row[2]), int(row[3]), name
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            grow = next((g for g in _groups(dirs) if g[0] == group), None)
+            if grow is None:
+                raise errors.InvalidSpec(f"unable to find group {group}: no matching entries in the image's "
+                                         "/etc/group")
+            gid = int(grow[2])
+    extra: tuple[int, ...] = ()
+    if login:
+        extra = tuple(sorted({int(g[2]) for g in _groups(dirs)
+                              if login in g[3].split(",") and g[2].isdigit() and int(g[2]) != gid}))
+    return uid, gid, extra
+
+
+def _home_of(uid: int, dirs: Sequence[Path]) -> str:
+    row = next((r for r in _passwd(dirs) if r[2] == str(uid)), None)
+    return row[5] if row and row[5] else ("/root" if uid == 0 else "/")
+
+
+def oci_config(state: Mapping[str, Any], image: ImageRecord) -> dict[str, Any]:
+    """The container as an OCI runtime-spec ``config.json`` (runc/crun can run the bundle)."""
+    proc = state["process"]
+    limits = state["limits"]
+    resources: dict[str, Any] = {}
+    if limits.get("memory"):
+        resources["memory"] = {"limit": limits["memory"], "swap": limits["memory"]}
+    if limits.get("cpus"):
+        resources["cpu"] = {"quota": int(limits["cpus"] * 100000), "period": 100000}
+    if limits.get("pids"):
+        resources["pids"] = {"limit": limits["pids"]}
+    caps = sorted(spawn.DEFAULT_CAPABILITIES)
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
+    if state["network"] != "host":
+        namespaces.append({"type": "network"})
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+    ]
+    for b in state["binds"]:
+        mounts.append({"destination": b["target"], "type": "bind", "source": b["source"],
+                       "options": ["rbind", "ro" if b["readonly"] else "rw"]})
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": bool(proc.get("tty")),
+            "user": {"uid": proc["uid"], "gid": proc["gid"], "additionalGids": proc["additional_gids"]},
+            "args": proc["argv"],
+            "env": [f"{k}={v}" for k, v in proc["env"].items()],
+            "cwd": proc["cwd"],
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": bool(state.get("readonly_rootfs"))},
+        "hostname": proc["hostname"],
+        "mounts": mounts,
+        "annotations": {"org.opencontainers.image.ref.name": image.name,
+                        "org.opencontainers.image.digest": image.digest},
+        "linux": {
+            "namespaces": namespaces,
+            "resources": resources,
+            "maskedPaths": list(rootfs.MASKED_PATHS),
+            "readonlyPaths": list(rootfs.READONLY_PATHS),
+        },
+    }
+
