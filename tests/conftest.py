@@ -95,3 +95,26 @@ def busybox_tar() -> Path:
     from jupyter_contain.runtime.images import bootstrap
 
     return bootstrap.cached_rootfs_tar(bootstrap.BUSYBOX)
+
+
+@pytest.fixture(scope="session")
+def image_store(tmp_path_factory, busybox_tar) -> Store:
+    """A store shared by the session, holding ``localhost/busybox:test``."""
+    from jupyter_contain.runtime.images import archive
+
+    s = Store(tmp_path_factory.mktemp("image-store"))
+    archive.import_rootfs(s, busybox_tar, "busybox:test", cmd=["/bin/sh"])
+    return s
+
+
+@pytest.fixture
+def runtime(image_store):
+    """A container runtime over the session store; every container a test leaves is removed."""
+    from jupyter_contain.runtime.containers.container import Runtime
+
+    rt = Runtime(image_store)
+    before = {c.id for c in rt.containers()}
+    yield rt
+    for c in rt.containers():
+        if c.id not in before:
+            c.remove(force=True)

@@ -118,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         env=_env(args.env), workdir=args.workdir, user=args.user, hostname=args.hostname,
         binds=tuple(parse_bind(v) for v in args.volume or ()), limits=_limits(args),
         network=args.network, name=args.name, tty=args.tty, readonly_rootfs=args.read_only,
+        # a foreground container belongs to this command: if it is killed, gc removes the container
+        owner_pid=None if args.detach else os.getpid(),
     )
     c = rt.create(spec)
     try:

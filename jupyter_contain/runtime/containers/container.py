@@ -228,8 +228,13 @@ class Container:
         container init's parent and should call :meth:`wait` eventually.
         """
         st = self.state
-        if st["status"] != "created":
-            raise errors.ContainerError(f"container {st['name']} is {self.status()}, not created")
+        status = self.status()
+        if status not in ("created", "exited"):
+            raise errors.ContainerError(f"container {st['name']} is {status}: it cannot be started")
+        if status == "exited":
+            # a restart in place: same writable layer, fresh process and cgroup
+            self.close()
+            st = self._update(status="created", exit=None, pid=None, pid_start=None)
         image = self.image()
         lowers = self.runtime.store.ensure_unpacked(image)
         process = spawn.ProcessSpec(**st["process"], rlimits={k: tuple(v) for k, v in st["rlimits"].items()})
@@ -319,6 +324,24 @@ class Container:
         log.info("container %s %s", self.id[:12], info.describe())
         return info
 
+    @property
+    def attached(self) -> bool:
+        """True in the process that started the container and can reap its init."""
+        return self._proc is not None
+
+    def poll(self) -> int | None:
+        """Exit code of the init if this handle started it and it ended; None while it runs."""
+        if self._proc is None:
+            return None if self.status() == "running" else (self.exit_info() or ExitInfo(255)).code
+        return self._proc.poll()
+
+    def close(self) -> None:
+        """Drop this handle's process (reaping it if it ended); the container itself stays."""
+        if self._proc is not None:
+            self._proc.poll()
+            self._proc.close()
+            self._proc = None
+
     def signal(self, sig: int) -> None:
         pid = self.pid
         if pid is None:
@@ -392,6 +415,16 @@ class Container:
         layers = self.runtime.store.layer_dirs(self.image())
         return [self.upper, *layers]
 
+    def reset(self) -> None:
+        """Throw the writable layer away: the next start sees the image as it is."""
+        if self.status() == "running":
+            raise errors.ContainerError(f"container {self.name} is running: stop it before a reset")
+        with self._lock():
+            for sub in ("upper", "work"):
+                remove_tree(self.dir / sub)
+                (self.dir / sub).mkdir(mode=0o755 if sub == "upper" else 0o700)
+        log.info("reset container %s to its image", self.id[:12])
+
     # --- removal -----------------------------------------------------------------------
 
     def remove(self, *, force: bool = False) -> None:
@@ -407,6 +440,8 @@ class Container:
             cg.destroy()
         self.runtime.store.unpin(self.id)
         remove_tree(self.dir)
+        self.close()
+        self.runtime._handles.pop(self.id, None)
         log.info("removed container %s", self.id[:12])
 
     def info(self) -> dict[str, Any]:
@@ -427,6 +462,15 @@ class Runtime:
     def __init__(self, store: Store | None = None, *, cgroup_root: Any = None) -> None:
         self.store = store or Store()
         self.cgroup_root = cgroup_root
+        # one handle per container in this process, so the one that started a
+        # container (and can reap it) is the one every lookup returns
+        self._handles: dict[str, Container] = {}
+
+    def _handle(self, cid: str) -> Container:
+        c = self._handles.get(cid)
+        if c is None:
+            c = self._handles[cid] = Container(self, cid)
+        return c
 
     # --- lookup ---------------------------------------------------------------------
 
@@ -434,13 +478,13 @@ class Runtime:
         out = []
         for d in sorted(self.store.containers_dir.iterdir()):
             if (d / "state.json").is_file():
-                out.append(Container(self, d.name))
+                out.append(self._handle(d.name))
         return out
 
     def get(self, ref: str) -> Container:
         """By name, full id, or unique id prefix."""
         if (self.store.containers_dir / ref / "state.json").is_file():
-            return Container(self, ref)
+            return self._handle(ref)
         by_name = [c for c in self.containers() if c.state.get("name") == ref]
         if by_name:
             return by_name[0]
@@ -509,7 +553,7 @@ class Runtime:
             self.store.unpin(cid)
             raise
         log.info("created container %s from %s", name, image.familiar)
-        return Container(self, cid)
+        return self._handle(cid)
 
     def run(self, spec: ContainerSpec, *, stdio: tuple[int, int, int] | None = None,
             remove: bool = False) -> ExitInfo:

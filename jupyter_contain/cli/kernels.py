@@ -1,0 +1,150 @@
+"""``jupyter contain`` verbs about kernels: kernelspec install/list/remove, bootstrap, reset."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..errors import ContainerError
+from ..kernel import kernelspec
+from ..runtime import Runtime, Store
+from .output import emit_json, table
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_IMAGE = "localhost/debian:bookworm"
+
+
+def _install_location(args: argparse.Namespace) -> dict:
+    if args.sys_prefix:
+        import sys
+
+        return {"prefix": sys.prefix}
+    return {"user": args.user, "prefix": args.prefix}
+
+
+def cmd_ks_install(args: argparse.Namespace) -> int:
+    store = Store(args.root)
+    name, path = kernelspec.install(
+        store=store, image_name=args.image, name=args.name, display_name=args.display_name,
+        memory=args.memory, cpus=args.cpus, pids=args.pids_limit, network=args.network,
+        probe=not args.no_probe, **_install_location(args))
+    print(f"installed kernelspec {name} in {path}")
+    return 0
+
+
+def cmd_ks_list(args: argparse.Namespace) -> int:
+    specs = kernelspec.list_specs()
+    if args.json:
+        emit_json(specs)
+    else:
+        table(["NAME", "DISPLAY NAME", "IMAGE", "PATH"],
+              [(s["name"], s["display_name"], s["config"].get("image", ""), s["path"]) for s in specs])
+    return 0
+
+
+def cmd_ks_remove(args: argparse.Namespace) -> int:
+    for name in args.names:
+        kernelspec.remove(name)
+        print(f"removed kernelspec {name}")
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from ..runtime.images import archive, bootstrap
+
+    store = Store(args.root)
+
+    def say(msg: str) -> None:
+        print(f"bootstrap: {msg}", flush=True)
+
+    recipe = bootstrap.DEBIAN_KERNEL
+    say(f"building the Debian {recipe.suite} root filesystem with mmdebstrap (cached after the first time)")
+    tar = bootstrap.cached_rootfs_tar(recipe, mirror=args.mirror, progress=say)
+    cfg = recipe.config
+    try:
+        existing = store.resolve(BOOTSTRAP_IMAGE)
+    except Exception:
+        existing = None
+    if existing is not None and not args.force and _same_rootfs(existing, tar):
+        rec = existing
+        say(f"image {rec.familiar} is up to date")
+    else:
+        say(f"importing {tar.name} as {BOOTSTRAP_IMAGE}")
+        rec = archive.import_rootfs(store, tar, BOOTSTRAP_IMAGE, env=cfg.get("Env", ()), cmd=cfg.get("Cmd", ()),
+                                    workdir=cfg.get("WorkingDir", ""),
+                                    labels={"org.opencontainers.image.title": "jupyter-contain default kernel image"})
+    say(f"image {rec.familiar} {rec.digest}")
+    if not args.no_kernelspec:
+        name, path = kernelspec.install(store=store, image_name=rec.name, name="contained-debian",
+                                        display_name="Contained Python (debian)", **_install_location(args))
+        say(f"kernelspec {name} installed in {path}")
+    return 0
+
+
+def _same_rootfs(image, tar) -> bool:
+    import json
+
+    meta = tar.with_suffix(".json")
+    try:
+        diff_id = json.loads(meta.read_text()).get("diff_id")
+    except (OSError, ValueError):
+        return False
+    return bool(diff_id) and image.config.diff_ids == (diff_id,)
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    rt = Runtime(Store(args.root))
+    c = rt.get(args.container)
+    if c.status() == "running":
+        raise ContainerError(f"container {c.name} is running: reset needs it stopped "
+                             "(for a kernel: restart it with the provisioner's reset option)")
+    c.reset()
+    print(f"reset {c.name} to its image")
+    return 0
+
+
+def _location_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--user", action="store_true", help="install for this user only")
+    g.add_argument("--sys-prefix", action="store_true", help="install into this Python's prefix (venv)")
+    g.add_argument("--prefix", metavar="DIR", help="install under DIR/share/jupyter/kernels")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ks = sub.add_parser("kernelspec", help="install, list and remove contained-kernel kernelspecs")
+    kss = ks.add_subparsers(dest="ks_verb", metavar="ACTION")
+    kss.required = True
+    p = kss.add_parser("install", help="install a kernelspec that starts kernels in IMAGE",
+                       description="Probe IMAGE (it needs python3 with ipykernel) and install a kernelspec "
+                                   "whose kernels run in containers from it.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--name", help="kernel name (default: contained-<image name>)")
+    p.add_argument("--display-name", help='default: "Contained Python (<image name>)"')
+    p.add_argument("-m", "--memory", help="memory limit per kernel, e.g. 1g")
+    p.add_argument("--cpus", help="CPU quota per kernel, e.g. 1.5")
+    p.add_argument("--pids-limit", type=int, help="process limit per kernel")
+    p.add_argument("--network", choices=["none", "host"], help="network mode (default none)")
+    p.add_argument("--no-probe", action="store_true", help="skip the check that the image can run a kernel")
+    _location_options(p)
+    p.set_defaults(func=cmd_ks_install)
+    p = kss.add_parser("list", help="list contained-kernel kernelspecs")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ks_list)
+    p = kss.add_parser("remove", help="remove contained-kernel kernelspecs")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.set_defaults(func=cmd_ks_remove)
+
+    p = sub.add_parser("bootstrap", help="build the default kernel image offline and install its kernelspec",
+                       description="Build Debian bookworm with python3, ipykernel, pip and ipywidgets using "
+                                   "mmdebstrap (from the Debian mirrors this machine uses), import it as "
+                                   f"{BOOTSTRAP_IMAGE} and install the 'Contained Python (debian)' kernelspec.")
+    p.add_argument("--mirror", help="Debian mirror URL (default: the one apt uses here)")
+    p.add_argument("--force", action="store_true", help="re-import even if the image is up to date")
+    p.add_argument("--no-kernelspec", action="store_true", help="only build and import the image")
+    _location_options(p)
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("reset", help="give a stopped container a fresh writable layer (back to its image)")
+    p.add_argument("container", metavar="CONTAINER")
+    p.set_defaults(func=cmd_reset)

@@ -1,0 +1,147 @@
+"""Kernelspecs for contained kernels: install, list, remove, and the image probe.
+
+Owns the ``kernel.json`` of a contained kernel: the provisioner stanza
+(``metadata.kernel_provisioner``) that JupyterLab and every provisioner-aware
+client use, and an ``argv`` that starts the same container through the
+launcher for clients that ignore provisioners. Must not start kernels itself
+(only the probe container).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+from .. import errors
+from ..runtime import ContainerSpec, ImageRecord, Runtime, Store, parse_cpus, parse_memory
+
+log = logging.getLogger(__name__)
+
+PROVISIONER_NAME = "jupyter-contain"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+def default_kernel_name(image: ImageRecord) -> str:
+    """``contained-debian`` for ``localhost/debian:bookworm``, ``contained-foo-v2`` for ``foo:v2``."""
+    from ..runtime import Reference
+
+    ref = Reference.parse(image.name)
+    base = ref.repository.rsplit("/", 1)[-1]
+    tag = ref.tag or "latest"
+    default_tags = {"latest", "bookworm"} if base == "debian" else {"latest"}
+    name = f"contained-{base}" + ("" if tag in default_tags else f"-{tag}")
+    return re.sub(r"[^a-z0-9._-]", "-", name.lower())
+
+
+def default_display_name(image: ImageRecord) -> str:
+    from ..runtime import Reference
+
+    ref = Reference.parse(image.name)
+    base = ref.repository.rsplit("/", 1)[-1]
+    tag = ref.tag or "latest"
+    shown = base if tag in ("latest", "bookworm") and base == "debian" or tag == "latest" else f"{base}:{tag}"
+    return f"Contained Python ({shown})"
+
+
+def probe_image(runtime: Runtime, image: ImageRecord, *, python: str = "python3") -> str:
+    """Check the image can run a kernel (python3 with ipykernel); returns ipykernel's version."""
+    script = "import ipykernel, sys; print(ipykernel.__version__)"
+    with tempfile.TemporaryFile() as out, open(os.devnull, "rb") as null:
+        try:
+            info = runtime.run(ContainerSpec(image=image.name, command=(python, "-c", script), entrypoint=()),
+                               stdio=(null.fileno(), out.fileno(), out.fileno()), remove=True)
+        except errors.CommandNotFound:
+            raise errors.KernelError(
+                f"image {image.familiar} has no {python}: a contained kernel needs Python 3 with ipykernel "
+                f"(for Debian/Ubuntu images: apt-get install python3-ipykernel)") from None
+        out.seek(0)
+        text = out.read().decode(errors="replace").strip()
+    if info.code != 0:
+        raise errors.KernelError(
+            f"image {image.familiar} cannot run a kernel: its {python} has no ipykernel "
+            f"(install it in the image: pip install ipykernel, or apt-get install python3-ipykernel)\n{text[-500:]}")
+    return text.splitlines()[-1] if text else "?"
+
+
+def kernel_json(*, image: ImageRecord, display_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "argv": [sys.executable, "-m", "jupyter_contain.kernel.launcher", "-f", "{connection_file}",
+                 "--config", json.dumps({"image": image.name, **config})],
+        "display_name": display_name,
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": {
+            "kernel_provisioner": {
+                "provisioner_name": PROVISIONER_NAME,
+                "config": {"image": image.name, **config},
+            },
+            "debugger": False,
+        },
+    }
+
+
+def install(*, store: Store, image_name: str, name: str | None = None, display_name: str | None = None,
+            memory: str | None = None, cpus: str | None = None, pids: int | None = None,
+            network: str | None = None, user: bool = False, prefix: str | None = None,
+            probe: bool = True) -> tuple[str, str]:
+    """Install a kernelspec for ``image_name``; returns (kernel name, install path)."""
+    image = store.resolve(image_name)
+    name = name or default_kernel_name(image)
+    if not _NAME_RE.match(name):
+        raise errors.InvalidSpec(f"invalid kernel name {name!r} (lowercase letters, digits, . _ -)")
+    config: dict[str, Any] = {}
+    if memory:
+        parse_memory(memory)
+        config["memory"] = memory
+    if cpus:
+        parse_cpus(cpus)
+        config["cpus"] = cpus
+    if pids is not None:
+        config["pids"] = pids
+    if network:
+        if network not in ("none", "host"):
+            raise errors.InvalidSpec(f"unknown network mode {network!r} (none or host)")
+        config["network"] = network
+    if store.root != Store().root:
+        config["store_root"] = str(store.root)
+    if probe:
+        version = probe_image(Runtime(store), image)
+        log.info("image %s has ipykernel %s", image.familiar, version)
+    spec = kernel_json(image=image, display_name=display_name or default_display_name(image), config=config)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "kernel.json").write_text(json.dumps(spec, indent=1))
+        path = KernelSpecManager().install_kernel_spec(d, name, user=user, replace=True, prefix=prefix)
+    return name, path
+
+
+def list_specs() -> list[dict[str, Any]]:
+    out = []
+    ksm = KernelSpecManager()
+    for name, info in sorted(ksm.get_all_specs().items()):
+        spec = info.get("spec", {})
+        prov = spec.get("metadata", {}).get("kernel_provisioner", {})
+        if prov.get("provisioner_name") != PROVISIONER_NAME:
+            continue
+        out.append({"name": name, "display_name": spec.get("display_name"), "path": info.get("resource_dir"),
+                    "config": prov.get("config", {})})
+    return out
+
+
+def remove(name: str) -> str:
+    ksm = KernelSpecManager()
+    try:
+        spec = ksm.get_kernel_spec(name)
+    except NoSuchKernel:
+        raise errors.KernelError(f"no such kernelspec: {name}") from None
+    if (spec.metadata or {}).get("kernel_provisioner", {}).get("provisioner_name") != PROVISIONER_NAME:
+        raise errors.KernelError(f"kernelspec {name} is not a jupyter-contain kernel: not removing it")
+    ksm.remove_kernel_spec(name)
+    return name

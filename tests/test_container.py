@@ -1,0 +1,195 @@
+"""Container lifecycle with real namespaces, overlay mounts and cgroups (busybox image)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jupyter_contain import errors
+from jupyter_contain.runtime.containers.cgroups import Limits
+from jupyter_contain.runtime.containers.container import ContainerSpec, Runtime, parse_bind
+
+
+def run_capture(rt: Runtime, tmp_path: Path, cmd: str, **kw) -> tuple[int, str]:
+    out = tmp_path / "out"
+    with open(out, "wb") as f, open(os.devnull, "rb") as null:
+        info = rt.run(ContainerSpec(image="busybox:test", command=("sh", "-c", cmd), **kw),
+                      stdio=(null.fileno(), f.fileno(), f.fileno()), remove=True)
+    return info.code, out.read_text()
+
+
+def test_isolation(runtime, tmp_path):
+    code, out = run_capture(runtime, tmp_path, "echo pid=$$; hostname; ls /proc | grep -c '^[0-9]'; "
+                                               "cat /proc/self/status | grep -E 'NoNewPrivs|CapAmb|CapInh'; "
+                                               "ip link 2>/dev/null | grep -c '^[0-9]'", hostname="box")
+    assert code == 0
+    lines = out.split()
+    assert "pid=2" in out  # PID 1 is the init, the payload is its child
+    assert "box" in lines
+    assert "NoNewPrivs:\t1" in out and "CapAmb:\t0000000000000000" in out and "CapInh:\t0000000000000000" in out
+
+
+def test_only_container_processes_visible(runtime, tmp_path):
+    code, out = run_capture(runtime, tmp_path, "ls /proc | grep '^[0-9]' | sort -n | tr '\\n' ' '")
+    assert code == 0
+    pids = [int(p) for p in out.split()]
+    # init (1), sh (2), and the pipeline's ls, grep, sort, tr: no host process
+    assert pids[:2] == [1, 2] and len(pids) <= 6 and max(pids) < 10, pids
+
+
+def test_exit_codes_and_signals(runtime, tmp_path):
+    assert run_capture(runtime, tmp_path, "exit 3")[0] == 3
+    code, _ = run_capture(runtime, tmp_path, "kill -TERM $$; sleep 5")
+    assert code == 128 + signal.SIGTERM
+
+
+def test_writable_layer_and_upper(runtime, tmp_path):
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("sh", "-c", "echo data > /newfile; rm /etc/passwd")))
+    c.start()
+    info = c.wait(10)
+    assert info is not None and info.code == 0
+    assert (c.upper / "newfile").read_text() == "data\n"
+    assert (c.upper / "etc" / "passwd").is_char_device()  # the deletion is a whiteout in the upper layer
+    lowers = runtime.store.layer_dirs(c.image())
+    assert (lowers[0] / "etc" / "passwd").is_file()  # the image is untouched
+    # host-side runtime stubs never land in the writable layer as regular content
+    c.remove()
+    assert not c.dir.exists()
+
+
+def test_binds_and_readonly(runtime, tmp_path):
+    src = tmp_path / "share"
+    src.mkdir()
+    (src / "in").write_text("host")
+    code, out = run_capture(runtime, tmp_path, "cat /data/in; echo x > /data/out; echo rc=$?; "
+                                               "echo y > /ro/z 2>/dev/null; echo ro=$?",
+                            binds=(parse_bind(f"{src}:/data"), parse_bind(f"{src}:/ro:ro")))
+    assert "host" in out and "rc=0" in out and "ro=1" in out
+    assert (src / "out").read_text() == "x\n"
+    with pytest.raises(errors.InvalidSpec, match="does not exist"):
+        parse_bind("/nonexistent/path:/x")
+    with pytest.raises(errors.InvalidSpec, match="mode"):
+        parse_bind(f"{src}:/x:rx")
+
+
+def test_env_workdir_user(runtime, tmp_path):
+    code, out = run_capture(runtime, tmp_path, "echo $FOO; pwd; id -u; id -g", env={"FOO": "bar"},
+                            workdir="/tmp", user="nobody")
+    assert out.split() == ["bar", "/tmp", "65534", "65534"]
+    with pytest.raises(errors.InvalidSpec, match="unable to find user ghost"):
+        runtime.create(ContainerSpec(image="busybox:test", user="ghost"))
+
+
+def test_command_not_found_leaves_nothing(runtime):
+    before = {c.id for c in runtime.containers()}
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("/no/such/cmd",)))
+    with pytest.raises(errors.CommandNotFound) as exc:
+        c.start()
+    assert exc.value.exit_code == 127
+    c.remove()
+    assert {c.id for c in runtime.containers()} == before
+
+
+def test_missing_image():
+    rt = Runtime(__import__("jupyter_contain.runtime.images.store", fromlist=["Store"]).Store(
+        Path(os.environ.get("TMPDIR", "/tmp")) / f"empty-store-{os.getpid()}"))
+    try:
+        with pytest.raises(errors.ImageNotFound):
+            rt.create(ContainerSpec(image="nope:1"))
+    finally:
+        import shutil
+        shutil.rmtree(rt.store.root)
+
+
+def test_oom_is_reported(runtime, tmp_path):
+    c = runtime.create(ContainerSpec(image="busybox:test", limits=Limits(memory=32 << 20),
+                                     command=("sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo $x | wc -c")))
+    c.start()
+    info = c.wait(60)
+    assert info is not None
+    assert info.oom_killed, info
+    assert info.memory_limit == 32 << 20
+    assert "out of memory (limit 32 MiB" in info.describe()
+    assert c.info()["reason"].startswith("killed: out of memory")
+
+
+def test_pids_limit_stops_fork_bomb(runtime, tmp_path):
+    c = runtime.create(ContainerSpec(image="busybox:test", limits=Limits(pids=20), command=(
+        "sh", "-c", "for i in $(seq 100); do sleep 30 & done; sleep 30")))
+    c.start()
+    log = c.dir / "log"
+    deadline = time.monotonic() + 20
+    while b"can't fork" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b"can't fork" in log.read_bytes()
+    stats = c.stats()
+    assert stats["pids_current"] <= 20 and stats["pids_limit"] == 20
+    subprocess.run(["true"], check=True)  # the host can still fork
+    info = c.stop(timeout=1)
+    assert info is not None
+
+
+def test_stop_kill_and_exec(runtime, tmp_path):
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("sh", "-c", "trap '' TERM; sleep 100")))
+    c.start()
+    assert c.status() == "running"
+    out = tmp_path / "exec.out"
+    with open(out, "wb") as f, open(os.devnull, "rb") as null:
+        proc = c.exec(["sh", "-c", "echo in; cat /proc/1/cmdline >/dev/null; ps | wc -l; hostname"],
+                      stdio=(null.fileno(), f.fileno(), f.fileno()))
+        assert proc.wait(10) == 0
+        proc.close()
+    assert out.read_text().startswith("in\n")
+    stats = c.stats()
+    assert stats["pids_current"] >= 2
+    t0 = time.monotonic()
+    info = c.stop(timeout=0.5)   # TERM is ignored: SIGKILL follows
+    assert info is not None and info.code == 128 + signal.SIGKILL
+    assert time.monotonic() - t0 < 5
+    assert c.status() == "exited"
+
+
+def test_state_seen_by_another_process(runtime, tmp_path):
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("sleep", "30"), name="visible"))
+    c.start()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    res = subprocess.run([sys.executable, "-m", "jupyter_contain.cli", "--root", str(runtime.store.root),
+                          "ps", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    rows = json.loads(res.stdout)
+    assert [r["name"] for r in rows if r["id"] == c.id] == ["visible"]
+    assert rows[0]["status"] == "running"
+    c.stop(timeout=1)
+
+
+def test_start_from_threaded_process(runtime, tmp_path):
+    stop = threading.Event()
+    threads = [threading.Thread(target=lambda: [time.sleep(0.001) for _ in iter(stop.is_set, True)])
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(5):
+            assert run_capture(runtime, tmp_path, "true")[0] == 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def test_gc_cleans_dead_owner(runtime, tmp_path):
+    owner = subprocess.Popen(["sleep", "60"])
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("sleep", "60"), owner_pid=owner.pid))
+    c.start()
+    owner.kill()
+    owner.wait()
+    removed = runtime.gc()
+    assert c.id in removed
+    assert not c.dir.exists()
