@@ -1,0 +1,874 @@
+/*
+ * Native container start: everything from clone to execve runs here, in C.
+ *
+ * Owns: the child side of a container start (namespaces, the mount plan,
+ * pivot_root, hostname, loopback, the tiny init that is PID 1, credentials,
+ * capabilities, no_new_privs, fd hygiene, the seccomp slot, execve) and
+ * `exec` into a running container (setns through a pidfd).
+ * Must not: plan anything (the mount list comes ready from Python), touch
+ * Python objects, or call anything that is not async-signal-safe in a child.
+ *
+ * Why raw syscalls: the caller is a threaded Python process. The child is
+ * made with a raw clone3 (fork-style, no CLONE_VM), so glibc's atfork
+ * handlers never run and no lock another thread held can be taken. In the
+ * child we never allocate, never use stdio, and use raw setres[ug]id /
+ * setgroups because glibc's wrappers would try to broadcast the change to
+ * the parent's (non-existent here) threads.
+ *
+ * Protocol (one SOCK_STREAM socketpair, CLOEXEC):
+ *   parent: clone3 -> returns pid + pidfd; the child blocks reading 1 byte
+ *   parent: its own setup (cgroup attach, id maps) then jc_release() writes 'R'
+ *   child:  runs the steps; a failure writes one struct jc_failure and exits
+ *   parent: reads until EOF. EOF with no record = execve succeeded (the
+ *           payload's copy of the socket closed on exec, init closed its own).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <net/if.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/openat2.h>
+#include <linux/seccomp.h>
+
+#include "shim.h"
+
+#ifndef CLONE_PIDFD
+#define CLONE_PIDFD 0x00001000
+#endif
+#ifndef PR_CAP_AMBIENT
+#define PR_CAP_AMBIENT 47
+#define PR_CAP_AMBIENT_CLEAR_ALL 4
+#endif
+
+/* struct clone_args (linux/sched.h clashes with <sched.h>, so our own copy) */
+struct jc_clone_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+};
+
+struct jc_ctx {
+    const struct jc_config *cfg;
+    int sync_fd;   /* child end of the socketpair */
+    int rootfd;    /* O_PATH fd of the merged rootfs, once mounted */
+};
+
+/* ---- helpers safe in the child ------------------------------------------ */
+
+static size_t jc_strlcpy(char *dst, const char *src, size_t size)
+{
+    size_t n = src ? strlen(src) : 0;
+    if (size) {
+        size_t c = n < size - 1 ? n : size - 1;
+        if (c)
+            memcpy(dst, src, c);
+        dst[c] = 0;
+    }
+    return n;
+}
+
+static void jc_write_all(int fd, const void *buf, size_t len)
+{
+    const char *p = buf;
+    while (len) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return;
+        p += n;
+        len -= (size_t)n;
+    }
+}
+
+/* Report (step, errno, path) to the parent and exit. */
+__attribute__((noreturn)) static void jc_fail_code(struct jc_ctx *c, const char *step, int err,
+                                                   const char *path, int code)
+{
+    struct jc_failure f;
+    memset(&f, 0, sizeof f);
+    jc_strlcpy(f.step, step, sizeof f.step);
+    f.err = err;
+    jc_strlcpy(f.path, path, sizeof f.path);
+    if (c->sync_fd >= 0)
+        jc_write_all(c->sync_fd, &f, sizeof f);
+    _exit(code);
+}
+
+__attribute__((noreturn)) static void jc_fail(struct jc_ctx *c, const char *step, int err, const char *path)
+{
+    jc_fail_code(c, step, err, path, JC_EXIT_ABORTED);
+}
+
+static int jc_openat2(int dirfd, const char *path, uint64_t flags, uint64_t resolve)
+{
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = flags;
+    how.resolve = resolve;
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+}
+
+/* Open a container path inside the rootfs: symlinks and ".." can never leave it. */
+static int jc_open_in_root(int rootfd, const char *path, int extra_flags)
+{
+    return jc_openat2(rootfd, path, O_PATH | O_CLOEXEC | extra_flags,
+                      RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS);
+}
+
+/* Resolve (and create when missing: create 1 = directory, 2 = empty file) a
+ * container path inside the rootfs; returns an O_PATH fd or -1 with errno. */
+static int jc_resolve(int rootfd, const char *path, int create)
+{
+    char buf[4096];
+    int fd = jc_open_in_root(rootfd, path, 0);
+    if (fd >= 0 || errno != ENOENT || !create)
+        return fd;
+
+    while (*path == '/')
+        path++;
+    if (jc_strlcpy(buf, path, sizeof buf) >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    char *p = buf;
+    for (;;) {
+        char *slash = strchr(p, '/');
+        int leaf = slash == NULL || slash[1] == 0;
+        if (slash)
+            *slash = 0;
+        fd = jc_open_in_root(rootfd, buf, 0);
+        if (fd < 0 && errno == ENOENT) {
+            int pfd = rootfd, r;
+            if (p != buf) {
+                p[-1] = 0;
+                pfd = jc_open_in_root(rootfd, buf, O_DIRECTORY);
+                p[-1] = '/';
+                if (pfd < 0)
+                    return -1;
+            }
+            if (leaf && create == 2) {
+                r = openat(pfd, p, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0644);
+                if (r >= 0)
+                    close(r);
+            } else {
+                r = mkdirat(pfd, p, 0755);
+            }
+            int e = errno;
+            if (pfd != rootfd)
+                close(pfd);
+            if (r < 0 && e != EEXIST) {
+                errno = e;
+                return -1;
+            }
+            fd = jc_open_in_root(rootfd, buf, 0);
+        }
+        if (fd < 0 || leaf)
+            return fd;
+        close(fd);
+        *slash = '/';
+        p = slash + 1;
+        while (*p == '/')
+            p++;
+        if (!*p)
+            return jc_open_in_root(rootfd, buf, 0);
+    }
+}
+
+static int jc_move_to(int mntfd, int targetfd)
+{
+    return move_mount(mntfd, "", targetfd, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH);
+}
+
+static int jc_setattr(int fd, int recursive, uint64_t attrs)
+{
+    struct mount_attr a;
+    memset(&a, 0, sizeof a);
+    a.attr_set = attrs;
+    if (attrs & (JC_ATTR_NOATIME | JC_ATTR_STRICTATIME))
+        a.attr_clr = MOUNT_ATTR__ATIME;
+    return mount_setattr(fd, "", AT_EMPTY_PATH | (recursive ? AT_RECURSIVE : 0), &a, sizeof a);
+}
+
+/* fsopen + fsconfig + fsmount: a detached mount of a new filesystem. */
+static int jc_new_fs(struct jc_ctx *c, const char *step, const struct jc_mount *m)
+{
+    int fsfd = fsopen(m->fstype, FSOPEN_CLOEXEC);
+    if (fsfd < 0)
+        jc_fail(c, step, errno, m->target);
+    if (m->source && fsconfig(fsfd, FSCONFIG_SET_STRING, "source", m->source, 0) < 0)
+        jc_fail(c, step, errno, m->target);
+    for (int i = 0; i < m->n_options; i++) {
+        const char *k = m->options[2 * i], *v = m->options[2 * i + 1];
+        int r = v ? fsconfig(fsfd, FSCONFIG_SET_STRING, k, v, 0)
+                  : fsconfig(fsfd, FSCONFIG_SET_FLAG, k, NULL, 0);
+        if (r < 0)
+            jc_fail(c, step, errno, m->target);
+    }
+    if (fsconfig(fsfd, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
+        jc_fail(c, step, errno, m->target);
+    int mfd = fsmount(fsfd, FSMOUNT_CLOEXEC, (unsigned int)m->attrs);
+    if (mfd < 0)
+        jc_fail(c, step, errno, m->target);
+    close(fsfd);
+    return mfd;
+}
+
+/* The legacy mount(2) path for kernels without "lowerdir+" (< 6.8). The
+ * option string must fit in one page; beyond that we give up with E2BIG. */
+static void jc_overlay_legacy(struct jc_ctx *c, const struct jc_mount *m)
+{
+    char data[4096];
+    size_t n = 0, cap = sizeof data;
+#define JC_APPEND(s)                                                  \
+    do {                                                              \
+        size_t l_ = strlen(s);                                        \
+        if (n + l_ + 1 > cap)                                         \
+            jc_fail(c, "mount-rootfs", E2BIG, m->target);             \
+        memcpy(data + n, s, l_);                                      \
+        n += l_;                                                      \
+        data[n] = 0;                                                  \
+    } while (0)
+    JC_APPEND("lowerdir=");
+    for (int i = 0; i < m->n_lowerdirs; i++) {
+        if (i)
+            JC_APPEND(":");
+        JC_APPEND(m->lowerdirs[i]);
+    }
+    if (m->upperdir) {
+        JC_APPEND(",upperdir=");
+        JC_APPEND(m->upperdir);
+        JC_APPEND(",workdir=");
+        JC_APPEND(m->workdir);
+    }
+#undef JC_APPEND
+    if (mount("overlay", m->target, "overlay", 0, data) < 0)
+        jc_fail(c, "mount-rootfs", errno, m->target);
+}
+
+static void jc_mount_overlay(struct jc_ctx *c, const struct jc_mount *m)
+{
+    int fsfd = fsopen("overlay", FSOPEN_CLOEXEC);
+    if (fsfd < 0) {
+        if (errno != ENOSYS)
+            jc_fail(c, "mount-rootfs", errno, m->target);
+        jc_overlay_legacy(c, m);
+    } else {
+        for (int i = 0; i < m->n_lowerdirs; i++) {
+            if (fsconfig(fsfd, FSCONFIG_SET_STRING, "lowerdir+", m->lowerdirs[i], 0) < 0) {
+                if (i == 0 && errno == EINVAL) { /* kernel without lowerdir+ */
+                    close(fsfd);
+                    fsfd = -1;
+                    break;
+                }
+                jc_fail(c, "mount-rootfs", errno, m->lowerdirs[i]);
+            }
+        }
+        if (fsfd < 0) {
+            jc_overlay_legacy(c, m);
+        } else {
+            if (m->upperdir && fsconfig(fsfd, FSCONFIG_SET_STRING, "upperdir", m->upperdir, 0) < 0)
+                jc_fail(c, "mount-rootfs", errno, m->upperdir);
+            if (m->workdir && fsconfig(fsfd, FSCONFIG_SET_STRING, "workdir", m->workdir, 0) < 0)
+                jc_fail(c, "mount-rootfs", errno, m->workdir);
+            for (int i = 0; i < m->n_options; i++) {
+                const char *k = m->options[2 * i], *v = m->options[2 * i + 1];
+                int r = v ? fsconfig(fsfd, FSCONFIG_SET_STRING, k, v, 0)
+                          : fsconfig(fsfd, FSCONFIG_SET_FLAG, k, NULL, 0);
+                if (r < 0)
+                    jc_fail(c, "mount-rootfs", errno, m->target);
+            }
+            if (fsconfig(fsfd, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
+                jc_fail(c, "mount-rootfs", errno, m->target);
+            /* read-only comes last (REMOUNT_RO) so mount points can still be made */
+            int mfd = fsmount(fsfd, FSMOUNT_CLOEXEC, (unsigned int)(m->attrs & ~(uint64_t)JC_ATTR_RDONLY));
+            if (mfd < 0)
+                jc_fail(c, "mount-rootfs", errno, m->target);
+            if (move_mount(mfd, "", AT_FDCWD, m->target, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+                jc_fail(c, "mount-rootfs", errno, m->target);
+            close(mfd);
+            close(fsfd);
+        }
+    }
+    if (c->rootfd >= 0)
+        close(c->rootfd);
+    c->rootfd = open(m->target, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (c->rootfd < 0)
+        jc_fail(c, "mount-rootfs", errno, m->target);
+}
+
+static void jc_do_mount(struct jc_ctx *c, const struct jc_mount *m)
+{
+    int tfd, sfd;
+    struct stat st;
+
+    if (m->kind != JC_MOUNT_OVERLAY && c->rootfd < 0)
+        jc_fail(c, "mount", EBADF, m->target); /* plan without a rootfs first */
+
+    switch (m->kind) {
+    case JC_MOUNT_OVERLAY:
+        jc_mount_overlay(c, m);
+        return;
+
+    case JC_MOUNT_BIND: {
+        int rec = (m->flags & JC_MF_RECURSIVE) ? AT_RECURSIVE : 0;
+        sfd = open_tree(AT_FDCWD, m->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | rec);
+        if (sfd < 0)
+            jc_fail(c, "bind-mount", errno, m->source);
+        if (fstat(sfd, &st) < 0)
+            jc_fail(c, "bind-mount", errno, m->source);
+        if (m->attrs && jc_setattr(sfd, rec != 0, m->attrs) < 0)
+            jc_fail(c, "bind-mount", errno, m->target);
+        tfd = jc_resolve(c->rootfd, m->target, S_ISDIR(st.st_mode) ? 1 : 2);
+        if (tfd < 0)
+            jc_fail(c, "bind-mount", errno, m->target);
+        if (jc_move_to(sfd, tfd) < 0)
+            jc_fail(c, "bind-mount", errno, m->target);
+        close(sfd);
+        close(tfd);
+        return;
+    }
+
+    case JC_MOUNT_FS:
+        sfd = jc_new_fs(c, "mount", m);
+        tfd = jc_resolve(c->rootfd, m->target, 1);
+        if (tfd < 0)
+            jc_fail(c, "mount", errno, m->target);
+        if (jc_move_to(sfd, tfd) < 0)
+            jc_fail(c, "mount", errno, m->target);
+        close(sfd);
+        close(tfd);
+        return;
+
+    case JC_MOUNT_SYMLINK: {
+        char dir[4096];
+        const char *t = m->target;
+        const char *slash = strrchr(t, '/');
+        size_t dl = slash ? (size_t)(slash - t) : 0;
+        if (dl >= sizeof dir)
+            jc_fail(c, "symlink", ENAMETOOLONG, t);
+        memcpy(dir, t, dl);
+        dir[dl] = 0;
+        int pfd = dl ? jc_resolve(c->rootfd, dir, 1) : jc_open_in_root(c->rootfd, "/", O_DIRECTORY);
+        if (pfd < 0)
+            jc_fail(c, "symlink", errno, dir);
+        if (symlinkat(m->source, pfd, slash ? slash + 1 : t) < 0 &&
+            !(errno == EEXIST && (m->flags & JC_MF_OPTIONAL)))
+            jc_fail(c, "symlink", errno, t);
+        close(pfd);
+        return;
+    }
+
+    case JC_MOUNT_MASK:
+        tfd = jc_open_in_root(c->rootfd, m->target, 0);
+        if (tfd < 0) {
+            if (errno == ENOENT)
+                return; /* nothing to hide */
+            jc_fail(c, "mask-path", errno, m->target);
+        }
+        if (fstat(tfd, &st) < 0)
+            jc_fail(c, "mask-path", errno, m->target);
+        if (S_ISDIR(st.st_mode)) {
+            struct jc_mount t = {0};
+            t.fstype = "tmpfs";
+            t.target = m->target;
+            t.attrs = JC_ATTR_RDONLY | JC_ATTR_NOSUID | JC_ATTR_NODEV | JC_ATTR_NOEXEC;
+            sfd = jc_new_fs(c, "mask-path", &t);
+        } else {
+            sfd = open_tree(AT_FDCWD, m->source ? m->source : "/dev/null", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+            if (sfd < 0)
+                jc_fail(c, "mask-path", errno, m->source ? m->source : "/dev/null");
+        }
+        if (jc_move_to(sfd, tfd) < 0)
+            jc_fail(c, "mask-path", errno, m->target);
+        close(sfd);
+        close(tfd);
+        return;
+
+    case JC_MOUNT_READONLY:
+        tfd = jc_open_in_root(c->rootfd, m->target, 0);
+        if (tfd < 0) {
+            if (errno == ENOENT && (m->flags & JC_MF_OPTIONAL))
+                return;
+            jc_fail(c, "readonly-path", errno, m->target);
+        }
+        sfd = open_tree(tfd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE);
+        if (sfd < 0)
+            jc_fail(c, "readonly-path", errno, m->target);
+        if (jc_setattr(sfd, 1, JC_ATTR_RDONLY | m->attrs) < 0)
+            jc_fail(c, "readonly-path", errno, m->target);
+        if (jc_move_to(sfd, tfd) < 0)
+            jc_fail(c, "readonly-path", errno, m->target);
+        close(sfd);
+        close(tfd);
+        return;
+
+    case JC_MOUNT_REMOUNT_RO:
+        tfd = jc_open_in_root(c->rootfd, m->target, 0);
+        if (tfd < 0)
+            jc_fail(c, "remount-readonly", errno, m->target);
+        if (jc_setattr(tfd, 0, JC_ATTR_RDONLY | m->attrs) < 0)
+            jc_fail(c, "remount-readonly", errno, m->target);
+        close(tfd);
+        return;
+
+    default:
+        jc_fail(c, "mount", EINVAL, m->target);
+    }
+}
+
+static void jc_pivot(struct jc_ctx *c)
+{
+    const char *r = c->cfg->rootfs;
+    if (c->rootfd < 0)
+        jc_fail(c, "pivot-root", EBADF, r);
+    if (fchdir(c->rootfd) < 0)
+        jc_fail(c, "pivot-root", errno, r);
+    /* new root and old root on the same directory: the old root ends up
+     * stacked on top and is detached right away, no temporary dir needed */
+    if (syscall(SYS_pivot_root, ".", ".") < 0)
+        jc_fail(c, "pivot-root", errno, r);
+    if (umount2(".", MNT_DETACH) < 0)
+        jc_fail(c, "pivot-root", errno, r);
+    if (chdir("/") < 0)
+        jc_fail(c, "pivot-root", errno, r);
+    close(c->rootfd);
+    c->rootfd = -1;
+}
+
+static void jc_loopback_up(struct jc_ctx *c)
+{
+    struct ifreq ifr;
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        jc_fail(c, "loopback", errno, "lo");
+    memset(&ifr, 0, sizeof ifr);
+    jc_strlcpy(ifr.ifr_name, "lo", sizeof ifr.ifr_name);
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+        jc_fail(c, "loopback", errno, "lo");
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+        jc_fail(c, "loopback", errno, "lo");
+    close(s);
+}
+
+static const char *jc_rlimit_name(int r)
+{
+    static const char *const names[] = {
+        "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE",
+        "RLIMIT_RSS", "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS",
+        "RLIMIT_LOCKS", "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE",
+        "RLIMIT_RTPRIO", "RLIMIT_RTTIME",
+    };
+    return (r >= 0 && r < (int)(sizeof names / sizeof names[0])) ? names[r] : "RLIMIT_?";
+}
+
+static int jc_capset(uint64_t eff, uint64_t prm, uint64_t inh)
+{
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct d[2];
+    d[0].effective = (uint32_t)eff;
+    d[1].effective = (uint32_t)(eff >> 32);
+    d[0].permitted = (uint32_t)prm;
+    d[1].permitted = (uint32_t)(prm >> 32);
+    d[0].inheritable = (uint32_t)inh;
+    d[1].inheritable = (uint32_t)(inh >> 32);
+    return (int)syscall(SYS_capset, &hdr, d);
+}
+
+static int jc_drop_bounding(const struct jc_config *cfg)
+{
+    for (int cap = 0; cap <= cfg->cap_last && cap < 64; cap++) {
+        if (cfg->cap_keep & (1ULL << cap))
+            continue;
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+            return -1;
+    }
+    return 0;
+}
+
+static void jc_reset_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < _NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            sigaction(sig, &sa, NULL); /* glibc-internal signals fail with EINVAL: fine */
+}
+
+/* The child is a copy of the Python process: its command line and
+ * environment (a Jupyter token, say) would show in the container's
+ * /proc/1/cmdline. Blank them (our own copy of the stack) and rename. */
+static void jc_hide_origin(void)
+{
+    char buf[2048];
+    unsigned long v[4] = {0, 0, 0, 0}; /* arg_start, arg_end, env_start, env_end */
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+    if (fd >= 0)
+        close(fd);
+    if (n > 0) {
+        buf[n] = 0;
+        char *p = strrchr(buf, ')');
+        int field = 2;
+        while (p && *p && field < 51) {
+            while (*p && *p != ' ')
+                p++;
+            while (*p == ' ')
+                p++;
+            if (!*p)
+                break;
+            field++;
+            if (field >= 48) {
+                unsigned long x = 0;
+                for (char *q = p; *q >= '0' && *q <= '9'; q++)
+                    x = x * 10 + (unsigned long)(*q - '0');
+                v[field - 48] = x;
+            }
+        }
+        if (v[0] && v[1] > v[0]) {
+            memset((void *)v[0], 0, v[1] - v[0]);
+            jc_strlcpy((char *)v[0], "jc-init", v[1] - v[0]);
+        }
+        if (v[2] && v[3] > v[2])
+            memset((void *)v[2], 0, v[3] - v[2]);
+    }
+    prctl(PR_SET_NAME, "jc-init", 0, 0, 0);
+}
+
+/* execve with a PATH search like execvp, without allocating. */
+__attribute__((noreturn)) static void jc_exec(struct jc_ctx *c)
+{
+    const struct jc_config *cfg = c->cfg;
+    char *const *argv = (char *const *)cfg->argv;
+    char *const *envp = (char *const *)cfg->envp;
+    const char *name = cfg->argv[0];
+    char buf[4096];
+
+    if (!name || !*name)
+        jc_fail_code(c, "execve", ENOENT, "", 127);
+    if (strchr(name, '/')) {
+        execve(name, argv, envp);
+        int e = errno;
+        jc_fail_code(c, "execve", e, name, e == ENOENT ? 127 : 126);
+    }
+    int seen_eacces = 0;
+    const char *p = cfg->search_path ? cfg->search_path : "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    size_t nl = strlen(name);
+    for (;;) {
+        const char *end = strchrnul(p, ':');
+        size_t dl = (size_t)(end - p);
+        if (dl == 0) {
+            buf[0] = '.';
+            dl = 1;
+        } else if (dl + nl + 2 <= sizeof buf) {
+            memcpy(buf, p, dl);
+        } else {
+            dl = 0;
+        }
+        if (dl && dl + nl + 2 <= sizeof buf) {
+            buf[dl] = '/';
+            memcpy(buf + dl + 1, name, nl + 1);
+            execve(buf, argv, envp);
+            switch (errno) {
+            case EACCES:
+                seen_eacces = 1;
+                /* fallthrough */
+            case ENOENT:
+            case ENOTDIR:
+            case ESTALE:
+            case ENODEV:
+            case ETIMEDOUT:
+            case ELOOP:
+            case ENAMETOOLONG:
+                break;
+            default:
+                jc_fail_code(c, "execve", errno, buf, 126);
+            }
+        }
+        if (!*end)
+            break;
+        p = end + 1;
+    }
+    jc_fail_code(c, "execve", seen_eacces ? EACCES : ENOENT, name, seen_eacces ? 126 : 127);
+}
+
+/* The payload: from the second fork to execve. */
+__attribute__((noreturn)) static void jc_payload(struct jc_ctx *c)
+{
+    const struct jc_config *cfg = c->cfg;
+    int tmp[3];
+
+    /* dup first so that stdio fds that overlap 0..2 are not clobbered, and
+     * so that dup2 clears CLOEXEC on the three we keep */
+    for (int i = 0; i < 3; i++) {
+        tmp[i] = fcntl(cfg->stdio[i], F_DUPFD_CLOEXEC, 3);
+        if (tmp[i] < 0)
+            jc_fail(c, "stdio", errno, "");
+    }
+    for (int i = 0; i < 3; i++)
+        if (dup2(tmp[i], i) < 0)
+            jc_fail(c, "stdio", errno, "");
+    jc_reset_signals();
+    if (setsid() < 0)
+        jc_fail(c, "setsid", errno, "");
+    if (cfg->set_ctty && ioctl(0, TIOCSCTTY, 0) < 0)
+        jc_fail(c, "set-ctty", errno, "");
+    for (int i = 0; i < cfg->n_rlimits; i++) {
+        struct rlimit rl = {cfg->rlimits[i].soft, cfg->rlimits[i].hard};
+        if (setrlimit(cfg->rlimits[i].resource, &rl) < 0)
+            jc_fail(c, "setrlimit", errno, jc_rlimit_name(cfg->rlimits[i].resource));
+    }
+    if (cfg->cwd && chdir(cfg->cwd) < 0)
+        jc_fail(c, "chdir", errno, cfg->cwd);
+    if (jc_drop_bounding(cfg) < 0)
+        jc_fail(c, "capabilities", errno, "bounding set");
+    if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0)
+        jc_fail(c, "capabilities", errno, "keepcaps");
+    if (syscall(SYS_setgroups, (size_t)cfg->n_groups, cfg->groups) < 0)
+        jc_fail(c, "setgroups", errno, "");
+    if (syscall(SYS_setresgid, cfg->gid, cfg->gid, cfg->gid) < 0)
+        jc_fail(c, "setgid", errno, "");
+    if (syscall(SYS_setresuid, cfg->uid, cfg->uid, cfg->uid) < 0)
+        jc_fail(c, "setuid", errno, "");
+    /* like Docker: a non-root user gets no effective/permitted capabilities,
+     * only the bounding set; root gets the kept set. Never inheritable. */
+    uint64_t keep = cfg->uid == 0 ? cfg->cap_keep : 0;
+    if (jc_capset(keep, keep, 0) < 0)
+        jc_fail(c, "capabilities", errno, "capset");
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
+        jc_fail(c, "capabilities", errno, "ambient");
+    if (cfg->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        jc_fail(c, "no-new-privs", errno, "");
+    /* every inherited fd above 2 goes, except the status socket, which is
+     * CLOEXEC and tells the parent that execve succeeded by closing */
+    if (c->sync_fd > 3 && syscall(SYS_close_range, 3U, (unsigned)c->sync_fd - 1, 0U) < 0)
+        jc_fail(c, "close-fds", errno, "");
+    if (syscall(SYS_close_range, (unsigned)c->sync_fd + 1, ~0U, 0U) < 0)
+        jc_fail(c, "close-fds", errno, "");
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    /* the seccomp slot: always the very last step before execve */
+    if (cfg->seccomp_filter && cfg->seccomp_len > 0) {
+        struct sock_fprog prog;
+        prog.len = (unsigned short)cfg->seccomp_len;
+        prog.filter = (struct sock_filter *)cfg->seccomp_filter;
+        if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0)
+            jc_fail(c, "seccomp", errno, "");
+    }
+    jc_exec(c);
+}
+
+static int jc_is_forwarded(int sig)
+{
+    switch (sig) {
+    case SIGTERM: case SIGINT: case SIGHUP: case SIGQUIT: case SIGUSR1:
+    case SIGUSR2: case SIGWINCH: case SIGCONT: case SIGALRM:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* PID 1 of the container (or the relay of an exec): forwards signals to the
+ * payload, reaps every child, exits with the payload's status. */
+__attribute__((noreturn)) static void jc_init(struct jc_ctx *c, pid_t payload)
+{
+    const struct jc_config *cfg = c->cfg;
+    sigset_t all;
+    siginfo_t si;
+
+    /* drop our fds (the status socket included: from now on only the
+     * payload's copy keeps it open) and stdio, so that pipes the caller
+     * reads reach EOF when the payload is done with them */
+    syscall(SYS_close_range, 3U, ~0U, 0U);
+    int nfd = open("/dev/null", O_RDWR | O_CLOEXEC);
+    for (int i = 0; i < 3; i++) {
+        if (nfd >= 0)
+            dup2(nfd, i);
+        else
+            close(i);
+    }
+    if (nfd > 2)
+        close(nfd);
+    c->sync_fd = -1;
+    /* init keeps only what it needs: kill() on a payload of another uid */
+    jc_drop_bounding(cfg);
+    jc_capset(1ULL << CAP_KILL, 1ULL << CAP_KILL, 0);
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+
+    sigfillset(&all);
+    int status = 0;
+    for (int sig = 0;; sig = sigwaitinfo(&all, &si)) {
+        /* the first pass (sig 0) reaps a payload that ended before we got here */
+        if (sig < 0)
+            continue;
+        if (jc_is_forwarded(sig))
+            kill(payload, sig);
+        for (;;) {
+            int st;
+            pid_t w = waitpid(-1, &st, WNOHANG);
+            if (w <= 0)
+                break;
+            if (w == payload) {
+                status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+                _exit(status);
+            }
+        }
+    }
+}
+
+__attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int sync_fd)
+{
+    struct jc_ctx ctx = {cfg, sync_fd, -1};
+    struct jc_ctx *c = &ctx;
+    char b = 0;
+    ssize_t n;
+
+    /* stdio setup dup2s onto 0..2: keep the status socket out of the way */
+    if (sync_fd < 3) {
+        int fd = fcntl(sync_fd, F_DUPFD_CLOEXEC, 3);
+        if (fd < 0)
+            _exit(JC_EXIT_ABORTED);
+        close(sync_fd);
+        ctx.sync_fd = sync_fd = fd;
+    }
+
+    do
+        n = read(sync_fd, &b, 1);
+    while (n < 0 && errno == EINTR);
+    if (n != 1 || b != 'R')
+        _exit(JC_EXIT_ABORTED); /* the parent aborted (or died) */
+    /* no Python-level handlers survive, and no SIG_IGN either. Done here,
+     * before the payload exists: setting SIGCHLD to SIG_DFL later would
+     * discard a SIGCHLD already pending (default action "ignore") */
+    jc_reset_signals();
+    /* not dumpable: the container cannot read this copy of the parent's
+     * memory through /proc/1/{mem,environ,maps} (no CAP_SYS_PTRACE in it) */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    jc_hide_origin();
+
+    if (cfg->join_pidfd >= 0) {
+        if (setns(cfg->join_pidfd, cfg->join_flags) < 0)
+            jc_fail(c, "setns", errno, "");
+    } else {
+        if (cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
+            jc_fail(c, "unshare-cgroupns", errno, "");
+        if (cfg->clone_flags & CLONE_NEWNS) {
+            if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+                jc_fail(c, "make-private", errno, "/");
+        }
+        for (int i = 0; i < cfg->n_mounts; i++)
+            jc_do_mount(c, &cfg->mounts[i]);
+        if (cfg->rootfs)
+            jc_pivot(c);
+        if (c->rootfd >= 0) {
+            close(c->rootfd);
+            c->rootfd = -1;
+        }
+        if (cfg->hostname && sethostname(cfg->hostname, strlen(cfg->hostname)) < 0)
+            jc_fail(c, "sethostname", errno, cfg->hostname);
+        if (cfg->loopback_up)
+            jc_loopback_up(c);
+    }
+    if (setsid() < 0 && errno != EPERM)
+        jc_fail(c, "setsid", errno, "");
+
+    /* fork-style raw clone: the payload (PID 2 in a new pid namespace) */
+    long pid = syscall(SYS_clone, (unsigned long)SIGCHLD, 0UL, 0UL, 0UL, 0UL);
+    if (pid < 0)
+        jc_fail(c, "fork-payload", errno, "");
+    if (pid == 0)
+        jc_payload(c);
+    jc_init(c, (pid_t)pid);
+}
+
+/* ---- parent side ----------------------------------------------------------- */
+
+int jc_spawn(const struct jc_config *cfg, struct jc_handle *out)
+{
+    int sv[2], pidfd = -1, e;
+    sigset_t all, old;
+    struct jc_clone_args args;
+
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return -errno;
+    memset(&args, 0, sizeof args);
+    args.flags = (cfg->clone_flags & ~(uint64_t)CLONE_NEWCGROUP) | CLONE_PIDFD;
+    args.pidfd = (uint64_t)(uintptr_t)&pidfd;
+    args.exit_signal = SIGCHLD;
+
+    /* the child starts with every signal blocked: no Python-level handler
+     * can ever run in it */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    long pid = syscall(SYS_clone3, &args, sizeof args);
+    if (pid == 0) {
+        close(sv[0]);
+        jc_child(cfg, sv[1]);
+    }
+    e = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(sv[1]);
+    if (pid < 0) {
+        close(sv[0]);
+        return -e;
+    }
+    out->pid = (int)pid;
+    out->pidfd = pidfd;
+    out->sync_fd = sv[0];
+    return 0;
+}
+
+/* Let the child go on; wait until execve succeeded (returns 0) or a failure
+ * record came back (returns 1, *failure filled). -errno on a broken protocol. */
+int jc_release(struct jc_handle *h, struct jc_failure *failure)
+{
+    char b = 'R';
+    size_t got = 0;
+    ssize_t n;
+    int ret;
+
+    memset(failure, 0, sizeof *failure);
+    do
+        n = send(h->sync_fd, &b, 1, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    /* a child that died early shows up as EPIPE here and EOF below */
+    for (;;) {
+        n = read(h->sync_fd, (char *)failure + got, sizeof *failure - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+        if (got == sizeof *failure)
+            break;
+    }
+    if (n < 0)
+        ret = -errno;
+    else if (got == 0)
+        ret = 0;
+    else if (got == sizeof *failure)
+        ret = 1;
+    else
+        ret = -EPROTO;
+    close(h->sync_fd);
+    h->sync_fd = -1;
+    return ret;
+}

@@ -1,0 +1,96 @@
+/* Declarations shared by shim.c and the cffi cdef (build.py reads this file
+ * verbatim, so it holds only plain declarations: no #include, no #ifdef,
+ * only integer #defines). Types from <stdint.h> are known to cffi and are
+ * included by the C preamble before this header. */
+
+/* struct jc_mount.kind */
+#define JC_MOUNT_OVERLAY 1     /* overlay rootfs at a host path (target) */
+#define JC_MOUNT_BIND 2        /* bind host path source onto container target */
+#define JC_MOUNT_FS 3          /* new filesystem instance (proc, tmpfs, ...) */
+#define JC_MOUNT_SYMLINK 4     /* symlink at target pointing to source */
+#define JC_MOUNT_MASK 5        /* hide target: /dev/null over files, ro tmpfs over dirs */
+#define JC_MOUNT_READONLY 6    /* bind target onto itself, read-only, recursively */
+#define JC_MOUNT_REMOUNT_RO 7  /* make the mount at target read-only (not recursive) */
+
+/* struct jc_mount.flags */
+#define JC_MF_RECURSIVE 1      /* bind: whole subtree (AT_RECURSIVE) */
+#define JC_MF_OPTIONAL 2       /* skip silently when the target does not exist */
+
+/* struct jc_mount.attrs: the kernel's MOUNT_ATTR_* values */
+#define JC_ATTR_RDONLY 1
+#define JC_ATTR_NOSUID 2
+#define JC_ATTR_NODEV 4
+#define JC_ATTR_NOEXEC 8
+#define JC_ATTR_NOATIME 16
+#define JC_ATTR_STRICTATIME 32
+
+/* exit status of a container whose start was aborted or failed */
+#define JC_EXIT_ABORTED 125
+
+struct jc_mount {
+    int kind;
+    int flags;
+    uint64_t attrs;
+    const char *source;
+    const char *target;
+    const char *fstype;
+    const char *const *options;   /* n_options (key, value) pairs; a NULL value sets a flag */
+    int n_options;
+    const char *const *lowerdirs; /* overlay: topmost first */
+    int n_lowerdirs;
+    const char *upperdir;
+    const char *workdir;
+};
+
+struct jc_rlimit {
+    int resource;
+    uint64_t soft;
+    uint64_t hard;
+};
+
+struct jc_config {
+    /* namespaces */
+    uint64_t clone_flags;         /* CLONE_NEW* passed to clone3 (never CLONE_NEWCGROUP) */
+    int new_cgroupns;             /* unshare(CLONE_NEWCGROUP) after release (after the cgroup attach) */
+    int join_pidfd;               /* >= 0: setns into this process's namespaces instead */
+    int join_flags;               /* CLONE_NEW* namespaces to join */
+    /* filesystem */
+    const struct jc_mount *mounts;
+    int n_mounts;
+    const char *rootfs;           /* host path of the merged rootfs; pivot_root into it (NULL: none) */
+    const char *hostname;         /* NULL: leave unchanged */
+    int loopback_up;
+    /* the payload process */
+    const char *const *argv;      /* NULL-terminated */
+    const char *const *envp;      /* NULL-terminated */
+    const char *search_path;      /* PATH used to find an argv[0] without a slash */
+    const char *cwd;
+    uint32_t uid;
+    uint32_t gid;
+    const uint32_t *groups;
+    int n_groups;
+    const struct jc_rlimit *rlimits;
+    int n_rlimits;
+    uint64_t cap_keep;            /* bounding set (bit per capability) */
+    int cap_last;                 /* /proc/sys/kernel/cap_last_cap */
+    int no_new_privs;
+    int stdio[3];
+    int set_ctty;                 /* make stdin the controlling terminal */
+    const void *seccomp_filter;   /* struct sock_filter[seccomp_len], loaded last; may be NULL */
+    int seccomp_len;
+};
+
+struct jc_handle {
+    int pid;                      /* as seen from the caller's pid namespace */
+    int pidfd;
+    int sync_fd;                  /* parent end of the release/status socket */
+};
+
+struct jc_failure {
+    char step[32];
+    int err;
+    char path[1024];
+};
+
+int jc_spawn(const struct jc_config *cfg, struct jc_handle *out);
+int jc_release(struct jc_handle *handle, struct jc_failure *failure);

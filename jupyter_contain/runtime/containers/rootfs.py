@@ -1,0 +1,288 @@
+"""Pure planning of a container's filesystem: which mounts, in which order.
+
+Owns: the :class:`Bind` a user asks for, the mount operations
+(:data:`MountOp`, frozen dataclasses) and :func:`plan`, which turns the
+image layers, the writable layer and the binds into the ordered list the
+native spawn executes (bubblewrap's setup-op list, runc's spec -> config).
+Also the security defaults that are mounts: minimal ``/dev``, masked and
+read-only paths (Docker's/runc's defaults).
+
+Must not: make syscalls, touch the disk (not even ``stat``), or know how the
+list is executed. Container paths are absolute POSIX strings resolved by the
+executor inside the rootfs; host paths are :class:`~pathlib.Path`.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from jupyter_contain import errors
+
+__all__ = [
+    "Bind",
+    "BindMount",
+    "DEVICES",
+    "FsMount",
+    "MASKED_PATHS",
+    "MaskPath",
+    "MountOp",
+    "OverlayMount",
+    "READONLY_PATHS",
+    "ReadonlyPath",
+    "RemountReadonly",
+    "Symlink",
+    "plan",
+]
+
+#: Docker's default masked paths (moby oci/defaults.go)
+MASKED_PATHS: tuple[str, ...] = (
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+
+#: Docker's default read-only paths
+READONLY_PATHS: tuple[str, ...] = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
+
+#: host device nodes bind-mounted into the container's /dev (no mknod needed,
+#: which keeps working once containers get a user namespace)
+DEVICES: tuple[str, ...] = ("null", "zero", "full", "random", "urandom", "tty")
+
+#: where a user bind may not go: the runtime owns these mounts
+_RESERVED = ("/proc", "/sys")
+
+#: characters the overlay option syntax reserves (legacy mount data)
+_OVERLAY_UNSAFE = (",", ":", "\\", "\n")
+
+Options = tuple[tuple[str, Union[str, None]], ...]
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path to show inside the container."""
+
+    source: Path
+    target: str
+    readonly: bool = False
+    recursive: bool = True
+
+
+@dataclass(frozen=True)
+class OverlayMount:
+    """The rootfs: overlay of ``lowerdirs`` (topmost first) + writable upper at ``target``."""
+
+    lowerdirs: tuple[Path, ...]
+    upperdir: Path
+    workdir: Path
+    target: Path
+    options: Options = ()
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """Bind host ``source`` onto container ``target`` (file or dir, made if missing)."""
+
+    source: Path
+    target: str
+    readonly: bool = False
+    recursive: bool = True
+    attrs: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class FsMount:
+    """A new filesystem instance (proc, sysfs, tmpfs, devpts, mqueue) at ``target``."""
+
+    fstype: str
+    target: str
+    source: str | None = None
+    options: Options = ()
+    #: mount attributes: "ro", "nosuid", "nodev", "noexec", "noatime", "strictatime"
+    attrs: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Symlink:
+    """A symlink at container path ``path`` pointing to ``content``."""
+
+    path: str
+    content: str
+
+
+@dataclass(frozen=True)
+class MaskPath:
+    """Hide ``path`` (``/dev/null`` over a file, empty read-only tmpfs over a dir); skipped if missing."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class ReadonlyPath:
+    """Make ``path`` (and everything below) read-only; skipped if missing."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class RemountReadonly:
+    """Make the mount at ``path`` read-only (the rootfs), after everything else is mounted."""
+
+    path: str = "/"
+
+
+MountOp = Union[OverlayMount, BindMount, FsMount, Symlink, MaskPath, ReadonlyPath, RemountReadonly]
+
+_ATTRS = frozenset({"ro", "nosuid", "nodev", "noexec", "noatime", "strictatime"})
+
+
+def container_path(path: str, *, what: str = "path") -> str:
+    """Validate and normalise an absolute container path (no ``..``, no empty)."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise errors.InvalidSpec(f"{what} {path!r} must be an absolute container path")
+    if "\0" in path:
+        raise errors.InvalidSpec(f"{what} {path!r} contains a NUL byte")
+    if any(part == ".." for part in path.split("/")):
+        raise errors.InvalidSpec(f"{what} {path!r} must not contain '..'")
+    norm = posixpath.normpath(path)
+    # normpath keeps a leading '//' (POSIX allows it to be special): we do not
+    return "/" + norm.lstrip("/")
+
+
+def _host_path(path: Path, *, what: str) -> Path:
+    p = Path(path)
+    if not p.is_absolute():
+        raise errors.InvalidSpec(f"{what} {str(path)!r} must be an absolute host path")
+    if "\0" in str(p):
+        raise errors.InvalidSpec(f"{what} {str(path)!r} contains a NUL byte")
+    return p
+
+
+def _overlay_path(path: Path, *, what: str) -> Path:
+    p = _host_path(path, what=what)
+    if any(ch in str(p) for ch in _OVERLAY_UNSAFE):
+        raise errors.InvalidSpec(f"{what} {str(p)!r} contains a character overlayfs reserves")
+    return p
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + "/")
+
+
+def _dev_ops() -> list[MountOp]:
+    """A minimal /dev like Docker's: tmpfs, a few host devices, devpts, shm, mqueue."""
+    ops: list[MountOp] = [
+        FsMount("tmpfs", "/dev", source="tmpfs",
+                options=(("mode", "755"), ("size", "65536k")),
+                attrs=frozenset({"nosuid", "strictatime"})),
+    ]
+    ops += [BindMount(Path("/dev") / name, f"/dev/{name}", recursive=False) for name in DEVICES]
+    ops += [
+        FsMount("devpts", "/dev/pts", source="devpts",
+                options=(("newinstance", None), ("ptmxmode", "0666"), ("mode", "0620"), ("gid", "5")),
+                attrs=frozenset({"nosuid", "noexec"})),
+        Symlink("/dev/ptmx", "pts/ptmx"),
+        FsMount("tmpfs", "/dev/shm", source="shm",
+                options=(("mode", "1777"), ("size", "65536k")),
+                attrs=frozenset({"nosuid", "nodev", "noexec"})),
+        FsMount("mqueue", "/dev/mqueue", source="mqueue",
+                attrs=frozenset({"nosuid", "nodev", "noexec"})),
+        Symlink("/dev/fd", "/proc/self/fd"),
+        Symlink("/dev/stdin", "/proc/self/fd/0"),
+        Symlink("/dev/stdout", "/proc/self/fd/1"),
+        Symlink("/dev/stderr", "/proc/self/fd/2"),
+    ]
+    return ops
+
+
+def plan(
+    *,
+    rootfs_layers: Sequence[Path],
+    upper: Path,
+    work: Path,
+    target: Path,
+    binds: Sequence[Bind] = (),
+    etc_files: Mapping[str, Path] | None = None,
+    readonly_rootfs: bool = False,
+) -> list[MountOp]:
+    """The ordered mount operations that build a container's filesystem.
+
+    ``rootfs_layers`` are the unpacked image layers, topmost first; ``upper``
+    and ``work`` the container's writable layer; ``target`` the host directory
+    the rootfs is assembled at (the executor pivots into it). ``etc_files``
+    maps names under ``/etc`` (``hosts``, ``hostname``, ``resolv.conf``) to
+    files prepared in the container's state dir. ``binds`` go last among the
+    mounts, parents before children. Raises
+    :class:`~jupyter_contain.errors.InvalidSpec` for a malformed request.
+    """
+    if not rootfs_layers:
+        raise errors.InvalidSpec("a container needs at least one image layer")
+    lowers = tuple(_overlay_path(p, what="layer") for p in rootfs_layers)
+    ops: list[MountOp] = [
+        OverlayMount(
+            lowerdirs=lowers,
+            upperdir=_overlay_path(upper, what="upper dir"),
+            workdir=_overlay_path(work, what="work dir"),
+            target=_host_path(target, what="rootfs target"),
+        ),
+        FsMount("proc", "/proc", source="proc", attrs=frozenset({"nosuid", "nodev", "noexec"})),
+    ]
+    ops += _dev_ops()
+    ops.append(FsMount("sysfs", "/sys", source="sysfs", attrs=frozenset({"ro", "nosuid", "nodev", "noexec"})))
+
+    taken: set[str] = set()
+    for name, source in sorted((etc_files or {}).items()):
+        if not name or "/" in name or name in (".", ".."):
+            raise errors.InvalidSpec(f"etc file name {name!r} must be a plain file name under /etc")
+        dest = f"/etc/{name}"
+        taken.add(dest)
+        ops.append(BindMount(_host_path(source, what=f"source of {dest}"), dest, recursive=False))
+
+    user: list[BindMount] = []
+    for b in binds:
+        dest = container_path(b.target, what="bind target")
+        if dest == "/" or any(_under(dest, top) for top in _RESERVED):
+            raise errors.InvalidSpec(f"bind target {dest!r} is reserved by the runtime")
+        if dest in taken:
+            raise errors.InvalidSpec(f"two mounts target {dest!r}")
+        taken.add(dest)
+        user.append(BindMount(_host_path(b.source, what="bind source"), dest,
+                              readonly=b.readonly, recursive=b.recursive))
+    # parents before children, otherwise a later parent would hide a child
+    user.sort(key=lambda m: m.target.rstrip("/").count("/"))
+    ops += user
+
+    ops += [MaskPath(p) for p in MASKED_PATHS]
+    ops += [ReadonlyPath(p) for p in READONLY_PATHS]
+    if readonly_rootfs:
+        ops.append(RemountReadonly("/"))
+    return ops
+
+
+def attrs_of(op: MountOp) -> frozenset[str]:
+    """The mount attributes an op asks for (``ro`` included for read-only binds)."""
+    attrs: frozenset[str] = getattr(op, "attrs", frozenset())
+    if isinstance(op, BindMount) and op.readonly:
+        attrs = attrs | {"ro"}
+    unknown = attrs - _ATTRS
+    if unknown:
+        raise errors.InvalidSpec(f"unknown mount attributes {sorted(unknown)}")
+    return attrs

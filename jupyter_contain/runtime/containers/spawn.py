@@ -1,0 +1,438 @@
+"""Run a planned container: spec -> the shim's C config -> native spawn.
+
+Owns: :class:`ProcessSpec` (what runs, as whom, with which limits and
+capabilities), :class:`SpawnConfig` (mount plan + namespaces + process +
+stdio), turning them into ``struct jc_config`` (:func:`build_config`), the
+two-phase :func:`spawn` (child blocked until :meth:`ContainerProcess.release`,
+so the caller can attach the cgroup in between), :func:`start` (both phases)
+and :func:`join` (exec into a running container). Maps an execve failure to
+``CommandNotFound`` / ``CommandNotExecutable``.
+
+Must not: plan mounts (``rootfs``), create or write cgroups (the caller
+does, between spawn and release), or fork Python: every child runs in C.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import signal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from jupyter_contain import errors, native
+from jupyter_contain.runtime.containers.rootfs import (
+    BindMount,
+    FsMount,
+    MaskPath,
+    MountOp,
+    OverlayMount,
+    ReadonlyPath,
+    RemountReadonly,
+    Symlink,
+    attrs_of,
+    container_path,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CAPABILITIES",
+    "DEFAULT_PATH",
+    "NAMESPACES",
+    "ContainerProcess",
+    "ProcessSpec",
+    "SpawnConfig",
+    "build_config",
+    "join",
+    "spawn",
+    "start",
+]
+
+#: Docker's default capability set (moby oci/caps/defaults.go)
+DEFAULT_CAPABILITIES: frozenset[str] = frozenset({
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+})
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: namespace names -> clone flags (a container gets all of them; "network"
+#: is left out for network="host")
+_NS_FLAGS: Mapping[str, int] = MappingProxyType({
+    "mount": native.CLONE_NEWNS,
+    "pid": native.CLONE_NEWPID,
+    "uts": native.CLONE_NEWUTS,
+    "ipc": native.CLONE_NEWIPC,
+    "network": native.CLONE_NEWNET,
+    "cgroup": native.CLONE_NEWCGROUP,
+})
+NAMESPACES: frozenset[str] = frozenset(_NS_FLAGS)
+
+_ATTR_BITS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 16, "strictatime": 32}
+_RLIM_INFINITY = 2**64 - 1
+
+
+def _rlimit_resource(name: str) -> int:
+    key = name.upper()
+    if not key.startswith("RLIMIT_"):
+        key = "RLIMIT_" + key
+    value = getattr(resource, key, None)
+    if not isinstance(value, int):
+        raise errors.InvalidSpec(f"unknown rlimit {name!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """The process a container runs (or an exec runs inside one)."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    additional_gids: tuple[int, ...] = ()
+    #: name ("nofile", "RLIMIT_NOFILE") -> (soft, hard); -1 / RLIM_INFINITY = unlimited
+    rlimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    hostname: str | None = None
+    #: capability names to keep (intersected with the host's bounding set)
+    capabilities: frozenset[str] = DEFAULT_CAPABILITIES
+    no_new_privs: bool = True
+    #: stdin is a terminal: make it the payload's controlling tty
+    tty: bool = False
+
+    def __post_init__(self) -> None:
+        argv = tuple(self.argv)
+        if not argv or not argv[0]:
+            raise errors.InvalidSpec("a process needs a command (argv[0])")
+        object.__setattr__(self, "argv", argv)
+        env = dict(self.env)
+        for k in env:
+            if not k or "=" in k or "\0" in k:
+                raise errors.InvalidSpec(f"invalid environment variable name {k!r}")
+        object.__setattr__(self, "env", MappingProxyType(env))
+        object.__setattr__(self, "cwd", container_path(self.cwd, what="working directory"))
+        object.__setattr__(self, "additional_gids", tuple(int(g) for g in self.additional_gids))
+        for ident in (self.uid, self.gid, *self.additional_gids):
+            if not 0 <= int(ident) < 2**32 - 1:
+                raise errors.InvalidSpec(f"invalid uid/gid {ident!r}")
+        rl = dict(self.rlimits)
+        for name, (soft, hard) in rl.items():
+            _rlimit_resource(name)
+            if soft != -1 and hard != -1 and soft > hard:
+                raise errors.InvalidSpec(f"rlimit {name}: soft {soft} above hard {hard}")
+        object.__setattr__(self, "rlimits", MappingProxyType(rl))
+        caps = frozenset(self.capabilities)
+        unknown = caps - set(native.CAPABILITIES)
+        if unknown:
+            raise errors.InvalidSpec(f"unknown capabilities {sorted(unknown)}")
+        object.__setattr__(self, "capabilities", caps)
+        if self.hostname is not None and not (0 < len(self.hostname) <= 64):
+            raise errors.InvalidSpec(f"invalid hostname {self.hostname!r}")
+
+
+@dataclass(frozen=True)
+class SpawnConfig:
+    """Everything the native start needs: the mount plan and the process."""
+
+    mounts: tuple[MountOp, ...]
+    process: ProcessSpec
+    #: fds for the payload's stdin, stdout, stderr (the caller keeps ownership)
+    stdio: tuple[int, int, int]
+    network: Literal["none", "host"] = "none"
+    namespaces: frozenset[str] = NAMESPACES
+    #: a BPF program (struct sock_filter[], 8 bytes each) loaded right before execve
+    seccomp_filter: bytes = b""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mounts", tuple(self.mounts))
+        if not self.mounts or not isinstance(self.mounts[0], OverlayMount):
+            raise errors.InvalidSpec("the mount plan must start with the rootfs overlay")
+        if sum(isinstance(m, OverlayMount) for m in self.mounts) != 1:
+            raise errors.InvalidSpec("the mount plan must hold exactly one rootfs overlay")
+        if self.network not in ("none", "host"):
+            raise errors.InvalidSpec(f"network must be 'none' or 'host', not {self.network!r}")
+        ns = frozenset(self.namespaces)
+        if ns - NAMESPACES:
+            raise errors.InvalidSpec(f"unknown namespaces {sorted(ns - NAMESPACES)}")
+        if not {"mount", "pid"} <= ns:
+            raise errors.InvalidSpec("a container needs at least its own mount and pid namespaces")
+        if self.network == "host":
+            ns -= {"network"}
+        object.__setattr__(self, "namespaces", ns)
+        if len(self.stdio) != 3:
+            raise errors.InvalidSpec("stdio must be three fds")
+        object.__setattr__(self, "stdio", tuple(int(fd) for fd in self.stdio))
+        if len(self.seccomp_filter) % 8 or len(self.seccomp_filter) // 8 > 4096:
+            raise errors.InvalidSpec("seccomp filter must be at most 4096 8-byte BPF instructions")
+
+    @property
+    def rootfs(self) -> Path:
+        """The host directory the container's root is assembled at."""
+        first = self.mounts[0]
+        assert isinstance(first, OverlayMount)
+        return first.target
+
+
+class _Arena:
+    """Keeps every cffi allocation a config points to alive while it is used."""
+
+    def __init__(self) -> None:
+        self.ffi = native.ffi()
+        self.keep: list[Any] = []
+
+    def new(self, ctype: str, init: Any = None) -> Any:
+        obj = self.ffi.new(ctype, init)
+        self.keep.append(obj)
+        return obj
+
+    def str(self, value: str | os.PathLike[str] | None) -> Any:
+        if value is None:
+            return self.ffi.NULL
+        data = os.fsencode(value)
+        if b"\0" in data:
+            raise errors.InvalidSpec(f"string {value!r} contains a NUL byte")
+        return self.new("char[]", data)
+
+    def strv(self, values: Iterable[str | os.PathLike[str] | None], *, terminate: bool = True) -> Any:
+        items = [self.str(v) for v in values]
+        if terminate:
+            items.append(self.ffi.NULL)
+        return self.new("char *[]", items) if items else self.ffi.NULL
+
+    def options(self, opts: Iterable[tuple[str, str | None]]) -> tuple[Any, int]:
+        flat: list[str | None] = []
+        for key, value in opts:
+            flat += [key, value]
+        return self.strv(flat, terminate=False), len(flat) // 2
+
+
+def _attr_mask(op: MountOp) -> int:
+    mask = 0
+    for a in attrs_of(op):
+        mask |= _ATTR_BITS[a]
+    return mask
+
+
+def _fill_mount(arena: _Arena, m: Any, op: MountOp) -> None:
+    lib = native.lib()
+    m.attrs = _attr_mask(op)
+    if isinstance(op, OverlayMount):
+        m.kind = lib.JC_MOUNT_OVERLAY
+        m.target = arena.str(op.target)
+        m.lowerdirs = arena.strv(op.lowerdirs, terminate=False)
+        m.n_lowerdirs = len(op.lowerdirs)
+        m.upperdir = arena.str(op.upperdir)
+        m.workdir = arena.str(op.workdir)
+        m.options, m.n_options = arena.options(op.options)
+    elif isinstance(op, BindMount):
+        m.kind = lib.JC_MOUNT_BIND
+        m.source = arena.str(op.source)
+        m.target = arena.str(op.target)
+        m.flags = lib.JC_MF_RECURSIVE if op.recursive else 0
+    elif isinstance(op, FsMount):
+        m.kind = lib.JC_MOUNT_FS
+        m.fstype = arena.str(op.fstype)
+        m.source = arena.str(op.source)
+        m.target = arena.str(op.target)
+        m.options, m.n_options = arena.options(op.options)
+    elif isinstance(op, Symlink):
+        m.kind = lib.JC_MOUNT_SYMLINK
+        m.source = arena.str(op.content)
+        m.target = arena.str(op.path)
+    elif isinstance(op, MaskPath):
+        m.kind = lib.JC_MOUNT_MASK
+        m.source = arena.str("/dev/null")
+        m.target = arena.str(op.path)
+        m.flags = lib.JC_MF_OPTIONAL
+    elif isinstance(op, ReadonlyPath):
+        m.kind = lib.JC_MOUNT_READONLY
+        m.target = arena.str(op.path)
+        m.flags = lib.JC_MF_OPTIONAL
+    elif isinstance(op, RemountReadonly):
+        m.kind = lib.JC_MOUNT_REMOUNT_RO
+        m.target = arena.str(op.path)
+    else:  # pragma: no cover - the Union is closed
+        raise errors.InvalidSpec(f"unknown mount operation {op!r}")
+
+
+def _cap_mask(names: Iterable[str]) -> int:
+    mask = 0
+    for name in names:
+        mask |= 1 << native.CAPABILITIES[name]
+    return mask & native.host_bounding_set()
+
+
+def _fill_process(arena: _Arena, cfg: Any, proc: ProcessSpec, stdio: tuple[int, int, int],
+                  seccomp_filter: bytes) -> None:
+    ffi = arena.ffi
+    cfg.argv = arena.strv(proc.argv)
+    cfg.envp = arena.strv(f"{k}={v}" for k, v in proc.env.items())
+    cfg.search_path = arena.str(proc.env.get("PATH", DEFAULT_PATH))
+    cfg.cwd = arena.str(proc.cwd)
+    cfg.uid = proc.uid
+    cfg.gid = proc.gid
+    if proc.additional_gids:
+        cfg.groups = arena.new("uint32_t[]", list(proc.additional_gids))
+    cfg.n_groups = len(proc.additional_gids)
+    if proc.rlimits:
+        rl = arena.new("struct jc_rlimit[]", len(proc.rlimits))
+        for i, (name, (soft, hard)) in enumerate(sorted(proc.rlimits.items())):
+            rl[i].resource = _rlimit_resource(name)
+            rl[i].soft = _RLIM_INFINITY if soft < 0 else soft
+            rl[i].hard = _RLIM_INFINITY if hard < 0 else hard
+        cfg.rlimits = rl
+    cfg.n_rlimits = len(proc.rlimits)
+    cfg.cap_keep = _cap_mask(proc.capabilities)
+    cfg.cap_last = native.cap_last()
+    cfg.no_new_privs = int(proc.no_new_privs)
+    cfg.stdio = list(stdio)
+    cfg.set_ctty = int(proc.tty)
+    cfg.join_pidfd = -1
+    if seccomp_filter:
+        buf = arena.new("char[]", seccomp_filter)
+        cfg.seccomp_filter = ffi.cast("void *", buf)
+        cfg.seccomp_len = len(seccomp_filter) // 8
+
+
+def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
+    """``struct jc_config *`` for ``config`` and the arena that keeps it alive."""
+    arena = _Arena()
+    cfg = arena.new("struct jc_config *")
+    flags = 0
+    for name in config.namespaces:
+        flags |= _NS_FLAGS[name]
+    cfg.clone_flags = flags & ~native.CLONE_NEWCGROUP
+    # the cgroup namespace is made after release, i.e. after the caller put
+    # the child into its cgroup, so that the container sees that cgroup as /
+    cfg.new_cgroupns = int("cgroup" in config.namespaces)
+    mounts = arena.new("struct jc_mount[]", len(config.mounts))
+    for i, op in enumerate(config.mounts):
+        _fill_mount(arena, mounts[i], op)
+    cfg.mounts = mounts
+    cfg.n_mounts = len(config.mounts)
+    cfg.rootfs = arena.str(config.rootfs)
+    cfg.hostname = arena.str(config.process.hostname)
+    cfg.loopback_up = int("network" in config.namespaces)
+    _fill_process(arena, cfg, config.process, config.stdio, config.seccomp_filter)
+    return cfg, arena
+
+
+class ContainerProcess:
+    """A started container init (or exec relay); see :class:`native.NativeProcess`.
+
+    ``pid`` is as seen from the host. :meth:`release` raises
+    ``CommandNotFound``/``CommandNotExecutable`` when the command cannot be
+    run, ``SpawnError`` for any other failed step.
+    """
+
+    def __init__(self, proc: native.NativeProcess, argv0: str) -> None:
+        self._proc = proc
+        self._argv0 = argv0
+
+    def __repr__(self) -> str:
+        return f"<ContainerProcess pid={self.pid} argv0={self._argv0!r} returncode={self.returncode}>"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def pidfd(self) -> int:
+        return self._proc.pidfd
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    def release(self) -> None:
+        try:
+            self._proc.release()
+        except errors.SpawnError as exc:
+            if exc.step == "execve":
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    raise errors.CommandNotFound(
+                        f"command not found in the container: {exc.path or self._argv0!r}"
+                    ) from exc
+                if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR):
+                    raise errors.CommandNotExecutable(
+                        f"command cannot be executed in the container: {exc.path or self._argv0!r}"
+                        f" ({os.strerror(exc.errno)})"
+                    ) from exc
+            raise
+
+    def abort(self) -> None:
+        self._proc.abort()
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self._proc.wait(timeout)
+
+    def send_signal(self, sig: int) -> None:
+        self._proc.send_signal(sig)
+
+    def terminate(self) -> None:
+        self._proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._proc.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        self._proc.close()
+
+    def __enter__(self) -> ContainerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def spawn(config: SpawnConfig) -> ContainerProcess:
+    """Clone the container; it waits until :meth:`ContainerProcess.release`.
+
+    In between, the caller attaches the returned ``pid`` to the container's
+    cgroup (and, later, writes id maps). Call ``abort()`` if that fails.
+    """
+    cfg, arena = build_config(config)
+    proc = native.spawn(cfg)
+    del arena  # the child has its own copy of everything now
+    log.debug("spawned container init pid %d (%s)", proc.pid, config.process.argv[0])
+    return ContainerProcess(proc, config.process.argv[0])
+
+
+def start(config: SpawnConfig) -> ContainerProcess:
+    """:func:`spawn` and :meth:`~ContainerProcess.release` in one (no cgroup hook)."""
+    proc = spawn(config)
+    proc.release()
+    return proc
+
+
+def join(pid: int, *, process: ProcessSpec, stdio: tuple[int, int, int],
+         namespaces: frozenset[str] = NAMESPACES, seccomp_filter: bytes = b"") -> ContainerProcess:
+    """Run ``process`` inside the running container whose init is ``pid`` (two-phase).
+
+    Joins ``namespaces`` of ``pid`` (root and cwd come with the mount
+    namespace); the returned pid is a relay in the host's pid namespace
+    that forwards signals and exits with the process's status.
+    """
+    unknown = frozenset(namespaces) - NAMESPACES
+    if unknown:
+        raise errors.InvalidSpec(f"unknown namespaces {sorted(unknown)}")
+    arena = _Arena()
+    cfg = arena.new("struct jc_config *")
+    _fill_process(arena, cfg, process, tuple(int(fd) for fd in stdio), seccomp_filter)  # type: ignore[arg-type]
+    flags = 0
+    for name in namespaces:
+        flags |= _NS_FLAGS[name]
+    proc = native.join(pid, cfg, namespaces=flags)
+    del arena
+    return ContainerProcess(proc, process.argv[0])

@@ -1,0 +1,135 @@
+"""Helpers for the native-spawn tests: a busybox rootfs, running a container
+with captured output, and a leak check of the test process.
+
+Owns nothing in the package; only tests import it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jupyter_contain.runtime.containers import rootfs, spawn
+
+BUSYBOX = Path("/bin/busybox")
+
+
+def build_busybox_rootfs(root: Path) -> Path:
+    """A lowerdir with Debian's static busybox and a symlink per applet."""
+    (root / "bin").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "tmp").mkdir(mode=0o1777)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    applets = subprocess.run([str(BUSYBOX), "--list"], check=True, capture_output=True, text=True).stdout.split()
+    for applet in applets:
+        if applet not in ("busybox", "[", "[["):
+            (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc" / "motd").write_text("from the lower layer\n")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\nuser:x:1000:\n")
+    notexec = root / "bin" / "notexec"
+    notexec.write_text("#!/bin/sh\necho never\n")
+    notexec.chmod(0o644)
+    return root
+
+
+@dataclass
+class Box:
+    """One container's directories beside a shared lower layer."""
+
+    lower: Path
+    base: Path
+
+    @property
+    def upper(self) -> Path:
+        return self.base / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.base / "work"
+
+    @property
+    def merged(self) -> Path:
+        return self.base / "merged"
+
+    @property
+    def state(self) -> Path:
+        return self.base / "state"
+
+    def make(self) -> Box:
+        for d in (self.upper, self.work, self.merged, self.state):
+            d.mkdir(parents=True, exist_ok=True)
+        (self.state / "hostname").write_text("box\n")
+        (self.state / "hosts").write_text("127.0.0.1 localhost\n")
+        (self.state / "resolv.conf").write_text("")
+        return self
+
+    def config(
+        self,
+        argv: Sequence[str],
+        *,
+        stdio: tuple[int, int, int],
+        binds: Sequence[rootfs.Bind] = (),
+        readonly_rootfs: bool = False,
+        network: str = "none",
+        **process: Any,
+    ) -> spawn.SpawnConfig:
+        ops = rootfs.plan(
+            rootfs_layers=[self.lower],
+            upper=self.upper,
+            work=self.work,
+            target=self.merged,
+            binds=binds,
+            etc_files={n: self.state / n for n in ("hostname", "hosts", "resolv.conf")},
+            readonly_rootfs=readonly_rootfs,
+        )
+        process.setdefault("env", {"PATH": "/bin", "HOME": "/"})
+        return spawn.SpawnConfig(
+            mounts=ops, process=spawn.ProcessSpec(argv=tuple(argv), **process), stdio=stdio, network=network  # type: ignore[arg-type]
+        )
+
+    def run(self, argv: Sequence[str], *, timeout: float = 20, **kw: Any) -> tuple[int, str]:
+        """Run to the end; returns (exit code, stdout+stderr)."""
+        out = self.base / "out.txt"
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            proc = spawn.start(self.config(argv, stdio=(null, fd, fd), **kw))
+        finally:
+            os.close(fd)
+            os.close(null)
+        try:
+            rc = proc.wait(timeout)
+            if rc is None:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"{argv} did not finish within {timeout}s")
+        finally:
+            proc.close()
+        return rc, out.read_text()
+
+
+def child_pids() -> set[int]:
+    """Direct children of every thread of this process."""
+    pids: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def mountinfo() -> str:
+    with open("/proc/self/mountinfo") as f:
+        return f.read()

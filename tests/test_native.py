@@ -1,0 +1,544 @@
+"""Real container starts through the native shim, in a busybox rootfs.
+
+Every test runs under a leak check: the test process's mounts, children and
+fds must be unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import re
+import select
+import signal
+import struct
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from jupyter_contain import errors, native
+from jupyter_contain.runtime.containers import rootfs, spawn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from native_helpers import Box, build_busybox_rootfs, child_pids, mountinfo, open_fds  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+# Docker's well-known default effective set (14 capabilities)
+DOCKER_DEFAULT_CAPS = 0x00000000A80425FB
+
+
+@pytest.fixture(scope="module")
+def lower(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_busybox_rootfs(tmp_path_factory.mktemp("busybox") / "rootfs")
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(tmp_path_factory: pytest.TempPathFactory):
+    mounts, children, fds = mountinfo(), child_pids(), open_fds()
+    yield
+    assert child_pids() == children, "child processes left behind"
+    assert open_fds() == fds, "fds leaked in the test process"
+    # the mount namespace is shared with whatever else runs on this machine:
+    # only mounts that name our temp tree (rootfs, layers, binds) count
+    ours = str(tmp_path_factory.getbasetemp())
+    added = set(mountinfo().splitlines()) - set(mounts.splitlines())
+    assert [m for m in added if ours in m] == [], "mounts leaked into the test process's namespace"
+    assert not [m for m in mountinfo().splitlines() if " overlay " in m and ours in m]
+
+
+@pytest.fixture
+def box(lower: Path, tmp_path: Path) -> Box:
+    return Box(lower=lower, base=tmp_path).make()
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 10) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while marker not in buf:
+        left = deadline - time.monotonic()
+        r, _, _ = select.select([fd], [], [], max(left, 0))
+        if not r:
+            raise AssertionError(f"no {marker!r} within {timeout}s, got {buf!r}")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise AssertionError(f"EOF before {marker!r}, got {buf!r}")
+        buf += chunk
+    return buf
+
+
+class Piped:
+    """A container whose stdout/stderr go to a pipe we read."""
+
+    def __init__(self, box: Box, argv: list[str], **kw) -> None:
+        self.r, w = os.pipe()
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.proc = spawn.start(box.config(argv, stdio=(null, w, w), **kw))
+        except BaseException:
+            os.close(self.r)
+            raise
+        finally:
+            os.close(w)
+            os.close(null)
+
+    def read_until(self, marker: bytes) -> bytes:
+        return _read_until(self.r, marker)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.close()
+        os.close(self.r)
+
+
+# --- the basics --------------------------------------------------------------
+
+def test_true_and_exit_codes(box: Box) -> None:
+    assert box.run(["true"]) == (0, "")
+    assert box.run(["false"])[0] == 1
+    assert box.run(["sh", "-c", "exit 42"])[0] == 42
+
+
+def test_signal_death_is_128_plus_signal(box: Box) -> None:
+    assert box.run(["sh", "-c", "kill -KILL $$"])[0] == 128 + signal.SIGKILL
+    assert box.run(["sh", "-c", "kill -SEGV $$"])[0] == 128 + signal.SIGSEGV
+
+
+def test_pid1_and_pid_isolation(box: Box) -> None:
+    rc, out = box.run(["ls", "/proc"])
+    assert rc == 0
+    pids = {name for name in out.split() if name.isdigit()}
+    # init is 1, the payload (ls itself) is 2: no host process is visible
+    assert pids == {"1", "2"}
+    rc, out = box.run(["sh", "-c", "echo $$; cat /proc/1/status | grep -E '^(Pid|PPid):'"])
+    assert out.split()[0] == "2"
+    assert re.search(r"^PPid:\s+0$", out, re.M)
+
+
+def test_hostname_is_private(box: Box) -> None:
+    rc, out = box.run(["hostname"], hostname="jc-test-box")
+    assert (rc, out.strip()) == (0, "jc-test-box")
+    assert os.uname().nodename != "jc-test-box"
+    rc, out = box.run(["cat", "/etc/hostname", "/etc/hosts"])
+    assert "box" in out and "127.0.0.1 localhost" in out
+
+
+def test_overlay_writes_land_in_upper(box: Box) -> None:
+    rc, out = box.run(["sh", "-c", "echo new > /newfile && echo changed > /etc/motd && cat /etc/motd"])
+    assert (rc, out) == (0, "changed\n")
+    assert (box.upper / "newfile").read_text() == "new\n"
+    assert (box.upper / "etc" / "motd").read_text() == "changed\n"
+    assert (box.lower / "etc" / "motd").read_text() == "from the lower layer\n"
+    assert not (box.lower / "newfile").exists()
+    # the merged dir on the host stays an empty directory: the overlay only
+    # ever existed in the container's mount namespace
+    assert list(box.merged.iterdir()) == []
+
+
+def test_no_host_paths_beyond_declared_binds(box: Box, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "hello").write_text("hi\n")
+    marker = tmp_path / "host-only-marker"
+    marker.write_text("secret")
+    rc, out = box.run(
+        ["sh", "-c", f"ls -A /; echo ---; cat /mnt/shared/hello; test -e {marker} && echo LEAK; "
+                     "echo ---; cat /proc/self/mountinfo"],
+        binds=[rootfs.Bind(shared, "/mnt/shared")],
+    )
+    assert rc == 0, out
+    top, hello, info = out.split("---\n")
+    assert set(top.split()) == {"bin", "dev", "etc", "mnt", "proc", "sys", "tmp"}
+    assert hello == "hi\n"
+    assert "LEAK" not in out
+    targets = {line.split()[4] for line in info.splitlines()}
+    allowed_roots = ("/proc", "/sys", "/dev")
+    extra = {t for t in targets if t != "/" and not t.startswith(allowed_roots)}
+    assert extra == {"/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/mnt/shared"}
+
+
+def test_readonly_bind(box: Box, tmp_path: Path) -> None:
+    ro, rw = tmp_path / "ro", tmp_path / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    rc, out = box.run(
+        ["sh", "-c", "echo x > /ro/f; echo rc=$?; echo y > /rw/f; echo rc=$?"],
+        binds=[rootfs.Bind(ro, "/ro", readonly=True), rootfs.Bind(rw, "/rw")],
+    )
+    assert "Read-only file system" in out
+    assert "rc=1\nrc=0\n" in out.replace("sh: can't create /ro/f: Read-only file system\n", "")
+    assert not (ro / "f").exists()
+    assert (rw / "f").read_text() == "y\n"
+
+
+def test_readonly_rootfs(box: Box) -> None:
+    rc, out = box.run(["sh", "-c", "touch /x; echo rc=$?; touch /dev/shm/x && echo shm-ok"], readonly_rootfs=True)
+    assert "Read-only file system" in out and "rc=1" in out and "shm-ok" in out
+    assert not (box.upper / "x").exists()
+
+
+def _status(out: str) -> dict[str, str]:
+    return dict(re.findall(r"^(\w+):\s+(.*)$", out, re.M))
+
+
+def test_capabilities_and_no_new_privs_root(box: Box) -> None:
+    rc, out = box.run(["cat", "/proc/self/status"])
+    st = _status(out)
+    expected = DOCKER_DEFAULT_CAPS & native.host_bounding_set()
+    assert int(st["CapBnd"], 16) == expected
+    assert int(st["CapEff"], 16) == expected
+    assert int(st["CapPrm"], 16) == expected
+    assert int(st["CapInh"], 16) == 0
+    assert int(st["CapAmb"], 16) == 0
+    assert st["NoNewPrivs"] == "1"
+    # CAP_SYS_ADMIN is gone: mounting fails even as root
+    rc, out = box.run(["mount", "-t", "tmpfs", "x", "/tmp"])
+    assert rc != 0
+
+
+def test_non_root_user_gets_only_a_bounding_set(box: Box) -> None:
+    rc, out = box.run(["sh", "-c", "id; cat /proc/self/status"], uid=1000, gid=1000, additional_gids=(5, 7))
+    assert rc == 0, out
+    assert "uid=1000(user) gid=1000(user)" in out
+    assert re.search(r"groups=.*\b5\b.*\b7\b", out.splitlines()[0])
+    st = _status(out)
+    assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0
+    assert int(st["CapBnd"], 16) == DOCKER_DEFAULT_CAPS & native.host_bounding_set()
+
+
+def test_masked_and_readonly_paths(box: Box) -> None:
+    script = (
+        "wc -c < /proc/keys; ls -A /sys/firmware | wc -l; "
+        "echo x > /sys/firmware/f; echo fw=$?; "
+        "echo 1 > /proc/sys/vm/drop_caches; echo sys=$?; "
+        "echo h > /proc/sysrq-trigger; echo sysrq=$?; cat /proc/self/mountinfo"
+    )
+    rc, out = box.run(["sh", "-c", script])
+    lines = out.splitlines()
+    assert lines[0].strip() == "0"  # /proc/keys is /dev/null
+    assert lines[1].strip() == "0"  # /sys/firmware is an empty tmpfs
+    assert "fw=1" in out and "sys=1" in out and "sysrq=1" in out
+    info = {line.split()[4]: line.split()[5] for line in out.splitlines() if line[:1].isdigit() and " - " in line}
+    for path in ("/proc/sys", "/proc/sysrq-trigger", "/proc/bus", "/proc/fs", "/proc/irq"):
+        if Path(path).exists():
+            assert info[path].startswith("ro"), (path, info.get(path))
+    for path in ("/proc/keys", "/proc/timer_list", "/sys/firmware"):
+        if Path(path).exists():
+            assert path in info
+    # paths that do not exist on this kernel are skipped, not created
+    assert "/proc/kcore" in info or not Path("/proc/kcore").exists()
+
+
+def test_minimal_dev(box: Box) -> None:
+    rc, out = box.run(["sh", "-c", "ls -A /dev; head -c 4 /dev/zero | wc -c; echo x > /dev/null && echo null-ok; "
+                                   "readlink /dev/ptmx; readlink /dev/fd"])
+    assert rc == 0, out
+    names = set(out.split("\n4\n")[0].split())
+    assert names == {"fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+                     "stdout", "tty", "urandom", "zero"}
+    assert "null-ok" in out and "pts/ptmx" in out and "/proc/self/fd" in out
+
+
+def test_network_none_has_loopback_up(box: Box) -> None:
+    rc, out = box.run(["sh", "-c", "ls /sys/class/net; cat /sys/class/net/lo/flags"])
+    assert rc == 0, out
+    names, flags = out.split()[:-1], out.split()[-1]
+    assert names == ["lo"]
+    assert int(flags, 16) & 0x1  # IFF_UP
+
+
+def test_network_host_shares_interfaces(box: Box) -> None:
+    rc, out = box.run(["ls", "/sys/class/net"], network="host")
+    assert set(out.split()) == set(os.listdir("/sys/class/net"))
+
+
+def test_rlimits_and_cwd(box: Box) -> None:
+    rc, out = box.run(["sh", "-c", "ulimit -n; ulimit -Hn; pwd"], rlimits={"nofile": (256, 512)}, cwd="/etc")
+    assert out.split() == ["256", "512", "/etc"]
+
+
+def test_fds_above_2_are_closed(box: Box) -> None:
+    leaked = os.open("/dev/null", os.O_RDONLY)  # inheritable on purpose
+    os.set_inheritable(leaked, True)
+    try:
+        rc, out = box.run(["sh", "-c", "ls /proc/$$/fd; echo ---; ls /proc/1/fd"])
+    finally:
+        os.close(leaked)
+    mine, init = out.split("---\n")
+    assert sorted(mine.split()) == ["0", "1", "2"]
+    assert sorted(init.split()) == ["0", "1", "2"]
+
+
+def test_init_forwards_sigterm(box: Box) -> None:
+    c = Piped(box, ["sh", "-c", "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.05; done"])
+    try:
+        c.read_until(b"ready")
+        c.proc.terminate()  # to the init, as seen from the host
+        assert c.proc.wait(10) == 3
+        assert b"got-term" in c.read_until(b"got-term")
+    finally:
+        c.close()
+
+
+def test_init_forwards_default_sigterm(box: Box) -> None:
+    c = Piped(box, ["sh", "-c", "echo ready; exec sleep 100"])
+    try:
+        c.read_until(b"ready")
+        time.sleep(0.05)
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.proc.wait(10) == 128 + signal.SIGTERM
+    finally:
+        c.close()
+
+
+def test_init_reaps_zombies(box: Box) -> None:
+    # the subshell exits at once: its sleep is orphaned, reparented to init,
+    # and must be reaped by init when it ends
+    script = "(sleep 0.2 &); sleep 1; cat /proc/[0-9]*/stat"
+    rc, out = box.run(["sh", "-c", script])
+    assert rc == 0
+    states = [line.split(") ")[1].split()[0] for line in out.splitlines() if ") " in line]
+    assert states and "Z" not in states
+
+
+# --- failures ----------------------------------------------------------------
+
+def test_missing_bind_source_names_step_and_path(box: Box, tmp_path: Path) -> None:
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(errors.SpawnError) as info:
+        box.run(["true"], binds=[rootfs.Bind(missing, "/data")])
+    assert info.value.step == "bind-mount"
+    assert info.value.errno == errno.ENOENT
+    assert info.value.path == str(missing)
+    assert "bind-mount" in str(info.value) and str(missing) in str(info.value)
+
+
+def test_bad_cwd_fails_at_chdir(box: Box) -> None:
+    with pytest.raises(errors.SpawnError, match="step chdir '/nowhere'"):
+        box.run(["true"], cwd="/nowhere")
+
+
+def test_command_not_found(box: Box) -> None:
+    with pytest.raises(errors.CommandNotFound) as info:
+        box.run(["no-such-command"])
+    assert info.value.exit_code == 127
+    assert "no-such-command" in str(info.value)
+    with pytest.raises(errors.CommandNotFound):
+        box.run(["/bin/no-such-command"])
+
+
+def test_command_not_executable(box: Box) -> None:
+    with pytest.raises(errors.CommandNotExecutable) as info:
+        box.run(["/bin/notexec"])
+    assert info.value.exit_code == 126
+    with pytest.raises(errors.CommandNotExecutable):
+        box.run(["notexec"])  # found on PATH, not executable
+
+
+def test_abort_before_release(box: Box) -> None:
+    proc = spawn.spawn(box.config(["true"], stdio=(0, 1, 2)))
+    assert proc.poll() is None  # waiting for release
+    proc.abort()
+    assert proc.returncode is not None
+    proc.close()
+
+
+def test_two_phase_cgroup_hook(box: Box) -> None:
+    """Between spawn and release the caller can move the child into a cgroup;
+    the container's cgroup namespace is made after that, so it sees '/'."""
+    line = next(ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in ln)
+    mine = Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")
+    if not mine.is_dir():
+        pytest.skip("no cgroup v1 memory hierarchy")
+    cg = mine / f"jc-test-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+    out = box.base / "out.txt"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        proc = spawn.spawn(box.config(["cat", "/proc/self/cgroup"], stdio=(fd, fd, fd)))
+        try:
+            # the child exists in its own namespaces but has not run anything yet
+            assert os.readlink(f"/proc/{proc.pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+            (cg / "cgroup.procs").write_text(str(proc.pid))
+            proc.release()
+            assert proc.wait(10) == 0
+        finally:
+            proc.close()
+    finally:
+        os.close(fd)
+        cg.rmdir()
+    mem = next(ln for ln in out.read_text().splitlines() if ":memory:" in ln)
+    assert mem.endswith(":memory:/")
+
+
+# --- exec into a running container -------------------------------------------
+
+def test_join_running_container(box: Box) -> None:
+    c = Piped(box, ["sh", "-c", "echo ready; exec sleep 100"], hostname="joined-box", cwd="/etc")
+    try:
+        c.read_until(b"ready")
+        r, w = os.pipe()
+        try:
+            j = spawn.join(c.proc.pid, process=spawn.ProcessSpec(
+                argv=("sh", "-c", "hostname; pwd; ls /proc | grep -c '^[0-9]'; ls -A /; exit 7"),
+                env={"PATH": "/bin"}, cwd="/bin"), stdio=(w, w, w))
+            os.close(w)
+            w = -1
+            j.release()
+            assert j.wait(10) == 7
+            j.close()
+            out = b""
+            while chunk := os.read(r, 4096):
+                out += chunk
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+        lines = out.decode().split()
+        assert lines[0] == "joined-box"
+        assert lines[1] == "/bin"
+        # init, sleep, the joined sh and its ls/grep: no host processes
+        assert int(lines[2]) <= 5
+        assert "proc" in lines and "home" not in lines
+    finally:
+        c.close()
+
+
+def test_join_missing_command(box: Box) -> None:
+    c = Piped(box, ["sh", "-c", "echo ready; exec sleep 100"])
+    try:
+        c.read_until(b"ready")
+        j = spawn.join(c.proc.pid, process=spawn.ProcessSpec(argv=("nope",), env={"PATH": "/bin"}),
+                       stdio=(0, 1, 2))
+        with pytest.raises(errors.CommandNotFound):
+            j.release()
+        j.close()
+    finally:
+        c.close()
+
+
+# --- threads -------------------------------------------------------------------
+
+def test_spawn_from_a_threaded_process(box: Box, lower: Path, tmp_path: Path) -> None:
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def churn() -> None:
+        # allocate and take locks all the time, so that a fork of Python at
+        # the wrong moment would deadlock or crash the child
+        while not stop.is_set():
+            with lock:
+                _ = [str(i) * 10 for i in range(200)]
+
+    workers = [threading.Thread(target=churn, daemon=True) for _ in range(4)]
+    for t in workers:
+        t.start()
+    results: list[object] = []
+
+    def starter(n: int) -> None:
+        b = Box(lower=lower, base=tmp_path / f"t{n}").make()
+        for _ in range(5):
+            results.append(b.run(["sh", "-c", "echo ok"], timeout=20))
+
+    try:
+        starters = [threading.Thread(target=starter, args=(n,)) for n in range(3)]
+        for t in starters:
+            t.start()
+        for _ in range(5):
+            results.append(box.run(["sh", "-c", "echo ok"]))
+        for t in starters:
+            t.join(60)
+    finally:
+        stop.set()
+        for t in workers:
+            t.join()
+    assert results == [(0, "ok\n")] * 20
+
+
+# --- the extension is optional at import time ----------------------------------
+
+def test_missing_extension_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setitem(sys.modules, "jupyter_contain.native._native", None)
+    assert native.available() is False
+    with pytest.raises(errors.ContainerError, match="not built"):
+        native.ffi()
+
+
+# --- the overlay with many layers, the seccomp slot ----------------------------
+
+def test_many_long_lowerdirs(box: Box, tmp_path: Path) -> None:
+    """More lowerdir bytes than fit in one page of mount data (lowerdir+)."""
+    layers = []
+    for i in range(40):
+        d = tmp_path / "layers" / ("x" * 100) / f"layer-{i:03d}-{'y' * 60}"
+        d.mkdir(parents=True)
+        (d / f"from-layer-{i}").write_text(str(i))
+        layers.append(d)
+    (layers[0] / "shadow").write_text("top")
+    (layers[5] / "shadow").write_text("lower")
+    assert len(":".join(map(str, layers))) > 4096
+    ops = rootfs.plan(rootfs_layers=[*layers, box.lower], upper=box.upper, work=box.work, target=box.merged)
+    fd = os.open(box.base / "out.txt", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        proc = spawn.start(spawn.SpawnConfig(
+            mounts=ops, process=spawn.ProcessSpec(argv=("sh", "-c", "ls / | grep -c from-layer; cat /shadow"),
+                                                  env={"PATH": "/bin"}),
+            stdio=(fd, fd, fd)))
+        assert proc.wait(10) == 0
+        proc.close()
+    finally:
+        os.close(fd)
+    assert (box.base / "out.txt").read_text().split() == ["40", "top"]
+
+
+def _bpf(code: int, jt: int, jf: int, k: int) -> bytes:
+    return struct.pack("<HBBI", code, jt, jf, k)
+
+
+def test_seccomp_slot_is_loaded_last(box: Box) -> None:
+    # x86_64: mkdir (83) and mkdirat (258) fail with EXDEV, everything else runs
+    ld, jeq, ret = 0x20, 0x15, 0x06
+    prog = b"".join([
+        _bpf(ld, 0, 0, 4),                    # arch
+        _bpf(jeq, 1, 0, 0xC000003E),          # AUDIT_ARCH_X86_64
+        _bpf(ret, 0, 0, 0x7FFF0000),          # other arch: allow (test only)
+        _bpf(ld, 0, 0, 0),                    # syscall nr
+        _bpf(jeq, 2, 0, 83),
+        _bpf(jeq, 1, 0, 258),
+        _bpf(ret, 0, 0, 0x7FFF0000),          # SECCOMP_RET_ALLOW
+        _bpf(ret, 0, 0, 0x00050000 | errno.EXDEV),  # SECCOMP_RET_ERRNO
+    ])
+    if os.uname().machine != "x86_64":
+        pytest.skip("filter written for x86_64")
+    cfg = box.config(["sh", "-c", "mkdir /tmp/d; echo rc=$?; grep Seccomp: /proc/self/status"], stdio=(0, 1, 2))
+    out = box.base / "out.txt"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        cfg = dataclasses.replace(cfg, stdio=(fd, fd, fd), seccomp_filter=prog)
+        proc = spawn.start(cfg)
+        assert proc.wait(10) == 0
+        proc.close()
+    finally:
+        os.close(fd)
+    text = out.read_text()
+    assert "Invalid cross-device link" in text and "rc=1" in text
+    assert re.search(r"Seccomp:\s+2", text)
+
+
+def test_init_does_not_reveal_the_host_process(box: Box) -> None:
+    """init is a copy of this Python process: its command line must be blanked
+    and its memory/environment unreadable from inside the container."""
+    rc, out = box.run(["sh", "-c", "cat /proc/1/cmdline; echo; cat /proc/1/comm; "
+                                   "cat /proc/1/environ; echo environ=$?; cat /proc/1/mem; echo mem=$?"])
+    first = out.splitlines()[0]
+    assert first.strip("\0") == "jc-init"
+    assert "python" not in out.lower() and "pytest" not in out
+    assert "environ=1" in out and "mem=1" in out
