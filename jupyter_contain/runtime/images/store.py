@@ -178,6 +178,15 @@ class BlobWriter:
         assert self._file is not None, "blob writer already closed"
         self._file.flush()
 
+    def verify(self) -> str:
+        """Check what was written so far against the expected size and digest, without committing."""
+        digest = "sha256:" + self._hash.hexdigest()
+        if self.expected_size is not None and self.size != self.expected_size:
+            raise DigestMismatch(f"{self.what}: size", str(self.expected_size), str(self.size))
+        if self.expected_digest is not None and digest != self.expected_digest:
+            raise DigestMismatch(self.what, self.expected_digest, digest)
+        return digest
+
     def commit(self) -> str:
         assert self._file is not None, "blob writer already closed"
         digest = "sha256:" + self._hash.hexdigest()
