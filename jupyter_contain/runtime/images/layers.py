@@ -1,0 +1,957 @@
+"""Unpack one OCI image layer into its own directory, in overlayfs form.
+
+Owns: decompression of a layer blob (gzip, zstd, plain tar) checked against its
+media type, the DiffID of the uncompressed stream, the translation of OCI
+whiteouts into overlayfs whiteouts (``.wh.NAME`` -> character device 0:0,
+``.wh..wh..opq`` -> ``trusted.overlay.opaque=y``), and every safety check on
+the hostile tar input (paths, links, device nodes, xattrs, size). Also the
+pure-Python views of unpacked trees that tests and snapshots compare
+(``tree_manifest``, ``merged_view_manifest``).
+
+Must not: mount anything, know where the store keeps its layers (the caller
+passes ``dest``), touch the network, or resolve paths through the live tree
+(``realpath``): the extractor keeps its own map of what it created, so every
+parent directory it writes into is known to be a real directory of its own.
+
+Each unpacked layer is one overlay lowerdir; a container stacks them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Sequence
+from urllib.parse import unquote_to_bytes
+
+import zstandard
+
+from ... import errors
+
+log = logging.getLogger(__name__)
+
+#: refuse layers that inflate past this many bytes (uncompressed tar stream)
+DEFAULT_MAX_LAYER_SIZE = 16 * 1024**3
+
+OPAQUE_XATTR = "trusted.overlay.opaque"
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+#: AUFS bookkeeping names (``.wh..wh.plnk``, ``.wh..wh.aufs``); Docker skips them
+AUFS_META_PREFIX = ".wh..wh."
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+#: layer media type -> compression of the blob
+LAYER_MEDIA_TYPES: dict[str, str] = {
+    "application/vnd.oci.image.layer.v1.tar": "tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": "tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.diff.tar": "tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
+}
+
+# kinds of what this layer created, in the extractor's map
+_DIR, _FILE, _SYMLINK, _FIFO, _WHITEOUT = 1, 2, 3, 4, 5
+_OTHER = 6  # a lower non-directory that is not a symlink (file, fifo, ...)
+
+_MAX_SYMLINK_HOPS = 40
+_COPY_CHUNK = 1 << 20
+_RAW_CHUNK = 1 << 16
+_ALLOWED_XATTR_PREFIXES = ("user.", "trusted.", "security.")
+_ALLOWED_XATTR_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+@dataclass(frozen=True)
+class UnpackResult:
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar stream
+    size: int  # bytes of the uncompressed tar stream
+    files: int  # entries written
+
+
+def compression_for(media_type: str, *, layer: str = "") -> str:
+    """Return ``"tar"``, ``"gzip"`` or ``"zstd"`` for a layer media type."""
+    try:
+        return LAYER_MEDIA_TYPES[media_type]
+    except KeyError:
+        raise errors.ManifestError(
+            f"layer {layer}: unsupported layer media type {media_type!r}"
+        ) from None
+
+
+# --- streams ----------------------------------------------------------------
+
+class _SourceError(Exception):
+    """Carries an error of ``src.read`` past the handlers meant for the tree."""
+
+
+class _Prefixed:
+    """The blob stream with the bytes peeked for the magic put back in front."""
+
+    def __init__(self, src: BinaryIO, prefix: bytes) -> None:
+        self._src = src
+        self._prefix = prefix
+
+    def read(self, n: int = -1) -> bytes:
+        if self._prefix:
+            p = self._prefix
+            if n is None or n < 0 or n >= len(p):
+                self._prefix = b""
+                return p
+            self._prefix = p[n:]
+            return p[:n]
+        try:
+            return self._src.read(n)
+        except OSError as e:
+            raise _SourceError(e) from e
+
+
+class _GzipReader:
+    """Streaming gzip (multi-member) decompression, bounded output per read."""
+
+    def __init__(self, raw: _Prefixed, layer: str) -> None:
+        self._raw = raw
+        self._layer = layer
+        self._d = zlib.decompressobj(wbits=31)
+
+    def read(self, n: int) -> bytes:
+        d = self._d
+        while True:
+            if d.eof:
+                # at the end of a member zlib leaves the rest in unused_data (and, when a
+                # max_length stopped it earlier, a stale copy in unconsumed_tail)
+                rest = d.unused_data or self._raw.read(_RAW_CHUNK)
+                if not rest:
+                    return b""
+                # concatenated gzip members are one gzip stream; anything else is garbage
+                while len(rest) < 2:
+                    more = self._raw.read(_RAW_CHUNK)
+                    if not more:
+                        break
+                    rest += more
+                if rest[:2] != _GZIP_MAGIC:
+                    raise errors.UnsafeLayer(self._layer, "<stream>", "data after the end of the gzip stream")
+                d = self._d = zlib.decompressobj(wbits=31)
+                out = d.decompress(rest, n)
+            elif d.unconsumed_tail:
+                out = d.decompress(d.unconsumed_tail, n)
+            else:
+                chunk = self._raw.read(_RAW_CHUNK)
+                if not chunk:
+                    raise errors.UnsafeLayer(self._layer, "<stream>", "truncated gzip stream")
+                out = d.decompress(chunk, n)
+            if out:
+                return out
+
+
+class _HashingReader:
+    """Counts and hashes the uncompressed tar stream as tarfile reads it.
+
+    Keeps the last few chunks so the block that ended the archive can be
+    checked (tarfile treats a garbage header as a silent end of archive).
+    """
+
+    _KEEP = 64 * 1024
+
+    def __init__(self, inner, *, max_size: int, layer: str) -> None:
+        self._read = inner.read
+        self._hash = hashlib.sha256()
+        self._max = max_size
+        self._layer = layer
+        self.size = 0
+        self._tail: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._tail_bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""  # zlib reads max_length=0 as "no limit"
+        data = self._read(n if n is not None and n > 0 else _COPY_CHUNK)
+        if data:
+            start = self.size
+            self.size += len(data)
+            if self.size > self._max:
+                raise errors.LayerTooLarge(
+                    self._layer, "<stream>", f"uncompressed layer exceeds the limit of {self._max} bytes"
+                )
+            self._hash.update(data)
+            tail = self._tail
+            tail.append((start, data))
+            self._tail_bytes += len(data)
+            while self._tail_bytes - len(tail[0][1]) >= self._KEEP:
+                self._tail_bytes -= len(tail.popleft()[1])
+        return data
+
+    def block_at(self, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset+length) if still held, else None."""
+        parts = []
+        for start, data in self._tail:
+            end = start + len(data)
+            if end <= offset or start >= offset + length:
+                continue
+            parts.append(data[max(0, offset - start): offset + length - start])
+        got = b"".join(parts)
+        if not self._tail or self._tail[0][0] > offset:
+            return None
+        return got
+
+    def drain(self) -> None:
+        while self.read(_COPY_CHUNK):
+            pass
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+#: extended headers (PAX records, GNU long names) are read into memory whole
+_MAX_EXTENDED_HEADER = 1 << 20
+
+
+class _OversizedHeader(Exception):
+    pass
+
+
+class _SafeTarInfo(tarfile.TarInfo):
+    """TarInfo that refuses to read a huge extended header into memory."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > _MAX_EXTENDED_HEADER:
+            raise _OversizedHeader(f"extended tar header of {self.size} bytes")
+        return super()._proc_member(tarfile_)
+
+
+def _read_magic(src: BinaryIO, n: int = 4) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = src.read(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _detect(magic: bytes) -> str:
+    if magic[:2] == _GZIP_MAGIC:
+        return "gzip"
+    # a zstd frame, or a skippable frame (magic 0x184D2A5?) in front of one
+    if magic[:4] == _ZSTD_MAGIC or (len(magic) == 4 and magic[1:4] == b"\x2a\x4d\x18" and magic[0] & 0xF0 == 0x50):
+        return "zstd"
+    return "tar"
+
+
+# --- extraction -------------------------------------------------------------
+
+def _components(name: str, layer: str, shown: str) -> list[str]:
+    """Split an archive path; leading ``/`` and ``.`` parts dropped, ``..`` refused."""
+    if not name:
+        raise errors.UnsafeLayer(layer, shown, "empty path")
+    if "\x00" in name:
+        raise errors.UnsafeLayer(layer, shown, "path contains a NUL byte")
+    comps = [c for c in name.split("/") if c and c != "."]
+    if ".." in comps:
+        raise errors.UnsafeLayer(layer, shown, "path has a '..' component")
+    return comps
+
+
+def _pax_time_ns(value: str | None, fallback: float) -> int:
+    if value:
+        try:
+            neg = value.startswith("-")
+            sec, _, frac = value.lstrip("-").partition(".")
+            if sec.isdigit() and (not frac or frac.isdigit()):
+                ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+                return -ns if neg else ns
+        except ValueError:
+            pass
+    return int(round(fallback * 1_000_000_000))
+
+
+def _is_overlay_xattr(name: str) -> bool:
+    # user.overlay.* is what overlayfs reads when mounted with "userxattr"
+    return name.startswith(("trusted.overlay.", "user.overlay.")) or name in ("trusted.overlay", "user.overlay")
+
+
+def _lower_xattrs(path: str) -> list[tuple[str, bytes]]:
+    out = []
+    for name in os.listxattr(path, follow_symlinks=False):
+        if not _is_overlay_xattr(name):
+            out.append((name, os.getxattr(path, name, follow_symlinks=False)))
+    return out
+
+
+class _Extractor:
+    """Applies tar members to a private directory, one at a time, in order."""
+
+    def __init__(self, layer: str, root: str, lowers: Sequence[str]) -> None:
+        self.layer = layer
+        self.root = root
+        self.lowers = list(lowers)
+        # resolved relative path -> kind; invariant: every key's ancestors are _DIR keys
+        self.created: dict[str, int] = {}
+        self.symlinks: dict[str, str] = {}
+        # directory -> the created paths directly in it, so removing a tree costs its size only
+        self.children: dict[str, set[str]] = {}
+        self.opaque: set[str] = set()
+        self.dir_times: dict[str, tuple[int, int]] = {}
+        self._lower_stacks: dict[str, tuple[int, ...]] = {"": tuple(range(len(self.lowers)))}
+        self.root_meta = False
+        self.files = 0
+        self.current = ""
+
+    # -- errors
+
+    def _unsafe(self, reason: str) -> errors.UnsafeLayer:
+        return errors.UnsafeLayer(self.layer, self.current, reason)
+
+    # -- lower layers (merged view, read-only, written by us earlier)
+
+    def _lower_stack(self, path: str) -> tuple[int, ...]:
+        """Indices of the lower layers in which ``path`` is a directory that shows."""
+        cache = self._lower_stacks
+        st = cache.get(path)
+        if st is not None:
+            return st
+        # iterative (no recursion limit on deep paths): start at the deepest known ancestor
+        missing = [path]
+        parent = path.rpartition("/")[0]
+        while parent not in cache:
+            missing.append(parent)
+            parent = parent.rpartition("/")[0]
+        st = cache[parent]
+        for cur in reversed(missing):
+            result = []
+            for i in st:
+                p = f"{self.lowers[i]}/{cur}"
+                try:
+                    s = os.lstat(p)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISDIR(s.st_mode):
+                    break  # whiteout or non-directory: hides everything below
+                result.append(i)
+                if _is_opaque(p):
+                    break
+            st = cache[cur] = tuple(result)
+        return st
+
+    def _hidden_below(self, path: str) -> bool:
+        """True if this layer made ``path`` or one of its ancestors opaque."""
+        if not self.opaque:
+            return False
+        if "" in self.opaque or path in self.opaque:
+            return True
+        i = path.find("/")
+        while i != -1:
+            if path[:i] in self.opaque:
+                return True
+            i = path.find("/", i + 1)
+        return False
+
+    def _lower_entry(self, parent: str, name: str) -> tuple[int, str] | None:
+        """(kind, host path) of ``parent/name`` in the merged lower view, or None."""
+        if not self.lowers or self._hidden_below(parent):
+            return None
+        rel = f"{parent}/{name}" if parent else name
+        for i in self._lower_stack(parent):
+            p = f"{self.lowers[i]}/{rel}"
+            try:
+                s = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            m = s.st_mode
+            if stat.S_ISDIR(m):
+                return _DIR, p
+            if stat.S_ISLNK(m):
+                return _SYMLINK, p
+            if stat.S_ISCHR(m) and s.st_rdev == 0:
+                return None
+            return _OTHER, p
+        return None
+
+    def _lower_root_names(self) -> list[str]:
+        names: dict[str, bool] = {}
+        for i in self._lower_stack(""):
+            for name in os.listdir(self.lowers[i]):
+                if name in names:
+                    continue
+                s = os.lstat(f"{self.lowers[i]}/{name}")
+                names[name] = not (stat.S_ISCHR(s.st_mode) and s.st_rdev == 0)
+        return [n for n, shown in names.items() if shown]
+
+    # -- path resolution
+
+    def _resolve_dir(self, comps: list[str], *, create: bool) -> str | None:
+        """Resolve directory components chroot-style to a real dir of this layer.
+
+        Follows symlinks of this layer and of the lower layers; creates the
+        missing directories in this layer (copying a lower directory's
+        metadata) unless ``create`` is false, in which case None is returned
+        when the path is not entirely this layer's.
+        """
+        resolved: list[str] = []
+        todo = comps[::-1]
+        hops = 0
+        created = self.created
+        while todo:
+            c = todo.pop()
+            if c == "..":  # only from symlink targets
+                if not resolved:
+                    raise self._unsafe("a symlink in its path climbs above the layer root")
+                resolved.pop()
+                continue
+            parent = "/".join(resolved)
+            path = f"{parent}/{c}" if parent else c
+            kind = created.get(path)
+            if kind == _DIR:
+                resolved.append(c)
+                continue
+            if kind == _SYMLINK:
+                target = self.symlinks[path]
+            elif kind is None:
+                low = self._lower_entry(parent, c)
+                if low is None or low[0] == _DIR:
+                    if not create:
+                        return None
+                    self._mkdir_implicit(path, low[1] if low else None)
+                    resolved.append(c)
+                    continue
+                if low[0] != _SYMLINK:
+                    raise self._unsafe(f"parent {path!r} is not a directory (in a lower layer)")
+                target = os.readlink(low[1])
+            elif kind == _WHITEOUT:
+                if not create:
+                    return None
+                # deleted by this layer, then used as a parent: a fresh dir hiding the lowers
+                os.unlink(f"{self.root}/{path}")
+                self._forget(path)
+                self._mkdir_implicit(path, None)
+                self._set_opaque(path)
+                resolved.append(c)
+                continue
+            else:
+                raise self._unsafe(f"parent {path!r} is not a directory")
+            hops += 1
+            if hops > _MAX_SYMLINK_HOPS:
+                raise self._unsafe("too many levels of symbolic links")
+            if not target:
+                raise self._unsafe(f"parent {path!r} is an empty symlink")
+            if target.startswith("/"):
+                resolved = []
+            todo.extend(t for t in reversed(target.split("/")) if t and t != ".")
+        return "/".join(resolved)
+
+    def _parent_of(self, comps: list[str], *, create: bool = True) -> str | None:
+        parent = "/".join(comps[:-1])
+        # fast path: the parent is a directory this layer made, at its own name
+        if not parent or self.created.get(parent) == _DIR:
+            return parent
+        return self._resolve_dir(comps[:-1], create=create)
+
+    # -- writing helpers
+
+    def _mkdir_implicit(self, path: str, lower: str | None) -> None:
+        full = f"{self.root}/{path}"
+        os.mkdir(full, 0o700)
+        if lower is not None:
+            # an overlay directory shows the topmost layer's attributes: keep the lower's
+            s = os.lstat(lower)
+            os.lchown(full, s.st_uid, s.st_gid)
+            os.chmod(full, stat.S_IMODE(s.st_mode))
+            for name, value in _lower_xattrs(lower):
+                os.setxattr(full, name, value, follow_symlinks=False)
+            self.dir_times[path] = (s.st_atime_ns, s.st_mtime_ns)
+        else:
+            os.chmod(full, 0o755)
+        self._record(path, _DIR)
+
+    def _set_opaque(self, path: str) -> None:
+        if path in self.opaque:
+            return
+        os.setxattr(f"{self.root}/{path}", OPAQUE_XATTR, b"y", follow_symlinks=False)
+        self.opaque.add(path)
+
+    def _record(self, path: str, kind: int, target: str | None = None) -> None:
+        self.created[path] = kind
+        if target is not None:
+            self.symlinks[path] = target
+        parent = path.rpartition("/")[0]
+        kids = self.children.get(parent)
+        if kids is None:
+            self.children[parent] = {path}
+        else:
+            kids.add(path)
+
+    def _forget(self, path: str) -> None:
+        """Drop ``path`` and everything recorded beneath it from the bookkeeping."""
+        self.children.get(path.rpartition("/")[0], set()).discard(path)
+        todo = [path]
+        while todo:
+            p = todo.pop()
+            self.created.pop(p, None)
+            self.symlinks.pop(p, None)
+            self.dir_times.pop(p, None)
+            self.opaque.discard(p)
+            todo.extend(self.children.pop(p, ()))
+
+    def _clear(self, path: str, new_kind: int) -> int | None:
+        """Make room for a new entry at ``path``; returns the old kind."""
+        old = self.created.get(path)
+        if old is None or (old == _DIR and new_kind == _DIR):
+            return old
+        full = f"{self.root}/{path}"
+        if old == _DIR:
+            shutil.rmtree(full)
+        else:
+            os.unlink(full)
+        self._forget(path)
+        return old
+
+    def _xattrs(self, m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+        out = []
+        for key, value in m.pax_headers.items():
+            if key.startswith("SCHILY.xattr."):
+                name = key[13:]
+                # tarfile decodes PAX values to str (surrogateescape on bad UTF-8): undo it
+                raw = value.encode("utf-8", "surrogateescape")
+            elif key.startswith("LIBARCHIVE.xattr."):
+                name = unquote_to_bytes(key[17:]).decode("utf-8", "surrogateescape")
+                try:
+                    raw = base64.b64decode(value + "=" * (-len(value) % 4), validate=False)
+                except (binascii.Error, ValueError):
+                    raise self._unsafe(f"xattr {name!r} has a malformed base64 value") from None
+            else:
+                continue
+            if not name or "\x00" in name:
+                raise self._unsafe("empty or NUL-containing xattr name")
+            if _is_overlay_xattr(name):
+                raise self._unsafe(f"xattr {name!r} is reserved for overlayfs")
+            if name == "security.selinux":
+                # a label is host policy, set by the runtime, never taken from an image
+                log.debug("layer %s: %s: dropping security.selinux", self.layer, self.current)
+                continue
+            if not (name.startswith(_ALLOWED_XATTR_PREFIXES) or name in _ALLOWED_XATTR_NAMES):
+                raise self._unsafe(f"xattr namespace of {name!r} is not allowed")
+            out.append((name, raw))
+        return out
+
+    # -- members
+
+    def apply(self, m: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        self.current = m.name
+        try:
+            self._apply(m, tar)
+        except OSError as e:
+            raise errors.StoreError(f"layer {self.layer}: {m.name!r}: {e.strerror or e}") from e
+        except (ValueError, OverflowError) as e:
+            raise self._unsafe(f"invalid header value: {e}") from e
+
+    def _apply(self, m: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        comps = _components(m.name, self.layer, m.name)
+        if not comps:
+            if not m.isdir():
+                raise self._unsafe("the layer root entry is not a directory")
+            self._meta_dir("", m, self._xattrs(m))
+            self.root_meta = True
+            self.files += 1
+            return
+        name = comps[-1]
+        for c in comps[:-1]:
+            if c.startswith(WHITEOUT_PREFIX):
+                if c.startswith(AUFS_META_PREFIX):
+                    log.debug("layer %s: skipping AUFS metadata %r", self.layer, m.name)
+                    return
+                raise self._unsafe("a whiteout is used as a directory")
+        if name.startswith(WHITEOUT_PREFIX):
+            if name == OPAQUE_MARKER:
+                self._opaque(comps)
+            elif name.startswith(AUFS_META_PREFIX):
+                log.debug("layer %s: skipping AUFS metadata %r", self.layer, m.name)
+                return
+            else:
+                self._whiteout(comps, name[len(WHITEOUT_PREFIX):])
+            self.files += 1
+            return
+
+        if m.isreg():
+            kind = _FILE
+        elif m.isdir():
+            kind = _DIR
+        elif m.issym():
+            kind = _SYMLINK
+        elif m.islnk():
+            self._hardlink(comps, m)
+            self.files += 1
+            return
+        elif m.isfifo():
+            kind = _FIFO
+        elif m.ischr() or m.isblk():
+            raise self._unsafe("device nodes are not allowed in a layer")
+        else:
+            raise self._unsafe(f"unsupported tar entry type {m.type!r}")
+        xattrs = self._xattrs(m)
+
+        parent = self._parent_of(comps)
+        path = f"{parent}/{name}" if parent else name
+        old = self._clear(path, kind)
+        full = f"{self.root}/{path}"
+        if kind == _DIR:
+            if old != _DIR:
+                os.mkdir(full, 0o700)
+                self._record(path, _DIR)
+            self._meta_dir(path, m, xattrs)
+            if old == _WHITEOUT:
+                # the same layer deleted the lower one: the new dir must not merge with it
+                self._set_opaque(path)
+        elif kind == _FILE:
+            self._write_file(full, m, tar, xattrs)
+            self._record(path, _FILE)
+        elif kind == _SYMLINK:
+            target = m.linkname
+            if not target or "\x00" in target:
+                raise self._unsafe("empty or NUL-containing symlink target")
+            os.symlink(target, full)
+            self._record(path, _SYMLINK, target)
+            os.lchown(full, m.uid, m.gid)
+            for xname, value in xattrs:
+                if xname.startswith("user."):
+                    continue  # the kernel refuses user.* on symlinks
+                os.setxattr(full, xname, value, follow_symlinks=False)
+            os.utime(full, ns=self._times(m), follow_symlinks=False)
+        else:  # fifo
+            os.mkfifo(full, 0o600)
+            self._record(path, _FIFO)
+            self._meta_path(full, m, xattrs)
+        self.files += 1
+
+    def _times(self, m: tarfile.TarInfo) -> tuple[int, int]:
+        pax = m.pax_headers
+        mt = _pax_time_ns(pax.get("mtime"), m.mtime) if pax else int(m.mtime) * 1_000_000_000
+        at = _pax_time_ns(pax.get("atime"), mt / 1e9) if pax and "atime" in pax else mt
+        return at, mt
+
+    def _meta_dir(self, path: str, m: tarfile.TarInfo, xattrs: list[tuple[str, bytes]]) -> None:
+        full = f"{self.root}/{path}" if path else self.root
+        os.lchown(full, m.uid, m.gid)
+        os.chmod(full, m.mode & 0o7777)  # after chown, which clears setuid/setgid
+        for xname, value in xattrs:
+            os.setxattr(full, xname, value, follow_symlinks=False)
+        # children change a directory's mtime: set it once they are all written
+        self.dir_times[path] = self._times(m)
+
+    def _meta_path(self, full: str, m: tarfile.TarInfo, xattrs: list[tuple[str, bytes]]) -> None:
+        os.lchown(full, m.uid, m.gid)
+        os.chmod(full, m.mode & 0o7777)
+        for xname, value in xattrs:
+            os.setxattr(full, xname, value, follow_symlinks=False)
+        os.utime(full, ns=self._times(m), follow_symlinks=False)
+
+    def _write_file(self, full: str, m: tarfile.TarInfo, tar: tarfile.TarFile,
+                    xattrs: list[tuple[str, bytes]]) -> None:
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            stream = tar.fileobj
+            stream.seek(m.offset_data)  # a no-op in stream mode unless tarfile lags
+            if m.sparse is None:
+                self._copy(stream, fd, m.size)
+            else:
+                # write only the data blocks: a tiny layer must not fill the disk with zeros
+                for offset, length in m.sparse:
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    self._copy(stream, fd, length)
+                os.ftruncate(fd, m.size)
+            os.fchown(fd, m.uid, m.gid)
+            os.fchmod(fd, m.mode & 0o7777)  # after chown, which clears setuid/setgid
+            # after chown too: chown drops security.capability
+            for xname, value in xattrs:
+                os.setxattr(fd, xname, value)
+            os.utime(fd, ns=self._times(m))
+        finally:
+            os.close(fd)
+
+    def _copy(self, stream, fd: int, remaining: int) -> None:
+        read, write = stream.read, os.write
+        while remaining > 0:
+            chunk = read(min(remaining, _COPY_CHUNK))
+            if not chunk:
+                raise self._unsafe("truncated file data")
+            remaining -= len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[write(fd, view):]
+
+    def _hardlink(self, comps: list[str], m: tarfile.TarInfo) -> None:
+        tcomps = _components(m.linkname, self.layer, m.name)
+        if not tcomps:
+            raise self._unsafe("hardlink to the layer root")
+        tparent = self._parent_of(tcomps, create=False)
+        tpath = None if tparent is None else (f"{tparent}/{tcomps[-1]}" if tparent else tcomps[-1])
+        tkind = self.created.get(tpath) if tpath is not None else None
+        if tkind not in (_FILE, _SYMLINK, _FIFO):
+            what = "a directory" if tkind == _DIR else "not an entry of this layer"
+            raise self._unsafe(f"hardlink target {m.linkname!r} is {what}")
+        parent = self._parent_of(comps)
+        path = f"{parent}/{comps[-1]}" if parent else comps[-1]
+        if path == tpath or tpath.startswith(path + "/"):
+            raise self._unsafe("hardlink to itself or into the entry it replaces")
+        self._clear(path, tkind)
+        os.link(f"{self.root}/{tpath}", f"{self.root}/{path}", follow_symlinks=False)
+        self._record(path, tkind, self.symlinks[tpath] if tkind == _SYMLINK else None)
+
+    def _whiteout(self, comps: list[str], target: str) -> None:
+        if not target or target in (".", ".."):
+            raise self._unsafe("whiteout of an invalid name")
+        parent = self._parent_of(comps)
+        path = f"{parent}/{target}" if parent else target
+        old = self.created.get(path)
+        if old is None:
+            os.mknod(f"{self.root}/{path}", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+            self._record(path, _WHITEOUT)
+        elif old == _DIR:
+            # image-spec: a whiteout never hides what the same layer adds; it
+            # still deletes the lower directory, so ours must not merge with it
+            self._set_opaque(path)
+        # a same-layer non-directory (or whiteout) already hides the lower entry
+
+    def _opaque(self, comps: list[str]) -> None:
+        parent = self._parent_of(comps)
+        if parent:
+            self._set_opaque(parent)
+            return
+        # overlayfs ignores the opaque xattr on a layer's root: whiteout each
+        # lower top-level name instead (later entries of this layer replace them)
+        if "" in self.opaque:
+            return
+        for name in self._lower_root_names():
+            old = self.created.get(name)
+            if old is None:
+                os.mknod(f"{self.root}/{name}", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+                self._record(name, _WHITEOUT)
+            elif old == _DIR:
+                self._set_opaque(name)
+        self.opaque.add("")
+
+    def finish(self) -> None:
+        for path, times in self.dir_times.items():
+            os.utime(f"{self.root}/{path}" if path else self.root, ns=times, follow_symlinks=False)
+        if not self.root_meta:
+            os.chmod(self.root, 0o755)  # mkdtemp made it 0700
+
+
+def _is_opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _check_end(tar: tarfile.TarFile, reader: _HashingReader, layer: str) -> None:
+    """Refuse an archive that tarfile ended on something other than a zero block."""
+    end = tar.offset
+    if reader.size == end:
+        return  # clean EOF without end-of-archive blocks (Go's archive/tar accepts it)
+    block = reader.block_at(end, tarfile.BLOCKSIZE)
+    if block is None:
+        return
+    if len(block) < tarfile.BLOCKSIZE:
+        raise errors.UnsafeLayer(layer, "<stream>", f"truncated tar header at offset {end}")
+    if block.count(0) != tarfile.BLOCKSIZE:
+        raise errors.UnsafeLayer(layer, "<stream>", f"invalid tar header at offset {end}")
+
+
+def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
+                 expected_diff_id: str | None = None, lower_dirs: Sequence[Path] = (),
+                 max_size: int = DEFAULT_MAX_LAYER_SIZE) -> UnpackResult:
+    """Stream one layer blob into the new directory ``dest`` in overlayfs form.
+
+    ``src`` is read to its end; an ``OSError`` it raises comes back unchanged.
+    ``lower_dirs`` are the image's already
+    unpacked lower layers, topmost first; they are only read, to resolve
+    parents this layer does not contain. Works in a private temporary
+    directory beside ``dest`` and renames it into place only once the whole
+    stream is applied and its DiffID verified; on any failure nothing remains.
+    """
+    dest = Path(dest)
+    compression = compression_for(media_type, layer=layer)
+    if expected_diff_id is not None and not (
+        expected_diff_id.startswith("sha256:") and len(expected_diff_id) == 71
+    ):
+        raise errors.ManifestError(f"layer {layer}: unsupported DiffID {expected_diff_id!r}")
+    if os.path.lexists(dest):
+        raise errors.StoreError(f"layer {layer}: {dest} already exists")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{dest.name}.unpack-", dir=dest.parent)
+    except OSError as e:
+        raise errors.StoreError(f"layer {layer}: cannot create a directory beside {dest}: {e.strerror}") from e
+    try:
+        try:
+            magic = _read_magic(src)
+        except OSError as e:
+            raise _SourceError(e) from e
+        found = _detect(magic)
+        if found != compression:
+            raise errors.ManifestError(
+                f"layer {layer}: media type {media_type} says {compression} but the blob is "
+                f"{'an uncompressed tar (or not a tar)' if found == 'tar' else found}"
+            )
+        raw = _Prefixed(src, magic)
+        if compression == "gzip":
+            inner = _GzipReader(raw, layer)
+        elif compression == "zstd":
+            inner = zstandard.ZstdDecompressor().stream_reader(raw, read_size=_RAW_CHUNK, read_across_frames=True)
+        else:
+            inner = raw
+        reader = _HashingReader(inner, max_size=max_size, layer=layer)
+        ext = _Extractor(layer, tmp, [str(p) for p in lower_dirs])
+        try:
+            with tarfile.open(fileobj=reader, mode="r|", tarinfo=_SafeTarInfo) as tar:
+                while True:
+                    m = tar.next()
+                    if m is None:
+                        break
+                    ext.apply(m, tar)
+                    tar.members.clear()  # stream mode keeps every TarInfo otherwise
+                _check_end(tar, reader, layer)
+            reader.drain()  # the DiffID covers the padding after the end blocks too
+        except tarfile.TarError as e:
+            after = f" (after {ext.current!r})" if ext.current else ""
+            raise errors.UnsafeLayer(layer, "<stream>", f"malformed tar stream{after}: {e}") from e
+        except _OversizedHeader as e:
+            raise errors.UnsafeLayer(layer, "<stream>", str(e)) from e
+        except zlib.error as e:
+            raise errors.UnsafeLayer(layer, "<stream>", f"corrupt gzip stream: {e}") from e
+        except zstandard.ZstdError as e:
+            raise errors.UnsafeLayer(layer, "<stream>", f"corrupt zstd stream: {e}") from e
+        try:
+            ext.finish()
+        except OSError as e:
+            raise errors.StoreError(f"layer {layer}: setting directory times: {e.strerror}") from e
+        diff_id = "sha256:" + reader.hexdigest()
+        if expected_diff_id is not None and diff_id != expected_diff_id:
+            raise errors.DigestMismatch(f"layer {layer} DiffID", expected_diff_id, diff_id)
+        try:
+            # rename(2) refuses a non-empty dest; an empty one can only be the
+            # same (empty) layer unpacked concurrently
+            os.rename(tmp, dest)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise errors.StoreError(f"layer {layer}: {dest} already exists") from e
+            raise errors.StoreError(f"layer {layer}: cannot move into {dest}: {e.strerror}") from e
+        log.debug("layer %s: unpacked %d entries, %d bytes into %s", layer, ext.files, reader.size, dest)
+        return UnpackResult(diff_id=diff_id, size=reader.size, files=ext.files)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp):
+            log.warning("layer %s: could not remove %s", layer, tmp)
+        if isinstance(e, _SourceError):
+            raise e.args[0] from None  # the caller's own stream failed: give its error back
+        raise
+
+
+# --- views of unpacked trees ------------------------------------------------
+
+def _entry(path: str, st: os.stat_result) -> tuple:
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_COPY_CHUNK):
+                h.update(chunk)
+        kind, size, digest = "file", st.st_size, h.hexdigest()
+    elif stat.S_ISDIR(mode):
+        kind, size, digest = "dir", 0, ""
+    elif stat.S_ISLNK(mode):
+        target = os.fsencode(os.readlink(path))
+        kind, size, digest = "symlink", len(target), hashlib.sha256(target).hexdigest()
+    elif stat.S_ISFIFO(mode):
+        kind, size, digest = "fifo", 0, ""
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "char" if stat.S_ISCHR(mode) else "block"
+        size, digest = 0, f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    else:
+        kind, size, digest = "socket", 0, ""
+    xattrs = tuple(sorted(_lower_xattrs(path)))
+    return (kind, stat.S_IMODE(mode), st.st_uid, st.st_gid, size, digest, xattrs)
+
+
+def tree_manifest(root: Path) -> dict[str, tuple]:
+    """Every path under ``root`` (relative, '/'-separated) ->
+    (type, mode, uid, gid, size, sha256 of content or symlink target, xattrs).
+
+    The root itself is not listed. ``xattrs`` is a sorted tuple of
+    (name, value) without the ``trusted.overlay.*`` ones.
+    """
+    out: dict[str, tuple] = {}
+    base = os.fspath(root)
+
+    def walk(rel: str) -> None:
+        with os.scandir(f"{base}/{rel}" if rel else base) as it:
+            entries = list(it)
+        for e in entries:
+            r = f"{rel}/{e.name}" if rel else e.name
+            st = e.stat(follow_symlinks=False)
+            out[r] = _entry(e.path, st)
+            if stat.S_ISDIR(st.st_mode):
+                walk(r)
+
+    walk("")
+    return out
+
+
+def merged_view_manifest(layer_dirs_topmost_first: Sequence[Path]) -> dict[str, tuple]:
+    """``tree_manifest`` of what an overlay mount of these lowerdirs shows.
+
+    Pure Python: whiteouts (char 0:0) hide, ``trusted.overlay.opaque=y`` on a
+    directory hides the layers below it (ignored on a layer root, as overlayfs
+    does), the topmost entry of a name gives its attributes.
+    """
+    layers = [os.fspath(p) for p in layer_dirs_topmost_first]
+    out: dict[str, tuple] = {}
+
+    def walk(rel: str, stack: list[str]) -> None:
+        first: dict[str, tuple[int, os.stat_result]] = {}
+        for idx, base in enumerate(stack):
+            d = f"{base}/{rel}" if rel else base
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.name not in first:
+                        first[e.name] = (idx, e.stat(follow_symlinks=False))
+        for name, (idx, st) in first.items():
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                continue  # whiteout
+            r = f"{rel}/{name}" if rel else name
+            top = f"{stack[idx]}/{r}"
+            out[r] = _entry(top, st)
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            sub = [stack[idx]]
+            if not _is_opaque(top):
+                for base in stack[idx + 1:]:
+                    try:
+                        s = os.lstat(f"{base}/{r}")
+                    except FileNotFoundError:
+                        continue
+                    if not stat.S_ISDIR(s.st_mode):
+                        break
+                    sub.append(base)
+                    if _is_opaque(f"{base}/{r}"):
+                        break
+            walk(r, sub)
+
+    walk("", layers)
+    return out
