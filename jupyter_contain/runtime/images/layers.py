@@ -25,7 +25,6 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
 import stat
 import tarfile
 import tempfile
@@ -38,6 +37,7 @@ from urllib.parse import unquote_to_bytes
 import zstandard
 
 from ... import errors
+from ..fsutil import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +515,7 @@ class _Extractor:
             return old
         full = f"{self.root}/{path}"
         if old == _DIR:
-            shutil.rmtree(full)
+            remove_tree(full)
         else:
             os.unlink(full)
         self._forget(path)
@@ -855,7 +855,10 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
         log.debug("layer %s: unpacked %d entries, %d bytes into %s", layer, ext.files, reader.size, dest)
         return UnpackResult(diff_id=diff_id, size=reader.size, files=ext.files)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            remove_tree(tmp)
+        except OSError:
+            pass
         if os.path.lexists(tmp):
             log.warning("layer %s: could not remove %s", layer, tmp)
         if isinstance(e, _SourceError):

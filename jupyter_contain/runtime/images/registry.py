@@ -28,13 +28,11 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import errno
-import hashlib
 import ipaddress
 import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 import urllib.parse

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable, Iterator, Sequence
 
+from ..fsutil import remove_tree
 from ...errors import DigestMismatch, ImageInUse, ImageNotFound, ManifestError, StoreError
 from ..spec import (
     ANNOTATION_REF_NAME,
@@ -713,29 +713,6 @@ def _tree_size(path: Path) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_blocks * 512
     return total
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a tree we own, including read-only directories left by unpacking."""
-    def onerror(func: Any, p: str, exc_info: Any) -> None:
-        exc = exc_info[1]
-        if isinstance(exc, FileNotFoundError):
-            return
-        if isinstance(exc, PermissionError):
-            parent = os.path.dirname(p)
-            os.chmod(parent, 0o700)
-            func(p)
-            return
-        raise exc
-
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path, onerror=onerror)
-    else:
-        os.unlink(path)
 
 
 def now_rfc3339() -> str:
