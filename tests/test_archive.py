@@ -126,3 +126,20 @@ def test_bad_inputs_change_nothing(store: Store, image, tmp_path: Path):
     assert (store.root / "index.json").read_bytes() == before
     other.gc()
     assert sorted(p.name for p in store.blobs_dir.iterdir()) == blobs_before
+
+
+@pytest.mark.skipif(not shutil.which("podman"), reason="podman not installed")
+@pytest.mark.parametrize("fmt", ["oci-archive", "docker-archive"])
+def test_podman_loads_what_we_save(store: Store, image, tmp_path: Path, fmt: str):
+    out = tmp_path / "img.tar"
+    (archive.save_oci_archive if fmt == "oci-archive" else archive.save_docker_archive)(store, image, out)
+    # podman in its own throw-away storage; `load` creates no containers or cgroups
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pm-", dir="/tmp") as short:  # podman wants a runroot < 50 chars
+        pm = ["podman", "--root", str(tmp_path / "pm-root"), "--runroot", short, "--storage-driver", "vfs"]
+        res = subprocess.run([*pm, "load", "-i", str(out)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "localhost/demo:1" in res.stdout
+        listing = json.loads(run(*pm, "images", "--format", "json"))
+        assert any("localhost/demo:1" in (i.get("Names") or []) for i in listing)
