@@ -45,6 +45,7 @@ from ..spec import (
     parse_document,
     sha256_digest,
 )
+from ..fsutil import atomic_writer
 from .store import ImageRecord, Staging, Store, now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -411,20 +412,6 @@ def _add_blob(tar: tarfile.TarFile, store: Store, name: str, digest: str) -> Non
         tar.addfile(info, f)
 
 
-def _write_atomically(dest: Path, write: Callable[[BinaryIO], None]) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_oci_archive(store: Store, image: ImageRecord, dest: Path) -> None:
     """Write ``image`` as an oci-archive (read by ``podman load``, ``skopeo``, ``docker load``)."""
     ref = Reference.parse(image.name)
@@ -442,7 +429,8 @@ def save_oci_archive(store: Store, image: ImageRecord, dest: Path) -> None:
                                     *(layer.digest for layer in image.manifest.layers)]):
                 _add_blob(tar, store, f"blobs/sha256/{digest_hex(d)}", d)
 
-    _write_atomically(Path(dest), write)
+    with atomic_writer(dest) as f:
+        write(f)
 
 
 def save_docker_archive(store: Store, image: ImageRecord, dest: Path) -> None:
@@ -477,7 +465,8 @@ def save_docker_archive(store: Store, image: ImageRecord, dest: Path) -> None:
                 _add_bytes(tar, "repositories", json.dumps(
                     {tag.rsplit(":", 1)[0]: {ref.tag: digest_hex(image.config.diff_ids[-1])}}).encode())
 
-    _write_atomically(Path(dest), write)
+    with atomic_writer(dest) as f:
+        write(f)
 
 
 def _add_decompressed_layer(tar: tarfile.TarFile, store: Store, name: str, digest: str, diff_id: str) -> None:

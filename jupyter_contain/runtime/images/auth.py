@@ -12,18 +12,17 @@ calls :func:`store_credentials`) and must never log a secret.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...errors import AuthenticationError, RegistryError
+from ..fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +88,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _write_config(path: Path, doc: dict[str, Any]) -> None:
     """Atomic replace with mode 0600 (the file holds passwords)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.json.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(doc, indent="\t").encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, json.dumps(doc, indent="\t").encode() + b"\n", mode=0o600)
 
 
 def _helper_for(doc: dict[str, Any], registry: str) -> str | None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jupyter_contain.errors import ImageError
+from jupyter_contain.runtime.fsutil import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def build_rootfs_tar(
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -216,7 +217,7 @@ def cached_rootfs_tar(
             "build_seconds": round(seconds, 1),
             "built_at": int(time.time()),
         }
-        _write_atomic(final.with_suffix(".json"), json.dumps(meta, indent=2).encode() + b"\n")
+        atomic_write(final.with_suffix(".json"), json.dumps(meta, indent=2).encode() + b"\n")
     return final
 
 
@@ -500,28 +501,6 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _jsonable(value):

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable, Iterator, Sequence
 
-from ..fsutil import remove_tree
+from ..fsutil import atomic_write, fsync_dir, remove_tree
 from ...errors import DigestMismatch, ImageInUse, ImageNotFound, ManifestError, StoreError
 from ..spec import (
     ANNOTATION_REF_NAME,
@@ -72,31 +72,6 @@ def default_root() -> Path:
         return Path("/var/lib/jupyter-contain")
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(xdg) / "jupyter-contain"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -204,7 +179,7 @@ class BlobWriter:
             os.unlink(self._tmp)
         else:
             os.rename(self._tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         self.digest = digest
         return digest
 
@@ -272,7 +247,7 @@ class Staging:
             os.fsync(f.fileno())
         os.chmod(src, 0o644)
         os.rename(src, self._store.blob_path(digest))
-        _fsync_dir(self._store.blobs_dir)
+        fsync_dir(self._store.blobs_dir)
 
     def remove(self) -> None:
         remove_tree(self.dir)
