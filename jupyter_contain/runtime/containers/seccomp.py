@@ -1,0 +1,446 @@
+"""Seccomp: Docker's default profile, compiled to a classic BPF program.
+
+Owns the profile data (``seccomp_default.json``, in moby's
+``profiles/seccomp/default.json`` schema), its resolution for one container
+(capabilities, native architecture and its sub-architectures, kernel
+version: the includes/excludes rules as Docker applies them), compiling it with
+libseccomp (cffi ABI mode, ``libseccomp.so.2``) in *this* process, a per-process
+cache of the compiled bytes, and the profile as an OCI runtime-spec
+``linux.seccomp`` section for ``config.json``.
+
+Must not load a filter into any process (the native start does that in the
+child, right before execve, after no_new_privs), fork, or import ``native``:
+the bytes are plain data handed to :class:`spawn.SpawnConfig`.
+
+Like runc does for Docker, a short stub goes in front of libseccomp's
+program: a syscall number above the newest one the profile names (per
+architecture) fails with ENOSYS rather than EPERM, so that a libc newer than the
+profile falls back to an older syscall instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from ... import errors
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MODES",
+    "PROFILE_PATH",
+    "Mode",
+    "check_mode",
+    "compile_profile",
+    "default_filter",
+    "filter_for",
+    "load_profile",
+    "oci_section",
+    "resolve_profile",
+]
+
+Mode = Literal["default", "unconfined"]
+MODES: tuple[str, ...] = ("default", "unconfined")
+
+PROFILE_PATH = Path(__file__).with_name("seccomp_default.json")
+
+# Docker's capability defaults, repeated here rather than imported from
+# spawn (which imports native): this module stays importable without the
+# compiled extension. Kept equal to spawn.DEFAULT_CAPABILITIES (a test checks).
+_DOCKER_DEFAULT_CAPS: frozenset[str] = frozenset({
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+})
+
+_CDEF = """
+typedef void *scmp_filter_ctx;
+struct scmp_version { unsigned int major; unsigned int minor; unsigned int micro; };
+struct scmp_arg_cmp { unsigned int arg; int op; uint64_t datum_a; uint64_t datum_b; };
+const struct scmp_version *seccomp_version(void);
+scmp_filter_ctx seccomp_init(uint32_t def_action);
+void seccomp_release(scmp_filter_ctx ctx);
+uint32_t seccomp_arch_native(void);
+uint32_t seccomp_arch_resolve_name(const char *arch_name);
+int seccomp_arch_add(scmp_filter_ctx ctx, uint32_t arch_token);
+int seccomp_attr_set(scmp_filter_ctx ctx, int attr, uint32_t value);
+int seccomp_syscall_resolve_name(const char *name);
+int seccomp_syscall_resolve_name_arch(uint32_t arch_token, const char *name);
+int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
+                           unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
+int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
+int seccomp_export_bpf_mem(const scmp_filter_ctx ctx, void *buf, size_t *len);
+"""
+
+# libseccomp constants (seccomp.h)
+_ACT_KILL_PROCESS = 0x80000000
+_ACT_KILL_THREAD = 0x00000000
+_ACT_TRAP = 0x00030000
+_ACT_ERRNO = 0x00050000
+_ACT_TRACE = 0x7FF00000
+_ACT_LOG = 0x7FFC0000
+_ACT_ALLOW = 0x7FFF0000
+_FLTATR_CTL_NNP = 3
+_NR_SCMP_ERROR = -1
+_CMP_OPS = MappingProxyType({
+    "SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4,
+    "SCMP_CMP_GE": 5, "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7,
+})
+_ENOSYS = 38
+_EPERM = 1
+
+# libseccomp arch names (seccomp_arch_resolve_name) and Go's GOARCH, which is
+# what the profile's "arches" lists name (Docker compares them with runtime.GOARCH)
+_SCMP_ARCH_NAMES = MappingProxyType({
+    "SCMP_ARCH_X86": "x86", "SCMP_ARCH_X86_64": "x86_64", "SCMP_ARCH_X32": "x32",
+    "SCMP_ARCH_ARM": "arm", "SCMP_ARCH_AARCH64": "aarch64", "SCMP_ARCH_MIPS": "mips",
+    "SCMP_ARCH_MIPS64": "mips64", "SCMP_ARCH_MIPS64N32": "mips64n32", "SCMP_ARCH_MIPSEL": "mipsel",
+    "SCMP_ARCH_MIPSEL64": "mipsel64", "SCMP_ARCH_MIPSEL64N32": "mipsel64n32", "SCMP_ARCH_PPC": "ppc",
+    "SCMP_ARCH_PPC64": "ppc64", "SCMP_ARCH_PPC64LE": "ppc64le", "SCMP_ARCH_S390": "s390",
+    "SCMP_ARCH_S390X": "s390x", "SCMP_ARCH_RISCV64": "riscv64",
+})
+_GOARCH = MappingProxyType({
+    "SCMP_ARCH_X86_64": "amd64", "SCMP_ARCH_X86": "386", "SCMP_ARCH_AARCH64": "arm64",
+    "SCMP_ARCH_ARM": "arm", "SCMP_ARCH_PPC64LE": "ppc64le", "SCMP_ARCH_S390X": "s390x",
+    "SCMP_ARCH_RISCV64": "riscv64", "SCMP_ARCH_MIPS64": "mips64", "SCMP_ARCH_MIPSEL64": "mips64le",
+})
+_X32_SYSCALL_BIT = 0x40000000
+
+_lib_lock = threading.Lock()
+_lib_pair: tuple[Any, Any] | None = None
+_cache_lock = threading.Lock()
+_cache: dict[frozenset[str], bytes] = {}
+
+
+def _libseccomp() -> tuple[Any, Any]:
+    """(ffi, lib) for libseccomp.so.2, opened once per process."""
+    global _lib_pair
+    if _lib_pair is None:
+        with _lib_lock:
+            if _lib_pair is None:
+                import cffi
+
+                ffi = cffi.FFI()
+                ffi.cdef(_CDEF)
+                try:
+                    lib = ffi.dlopen("libseccomp.so.2")
+                except OSError as exc:
+                    raise errors.ContainerError(
+                        f"cannot load libseccomp.so.2 ({exc}): install libseccomp2, "
+                        "or run the container with seccomp=unconfined") from None
+                _lib_pair = (ffi, lib)
+    return _lib_pair
+
+
+def libseccomp_version() -> tuple[int, int, int]:
+    _, lib = _libseccomp()
+    v = lib.seccomp_version()
+    return (v.major, v.minor, v.micro)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise errors.InvalidSpec(f"unknown seccomp mode {mode!r} (default or unconfined)")
+    return mode
+
+
+def load_profile(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The profile (default: the bundled Docker default) as parsed JSON."""
+    p = Path(path) if path is not None else PROFILE_PATH
+    try:
+        return json.loads(p.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise errors.ContainerError(f"cannot read seccomp profile {p}: {exc}") from None
+
+
+def _kernel_version() -> tuple[int, int]:
+    parts = os.uname().release.split("-", 1)[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _parse_kernel(text: str) -> tuple[int, int]:
+    major, _, minor = str(text).partition(".")
+    return int(major), int(minor.split(".")[0] or 0)
+
+
+def _native_arch() -> str:
+    """The SCMP_ARCH_* name of this process's architecture."""
+    _, lib = _libseccomp()
+    token = lib.seccomp_arch_native()
+    for name, short in _SCMP_ARCH_NAMES.items():
+        if lib.seccomp_arch_resolve_name(short.encode()) == token:
+            return name
+    raise errors.ContainerError(f"libseccomp reports an unknown native architecture {token:#x}")
+
+
+def resolve_profile(profile: Mapping[str, Any], *, capabilities: Iterable[str],
+                    arch: str | None = None, kernel: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The profile as it applies to one container, the way Docker resolves it.
+
+    Returns ``{"defaultAction", "defaultErrnoRet", "architectures", "syscalls"}``
+    (the OCI runtime-spec form): the native ``arch`` with its sub-architectures
+    from ``archMap``, and only the rules whose ``includes`` all hold (every
+    listed capability in ``capabilities``, the native arch listed, kernel at
+    least ``minKernel``) and whose ``excludes`` do not (no listed capability
+    present, native arch not listed, kernel below ``minKernel``).
+    """
+    caps = frozenset(capabilities)
+    arch = arch or _native_arch()
+    goarch = _GOARCH.get(arch, _SCMP_ARCH_NAMES.get(arch, arch))
+    kernel = kernel or _kernel_version()
+    arches = [arch]
+    for entry in profile.get("archMap") or ():
+        if entry.get("architecture") == arch:
+            arches += [a for a in entry.get("subArchitectures") or () if a not in arches]
+    rules = []
+    for rule in profile.get("syscalls") or ():
+        inc, exc = rule.get("includes") or {}, rule.get("excludes") or {}
+        if inc.get("arches") and goarch not in inc["arches"]:
+            continue
+        if inc.get("caps") and not set(inc["caps"]) <= caps:
+            continue
+        if inc.get("minKernel") and kernel < _parse_kernel(inc["minKernel"]):
+            continue
+        if exc.get("arches") and goarch in exc["arches"]:
+            continue
+        if exc.get("caps") and set(exc["caps"]) & caps:
+            continue
+        if exc.get("minKernel") and kernel >= _parse_kernel(exc["minKernel"]):
+            continue
+        out: dict[str, Any] = {"names": list(rule["names"]), "action": rule["action"]}
+        if rule.get("errnoRet") is not None:
+            out["errnoRet"] = int(rule["errnoRet"])
+        if rule.get("args"):
+            out["args"] = [{"index": int(a["index"]), "value": int(a["value"]),
+                            "valueTwo": int(a.get("valueTwo", 0)), "op": a["op"]} for a in rule["args"]]
+        rules.append(out)
+    return {
+        "defaultAction": profile.get("defaultAction", "SCMP_ACT_ERRNO"),
+        "defaultErrnoRet": int(profile.get("defaultErrnoRet", _EPERM)),
+        "architectures": arches,
+        "syscalls": rules,
+    }
+
+
+def _action(name: str, errno_ret: int | None, *, default_errno: int = _EPERM) -> int:
+    if name == "SCMP_ACT_ALLOW":
+        return _ACT_ALLOW
+    if name == "SCMP_ACT_ERRNO":
+        return _ACT_ERRNO | ((default_errno if errno_ret is None else errno_ret) & 0xFFFF)
+    if name == "SCMP_ACT_KILL" or name == "SCMP_ACT_KILL_THREAD":
+        return _ACT_KILL_THREAD
+    if name == "SCMP_ACT_KILL_PROCESS":
+        return _ACT_KILL_PROCESS
+    if name == "SCMP_ACT_TRAP":
+        return _ACT_TRAP
+    if name == "SCMP_ACT_TRACE":
+        return _ACT_TRACE | ((errno_ret or 0) & 0xFFFF)
+    if name == "SCMP_ACT_LOG":
+        return _ACT_LOG
+    raise errors.InvalidSpec(f"unsupported seccomp action {name!r}")
+
+
+def compile_profile(resolved: Mapping[str, Any]) -> bytes:
+    """A resolved profile (:func:`resolve_profile`) -> ``struct sock_filter[]`` bytes.
+
+    ``resolved`` is in the OCI runtime-spec ``linux.seccomp`` form, so a
+    bundle's own section compiles the same way. libseccomp builds the program;
+    :func:`_enosys_stub` goes in front of it. Names libseccomp does not know are
+    skipped, as runc skips them.
+    """
+    ffi, lib = _libseccomp()
+    default_errno = int(resolved.get("defaultErrnoRet", _EPERM))
+    default = _action(resolved["defaultAction"], default_errno)
+    ctx = lib.seccomp_init(default)
+    if ctx == ffi.NULL:
+        raise errors.ContainerError("seccomp_init failed")
+    try:
+        # we set no_new_privs ourselves, in the child; this only matters for
+        # seccomp_load, which we never call, but keep libseccomp out of it
+        _check(lib.seccomp_attr_set(ctx, _FLTATR_CTL_NNP, 0), "seccomp_attr_set(CTL_NNP)")
+        tokens: dict[str, int] = {}
+        for arch in resolved["architectures"]:
+            short = _SCMP_ARCH_NAMES.get(arch)
+            token = lib.seccomp_arch_resolve_name(short.encode()) if short else 0
+            if not token:
+                log.debug("seccomp: libseccomp does not know architecture %s, skipped", arch)
+                continue
+            rc = lib.seccomp_arch_add(ctx, token)
+            if rc not in (0, -17):  # -EEXIST: the native arch is in from seccomp_init
+                _check(rc, f"seccomp_arch_add({arch})")
+            tokens[arch] = token
+        skipped: set[str] = set()
+        used: set[str] = set()
+        for rule in resolved["syscalls"]:
+            action = _action(rule["action"], rule.get("errnoRet"), default_errno=default_errno)
+            if action == default:
+                continue   # libseccomp refuses a rule that repeats the default action
+            args = rule.get("args") or ()
+            cmp = ffi.new("struct scmp_arg_cmp[]", max(len(args), 1))
+            for i, a in enumerate(args):
+                op = _CMP_OPS.get(a["op"])
+                if op is None:
+                    raise errors.InvalidSpec(f"unsupported seccomp comparison {a['op']!r}")
+                cmp[i].arg = a["index"]
+                cmp[i].op = op
+                cmp[i].datum_a = a["value"] & 0xFFFFFFFFFFFFFFFF
+                # MASKED_EQ: (arg & value) == valueTwo, as libseccomp's datum_a/datum_b
+                cmp[i].datum_b = a.get("valueTwo", 0) & 0xFFFFFFFFFFFFFFFF
+            for name in rule["names"]:
+                nr = lib.seccomp_syscall_resolve_name(name.encode())
+                if nr == _NR_SCMP_ERROR:
+                    skipped.add(name)
+                    continue
+                _check(lib.seccomp_rule_add_array(ctx, action, nr, len(args), cmp),
+                       f"seccomp rule for {name}")
+                used.add(name)
+        if skipped:
+            log.debug("seccomp: libseccomp %s does not know %s, skipped",
+                      ".".join(map(str, libseccomp_version())), ", ".join(sorted(skipped)))
+        program = _export(ffi, lib, ctx)
+    finally:
+        lib.seccomp_release(ctx)
+    stub = _enosys_stub(lib, tokens, used)
+    return stub + program
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        raise errors.ContainerError(f"{what} failed: {os.strerror(-rc)}")
+
+
+def _export(ffi: Any, lib: Any, ctx: Any) -> bytes:
+    try:
+        export_mem = lib.seccomp_export_bpf_mem   # libseccomp >= 2.6
+    except AttributeError:
+        export_mem = None
+    if export_mem is not None:
+        size = ffi.new("size_t *", 0)
+        _check(export_mem(ctx, ffi.NULL, size), "seccomp_export_bpf_mem")
+        buf = ffi.new("char[]", size[0])
+        _check(export_mem(ctx, buf, size), "seccomp_export_bpf_mem")
+        return bytes(ffi.buffer(buf, size[0]))
+    fd = os.memfd_create("jc-seccomp", os.MFD_CLOEXEC)
+    try:
+        _check(lib.seccomp_export_bpf(ctx, fd), "seccomp_export_bpf")
+        size = os.fstat(fd).st_size
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+
+
+# --- the ENOSYS stub (classic BPF) ---------------------------------------------------
+
+_LD_ABS_W = 0x20      # BPF_LD | BPF_W | BPF_ABS
+_JEQ_K = 0x15         # BPF_JMP | BPF_JEQ | BPF_K
+_JGT_K = 0x25         # BPF_JMP | BPF_JGT | BPF_K
+_JSET_K = 0x45        # BPF_JMP | BPF_JSET | BPF_K
+_JA = 0x05            # BPF_JMP | BPF_JA
+_RET_K = 0x06         # BPF_RET | BPF_K
+_OFF_NR, _OFF_ARCH = 0, 4   # struct seccomp_data
+
+
+def _enosys_stub(lib: Any, tokens: Mapping[str, int], used: Iterable[str]) -> bytes:
+    """Instructions that answer ENOSYS for syscall numbers above the profile's newest, per arch.
+
+    Everything else falls through to libseccomp's program, which reloads what it
+    needs (it starts by loading the architecture), so the stub leaves no state
+    behind that matters. x32 shares AUDIT_ARCH_X86_64 and is told apart by
+    ``__X32_SYSCALL_BIT`` in the syscall number.
+    """
+    used = sorted(used)
+    top: dict[str, int] = {}
+    for arch, token in tokens.items():
+        nrs = [lib.seccomp_syscall_resolve_name_arch(token, n.encode()) for n in used]
+        nrs = [n for n in nrs if n >= 0]
+        if nrs:
+            top[arch] = max(nrs)
+    x32 = top.pop("SCMP_ARCH_X32", None)
+    # a symbolic program: a str is a label, a tuple (code, jt, jf, k) an
+    # instruction whose jt/jf (and k for JA) may name a label
+    prog: list[str | tuple[int, str | None, str | None, int | str]] = [(_LD_ABS_W, None, None, _OFF_ARCH)]
+    for arch in top:
+        prog.append((_JEQ_K, f"arch:{arch}", None, tokens[arch]))
+    prog.append((_JA, None, None, "main"))          # another arch: libseccomp decides
+    for arch, high in top.items():
+        prog += [f"arch:{arch}", (_LD_ABS_W, None, None, _OFF_NR)]
+        if arch == "SCMP_ARCH_X86_64":
+            prog.append((_JSET_K, "x32" if x32 is not None else "main", None, _X32_SYSCALL_BIT))
+        prog.append((_JGT_K, "enosys", "main", high))
+    if x32 is not None and "SCMP_ARCH_X86_64" in top:
+        prog += ["x32", (_JGT_K, "enosys", "main", x32)]
+    prog += ["enosys", (_RET_K, None, None, _ACT_ERRNO | _ENOSYS), "main"]
+    labels: dict[str, int] = {}
+    insns: list[tuple[int, str | None, str | None, int | str]] = []
+    for item in prog:
+        if isinstance(item, str):
+            labels[item] = len(insns)
+        else:
+            insns.append(item)
+    out = bytearray()
+    for i, (code, jt, jf, k) in enumerate(insns):
+        # jumps are relative to the next instruction
+        def rel(label: str | None, here: int = i + 1) -> int:
+            return 0 if label is None else labels[label] - here
+        if code == _JA:
+            assert isinstance(k, str)
+            out += struct.pack("=HBBI", code, 0, 0, rel(k))
+            continue
+        t, f = rel(jt), rel(jf)
+        if not (0 <= t <= 255 and 0 <= f <= 255):  # pragma: no cover - the stub is a dozen insns
+            raise errors.ContainerError("seccomp stub jump out of range")
+        assert isinstance(k, int)
+        out += struct.pack("=HBBI", code, t, f, k)
+    return bytes(out)
+
+
+# --- per-process cache ---------------------------------------------------------------
+
+
+def default_filter(capabilities: Iterable[str] = _DOCKER_DEFAULT_CAPS) -> bytes:
+    """Docker's default profile compiled for ``capabilities``: once per process and set.
+
+    Thread-safe and lazy: the first call compiles (a few ms), later calls
+    return the same ``bytes`` object.
+    """
+    key = frozenset(capabilities)
+    prog = _cache.get(key)
+    if prog is None:
+        with _cache_lock:
+            prog = _cache.get(key)
+            if prog is None:
+                prog = compile_profile(resolve_profile(load_profile(), capabilities=key))
+                if len(prog) // 8 > 4096:
+                    raise errors.ContainerError(f"seccomp program too long ({len(prog) // 8} instructions)")
+                _cache[key] = prog
+                log.debug("compiled the default seccomp profile: %d instructions", len(prog) // 8)
+    return prog
+
+
+def filter_for(mode: str, *, capabilities: Iterable[str] = _DOCKER_DEFAULT_CAPS,
+               name: str = "") -> bytes:
+    """The BPF program for a container's seccomp ``mode`` (``b""`` = no filter)."""
+    check_mode(mode)
+    if mode == "unconfined":
+        log.warning("container %s runs without a seccomp filter (seccomp=unconfined): "
+                    "every syscall its capabilities allow is open to it", name or "?")
+        return b""
+    return default_filter(capabilities)
+
+
+def oci_section(mode: str, *, capabilities: Iterable[str] = _DOCKER_DEFAULT_CAPS) -> dict[str, Any] | None:
+    """``linux.seccomp`` for an OCI ``config.json`` (None when unconfined), so runc/crun apply the same."""
+    if check_mode(mode) == "unconfined":
+        return None
+    return resolve_profile(load_profile(), capabilities=capabilities)
