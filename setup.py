@@ -1,4 +1,64 @@
-"""Build glue for the parts pyproject.toml cannot declare: the cffi extension."""
-from setuptools import setup
+"""Build glue for the parts pyproject.toml cannot declare: the cffi extension
+and ``jupyter_contain/native/jc-init``, the static executable that is PID 1 of
+every container (see jupyter_contain/native/jc-init.c).
 
-setup(cffi_modules=["jupyter_contain/native/build.py:ffibuilder"])
+jc-init is built by the ``build_ext`` step (which runs for ``pip install .``
+and, in place, for ``pip install -e .``): statically linked, because it runs
+after pivot_root where no host dynamic loader is reachable. Without a static
+libc the build warns and the runtime falls back to an in-process init.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sysconfig
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+_PKG = "jupyter_contain.native"
+_INIT = "jc-init"
+
+
+class BuildExtWithInit(build_ext):
+    """``build_ext`` that also compiles the jc-init executable."""
+
+    def _init_paths(self) -> tuple[str, str, str]:
+        build_py = self.get_finalized_command("build_py")
+        src_dir = build_py.get_package_dir(_PKG)
+        regular = os.path.join(self.build_lib, *_PKG.split("."), _INIT)
+        return os.path.join(src_dir, "jc-init.c"), regular, os.path.join(src_dir, _INIT)
+
+    def run(self) -> None:
+        super().run()
+        source, regular, inplace = self._init_paths()
+        self.mkpath(os.path.dirname(regular))
+        cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+        # write beside and rename: a running container's init keeps executing
+        # the old file (writing into it would fail with ETXTBSY)
+        tmp = regular + ".tmp"
+        cmd = [*cc, "-static", "-Os", "-s", "-Wall", "-Wextra", "-fno-strict-aliasing",
+               "-I", os.path.dirname(source), "-o", tmp, source]
+        self.announce("building jc-init: " + " ".join(cmd), level=2)
+        try:
+            subprocess.run(cmd, check=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            self.warn(f"could not build a static jc-init ({exc}); containers will use the in-process "
+                      "init, which keeps a copy of the server's memory (install a static libc, e.g. "
+                      "libc6-dev or glibc-static)")
+            return
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, regular)
+        if self.inplace:
+            shutil.copy2(regular, inplace + ".tmp")
+            os.replace(inplace + ".tmp", inplace)
+
+    def get_outputs(self) -> list[str]:
+        return [*super().get_outputs(), self._init_paths()[1]]
+
+
+setup(cmdclass={"build_ext": BuildExtWithInit},
+      cffi_modules=["jupyter_contain/native/build.py:ffibuilder"])

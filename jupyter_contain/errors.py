@@ -133,3 +133,7 @@ class SpawnError(ContainerError, OSError):
 
 class KernelError(ContainError):
     """A contained kernel could not be provisioned or managed."""
+
+
+class NetworkError(ContainerError):
+    """A container's network (bridge, veth, address lease, nftables rules) could not be set up."""

@@ -52,8 +52,9 @@ def _contain_cgroups() -> set[str]:
             d = base / path.lstrip("/")
             if d.is_dir():
                 for p in d.glob("jupyter-contain*"):
-                    found.update(str(q) for q in p.rglob("*") if q.is_dir())
                     found.add(str(p))
+                    for dirpath, dirnames, _ in os.walk(p):  # tolerates folders vanishing meanwhile
+                        found.update(os.path.join(dirpath, n) for n in dirnames)
     return found
 
 

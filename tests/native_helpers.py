@@ -77,6 +77,8 @@ class Box:
         binds: Sequence[rootfs.Bind] = (),
         readonly_rootfs: bool = False,
         network: str = "none",
+        cgroupfs: rootfs.CgroupFs | None = None,
+        exit_fd: int | None = None,
         **process: Any,
     ) -> spawn.SpawnConfig:
         ops = rootfs.plan(
@@ -87,10 +89,12 @@ class Box:
             binds=binds,
             etc_files={n: self.state / n for n in ("hostname", "hosts", "resolv.conf")},
             readonly_rootfs=readonly_rootfs,
+            cgroupfs=cgroupfs,
         )
         process.setdefault("env", {"PATH": "/bin", "HOME": "/"})
         return spawn.SpawnConfig(
-            mounts=ops, process=spawn.ProcessSpec(argv=tuple(argv), **process), stdio=stdio, network=network  # type: ignore[arg-type]
+            mounts=ops, process=spawn.ProcessSpec(argv=tuple(argv), **process), stdio=stdio,
+            network=network, exit_fd=exit_fd,  # type: ignore[arg-type]
         )
 
     def run(self, argv: Sequence[str], *, timeout: float = 20, **kw: Any) -> tuple[int, str]:
@@ -133,3 +137,35 @@ def open_fds() -> set[int]:
 def mountinfo() -> str:
     with open("/proc/self/mountinfo") as f:
         return f.read()
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """``/proc/PID/smaps_rollup`` in kB (Rss, Pss, Private_Dirty, ...)."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1])
+    return out
+
+
+def read_pty(master: int, timeout: float = 10) -> bytes:
+    """Everything from a pty master until the slave side is closed (EIO)."""
+    import select
+    import time
+
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([master], [], [], max(deadline - time.monotonic(), 0))
+        if not r:
+            break
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every slave fd is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out

@@ -193,3 +193,23 @@ def test_gc_cleans_dead_owner(runtime, tmp_path):
     removed = runtime.gc()
     assert c.id in removed
     assert not c.dir.exists()
+
+
+def test_gc_sweeps_only_this_stores_cgroups(runtime, tmp_path):
+    from jupyter_contain.runtime.containers.cgroups import Cgroups
+    from jupyter_contain.runtime.images.store import Store
+
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("sleep", "30")))
+    c.start()
+    stray = Cgroups.create(f"{runtime.store_tag}-{'f' * 64}", Limits())   # ours, no container: debris
+    other = Runtime(Store(tmp_path / "other-store"))
+    assert other.store_tag != runtime.store_tag
+    try:
+        other.gc()
+        assert c.status() == "running" and c.cgroups() is not None   # another store's gc leaves it alone
+        removed = runtime.gc()
+        assert f"cgroup:{runtime.store_tag}-{'f' * 64}" in removed
+        assert c.status() == "running"
+    finally:
+        stray.destroy()
+        c.stop(timeout=1)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import os
 import re
 import select
+import shutil
 import signal
 import struct
+import subprocess
 import sys
+import termios
 import threading
 import time
 import uuid
@@ -25,7 +29,9 @@ from jupyter_contain import errors, native
 from jupyter_contain.runtime.containers import rootfs, spawn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from native_helpers import Box, build_busybox_rootfs, child_pids, mountinfo, open_fds  # noqa: E402
+from native_helpers import (  # noqa: E402
+    Box, build_busybox_rootfs, child_pids, mountinfo, open_fds, read_pty, smaps_rollup,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -542,3 +548,241 @@ def test_init_does_not_reveal_the_host_process(box: Box) -> None:
     assert first.strip("\0") == "jc-init"
     assert "python" not in out.lower() and "pytest" not in out
     assert "environ=1" in out and "mem=1" in out
+
+
+
+# --- jc-init: PID 1 is a small separate executable ------------------------------
+
+needs_jc_init = pytest.mark.skipif(native.init_executable() is None, reason="jc-init was not built")
+
+
+@needs_jc_init
+def test_init_memory_does_not_follow_the_callers_heap(box: Box) -> None:
+    """PID 1 no longer shares (copy-on-write) the caller's address space: the
+    caller dirtying 200 MB after the start costs the container nothing."""
+    size = 200 << 20
+    heap = bytearray(b"\x01") * size  # allocated and touched before the start
+    c = Piped(box, ["sh", "-c", "echo ready; exec sleep 100"])
+    try:
+        c.read_until(b"ready")
+        j = spawn.join(c.proc.pid, process=spawn.ProcessSpec(argv=("sleep", "100"), env={"PATH": "/bin"}),
+                       stdio=(0, 1, 2))
+        try:
+            j.release()
+            heap[::4096] = b"\x02" * len(range(0, size, 4096))  # every page, after the start
+            for pid in (c.proc.pid, j.pid):
+                assert os.readlink(f"/proc/{pid}/exe") == str(native.init_executable())
+                mem = smaps_rollup(pid)
+                assert mem["Private_Dirty"] < 1024, mem
+                assert mem["Pss"] < 1024, mem
+        finally:
+            j.kill()
+            j.wait()
+            j.close()
+    finally:
+        del heap
+        c.close()
+
+
+@needs_jc_init
+def test_payload_starts_only_after_init_exec(box: Box) -> None:
+    # before its exec, init is a copy of this process (argv blanked to
+    # "jc-init" plus many NULs, megabytes resident); after, exactly "jc-init"
+    for _ in range(10):
+        rc, out = box.run(["sh", "-c", "cat /proc/1/cmdline; echo; grep VmRSS /proc/1/status"])
+        assert rc == 0, out
+        cmdline, rss = out.split("\n", 1)
+        assert cmdline == "jc-init\0"
+        assert int(rss.split()[1]) < 4096, rss
+
+
+_SLOW_INIT = r"""
+#include <fcntl.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/wait.h>
+int main(void)
+{
+    struct timespec ts = {0, 300000000};
+    nanosleep(&ts, 0);
+    close(open("/tmp/init-was-ready", O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
+    close(3);
+    int st;
+    if (wait(&st) < 0)
+        _exit(99);
+    _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+}
+"""
+
+
+def test_payload_waits_for_init(box: Box, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow stand-in init: the payload must not run before it let it go."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "slow-init.c"
+    src.write_text(_SLOW_INIT)
+    exe = tmp_path / "slow-init"
+    if subprocess.run([cc, "-static", "-O2", "-o", str(exe), str(src)], capture_output=True, check=False).returncode:
+        pytest.skip("cannot link statically")
+    monkeypatch.setattr(native, "init_executable", lambda: exe)
+    rc, out = box.run(["cat", "/tmp/init-was-ready"])
+    assert (rc, out) == (0, ""), out
+
+
+def test_signal_right_after_release_is_forwarded(box: Box) -> None:
+    for _ in range(5):
+        c = Piped(box, ["sleep", "100"])
+        try:
+            c.proc.send_signal(signal.SIGTERM)
+            assert c.proc.wait(10) == 128 + signal.SIGTERM
+        finally:
+            c.close()
+
+
+def _run_with_exit_fd(box: Box, argv: list[str]) -> tuple[int, str]:
+    path = box.base / "exit"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        proc = spawn.start(box.config(argv, stdio=(null, null, null), exit_fd=fd))
+    finally:
+        os.close(fd)
+        os.close(null)
+    try:
+        rc = proc.wait(10)
+    finally:
+        proc.close()
+    assert rc is not None
+    return rc, path.read_text()
+
+
+@pytest.mark.parametrize("init", ["jc-init", "fallback"])
+def test_init_writes_the_exit_status(box: Box, init: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if init == "fallback":
+        monkeypatch.setattr(native, "init_executable", lambda: None)
+    elif native.init_executable() is None:
+        pytest.skip("jc-init was not built")
+    assert _run_with_exit_fd(box, ["sh", "-c", "exit 3"]) == (3, "code 3\n")
+    assert _run_with_exit_fd(box, ["sh", "-c", "kill -KILL $$"]) == (137, "signal 9\n")
+    rc, out = box.run(["cat", "/proc/1/cmdline"])
+    assert rc == 0
+    assert (out == "jc-init\0") == (init == "jc-init")
+
+
+def test_init_exec_failure_names_the_step(box: Box, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "jc-init"
+    fake.write_text("not an executable\n")
+    fake.chmod(0o644)
+    monkeypatch.setattr(native, "init_executable", lambda: fake)
+    with pytest.raises(errors.SpawnError) as info:
+        box.run(["true"])
+    assert info.value.step == "exec-init"
+    assert info.value.errno == errno.EACCES
+    assert info.value.path == str(fake)
+
+
+# --- a terminal inside the container ------------------------------------------------
+
+def _winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def test_terminal_is_the_containers_own_pty(box: Box) -> None:
+    script = "read x; tty; stty size; echo via-ctty > /dev/tty && echo ctty-ok; stat -c 'owner=%u' $(tty)"
+    proc = spawn.start(box.config(["sh", "-c", script], stdio=(0, 1, 2), tty=True, uid=1000, gid=1000))
+    try:
+        master = proc.pty_master
+        assert master is not None
+        assert os.isatty(master) and os.get_inheritable(master) is False
+        _winsize(master, 30, 100)
+        os.write(master, b"go\n")
+        out = read_pty(master).decode()
+        assert proc.wait(10) == 0, out
+    finally:
+        proc.close()
+    assert proc.pty_master is None  # closed with the process
+    lines = [ln.strip() for ln in out.splitlines()]
+    assert "/dev/pts/0" in lines
+    assert "30 100" in lines
+    assert "via-ctty" in lines and "ctty-ok" in lines
+    assert "owner=1000" in lines
+
+
+def test_no_terminal_no_master(box: Box) -> None:
+    c = Piped(box, ["sh", "-c", "tty; echo done"])
+    try:
+        assert c.proc.pty_master is None
+        assert b"not a tty" in c.read_until(b"done")
+    finally:
+        c.close()
+
+
+def test_join_with_a_terminal(box: Box) -> None:
+    c = Piped(box, ["sh", "-c", "echo ready; exec sleep 100"])
+    try:
+        c.read_until(b"ready")
+        j = spawn.join(c.proc.pid, process=spawn.ProcessSpec(
+            argv=("sh", "-c", "tty; echo $$ > /dev/tty; exit 5"), env={"PATH": "/bin"}, tty=True),
+            stdio=(0, 1, 2))
+        try:
+            j.release()
+            assert j.pty_master is not None
+            out = read_pty(j.pty_master).decode()
+            assert j.wait(10) == 5, out
+        finally:
+            j.close()
+        assert "/dev/pts/0" in out.split()
+    finally:
+        c.close()
+
+
+# --- the container's own cgroup at /sys/fs/cgroup -------------------------------------
+
+def test_own_cgroup_v1_mounted_read_only(box: Box) -> None:
+    line = next(ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in ln)
+    if line.split(":")[1] != "memory":
+        pytest.skip("no separate cgroup v1 memory hierarchy")
+    mine = Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")
+    if not mine.is_dir():
+        pytest.skip("no cgroup v1 memory hierarchy")
+    cg = mine / f"jc-test-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+    out = box.base / "out.txt"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    script = ("cat /sys/fs/cgroup/memory/memory.limit_in_bytes; "
+              "echo 1 > /sys/fs/cgroup/memory/memory.limit_in_bytes; echo write=$?; "
+              "mkdir /sys/fs/cgroup/x; echo mkdir=$?; ls /sys/fs/cgroup; "
+              "grep -c . /sys/fs/cgroup/memory/cgroup.procs")
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(64 << 20))
+        proc = spawn.spawn(box.config(["sh", "-c", script], stdio=(fd, fd, fd),
+                                      cgroupfs=rootfs.CgroupFs(1, (("memory",),))))
+        try:
+            (cg / "cgroup.procs").write_text(str(proc.pid))
+            proc.release()
+            assert proc.wait(10) == 0
+        finally:
+            proc.close()
+    finally:
+        os.close(fd)
+        cg.rmdir()
+    text = out.read_text()
+    lines = text.splitlines()
+    assert lines[0] == str(64 << 20), text
+    assert "write=1" in lines and "mkdir=1" in lines, text
+    assert "Read-only file system" in text
+    assert lines[-2] == "memory"          # nothing but the one hierarchy
+    assert int(lines[-1]) >= 2            # init, sh, grep: the root is the container's cgroup
+
+
+def test_cgroup2_mounted_read_only(box: Box) -> None:
+    if "cgroup2" not in Path("/proc/filesystems").read_text():
+        pytest.skip("no cgroup2")
+    rc, out = box.run(["sh", "-c", "test -f /sys/fs/cgroup/cgroup.procs && echo has-procs; "
+                                   "echo 1 > /sys/fs/cgroup/cgroup.procs; echo write=$?; "
+                                   "grep ' /sys/fs/cgroup ' /proc/self/mountinfo"],
+                      cgroupfs=rootfs.CgroupFs(2))
+    assert rc == 0 and "has-procs" in out and "write=1" in out, out
+    mount = out.strip().splitlines()[-1].split()
+    assert mount[5].startswith("ro") and "cgroup2" in mount

@@ -184,3 +184,51 @@ def test_many_layers_are_kept_separately() -> None:
     ops = _plan(rootfs_layers=layers)
     assert ops[0].lowerdirs == tuple(layers)
     assert len(":".join(map(str, layers))) > 4096
+
+
+# --- the container's own cgroup at /sys/fs/cgroup ----------------------------------
+
+_CG_ATTRS = frozenset({"ro", "nosuid", "nodev", "noexec"})
+
+
+def _cgroup_ops(ops):
+    start = next(i for i, op in enumerate(ops) if getattr(op, "target", None) == "/sys")
+    end = next(i for i, op in enumerate(ops) if isinstance(op, MaskPath))
+    return ops[start + 1:end]
+
+
+def test_no_cgroup_mounts_unless_asked() -> None:
+    assert not [op for op in _plan() if "/sys/fs/cgroup" in str(getattr(op, "target", getattr(op, "path", "")))]
+
+
+def test_cgroup_v2_is_one_read_only_mount_after_sysfs() -> None:
+    ops = _plan(cgroupfs=rootfs.CgroupFs(2))
+    assert _cgroup_ops(ops) == [FsMount("cgroup2", "/sys/fs/cgroup", source="cgroup", attrs=_CG_ATTRS)]
+
+
+def test_cgroup_v1_tmpfs_hierarchies_symlinks_then_read_only() -> None:
+    ops = _plan(cgroupfs=rootfs.CgroupFs(1, (("memory",), ("cpu", "cpuacct"), ("pids",))))
+    assert _cgroup_ops(ops) == [
+        FsMount("tmpfs", "/sys/fs/cgroup", source="tmpfs", options=(("mode", "755"),),
+                attrs=frozenset({"nosuid", "nodev", "noexec"})),
+        FsMount("cgroup", "/sys/fs/cgroup/memory", source="cgroup", options=(("memory", None),), attrs=_CG_ATTRS),
+        FsMount("cgroup", "/sys/fs/cgroup/cpu,cpuacct", source="cgroup",
+                options=(("cpu", None), ("cpuacct", None)), attrs=_CG_ATTRS),
+        Symlink("/sys/fs/cgroup/cpu", "cpu,cpuacct"),
+        Symlink("/sys/fs/cgroup/cpuacct", "cpu,cpuacct"),
+        FsMount("cgroup", "/sys/fs/cgroup/pids", source="cgroup", options=(("pids", None),), attrs=_CG_ATTRS),
+        RemountReadonly("/sys/fs/cgroup"),
+    ]
+
+
+@pytest.mark.parametrize("version,hierarchies", [
+    (3, ()),
+    (2, (("memory",),)),
+    (1, ((),)),
+    (1, (("memory",), ("memory", "cpu"))),
+    (1, (("../x",),)),
+    (1, (("mem,ory",),)),
+])
+def test_bad_cgroupfs_rejected(version, hierarchies) -> None:
+    with pytest.raises(errors.InvalidSpec):
+        rootfs.CgroupFs(version, hierarchies)

@@ -20,7 +20,7 @@ log = logging.getLogger("jupyter_contain.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import containers, images, kernels, registry
+    from . import containers, images, kernels, registry, snapshot
 
     parser = argparse.ArgumentParser(
         prog="jupyter contain",
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log everything and show tracebacks")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    for module in (images, containers, registry, kernels):
+    for module in (images, containers, registry, kernels, snapshot):
         module.register(sub)
     return parser
 

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import fcntl
 import os
-import pty
 import select
 import signal
 import sys
@@ -107,6 +106,24 @@ def _copy_pty(master: int, done: Callable[[], bool]) -> None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
 
 
+def _seccomp_mode(opts: list[str] | None) -> str:
+    """The seccomp mode from Docker-style ``--security-opt`` values."""
+    mode = "default"
+    for opt in opts or ():
+        key, sep, value = opt.partition("=")
+        if not sep:
+            key, sep, value = opt.partition(":")   # Docker's older KEY:VALUE form
+        if key == "seccomp" and value in ("unconfined", "default"):
+            mode = value
+        elif key == "seccomp":
+            raise InvalidSpec(f"--security-opt {opt}: only seccomp=unconfined or seccomp=default is supported")
+        elif key == "no-new-privileges" and value in ("", "true"):
+            pass   # always on
+        else:
+            raise InvalidSpec(f"unsupported --security-opt {opt!r}")
+    return mode
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     rt = _runtime(args)
     if args.detach and args.rm:
@@ -118,6 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         env=_env(args.env), workdir=args.workdir, user=args.user, hostname=args.hostname,
         binds=tuple(parse_bind(v) for v in args.volume or ()), limits=_limits(args),
         network=args.network, name=args.name, tty=args.tty, readonly_rootfs=args.read_only,
+        publish=tuple(args.publish or ()),
+        seccomp=_seccomp_mode(args.security_opt),
         # a foreground container belongs to this command: if it is killed, gc removes the container
         owner_pid=None if args.detach else os.getpid(),
     )
@@ -140,27 +159,21 @@ def _start_attached(c: Container, args: argparse.Namespace) -> int:
         print(c.id)
         return 0
     with contextlib.ExitStack() as stack:
-        master = None
-        if args.tty:
-            master, slave = pty.openpty()
-            stack.callback(os.close, master)
-            stdio = (slave, slave, slave)
+        # with -t the container makes its own pty (the payload's stdio; our
+        # stdio is then only a placeholder) and hands us the master
+        if args.interactive or args.tty:
+            stdin = sys.stdin.fileno()
         else:
-            if args.interactive:
-                stdin = sys.stdin.fileno()
-            else:
-                stdin = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-                stack.callback(os.close, stdin)
-            stdio = (stdin, sys.stdout.fileno(), sys.stderr.fileno())
+            stdin = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            stack.callback(os.close, stdin)
+        stdio = (stdin, sys.stdout.fileno(), sys.stderr.fileno())
         try:
             c.start(stdio=stdio)
         except BaseException:
             if not args.rm:
                 c.remove(force=True)   # a failed start leaves nothing behind
             raise
-        finally:
-            if master is not None:
-                os.close(slave)
+        master = c.pty_master   # owned by the container handle, closed by wait()
         with _forward_signals(lambda s: _signal_quietly(c, s)):
             if master is not None:
                 _copy_pty(master, lambda: c.status() != "running")
@@ -179,25 +192,19 @@ def _signal_quietly(c: Container, sig: int) -> None:
 def cmd_exec(args: argparse.Namespace) -> int:
     c = _runtime(args).get(args.container)
     with contextlib.ExitStack() as stack:
-        master = None
-        if args.tty:
-            master, slave = pty.openpty()
-            stack.callback(os.close, master)
-            stdio = (slave, slave, slave)
-        else:
-            stdin = sys.stdin.fileno() if args.interactive else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-            if not args.interactive:
-                stack.callback(os.close, stdin)
-            stdio = (stdin, sys.stdout.fileno(), sys.stderr.fileno())
+        interactive = args.interactive or args.tty
+        stdin = sys.stdin.fileno() if interactive else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        if not interactive:
+            stack.callback(os.close, stdin)
+        stdio = (stdin, sys.stdout.fileno(), sys.stderr.fileno())
         proc = c.exec(args.command, stdio=stdio, env=_env(args.env), workdir=args.workdir, user=args.user,
                       tty=args.tty)
-        if master is not None:
-            os.close(slave)
+        stack.callback(proc.close)   # closes the pty master too
+        master = proc.pty_master     # -t: the container's own pty
         with _forward_signals(proc.send_signal):
             if master is not None:
                 _copy_pty(master, lambda: proc.poll() is not None)
             code = proc.wait()
-        proc.close()
     return int(code or 0)
 
 
@@ -256,7 +263,7 @@ def _signal_number(text: str) -> int:
     if t.isdigit():
         return int(t)
     try:
-        return int(signal.Signals(t if t.startswith("SIG") else "SIG" + t))
+        return int(signal.Signals[t if t.startswith("SIG") else "SIG" + t])
     except (KeyError, ValueError):
         raise InvalidSpec(f"unknown signal {text!r}") from None
 
@@ -330,9 +337,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--memory", metavar="SIZE", help="memory limit, e.g. 512m, 2g (no swap beyond it)")
     p.add_argument("--cpus", metavar="N", help="CPU quota in cores, e.g. 1.5")
     p.add_argument("--pids-limit", type=int, metavar="N", help="process limit (default 512; 0 or -1: none)")
-    p.add_argument("--network", choices=["none", "host"], default="none",
-                   help="none: own namespace with loopback only (default); host: share the host's")
+    p.add_argument("-p", "--publish", action="append", metavar="[IP:]HOST:CONTAINER[/tcp]",
+                   help="publish a container port on the host (needs --network bridge; repeatable)")
+    p.add_argument("--network", choices=["none", "host", "bridge"], default="none",
+                   help="none: own namespace with loopback only (default); host: share the host's; "
+                        "bridge: own namespace on the jcbr0 bridge with NAT")
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
+    p.add_argument("--security-opt", action="append", metavar="OPT",
+                   help="seccomp=unconfined: no seccomp filter (default: Docker's default profile)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

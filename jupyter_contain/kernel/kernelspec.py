@@ -118,7 +118,7 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
     spec = kernel_json(image=image, display_name=display_name or default_display_name(image), config=config)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "kernel.json").write_text(json.dumps(spec, indent=1))
-        path = KernelSpecManager().install_kernel_spec(d, name, user=user, replace=True, prefix=prefix)
+        path = KernelSpecManager().install_kernel_spec(d, name, user=user, prefix=prefix)
     return name, path
 
 

@@ -10,6 +10,13 @@ event loop: pulls, mounts and spawns run in a worker thread.
 Connection: ZMQ over ``ipc`` sockets in a per-kernel folder that is bind-mounted
 at the same path inside the container, so the kernel needs no network at all
 and kernels never collide on ports.
+
+Death reasons: when a kernel dies by itself (OOM kill, a signal, a non-zero
+exit), the reason is written to ``previous-death`` in the kernel folder before
+the next start (the container's environment is fixed at creation, so a file is
+what reaches a restart in place); the guest extension shows it as the first
+output of the next cell. The container-making part is shared with the argv
+launcher in :mod:`jupyter_contain.kernel.containers`.
 """
 
 from __future__ import annotations
@@ -27,33 +34,13 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode
 from traitlets import Enum as TEnum
 
 from .. import errors
-from ..runtime import (
-    Bind, ContainerSpec, ExitInfo, Limits, Runtime, Store, parse_bind, parse_cpus, parse_memory,
-)
-from . import guest_files
+from ..runtime import ExitInfo, Runtime
+from . import containers
+from .containers import KernelOptions, kernel_runtime_dir
 
 log = logging.getLogger(__name__)
 
-#: where the guest module is mounted inside every kernel container
-GUEST_DIR = "/.jupyter-contain"
-#: kernel boot: the guest module goes LAST on sys.path (the image's own packages win)
-BOOT = (
-    "import sys; sys.path.append(%r); "
-    "from ipykernel.kernelapp import launch_new_instance; launch_new_instance()" % GUEST_DIR
-)
-#: environment variables of the server that a kernel may see; nothing else leaks in
-_PASS_ENV = ("JPY_SESSION_NAME", "LANG", "LC_ALL", "TZ")
-
-
-def kernel_runtime_dir() -> Path:
-    """Per-kernel folders live here (short paths: unix socket paths are limited to 107 bytes)."""
-    base = os.environ.get("JUPYTER_CONTAIN_RUN_DIR")
-    if base:
-        return Path(base)
-    if os.geteuid() == 0:
-        return Path("/run/jupyter-contain")
-    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/jupyter-contain-{os.geteuid()}"
-    return Path(xdg) / "jupyter-contain"
+__all__ = ["ContainedProvisioner", "kernel_runtime_dir"]
 
 
 class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -82,23 +69,38 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _container: Any = None
     _shutdown_requested = False
     _previous_death: str | None = None
+    _killed_by_us = False
+    _exit_recorded = False
 
     @property
     def has_process(self) -> bool:
         return self._container is not None and self._container.attached
 
+    def options(self) -> KernelOptions:
+        """The provisioner's options, validated (a bad kernelspec fails here, before any work)."""
+        names = containers.OPTION_NAMES - {"shutdown_wait"}
+        config = {n: getattr(self, n) for n in names}
+        spec_cfg = ((getattr(self.kernel_spec, "metadata", None) or {}).get("kernel_provisioner") or {}).get(
+            "config") or {}
+        unknown = sorted(set(spec_cfg) - containers.OPTION_NAMES)
+        where = f"kernelspec {getattr(self.parent, 'kernel_name', '') or '?'}"
+        if unknown:
+            raise errors.InvalidSpec(f"{where}: unknown option(s) {', '.join(unknown)} "
+                                     f"(known: {', '.join(sorted(containers.OPTION_NAMES))})")
+        return KernelOptions.from_config(config, where=where)
+
     def _runtime(self) -> Runtime:
         if not hasattr(self, "_rt"):
-            self._rt = Runtime(Store(self.store_root or None))
+            self._rt = containers.runtime_for(self.options())
         return self._rt
 
     # --- launch ---------------------------------------------------------------------
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        options = self.options()
         km = self.parent
-        kernel_id = kwargs.get("kernel_id") or self.kernel_id
-        self.kernel_dir = kernel_runtime_dir() / str(kernel_id)
-        self.kernel_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kernel_id = str(kwargs.get("kernel_id") or self.kernel_id)
+        self.kernel_dir = containers.make_kernel_dir(kernel_id)
         if km is not None:
             km.transport = "ipc"
             km.ip = str(self.kernel_dir / "k")
@@ -106,87 +108,38 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.connection_info = km.get_connection_info()
             shutil.copyfile(km.connection_file, self.kernel_dir / "connection.json")
         extra = kwargs.pop("extra_arguments", [])
-        cmd = [*self.python, "-c", BOOT, "-f", str(self.kernel_dir / "connection.json"),
-               f"--IPKernelApp.extra_extensions={guest_files.EXTENSION}", *extra]
+        cmd = containers.kernel_command(options, self.kernel_dir / "connection.json", extra)
         kwargs = await super().pre_launch(cmd=cmd, **kwargs)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._prepare_container, kwargs)
+        await loop.run_in_executor(None, self._prepare_container, options, kwargs)
         return kwargs
 
-    def _kernel_env(self, launch_env: dict[str, str]) -> dict[str, str]:
-        env = {k: launch_env[k] for k in _PASS_ENV if k in launch_env}
-        env.update(self.kernel_spec.env or {})     # the kernelspec's env stanza (already substituted)
-        for k, v in (self.kernel_spec.env or {}).items():
-            if k in launch_env:
-                env[k] = launch_env[k]
-        env.update(self.env)
-        env["JUPYTER_CONTAIN_KERNEL_ID"] = str(self.kernel_id)
-        if self._previous_death:
-            env["JUPYTER_CONTAIN_PREVIOUS_DEATH"] = self._previous_death
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        return env
-
-    def _prepare_container(self, kwargs: dict[str, Any]) -> None:
+    def _prepare_container(self, options: KernelOptions, kwargs: dict[str, Any]) -> None:
         """Find or make this kernel's container (worker thread: may pull and unpack)."""
         rt = self._runtime()
-        if self._container is not None and self.reset:
+        containers.gc_once(rt, logger=self.log)
+        # why the previous kernel died, for the guest to show on the first cell; a file in
+        # the kernel folder, because a restart in place keeps the container's environment
+        containers.write_previous_death(Path(self.kernel_dir), self._previous_death)
+        if self._container is not None and options.reset:
             self._container.remove(force=True)
             self._container = None
         if self._container is not None:
             return  # a restart: same container, same writable layer
-        image = self._resolve_image(rt)
-        cwd = kwargs.get("cwd")
-        binds = [Bind(Path(self.kernel_dir), str(self.kernel_dir)),
-                 Bind(guest_files.guest_path(), GUEST_DIR, readonly=True)]
-        workdir = None
-        if self.mount_cwd and cwd and Path(cwd).is_dir():
-            cwd = str(Path(cwd).resolve())
-            binds.append(Bind(Path(cwd), cwd))
-            workdir = cwd
-        binds += [parse_bind(m) for m in self.mounts]
-        spec = ContainerSpec(
-            image=image.name,
-            command=tuple(kwargs["cmd"]),
-            entrypoint=(),
-            env=self._kernel_env(kwargs.get("env") or {}),
-            workdir=workdir,
-            binds=tuple(binds),
-            limits=Limits(memory=parse_memory(self.memory) if self.memory else None,
-                          cpus=parse_cpus(self.cpus) if self.cpus else None,
-                          pids=self.pids or None),
-            network=self.network,
-            labels={"jupyter-contain.kernel-id": str(self.kernel_id),
-                    "jupyter-contain.kernel-name": getattr(self.parent, "kernel_name", "") or ""},
-            owner_pid=os.getpid(),
-        )
-        self._container = rt.create(spec, image=image)
+        env = containers.kernel_env(options, kernel_id=str(self.kernel_id), kernel_dir=Path(self.kernel_dir),
+                                    launch_env=kwargs.get("env") or {},
+                                    spec_env=self.kernel_spec.env or {})
+        self._container = containers.create_container(
+            rt, options, kernel_id=str(self.kernel_id), kernel_dir=Path(self.kernel_dir), cmd=kwargs["cmd"],
+            env=env, cwd=kwargs.get("cwd"), kernel_name=getattr(self.parent, "kernel_name", "") or "")
         self.container_id = self._container.id
-        log.info("kernel %s: container %s from %s", self.kernel_id, self._container.id[:12], image.familiar)
-
-    def _resolve_image(self, rt: Runtime) -> Any:
-        if self.pull_policy == "always":
-            return self._pull(rt)
-        try:
-            return rt.store.resolve(self.image)
-        except errors.ImageNotFound:
-            if self.pull_policy == "never":
-                raise errors.KernelError(
-                    f"image {self.image} is not in the store and pull_policy is 'never' "
-                    f"(run `jupyter contain pull {self.image}` or `jupyter contain bootstrap`)") from None
-            return self._pull(rt)
-
-    def _pull(self, rt: Runtime) -> Any:
-        try:
-            from ..runtime.images.registry import pull
-        except ImportError:  # pragma: no cover - registry client missing
-            raise errors.KernelError(f"image {self.image} is not in the store") from None
-        log.info("kernel %s: pulling %s", self.kernel_id, self.image)
-        return pull(rt.store, self.image)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._start)
         self._shutdown_requested = False
+        self._killed_by_us = False
+        self._exit_recorded = False
         return self.connection_info
 
     def _start(self) -> None:
@@ -207,7 +160,13 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         c = self._container
         if c is None or not c.attached:
             return 0
-        return c.poll()
+        code = c.poll()
+        if code is not None and not self._exit_recorded:
+            # record how it ended now (cgroup OOM counters, peak), so `jupyter contain ps -a`
+            # shows the reason while the restarter has not yet started the next kernel
+            self._exit_recorded = True
+            await asyncio.get_running_loop().run_in_executor(None, c.wait, 0)
+        return code
 
     async def wait(self) -> int | None:
         c = self._container
@@ -226,6 +185,8 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def kill(self, restart: bool = False) -> None:
         c = self._container
         if c is not None and c.attached:
+            if c.poll() is None:
+                self._killed_by_us = True   # our SIGKILL is no death to report
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, c.kill)
 
@@ -240,7 +201,8 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         if c is not None and c.attached:
             info: ExitInfo | None = await loop.run_in_executor(None, c.wait, 10)
-            if info is not None and not self._shutdown_requested and (info.oom_killed or info.signal):
+            if (info is not None and not self._shutdown_requested and not self._killed_by_us
+                    and (info.oom_killed or info.signal or info.code != 0)):
                 self._previous_death = f"the previous kernel was {info.describe()}"
                 log.warning("kernel %s: %s", self.kernel_id, self._previous_death)
         if not restart:
@@ -251,6 +213,11 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 shutil.rmtree(self.kernel_dir, ignore_errors=True)
         elif c is not None:
             c.close()
+            if self.kernel_dir is not None:
+                # the dead kernel's ipc sockets: gone, so the next kernel binds the same paths and
+                # connected clients (the server's channels) reconnect to it by themselves
+                for sock in Path(self.kernel_dir).glob("k-*"):
+                    sock.unlink(missing_ok=True)
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, self.shutdown_wait)

@@ -2,7 +2,8 @@
 
 Owns: loading the compiled cffi module (lazily: importing this package never
 fails, using it without the extension raises a clear ``ContainerError``),
-the two-phase process handle (:class:`NativeProcess`: spawn with the child
+finding the ``jc-init`` executable (the container's PID 1, built beside the
+extension), the two-phase process handle (:class:`NativeProcess`: spawn with the child
 blocked, caller's setup, :meth:`NativeProcess.release`), ``join`` for exec
 into a running container, and the kernel constants the runtime needs
 (capability numbers, clone flags, mount kinds).
@@ -21,6 +22,7 @@ import os
 import select
 import signal
 import threading
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -39,6 +41,7 @@ __all__ = [
     "NativeProcess",
     "available",
     "ffi",
+    "init_executable",
     "join",
     "lib",
     "spawn",
@@ -75,6 +78,8 @@ CAPABILITIES: dict[str, int] = {
 
 _module: ModuleType | None = None
 _module_lock = threading.Lock()
+_INIT_NAME = "jc-init"
+_init_warned = False
 
 
 def _load() -> ModuleType:
@@ -114,6 +119,24 @@ def lib() -> Any:
     return _load().lib
 
 
+def init_executable() -> Path | None:
+    """The ``jc-init`` executable built beside the extension, or None (fallback).
+
+    Without it (a build host without a static libc), the container's PID 1
+    is the cloned copy of this process, which keeps a copy-on-write image of
+    our memory for the container's life: logged once as a warning.
+    """
+    global _init_warned
+    path = Path(__file__).resolve().parent / _INIT_NAME
+    if os.access(path, os.X_OK):
+        return path
+    if not _init_warned:
+        _init_warned = True
+        log.warning("%s is missing (not built with a static libc?): containers use the in-process "
+                    "init, which keeps a copy of this process's memory; rebuild with `pip install .`", path)
+    return None
+
+
 def cap_last() -> int:
     """The highest capability number this kernel knows."""
     with open("/proc/sys/kernel/cap_last_cap") as f:
@@ -142,6 +165,9 @@ class NativeProcess:
     def __init__(self, handle: Any, *, description: str = "container") -> None:
         self.pid: int = int(handle.pid)
         self.pidfd: int = int(handle.pidfd)
+        #: after release, with a terminal: the master of the container's pty
+        #: (owned by this object, closed by :meth:`close`)
+        self.pty_master: int | None = None
         self._handle = handle
         self._description = description
         self._lock = threading.Lock()
@@ -160,6 +186,9 @@ class NativeProcess:
             raise errors.ContainerError(f"{self._description} {self.pid} was already released")
         failure = ffi().new("struct jc_failure *")
         rc = lib().jc_release(self._handle, failure)  # GIL released while blocking
+        if rc == 0 and self._handle.pty_master >= 0:
+            self.pty_master = int(self._handle.pty_master)
+            self._handle.pty_master = -1
         if rc == 0:
             log.debug("%s %d released and exec'd", self._description, self.pid)
             return
@@ -228,11 +257,14 @@ class NativeProcess:
             self.pidfd = -1
 
     def close(self) -> None:
-        """Release the fds; aborts a child that was never released."""
+        """Release the fds (the pty master too); aborts a child that was never released."""
         if not self.released:
             self.abort()
         with self._lock:
             self._close_pidfd()
+            if self.pty_master is not None:
+                os.close(self.pty_master)
+                self.pty_master = None
 
     def __enter__(self) -> NativeProcess:
         return self

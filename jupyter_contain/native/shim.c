@@ -2,9 +2,10 @@
  * Native container start: everything from clone to execve runs here, in C.
  *
  * Owns: the child side of a container start (namespaces, the mount plan,
- * pivot_root, hostname, loopback, the tiny init that is PID 1, credentials,
- * capabilities, no_new_privs, fd hygiene, the seccomp slot, execve) and
- * `exec` into a running container (setns through a pidfd).
+ * pivot_root, hostname, loopback, the container's pty, starting jc-init as
+ * PID 1 (or the in-process fallback init), credentials, capabilities,
+ * no_new_privs, fd hygiene, the seccomp slot, execve) and `exec` into a
+ * running container (setns through a pidfd).
  * Must not: plan anything (the mount list comes ready from Python), touch
  * Python objects, or call anything that is not async-signal-safe in a child.
  *
@@ -15,12 +16,21 @@
  * setgroups because glibc's wrappers would try to broadcast the change to
  * the parent's (non-existent here) threads.
  *
- * Protocol (one SOCK_STREAM socketpair, CLOEXEC):
+ * Protocol (one SOCK_SEQPACKET socketpair, CLOEXEC):
  *   parent: clone3 -> returns pid + pidfd; the child blocks reading 1 byte
  *   parent: its own setup (cgroup attach, id maps) then jc_release() writes 'R'
- *   child:  runs the steps; a failure writes one struct jc_failure and exits
- *   parent: reads until EOF. EOF with no record = execve succeeded (the
- *           payload's copy of the socket closed on exec, init closed its own).
+ *   child:  runs the steps; with a terminal it sends 'P' + the pty master
+ *           (SCM_RIGHTS); a failure sends 'F' + struct jc_failure and exits
+ *   parent: reads until EOF. EOF with no failure = execve succeeded (the
+ *           payload's copy of the socket closed on exec, init's copy closed
+ *           on its own exec of jc-init).
+ *
+ * PID 1: the cloned child forks the payload, then execs the separate static
+ * jc-init (opened before pivot_root), so that the container's init does not
+ * keep a copy-on-write image of the caller's heap. The payload waits for EOF
+ * on a pipe that only jc-init holds open, so it never runs before init can
+ * forward signals; signals to init stay blocked (pending, never lost) across
+ * the exec. Without init_path the clone itself stays init (the fallback).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,6 +49,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <linux/capability.h>
@@ -47,9 +58,16 @@
 #include <linux/seccomp.h>
 
 #include "shim.h"
+#include "init_loop.h"
 
 #ifndef CLONE_PIDFD
 #define CLONE_PIDFD 0x00001000
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+#ifndef TIOCGPTPEER
+#define TIOCGPTPEER _IO('T', 0x41)
 #endif
 #ifndef PR_CAP_AMBIENT
 #define PR_CAP_AMBIENT 47
@@ -65,6 +83,8 @@ struct jc_ctx {
     const struct jc_config *cfg;
     int sync_fd;   /* child end of the socketpair */
     int rootfd;    /* O_PATH fd of the merged rootfs, once mounted */
+    int pty_slave; /* terminal: the slave of the container's pty */
+    int go_fd;     /* payload: read end of the go pipe (EOF = init is ready) */
 };
 
 /* ---- helpers safe in the child ------------------------------------------ */
@@ -99,13 +119,16 @@ static void jc_write_all(int fd, const void *buf, size_t len)
 __attribute__((noreturn)) static void jc_fail_code(struct jc_ctx *c, const char *step, int err,
                                                    const char *path, int code)
 {
+    char msg[1 + sizeof(struct jc_failure)];
     struct jc_failure f;
     memset(&f, 0, sizeof f);
     jc_strlcpy(f.step, step, sizeof f.step);
     f.err = err;
     jc_strlcpy(f.path, path, sizeof f.path);
+    msg[0] = 'F';
+    memcpy(msg + 1, &f, sizeof f);
     if (c->sync_fd >= 0)
-        jc_write_all(c->sync_fd, &f, sizeof f);
+        jc_write_all(c->sync_fd, msg, sizeof msg); /* one packet */
     _exit(code);
 }
 
@@ -490,15 +513,20 @@ static int jc_capset(uint64_t eff, uint64_t prm, uint64_t inh)
     return (int)syscall(SYS_capset, &hdr, d);
 }
 
-static int jc_drop_bounding(const struct jc_config *cfg)
+static int jc_drop_bounding_to(int cap_last, uint64_t keep)
 {
-    for (int cap = 0; cap <= cfg->cap_last && cap < 64; cap++) {
-        if (cfg->cap_keep & (1ULL << cap))
+    for (int cap = 0; cap <= cap_last && cap < 64; cap++) {
+        if (keep & (1ULL << cap))
             continue;
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
             return -1;
     }
     return 0;
+}
+
+static int jc_drop_bounding(const struct jc_config *cfg)
+{
+    return jc_drop_bounding_to(cfg->cap_last, cfg->cap_keep);
 }
 
 static void jc_reset_signals(void)
@@ -612,12 +640,20 @@ __attribute__((noreturn)) static void jc_exec(struct jc_ctx *c)
 __attribute__((noreturn)) static void jc_payload(struct jc_ctx *c)
 {
     const struct jc_config *cfg = c->cfg;
-    int tmp[3];
+    int tmp[3], term[3];
+    const int *src = cfg->stdio;
 
+    if (cfg->terminal) {
+        term[0] = term[1] = term[2] = c->pty_slave;
+        src = term;
+        /* like runc: the payload's user owns its terminal (gid stays tty) */
+        if (cfg->uid != 0 && fchown(c->pty_slave, cfg->uid, (gid_t)-1) < 0)
+            jc_fail(c, "console", errno, "chown");
+    }
     /* dup first so that stdio fds that overlap 0..2 are not clobbered, and
      * so that dup2 clears CLOEXEC on the three we keep */
     for (int i = 0; i < 3; i++) {
-        tmp[i] = fcntl(cfg->stdio[i], F_DUPFD_CLOEXEC, 3);
+        tmp[i] = fcntl(src[i], F_DUPFD_CLOEXEC, 3);
         if (tmp[i] < 0)
             jc_fail(c, "stdio", errno, "");
     }
@@ -627,7 +663,7 @@ __attribute__((noreturn)) static void jc_payload(struct jc_ctx *c)
     jc_reset_signals();
     if (setsid() < 0)
         jc_fail(c, "setsid", errno, "");
-    if (cfg->set_ctty && ioctl(0, TIOCSCTTY, 0) < 0)
+    if (cfg->terminal && ioctl(0, TIOCSCTTY, 0) < 0)
         jc_fail(c, "set-ctty", errno, "");
     for (int i = 0; i < cfg->n_rlimits; i++) {
         struct rlimit rl = {cfg->rlimits[i].soft, cfg->rlimits[i].hard};
@@ -655,6 +691,20 @@ __attribute__((noreturn)) static void jc_payload(struct jc_ctx *c)
         jc_fail(c, "capabilities", errno, "ambient");
     if (cfg->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         jc_fail(c, "no-new-privs", errno, "");
+    /* wait until jc-init runs and forwards signals: it closes the only
+     * write end of the go pipe. A byte instead of EOF means nothing we
+     * know: give up. (If jc-init could not be exec'd, the clone kills us.) */
+    if (c->go_fd >= 0) {
+        char b;
+        ssize_t n;
+        do
+            n = read(c->go_fd, &b, 1);
+        while (n < 0 && errno == EINTR);
+        if (n != 0)
+            _exit(JC_EXIT_ABORTED);
+        close(c->go_fd);
+        c->go_fd = -1;
+    }
     /* every inherited fd above 2 goes, except the status socket, which is
      * CLOEXEC and tells the parent that execve succeeded by closing */
     if (c->sync_fd > 3 && syscall(SYS_close_range, 3U, (unsigned)c->sync_fd - 1, 0U) < 0)
@@ -675,29 +725,23 @@ __attribute__((noreturn)) static void jc_payload(struct jc_ctx *c)
     jc_exec(c);
 }
 
-static int jc_is_forwarded(int sig)
-{
-    switch (sig) {
-    case SIGTERM: case SIGINT: case SIGHUP: case SIGQUIT: case SIGUSR1:
-    case SIGUSR2: case SIGWINCH: case SIGCONT: case SIGALRM:
-        return 1;
-    default:
-        return 0;
-    }
-}
-
-/* PID 1 of the container (or the relay of an exec): forwards signals to the
- * payload, reaps every child, exits with the payload's status. */
+/* Fallback PID 1 (no jc-init executable): the clone itself stays init. It
+ * keeps a copy-on-write image of the caller's memory for its whole life. */
 __attribute__((noreturn)) static void jc_init(struct jc_ctx *c, pid_t payload)
 {
     const struct jc_config *cfg = c->cfg;
-    sigset_t all;
-    siginfo_t si;
+    int exit_fd = -1;
 
-    /* drop our fds (the status socket included: from now on only the
-     * payload's copy keeps it open) and stdio, so that pipes the caller
-     * reads reach EOF when the payload is done with them */
-    syscall(SYS_close_range, 3U, ~0U, 0U);
+    /* keep only the exit fd (as fd 3); drop the rest (the status socket
+     * included: from now on only the payload's copy keeps it open) and
+     * stdio, so that pipes the caller reads reach EOF when the payload is
+     * done with them */
+    if (cfg->exit_fd >= 0) {
+        int t = fcntl(cfg->exit_fd, F_DUPFD_CLOEXEC, 10);
+        if (t >= 0 && dup3(t, 3, O_CLOEXEC) == 3)
+            exit_fd = 3;
+    }
+    syscall(SYS_close_range, exit_fd >= 0 ? 4U : 3U, ~0U, 0U);
     int nfd = open("/dev/null", O_RDWR | O_CLOEXEC);
     for (int i = 0; i < 3; i++) {
         if (nfd >= 0)
@@ -712,31 +756,134 @@ __attribute__((noreturn)) static void jc_init(struct jc_ctx *c, pid_t payload)
     jc_drop_bounding(cfg);
     jc_capset(1ULL << CAP_KILL, 1ULL << CAP_KILL, 0);
     prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    jc_init_loop(payload, exit_fd);
+}
 
-    sigfillset(&all);
-    int status = 0;
-    for (int sig = 0;; sig = sigwaitinfo(&all, &si)) {
-        /* the first pass (sig 0) reaps a payload that ended before we got here */
-        if (sig < 0)
-            continue;
-        if (jc_is_forwarded(sig))
-            kill(payload, sig);
-        for (;;) {
-            int st;
-            pid_t w = waitpid(-1, &st, WNOHANG);
-            if (w <= 0)
-                break;
-            if (w == payload) {
-                status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-                _exit(status);
-            }
+/* Exec jc-init as PID 1 (or as the exec relay): see jc-init.c for the fd
+ * contract. Only returns (as a failure report) if execveat fails. */
+__attribute__((noreturn)) static void jc_exec_init(struct jc_ctx *c, int init_fd, int go_w, pid_t payload)
+{
+    const struct jc_config *cfg = c->cfg;
+    char env0[32] = "JC_PAYLOAD=";
+    char digits[12];
+    char *argv[] = {(char *)"jc-init", NULL};
+    char *envp[] = {env0, NULL};
+    int src[5] = {c->sync_fd, init_fd, go_w, cfg->exit_fd, -1};
+    int fd[5];
+    int e = 0;
+
+    /* move every fd we need above the small numbers first, so that the
+     * dup2s onto 0..4 clobber nothing (F_DUPFD gives fresh numbers) */
+    src[4] = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (src[4] < 0) {
+        e = errno;
+        goto fail;
+    }
+    for (int i = 0; i < 5; i++) {
+        fd[i] = src[i] >= 0 ? fcntl(src[i], F_DUPFD_CLOEXEC, 10) : -1;
+        if (src[i] >= 0 && fd[i] < 0) {
+            e = errno;
+            goto fail;
         }
     }
+    c->sync_fd = fd[0];
+    /* dup2 onto another number clears CLOEXEC: 0..4 survive the exec */
+    for (int i = 0; i < 3; i++)
+        if (dup2(fd[4], i) < 0) {
+            e = errno;
+            goto fail;
+        }
+    if (dup2(fd[2], 3) < 0 || (fd[3] >= 0 ? dup2(fd[3], 4) < 0 : (close(4), 0))) {
+        e = errno;
+        goto fail;
+    }
+    /* everything else goes at exec; the status socket stays open until
+     * then, so an execveat failure can still be reported */
+    if (syscall(SYS_close_range, 5U, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
+        e = errno;
+        goto fail;
+    }
+    /* as root, the exec'd init gets the bounding set as its capabilities:
+     * leave it only what it needs, kill() on a payload of another uid */
+    if (jc_drop_bounding_to(cfg->cap_last, 1ULL << CAP_KILL) < 0 ||
+        jc_capset(1ULL << CAP_KILL, 1ULL << CAP_KILL, 0) < 0 ||
+        prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) {
+        e = errno;
+        goto fail;
+    }
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    {
+        unsigned v = (unsigned)payload;
+        size_t d = 0, n = strlen(env0);
+        do {
+            digits[d++] = (char)('0' + v % 10);
+            v /= 10;
+        } while (v);
+        while (d)
+            env0[n++] = digits[--d];
+        env0[n] = 0;
+    }
+    syscall(SYS_execveat, fd[1], "", argv, envp, AT_EMPTY_PATH);
+    e = errno;
+fail:
+    /* the payload waits for the go pipe: it must never run without init */
+    kill(payload, SIGKILL);
+    jc_fail(c, "exec-init", e, cfg->init_path);
+}
+
+/* The container's terminal, like runc's console socket: a pty of the
+ * container's own devpts instance; the master goes to the caller. */
+static void jc_open_pty(struct jc_ctx *c)
+{
+    struct stat st;
+    int unlock = 0;
+    /* never through a symlink the container may have planted: /dev/pts is
+     * a mount point (cannot be renamed) and devpts holds only kernel nodes */
+    int m = jc_openat2(AT_FDCWD, "/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC,
+                       RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS);
+    if (m < 0)
+        jc_fail(c, "console", errno, "/dev/pts/ptmx");
+    if (fstat(m, &st) < 0)
+        jc_fail(c, "console", errno, "/dev/pts/ptmx");
+    if (!S_ISCHR(st.st_mode) || major(st.st_rdev) != 5 || minor(st.st_rdev) != 2)
+        jc_fail(c, "console", ENOTTY, "/dev/pts/ptmx");
+    if (ioctl(m, TIOCSPTLCK, &unlock) < 0)
+        jc_fail(c, "console", errno, "unlockpt");
+    int sl = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (sl < 0)
+        jc_fail(c, "console", errno, "open slave");
+
+    char tag = 'P';
+    struct iovec iov = {&tag, 1};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } u;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    memset(&u, 0, sizeof u);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = u.buf;
+    msg.msg_controllen = sizeof u.buf;
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &m, sizeof(int));
+    ssize_t n;
+    do
+        n = sendmsg(c->sync_fd, &msg, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n != 1)
+        jc_fail(c, "console", n < 0 ? errno : EPROTO, "send master");
+    close(m);
+    c->pty_slave = sl;
 }
 
 __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int sync_fd)
 {
-    struct jc_ctx ctx = {cfg, sync_fd, -1};
+    struct jc_ctx ctx = {cfg, sync_fd, -1, -1, -1};
     struct jc_ctx *c = &ctx;
     char b = 0;
     ssize_t n;
@@ -763,6 +910,14 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
      * memory through /proc/1/{mem,environ,maps} (no CAP_SYS_PTRACE in it) */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     jc_hide_origin();
+    /* the init executable lives on the host: open it while it is reachable
+     * (before setns/pivot_root), exec it through the fd later */
+    int init_fd = -1;
+    if (cfg->init_path) {
+        init_fd = open(cfg->init_path, O_PATH | O_CLOEXEC);
+        if (init_fd < 0)
+            jc_fail(c, "open-init", errno, cfg->init_path);
+    }
 
     if (cfg->join_pidfd >= 0) {
         if (setns(cfg->join_pidfd, cfg->join_flags) < 0)
@@ -789,13 +944,26 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
     }
     if (setsid() < 0 && errno != EPERM)
         jc_fail(c, "setsid", errno, "");
+    if (cfg->terminal)
+        jc_open_pty(c); /* inside the container: after pivot_root / setns */
 
+    int go[2] = {-1, -1};
+    if (init_fd >= 0 && pipe2(go, O_CLOEXEC) < 0)
+        jc_fail(c, "go-pipe", errno, "");
     /* fork-style raw clone: the payload (PID 2 in a new pid namespace) */
     long pid = syscall(SYS_clone, (unsigned long)SIGCHLD, 0UL, 0UL, 0UL, 0UL);
     if (pid < 0)
         jc_fail(c, "fork-payload", errno, "");
-    if (pid == 0)
+    if (pid == 0) {
+        if (go[1] >= 0)
+            close(go[1]);
+        c->go_fd = go[0];
         jc_payload(c);
+    }
+    if (init_fd >= 0) {
+        close(go[0]);
+        jc_exec_init(c, init_fd, go[1], (pid_t)pid);
+    }
     jc_init(c, (pid_t)pid);
 }
 
@@ -807,7 +975,7 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out)
     sigset_t all, old;
     struct jc_clone_args args;
 
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
         return -errno;
     memset(&args, 0, sizeof args);
     args.flags = (cfg->clone_flags & ~(uint64_t)CLONE_NEWCGROUP) | CLONE_PIDFD;
@@ -833,41 +1001,82 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out)
     out->pid = (int)pid;
     out->pidfd = pidfd;
     out->sync_fd = sv[0];
+    out->pty_master = -1;
     return 0;
 }
 
 /* Let the child go on; wait until execve succeeded (returns 0) or a failure
- * record came back (returns 1, *failure filled). -errno on a broken protocol. */
+ * record came back (returns 1, *failure filled). -errno on a broken protocol.
+ * A terminal's master arrives on the way (h->pty_master; closed on failure). */
 int jc_release(struct jc_handle *h, struct jc_failure *failure)
 {
     char b = 'R';
-    size_t got = 0;
     ssize_t n;
-    int ret;
+    int ret = 0;
 
     memset(failure, 0, sizeof *failure);
+    h->pty_master = -1;
     do
         n = send(h->sync_fd, &b, 1, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
     /* a child that died early shows up as EPIPE here and EOF below */
     for (;;) {
-        n = read(h->sync_fd, (char *)failure + got, sizeof *failure - got);
+        char buf[1 + sizeof(struct jc_failure)];
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(int) * 4)];
+        } u;
+        struct iovec iov = {buf, sizeof buf};
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = u.buf;
+        msg.msg_controllen = sizeof u.buf;
+        n = recvmsg(h->sync_fd, &msg, MSG_CMSG_CLOEXEC);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0)
+        if (n < 0) {
+            ret = -errno;
             break;
-        got += (size_t)n;
-        if (got == sizeof *failure)
+        }
+        int got_fd = -1;
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+            if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+                continue;
+            size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (size_t i = 0; i < k; i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof fd);
+                if (got_fd < 0)
+                    got_fd = fd;
+                else
+                    close(fd);
+            }
+        }
+        if (n == 0) { /* EOF: every copy of the child's end is closed */
+            if (got_fd >= 0)
+                close(got_fd);
             break;
+        }
+        if (buf[0] == 'P' && n == 1 && got_fd >= 0 && h->pty_master < 0) {
+            h->pty_master = got_fd;
+            continue;
+        }
+        if (got_fd >= 0)
+            close(got_fd);
+        if (buf[0] == 'F' && (size_t)n == sizeof buf) {
+            memcpy(failure, buf + 1, sizeof *failure);
+            ret = 1;
+        } else {
+            ret = -EPROTO;
+        }
+        break;
     }
-    if (n < 0)
-        ret = -errno;
-    else if (got == 0)
-        ret = 0;
-    else if (got == sizeof *failure)
-        ret = 1;
-    else
-        ret = -EPROTO;
+    if (ret != 0 && h->pty_master >= 0) {
+        close(h->pty_master);
+        h->pty_master = -1;
+    }
     close(h->sync_fd);
     h->sync_fd = -1;
     return ret;

@@ -74,8 +74,13 @@ struct jc_config {
     uint64_t cap_keep;            /* bounding set (bit per capability) */
     int cap_last;                 /* /proc/sys/kernel/cap_last_cap */
     int no_new_privs;
-    int stdio[3];
-    int set_ctty;                 /* make stdin the controlling terminal */
+    int stdio[3];                 /* ignored when terminal is set */
+    int terminal;                 /* a pty inside the container: its slave is the payload's
+                                   * stdio and controlling tty, its master goes to the caller */
+    /* the init */
+    const char *init_path;        /* host path of the jc-init executable, opened before
+                                   * pivot_root (NULL: the in-process fallback init) */
+    int exit_fd;                  /* >= 0: init writes "code N\n" / "signal N\n" here */
     const void *seccomp_filter;   /* struct sock_filter[seccomp_len], loaded last; may be NULL */
     int seccomp_len;
 };
@@ -84,6 +89,7 @@ struct jc_handle {
     int pid;                      /* as seen from the caller's pid namespace */
     int pidfd;
     int sync_fd;                  /* parent end of the release/status socket */
+    int pty_master;               /* after release: the container pty's master (or -1) */
 };
 
 struct jc_failure {

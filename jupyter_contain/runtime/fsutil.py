@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -96,3 +98,92 @@ def remove_tree(path: Path | str) -> None:
             os.chmod(os.path.dirname(d), 0o700)
             os.rmdir(d)
         stack.pop()
+
+
+class _LockState:
+    """In-process bookkeeping for one lock file (see :func:`file_lock`)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.readers = 0
+        self.writer = False
+        self.ready = False     # the inter-process lock is held for the current readers
+        self.fd = -1
+
+
+_locks: dict[str, _LockState] = {}
+_locks_guard = threading.Lock()
+
+
+def _state(path: str) -> _LockState:
+    with _locks_guard:
+        st = _locks.get(path)
+        if st is None:
+            st = _locks[path] = _LockState()
+        return st
+
+
+@contextlib.contextmanager
+def file_lock(path: Path | str, *, shared: bool = False) -> Iterator[None]:
+    """A lock between processes AND between threads, that child processes do not inherit.
+
+    ``flock`` locks belong to the open file, so a container child cloned by
+    another thread (it holds copies of every fd until its execve) would keep
+    a lock alive after its owner released it: a deadlock waiting to happen in a
+    threaded server. POSIX record locks (``lockf``) are not inherited by
+    children, but are per process, so threads are ordered here by a condition
+    variable, with the first shared holder taking the file lock for all.
+    """
+    key = os.fspath(path)
+    st = _state(key)
+    take = False
+    with st.cond:
+        if shared:
+            while st.writer:
+                st.cond.wait()
+            st.readers += 1
+            take = st.readers == 1
+            while not take and not st.ready:
+                st.cond.wait()
+                if st.readers == 0:   # pragma: no cover - the taker failed; try again as the taker
+                    break
+        else:
+            while st.writer or st.readers:
+                st.cond.wait()
+            st.writer = True
+            take = True
+    if take:
+        try:
+            fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            with st.cond:
+                if shared:
+                    st.readers -= 1
+                else:
+                    st.writer = False
+                st.cond.notify_all()
+            raise
+        with st.cond:
+            st.fd = fd
+            st.ready = shared
+            st.cond.notify_all()
+    try:
+        yield
+    finally:
+        with st.cond:
+            if shared:
+                st.readers -= 1
+                last = st.readers == 0
+            else:
+                st.writer = False
+                last = True
+            if last:
+                os.close(st.fd)   # closing drops the process's record lock
+                st.fd = -1
+                st.ready = False
+            st.cond.notify_all()

@@ -9,6 +9,10 @@ every container and can clean what a dead process left. Must not parse
 layers, talk to registries or know about Jupyter; syscalls go through
 ``spawn`` (native) and file I/O only.
 
+The container's init writes how the main process ended to ``exit`` in the
+container's directory, so that a process that did not start it (``ps`` after
+``run -d``) can still tell the exit code.
+
 The rootfs overlay is mounted inside the container's own mount namespace,
 never in the host's: when the last process of a container ends, its mounts
 go with it, so a killed server cannot leave overlay mounts behind.
@@ -17,7 +21,7 @@ go with it, so a killed server cannot leave overlay mounts behind.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -25,18 +29,20 @@ import secrets
 import signal
 import stat
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
 from ... import errors
-from ..images.store import ImageRecord, Store, atomic_write, now_rfc3339, remove_tree
-from . import rootfs, spawn
+from ..fsutil import atomic_write, file_lock, remove_tree
+from ..images.store import ImageRecord, Store, now_rfc3339
+from . import network as netmod
+from . import rootfs, seccomp, spawn
 from .cgroups import Cgroups, Limits, find_orphans
 
 log = logging.getLogger(__name__)
 
-Network = Literal["none", "host"]
+Network = Literal["none", "host", "bridge"]
 Status = Literal["created", "running", "exited", "dead"]
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -62,13 +68,21 @@ class ContainerSpec:
     tty: bool = False
     rlimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     readonly_rootfs: bool = False
+    #: "default" (Docker's default seccomp profile) or "unconfined" (no filter)
+    seccomp: str = "default"
     #: a process that owns the container (a Jupyter server): when it is gone,
     #: gc removes the container even if it still runs
     owner_pid: int | None = None
+    #: published ports, Docker's ``-p [IP:]HOST:CONTAINER[/tcp|udp]`` (bridge network only)
+    publish: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.network not in ("none", "host"):
-            raise errors.InvalidSpec(f"unknown network mode {self.network!r} (none or host)")
+        seccomp.check_mode(self.seccomp)
+        if self.network not in ("none", "host", "bridge"):
+            raise errors.InvalidSpec(f"unknown network mode {self.network!r} (none, host or bridge)")
+        object.__setattr__(self, "publish", tuple(str(netmod.parse_publish(p)) for p in self.publish))
+        if self.publish and self.network != "bridge":
+            raise errors.InvalidSpec("publishing ports (-p) needs --network bridge")
         if self.name is not None:
             check_name(self.name)
         for b in self.binds:
@@ -168,12 +182,8 @@ class Container:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with file_lock(self.dir / "lock"):
             yield
-        finally:
-            os.close(fd)
 
     @property
     def name(self) -> str:
@@ -195,10 +205,16 @@ class Container:
             if self._proc is not None:      # we are its parent: reap and record properly
                 self.wait()
                 return self.state["status"]
+            self._record_exit(None)         # its init left the status in the exit file
             return "exited"
         if st["status"] == "creating":
             return "dead" if not _alive(st.get("creator_pid"), st.get("creator_start")) else "created"
         return st["status"]
+
+    @property
+    def cgroup_name(self) -> str:
+        """``<store tag>-<id>``: tells this store's cgroups from other stores' on one machine."""
+        return f"{self.runtime.store_tag}-{self.id}"
 
     def exit_info(self) -> ExitInfo | None:
         e = self.state.get("exit")
@@ -209,7 +225,7 @@ class Container:
         if not paths:
             return None
         try:
-            return Cgroups.open(self.id, paths={k: Path(v) for k, v in paths.items()})
+            return Cgroups.open(self.cgroup_name, paths={k: Path(v) for k, v in paths.items()})
         except errors.CgroupError:
             return None
 
@@ -224,8 +240,10 @@ class Container:
         """Start the main process; returns its host pid once exec succeeded.
 
         ``stdio``: fds for stdin/stdout/stderr (default: ``/dev/null`` in,
-        the container's log file out). The calling process becomes the
-        container init's parent and should call :meth:`wait` eventually.
+        the container's log file out; ignored for a ``tty`` container, whose
+        own pty's master is then :attr:`pty_master`). The calling process
+        becomes the container init's parent and should call :meth:`wait`
+        eventually.
         """
         st = self.state
         status = self.status()
@@ -238,12 +256,13 @@ class Container:
         image = self.image()
         lowers = self.runtime.store.ensure_unpacked(image)
         process = spawn.ProcessSpec(**st["process"], rlimits={k: tuple(v) for k, v in st["rlimits"].items()})
-        mounts = rootfs.plan(
-            rootfs_layers=lowers, upper=self.upper, work=self.dir / "work", target=self.dir / "rootfs",
-            binds=[rootfs.Bind(Path(b["source"]), b["target"], b["readonly"]) for b in st["binds"]],
-            etc_files={n: self.dir / "etc" / n for n in _ETC_FILES},
-            readonly_rootfs=st.get("readonly_rootfs", False),
-        )
+        plan_args: dict[str, Any] = {
+            "rootfs_layers": lowers, "upper": self.upper, "work": self.dir / "work", "target": self.dir / "rootfs",
+            "binds": [rootfs.Bind(Path(b["source"]), b["target"], b["readonly"]) for b in st["binds"]],
+            "etc_files": {n: self.dir / "etc" / n for n in _ETC_FILES},
+            "readonly_rootfs": st.get("readonly_rootfs", False),
+        }
+        mounts = rootfs.plan(**plan_args)
         with contextlib.ExitStack() as stack:
             if stdio is None:
                 null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -252,23 +271,43 @@ class Container:
                 stack.callback(os.close, out)
                 stdio = (null, out, out)
             cfg = spawn.SpawnConfig(mounts=tuple(mounts), process=process, stdio=stdio,
-                                    network=st["network"])
+                                    # bridge: an own namespace like "none"; eth0 comes before release
+                                    network="host" if st["network"] == "host" else "none",
+                                    seccomp_filter=seccomp.filter_for(st.get("seccomp", "default"),
+                                                                      capabilities=process.capabilities,
+                                                                      name=st["name"]))
+            # truncated now: what is in it afterwards is this run's end
+            exit_fd = os.open(self.dir / "exit", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            stack.callback(os.close, exit_fd)
             limits = Limits(**st["limits"])
-            cg = Cgroups.create(self.id, limits, root=self.runtime.cgroup_root)
+            cg = Cgroups.create(self.cgroup_name, limits, root=self.runtime.cgroup_root)
             try:
+                # the container's own cgroups at /sys/fs/cgroup: known only now
+                cgroupfs = _cgroup_fs(cg)
+                cfg = replace(cfg, exit_fd=exit_fd, mounts=tuple(rootfs.plan(**plan_args, cgroupfs=cgroupfs))
+                              if cgroupfs is not None else cfg.mounts)
                 proc = spawn.spawn(cfg)
             except BaseException:
                 cg.destroy()
                 raise
+            attached = False
             try:
                 cg.attach(proc.pid)
+                net = None
+                if st["network"] == "bridge":
+                    attached = True
+                    net = netmod.attach(self.runtime.network_settings, container_id=self.id, pid=proc.pid,
+                                        publish=[netmod.parse_publish(p) for p in st.get("publish", ())]).to_json()
                 self._update(status="running", pid=proc.pid, pid_start=_proc_start_time(proc.pid),
-                             started=now_rfc3339(), cgroup={k: str(v) for k, v in cg.paths.items()})
+                             started=now_rfc3339(), cgroup={k: str(v) for k, v in cg.paths.items()}, net=net)
                 proc.release()
             except BaseException:
                 proc.abort()
                 proc.close()
                 cg.destroy()
+                if attached:
+                    with contextlib.suppress(errors.ContainError):
+                        netmod.detach(self.runtime.network_settings, container_id=self.id)
                 self._update(status="created", pid=None, pid_start=None, cgroup=None)
                 raise
         self._proc = proc
@@ -285,17 +324,19 @@ class Container:
         Returns None if ``timeout`` expires first.
         """
         st = self.state
-        if st.get("exit"):
-            return ExitInfo(**st["exit"])
-        if st["status"] == "created":
-            raise errors.ContainerError(f"container {st['name']} was not started")
-        code: int | None
+        code: int | None = None
         if self._proc is not None:
+            # reap first, even if another process already recorded the exit
             code = self._proc.wait(timeout)
             if code is None:
                 return None
             self._proc.close()
-        else:
+            st = self.state
+        if st.get("exit"):
+            return ExitInfo(**st["exit"])
+        if st["status"] == "created":
+            raise errors.ContainerError(f"container {st['name']} was not started")
+        if self._proc is None:
             deadline = None if timeout is None else time.monotonic() + timeout
             while _alive(st.get("pid"), st.get("pid_start")):
                 if deadline is not None and time.monotonic() > deadline:
@@ -305,6 +346,12 @@ class Container:
         return self._record_exit(code)
 
     def _record_exit(self, code: int | None) -> ExitInfo:
+        """Record how the main process ended; ``code`` None: not our child, read the exit file."""
+        st = self.state
+        if st.get("exit"):       # another process was first
+            return ExitInfo(**st["exit"])
+        if code is None:
+            code = _read_exit_file(self.dir / "exit")
         cg = self.cgroups()
         oom = limit = peak = None
         if cg is not None:
@@ -314,15 +361,30 @@ class Container:
             except errors.CgroupError:
                 pass
         if code is None:
-            code = 137 if oom else 255   # not our child: the code is unknown
+            code = 137 if oom else 255   # init died without a word (killed): the code is unknown
         sig = code - 128 if code > 128 else None
         info = ExitInfo(code=code, signal=sig, oom_killed=bool(oom) and sig == signal.SIGKILL,
                         memory_limit=limit, memory_peak=peak, finished=now_rfc3339())
         if cg is not None:
-            cg.destroy()   # kills whatever the payload left behind, then removes the folders
+            # kills whatever the payload left behind, then removes the folders
+            # (another process recording the same exit may be at it too)
+            with contextlib.suppress(errors.CgroupError):
+                cg.destroy()
         self._update(status="exited", exit=asdict(info), cgroup=None, pid=None)
+        if st.get("network") == "bridge":
+            # in a thread: deleting the veth and rules waits for RCU (tens of ms)
+            netmod.detach(self.runtime.network_settings, container_id=self.id, background=True)
         log.info("container %s %s", self.id[:12], info.describe())
         return info
+
+    @property
+    def pty_master(self) -> int | None:
+        """With ``tty``, in the process that started the container: its pty's master.
+
+        Owned by this handle (closed when the container is waited for or the
+        handle closed); the caller copies between it and its own terminal.
+        """
+        return self._proc.pty_master if self._proc is not None else None
 
     @property
     def attached(self) -> bool:
@@ -376,6 +438,15 @@ class Container:
             cg.kill_all()
         with contextlib.suppress(errors.ContainerError):
             self.signal(signal.SIGKILL)
+        # init died with the rest and could not write the exit file: say what
+        # happened (only if it is empty: init may have written first)
+        with contextlib.suppress(OSError):
+            fd = os.open(self.dir / "exit", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size == 0:
+                    os.write(fd, b"signal %d\n" % signal.SIGKILL)
+            finally:
+                os.close(fd)
 
     def stats(self) -> dict[str, Any]:
         cg = self.cgroups()
@@ -399,7 +470,9 @@ class Container:
         process = spawn.ProcessSpec(argv=tuple(argv), env=base_env, cwd=workdir or proc_cfg["cwd"],
                                     uid=uid, gid=gid, additional_gids=tuple(groups), tty=tty)
         ns = frozenset(spawn.NAMESPACES - ({"network"} if st["network"] == "host" else set()))
-        proc = spawn.join(pid, process=process, stdio=stdio, namespaces=ns)
+        proc = spawn.join(pid, process=process, stdio=stdio, namespaces=ns,
+                          seccomp_filter=seccomp.filter_for(st.get("seccomp", "default"),
+                                                            capabilities=process.capabilities, name=st["name"]))
         try:
             cg = self.cgroups()
             if cg is not None:
@@ -438,6 +511,8 @@ class Container:
         cg = self.cgroups()
         if cg is not None:
             cg.destroy()
+        if self.state.get("network") == "bridge":
+            netmod.detach(self.runtime.network_settings, container_id=self.id)
         self.runtime.store.unpin(self.id)
         remove_tree(self.dir)
         self.close()
@@ -445,26 +520,32 @@ class Container:
         log.info("removed container %s", self.id[:12])
 
     def info(self) -> dict[str, Any]:
+        status = self.status()   # first: it may record the exit
         st = self.state
-        status = self.status()
         exit_ = st.get("exit")
         return {
             "id": self.id, "name": st["name"], "image": st["image_name"], "status": status,
             "created": st["created"], "command": st["process"]["argv"], "pid": self.pid,
             "exit": exit_, "reason": ExitInfo(**exit_).describe() if exit_ else None,
             "labels": st.get("labels", {}), "limits": st["limits"], "network": st["network"],
+            "address": (st.get("net") or {}).get("address") if status == "running" else None,
+            "publish": st.get("publish", []),
         }
 
 
 class Runtime:
     """The container half of the runtime over one store."""
 
-    def __init__(self, store: Store | None = None, *, cgroup_root: Any = None) -> None:
+    def __init__(self, store: Store | None = None, *, cgroup_root: Any = None,
+                 network: netmod.Settings | None = None) -> None:
         self.store = store or Store()
         self.cgroup_root = cgroup_root
+        #: the bridge network (``JUPYTER_CONTAIN_BRIDGE``/``_SUBNET``/``_HOST_NETNS`` by default)
+        self.network_settings = network or netmod.Settings.from_env(self.store.root / "network")
         # one handle per container in this process, so the one that started a
         # container (and can reap it) is the one every lookup returns
         self._handles: dict[str, Container] = {}
+        self.store_tag = hashlib.sha256(os.fsencode(self.store.root.resolve())).hexdigest()[:8]
 
     def _handle(self, cid: str) -> Container:
         c = self._handles.get(cid)
@@ -526,7 +607,8 @@ class Runtime:
             (d / "etc" / "hostname").write_text(hostname + "\n")
             (d / "etc" / "hosts").write_text(
                 f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")
-            (d / "etc" / "resolv.conf").write_text(_resolv_conf(spec.network))
+            (d / "etc" / "resolv.conf").write_text(netmod.resolv_conf() if spec.network == "bridge"
+                                                   else _resolv_conf(spec.network))
             process = {
                 "argv": list(argv), "env": env, "cwd": spec.workdir or cfg.working_dir, "uid": uid, "gid": gid,
                 "additional_gids": list(groups), "hostname": hostname, "tty": spec.tty,
@@ -539,7 +621,9 @@ class Runtime:
                 "binds": [{"source": str(b.source), "target": b.target, "readonly": b.readonly}
                           for b in spec.binds],
                 "limits": asdict(spec.limits), "network": spec.network, "labels": dict(spec.labels),
+                "publish": list(spec.publish),
                 "readonly_rootfs": spec.readonly_rootfs,
+                "seccomp": spec.seccomp,
                 "owner_pid": spec.owner_pid,
                 "owner_start": _proc_start_time(spec.owner_pid) if spec.owner_pid else None,
                 "creator_pid": os.getpid(), "creator_start": _proc_start_time(os.getpid()),
@@ -570,11 +654,14 @@ class Runtime:
 
     # --- gc ----------------------------------------------------------------------------
 
-    def gc(self) -> list[str]:
+    def gc(self, *, orphan_cgroups: bool = True) -> list[str]:
         """Clean what dead processes left: containers whose owner died, half-made ones, stray cgroups.
 
         Exited containers without an owner stay (``ps -a`` shows them, ``rm``
-        removes them), but their cgroups go.
+        removes them), but their cgroups go. Stray cgroups are swept only when
+        their name carries this store's tag, so a store that is not the only one
+        on the machine never destroys another store's live containers.
+        ``orphan_cgroups=False`` also skips the sweep of unknown network leftovers.
         """
         removed = []
         known = set()
@@ -600,10 +687,18 @@ class Runtime:
                     self.store.unpin(d.name)
                     removed.append(d.name)
         live = {c.id for c in self.containers()}
-        for name in find_orphans(root=self.cgroup_root, exclude=live):
+        # only this store's cgroups (their names carry its tag): other stores' containers live on
+        mine = {f"{self.store_tag}-{cid}" for cid in live}
+        for name in find_orphans(root=self.cgroup_root, exclude=mine):
+            if not name.startswith(f"{self.store_tag}-"):
+                continue
             with contextlib.suppress(errors.CgroupError):
                 Cgroups.open(name, root=self.cgroup_root).destroy()
                 removed.append(f"cgroup:{name}")
+        if (self.network_settings.state_dir / "leases.json").exists():   # only stores that used a bridge
+            starting_or_running = {c.id for c in self.containers()
+                                   if c.state.get("status") in ("creating", "created", "running")}
+            removed += netmod.gc(self.network_settings, starting_or_running, sweep_unknown=orphan_cgroups)
         for owner in self.store.pins():
             if owner not in live and not (self.store.containers_dir / owner).exists():
                 self.store.unpin(owner)
@@ -611,6 +706,45 @@ class Runtime:
 
 
 # --- helpers ----------------------------------------------------------------------------
+
+
+def _read_exit_file(path: Path) -> int | None:
+    """The code in an init's exit file (``code N`` / ``signal N`` -> 128+N), None if absent."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(64).split(b"\n", 1)[0].decode("ascii", "replace").split()
+    except OSError:
+        return None
+    if len(first) == 2 and first[1].isdigit():
+        if first[0] == "code":
+            return int(first[1])
+        if first[0] == "signal":
+            return 128 + int(first[1])
+    return None
+
+
+def _cgroup_fs(cg: Cgroups) -> rootfs.CgroupFs | None:
+    """What to mount at the container's /sys/fs/cgroup: its own cgroups, read-only.
+
+    v1: each hierarchy the container was put in, with the exact controller
+    set ``/proc/self/cgroup`` names (a v1 mount must ask for all of them).
+    """
+    if cg.version == 2:
+        return rootfs.CgroupFs(2)
+    used = set(cg.paths)
+    hierarchies = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers = tuple(c for c in parts[1].split(",") if c)
+        if controllers and not any(c.startswith("name=") for c in controllers) and used & set(controllers):
+            hierarchies.append(controllers)
+    return rootfs.CgroupFs(1, tuple(hierarchies)) if hierarchies else None
 
 
 def _env_dict(env: Sequence[str]) -> dict[str, str]:
@@ -745,6 +879,7 @@ def oci_config(state: Mapping[str, Any], image: ImageRecord) -> dict[str, Any]:
             "namespaces": namespaces,
             "resources": resources,
             "maskedPaths": list(rootfs.MASKED_PATHS),
+            "seccomp": seccomp.oci_section(state.get("seccomp", "default"), capabilities=caps),
             "readonlyPaths": list(rootfs.READONLY_PATHS),
         },
     }

@@ -5,7 +5,8 @@ Owns: the :class:`Bind` a user asks for, the mount operations
 image layers, the writable layer and the binds into the ordered list the
 native spawn executes (bubblewrap's setup-op list, runc's spec -> config).
 Also the security defaults that are mounts: minimal ``/dev``, masked and
-read-only paths (Docker's/runc's defaults).
+read-only paths (Docker's/runc's defaults), and the container's own cgroup
+at ``/sys/fs/cgroup`` (read-only, as Docker shows it; :class:`CgroupFs`).
 
 Must not: make syscalls, touch the disk (not even ``stat``), or know how the
 list is executed. Container paths are absolute POSIX strings resolved by the
@@ -18,13 +19,14 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 from jupyter_contain import errors
 
 __all__ = [
     "Bind",
     "BindMount",
+    "CgroupFs",
     "DEVICES",
     "FsMount",
     "MASKED_PATHS",
@@ -144,9 +146,47 @@ class ReadonlyPath:
 
 @dataclass(frozen=True)
 class RemountReadonly:
-    """Make the mount at ``path`` read-only (the rootfs), after everything else is mounted."""
+    """Make the mount at ``path`` read-only (not recursive), once what lies on it is in place.
+
+    The rootfs (last of all), or the cgroup tmpfs once its mount points exist.
+    """
 
     path: str = "/"
+
+
+@dataclass(frozen=True)
+class CgroupFs:
+    """Which cgroup filesystems to show at ``/sys/fs/cgroup``.
+
+    Mounted inside the container's cgroup namespace, each shows the
+    container's own cgroup as its root (so a program can read its limits).
+    ``version`` 2: one cgroup2 mount. ``version`` 1: a tmpfs holding one
+    mount per hierarchy in ``hierarchies``, each the exact controller set of
+    a mounted v1 hierarchy as ``/proc/self/cgroup`` names it (e.g.
+    ``("cpu", "cpuacct")``), with a symlink per controller when there are
+    several (Docker's layout). Everything read-only.
+    """
+
+    version: Literal[1, 2]
+    hierarchies: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.version not in (1, 2):
+            raise errors.InvalidSpec(f"cgroup version must be 1 or 2, not {self.version!r}")
+        hs = tuple(tuple(h) for h in self.hierarchies)
+        if self.version == 2 and hs:
+            raise errors.InvalidSpec("cgroup v2 has no separate hierarchies")
+        names: set[str] = set()
+        for h in hs:
+            if not h:
+                raise errors.InvalidSpec("an empty cgroup v1 hierarchy")
+            for c in h:
+                if not c or not all(ch.isalnum() or ch == "_" for ch in c):
+                    raise errors.InvalidSpec(f"invalid cgroup controller name {c!r}")
+                if c in names:
+                    raise errors.InvalidSpec(f"cgroup controller {c!r} in two hierarchies")
+                names.add(c)
+        object.__setattr__(self, "hierarchies", hs)
 
 
 MountOp = Union[OverlayMount, BindMount, FsMount, Symlink, MaskPath, ReadonlyPath, RemountReadonly]
@@ -213,6 +253,25 @@ def _dev_ops() -> list[MountOp]:
     return ops
 
 
+_CGROUP_ATTRS = frozenset({"ro", "nosuid", "nodev", "noexec"})
+
+
+def _cgroup_ops(cg: CgroupFs) -> list[MountOp]:
+    if cg.version == 2:
+        return [FsMount("cgroup2", "/sys/fs/cgroup", source="cgroup", attrs=_CGROUP_ATTRS)]
+    # the tmpfs stays writable until its mount points and symlinks exist
+    ops: list[MountOp] = [FsMount("tmpfs", "/sys/fs/cgroup", source="tmpfs", options=(("mode", "755"),),
+                                  attrs=frozenset({"nosuid", "nodev", "noexec"}))]
+    for h in cg.hierarchies:
+        name = ",".join(h)
+        ops.append(FsMount("cgroup", f"/sys/fs/cgroup/{name}", source="cgroup",
+                           options=tuple((c, None) for c in h), attrs=_CGROUP_ATTRS))
+        if len(h) > 1:
+            ops += [Symlink(f"/sys/fs/cgroup/{c}", name) for c in h]
+    ops.append(RemountReadonly("/sys/fs/cgroup"))
+    return ops
+
+
 def plan(
     *,
     rootfs_layers: Sequence[Path],
@@ -222,6 +281,7 @@ def plan(
     binds: Sequence[Bind] = (),
     etc_files: Mapping[str, Path] | None = None,
     readonly_rootfs: bool = False,
+    cgroupfs: CgroupFs | None = None,
 ) -> list[MountOp]:
     """The ordered mount operations that build a container's filesystem.
 
@@ -230,7 +290,9 @@ def plan(
     the rootfs is assembled at (the executor pivots into it). ``etc_files``
     maps names under ``/etc`` (``hosts``, ``hostname``, ``resolv.conf``) to
     files prepared in the container's state dir. ``binds`` go last among the
-    mounts, parents before children. Raises
+    mounts, parents before children. ``cgroupfs``: the cgroup filesystems
+    mounted over ``/sys/fs/cgroup`` (None: sysfs's empty directory stays;
+    only meaningful with a cgroup namespace). Raises
     :class:`~jupyter_contain.errors.InvalidSpec` for a malformed request.
     """
     if not rootfs_layers:
@@ -247,6 +309,8 @@ def plan(
     ]
     ops += _dev_ops()
     ops.append(FsMount("sysfs", "/sys", source="sysfs", attrs=frozenset({"ro", "nosuid", "nodev", "noexec"})))
+    if cgroupfs is not None:
+        ops += _cgroup_ops(cgroupfs)
 
     taken: set[str] = set()
     for name, source in sorted((etc_files or {}).items()):

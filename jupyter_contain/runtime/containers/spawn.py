@@ -6,7 +6,9 @@ stdio), turning them into ``struct jc_config`` (:func:`build_config`), the
 two-phase :func:`spawn` (child blocked until :meth:`ContainerProcess.release`,
 so the caller can attach the cgroup in between), :func:`start` (both phases)
 and :func:`join` (exec into a running container). Maps an execve failure to
-``CommandNotFound`` / ``CommandNotExecutable``.
+``CommandNotFound`` / ``CommandNotExecutable``. Points the shim at the
+``jc-init`` executable (PID 1), and hands out the container's pty master
+(:attr:`ContainerProcess.pty_master`) when the process asked for a terminal.
 
 Must not: plan mounts (``rootfs``), create or write cgroups (the caller
 does, between spawn and release), or fork Python: every child runs in C.
@@ -105,7 +107,9 @@ class ProcessSpec:
     #: capability names to keep (intersected with the host's bounding set)
     capabilities: frozenset[str] = DEFAULT_CAPABILITIES
     no_new_privs: bool = True
-    #: stdin is a terminal: make it the payload's controlling tty
+    #: a pseudo-terminal of the container's own devpts: its slave becomes the
+    #: payload's stdin/stdout/stderr and controlling tty (``stdio`` is then
+    #: ignored), its master comes back as :attr:`ContainerProcess.pty_master`
     tty: bool = False
 
     def __post_init__(self) -> None:
@@ -150,6 +154,10 @@ class SpawnConfig:
     namespaces: frozenset[str] = NAMESPACES
     #: a BPF program (struct sock_filter[], 8 bytes each) loaded right before execve
     seccomp_filter: bytes = b""
+    #: an fd open for writing: init writes the payload's status there at the
+    #: end ("code N\n" or "signal N\n"), for whoever outlives the caller
+    #: (the caller keeps ownership)
+    exit_fd: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mounts", tuple(self.mounts))
@@ -170,6 +178,8 @@ class SpawnConfig:
         if len(self.stdio) != 3:
             raise errors.InvalidSpec("stdio must be three fds")
         object.__setattr__(self, "stdio", tuple(int(fd) for fd in self.stdio))
+        if self.exit_fd is not None and (not isinstance(self.exit_fd, int) or self.exit_fd < 0):
+            raise errors.InvalidSpec(f"exit_fd must be an open fd, not {self.exit_fd!r}")
         if len(self.seccomp_filter) % 8 or len(self.seccomp_filter) // 8 > 4096:
             raise errors.InvalidSpec("seccomp filter must be at most 4096 8-byte BPF instructions")
 
@@ -294,8 +304,11 @@ def _fill_process(arena: _Arena, cfg: Any, proc: ProcessSpec, stdio: tuple[int, 
     cfg.cap_last = native.cap_last()
     cfg.no_new_privs = int(proc.no_new_privs)
     cfg.stdio = list(stdio)
-    cfg.set_ctty = int(proc.tty)
+    cfg.terminal = int(proc.tty)
     cfg.join_pidfd = -1
+    cfg.exit_fd = -1
+    init = native.init_executable()
+    cfg.init_path = arena.str(init) if init is not None else ffi.NULL
     if seccomp_filter:
         buf = arena.new("char[]", seccomp_filter)
         cfg.seccomp_filter = ffi.cast("void *", buf)
@@ -322,6 +335,8 @@ def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
     cfg.hostname = arena.str(config.process.hostname)
     cfg.loopback_up = int("network" in config.namespaces)
     _fill_process(arena, cfg, config.process, config.stdio, config.seccomp_filter)
+    if config.exit_fd is not None:
+        cfg.exit_fd = config.exit_fd
     return cfg, arena
 
 
@@ -351,6 +366,12 @@ class ContainerProcess:
     @property
     def returncode(self) -> int | None:
         return self._proc.returncode
+
+    @property
+    def pty_master(self) -> int | None:
+        """With ``ProcessSpec.tty``, after release: the master of the container's
+        pty (owned by this object: closed by :meth:`close`)."""
+        return self._proc.pty_master
 
     def release(self) -> None:
         try:

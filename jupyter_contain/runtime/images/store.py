@@ -22,7 +22,6 @@ lists correctly:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -34,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable, Iterator, Sequence
 
-from ..fsutil import atomic_write, fsync_dir, remove_tree
+from ..fsutil import atomic_write, file_lock, fsync_dir, remove_tree
 from ...errors import DigestMismatch, ImageInUse, ImageNotFound, ManifestError, StoreError
 from ..spec import (
     ANNOTATION_REF_NAME,
@@ -288,12 +287,8 @@ class Store:
 
     @contextlib.contextmanager
     def _lock(self, name: str, *, exclusive: bool) -> Iterator[None]:
-        fd = os.open(self.locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        with file_lock(self.locks_dir / f"{name}.lock", shared=not exclusive):
             yield
-        finally:
-            os.close(fd)  # closing drops the flock
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:

@@ -3,29 +3,44 @@
 Runs in the image's Python, where jupyter_contain is not installed: standard
 library and IPython only, and it must work on old Pythons (3.7+). Owns what the
 user sees from the sandbox itself: why the previous kernel died. Must not
-assume any host path or talk to anything but the per-kernel channel.
+assume any host path or talk to anything but the per-kernel folder
+(``$JUPYTER_CONTAIN_KERNEL_DIR``, bind-mounted at the same path).
 """
 
 import os
 import sys
 
-_shown = False
+_reason = None
+
+
+def _read_reason():
+    """Why the previous kernel died: the host writes it in the kernel folder before each start."""
+    kdir = os.environ.get("JUPYTER_CONTAIN_KERNEL_DIR")
+    if kdir:
+        try:
+            with open(os.path.join(kdir, "previous-death")) as f:
+                text = f.read().strip()
+            if text:
+                return text
+        except (OSError, ValueError):
+            pass
+    return os.environ.get("JUPYTER_CONTAIN_PREVIOUS_DEATH") or None
 
 
 def _announce_previous_death(*_args, **_kwargs):
     """Say, as the first output of the restarted kernel, why the previous one died."""
-    global _shown
-    if _shown:
-        return
-    _shown = True
-    reason = os.environ.get("JUPYTER_CONTAIN_PREVIOUS_DEATH")
+    global _reason
+    reason, _reason = _reason, None
     if reason:
         sys.stderr.write("jupyter-contain: %s\n" % reason)
         sys.stderr.flush()
 
 
 def load_ipython_extension(ip):
-    if os.environ.get("JUPYTER_CONTAIN_PREVIOUS_DEATH"):
+    global _reason
+    # read now (the host rewrites the file before the next start), show at the first cell
+    _reason = _read_reason()
+    if _reason:
         ip.events.register("pre_run_cell", _announce_previous_death)
 
 

@@ -1,0 +1,275 @@
+"""Making a kernel's container: options, command, environment, image, the container itself.
+
+Owns what the provisioner and the argv launcher share: validating a
+kernelspec's options (:class:`KernelOptions`), the per-kernel folder, the
+kernel's command line and environment, resolving (or pulling) the image,
+creating the container, and the once-per-process clean-up of what a dead
+server left. Must not start, signal or wait for kernels (the provisioner and
+the launcher do that), and talks to the runtime through
+``jupyter_contain.runtime``'s public names only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .. import errors
+from ..runtime import (
+    Bind, Container, ContainerSpec, ImageRecord, Limits, Runtime, Store, parse_bind, parse_cpus, parse_memory,
+)
+from . import guest_files
+
+log = logging.getLogger(__name__)
+
+#: where the guest module is mounted inside every kernel container
+GUEST_DIR = "/.jupyter-contain"
+#: kernel boot: the guest module goes LAST on sys.path (the image's own packages win)
+BOOT = (
+    "import sys; sys.path.append(%r); "
+    "from ipykernel.kernelapp import launch_new_instance; launch_new_instance()" % GUEST_DIR
+)
+#: environment variables of the server that a kernel may see; nothing else leaks in
+PASS_ENV = ("JPY_SESSION_NAME", "LANG", "LC_ALL", "TZ")
+#: provisioner options a kernelspec may set (anything else is a typo worth an error)
+OPTION_NAMES = frozenset({
+    "image", "memory", "cpus", "pids", "network", "mounts", "env", "pull_policy", "mount_cwd", "reset",
+    "store_root", "python", "shutdown_wait",
+})
+
+
+def kernel_runtime_dir() -> Path:
+    """Per-kernel folders live here (short paths: unix socket paths are limited to 107 bytes)."""
+    base = os.environ.get("JUPYTER_CONTAIN_RUN_DIR")
+    if base:
+        return Path(base)
+    if os.geteuid() == 0:
+        return Path("/run/jupyter-contain")
+    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/jupyter-contain-{os.geteuid()}"
+    return Path(xdg) / "jupyter-contain"
+
+
+def make_kernel_dir(kernel_id: str) -> Path:
+    d = kernel_runtime_dir() / kernel_id
+    d.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    d.mkdir(exist_ok=True, mode=0o700)
+    return d
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """A contained kernel's options, validated (from a kernelspec's provisioner config)."""
+
+    image: str = "debian:bookworm"
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = 512
+    network: str = "none"
+    mounts: tuple[Bind, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    pull_policy: str = "missing"
+    mount_cwd: bool = True
+    reset: bool = False
+    store_root: str = ""
+    python: tuple[str, ...] = ("python3",)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, where: str = "kernelspec") -> "KernelOptions":
+        """Validate ``config``; every problem is an :class:`~jupyter_contain.errors.InvalidSpec` naming it."""
+        unknown = sorted(set(config) - OPTION_NAMES)
+        if unknown:
+            raise errors.InvalidSpec(f"{where}: unknown option(s) {', '.join(unknown)} "
+                                     f"(known: {', '.join(sorted(OPTION_NAMES))})")
+
+        def bad(option: str, exc: Exception) -> errors.InvalidSpec:
+            return errors.InvalidSpec(f"{where}: option {option}: {exc}")
+
+        kw: dict[str, Any] = {}
+        if config.get("image"):
+            kw["image"] = str(config["image"])
+        mem = config.get("memory")
+        if mem not in (None, ""):
+            try:
+                kw["memory"] = mem if isinstance(mem, int) and mem > 0 else parse_memory(str(mem))
+            except errors.InvalidSpec as exc:
+                raise bad("memory", exc) from None
+        cpus = config.get("cpus")
+        if cpus not in (None, ""):
+            try:
+                kw["cpus"] = parse_cpus(str(cpus))
+            except errors.InvalidSpec as exc:
+                raise bad("cpus", exc) from None
+        if "pids" in config:
+            pids = config["pids"]
+            if not isinstance(pids, int) or isinstance(pids, bool) or pids < 0:
+                raise errors.InvalidSpec(f"{where}: option pids: {pids!r} is not a process count (0: no limit)")
+            kw["pids"] = pids or None
+        net = config.get("network", "none")
+        if net not in ("none", "host"):
+            raise errors.InvalidSpec(f"{where}: option network: unknown mode {net!r} (none or host)")
+        kw["network"] = net
+        try:
+            kw["mounts"] = tuple(parse_bind(m) for m in config.get("mounts", ()))
+        except errors.InvalidSpec as exc:
+            raise bad("mounts", exc) from None
+        env = config.get("env", {})
+        if not isinstance(env, Mapping) or not all(isinstance(v, str) for v in env.values()):
+            raise errors.InvalidSpec(f"{where}: option env must map names to strings")
+        kw["env"] = dict(env)
+        pp = config.get("pull_policy", "missing")
+        if pp not in ("missing", "always", "never"):
+            raise errors.InvalidSpec(f"{where}: option pull_policy: {pp!r} (missing, always or never)")
+        kw["pull_policy"] = pp
+        kw["mount_cwd"] = bool(config.get("mount_cwd", True))
+        kw["reset"] = bool(config.get("reset", False))
+        kw["store_root"] = str(config.get("store_root") or "")
+        py = config.get("python", ("python3",))
+        kw["python"] = (py,) if isinstance(py, str) else tuple(py)
+        if not kw["python"]:
+            raise errors.InvalidSpec(f"{where}: option python must not be empty")
+        return cls(**kw)
+
+    def limits(self) -> Limits:
+        return Limits(memory=self.memory, cpus=self.cpus, pids=self.pids)
+
+
+def kernel_command(options: KernelOptions, connection_file: Path, extra: Sequence[str] = ()) -> list[str]:
+    """The kernel's argv inside the container."""
+    return [*options.python, "-c", BOOT, "-f", str(connection_file),
+            f"--IPKernelApp.extra_extensions={guest_files.EXTENSION}", *extra]
+
+
+def kernel_env(options: KernelOptions, *, kernel_id: str, kernel_dir: Path,
+               launch_env: Mapping[str, str] | None = None, spec_env: Mapping[str, str] | None = None,
+               previous_death: str | None = None) -> dict[str, str]:
+    """The kernel's environment: a few of the server's, the kernelspec's, the options', ours."""
+    launch_env = launch_env or {}
+    env = {k: launch_env[k] for k in PASS_ENV if k in launch_env}
+    for k, v in (spec_env or {}).items():    # the kernelspec's env stanza (already substituted)
+        env[k] = launch_env.get(k, v)
+    env.update(options.env)
+    env["JUPYTER_CONTAIN_KERNEL_ID"] = kernel_id
+    env["JUPYTER_CONTAIN_KERNEL_DIR"] = str(kernel_dir)   # the guest's side of the per-kernel folder
+    # the kernel's parent is the container's init (pid 1): tell ipykernel so, which also
+    # keeps it from printing the "Ctrl-C will not work" banner meant for terminals
+    env["JPY_PARENT_PID"] = "1"
+    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    if previous_death:
+        env["JUPYTER_CONTAIN_PREVIOUS_DEATH"] = previous_death
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def resolve_image(rt: Runtime, options: KernelOptions) -> ImageRecord:
+    """The image record for ``options.image``, pulling it as the pull policy says."""
+    if options.pull_policy == "always":
+        return _pull(rt, options.image)
+    try:
+        return rt.store.resolve(options.image)
+    except errors.ImageNotFound:
+        if options.pull_policy == "never":
+            raise errors.KernelError(
+                f"image {options.image} is not in the store and pull_policy is 'never' "
+                f"(run `jupyter contain pull {options.image}` or `jupyter contain bootstrap`)") from None
+        return _pull(rt, options.image)
+
+
+def _pull(rt: Runtime, image: str) -> ImageRecord:
+    try:
+        from ..runtime.images.registry import pull
+    except ImportError:  # pragma: no cover - registry client missing
+        raise errors.KernelError(f"image {image} is not in the store") from None
+    log.info("pulling %s", image)
+    return pull(rt.store, image)
+
+
+def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, kernel_dir: Path,
+                     cmd: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
+                     kernel_name: str = "", owner_pid: int | None = None) -> Container:
+    """Create (not start) the container of kernel ``kernel_id`` with its folder bind-mounted in place."""
+    image = resolve_image(rt, options)
+    binds = [Bind(Path(kernel_dir), str(kernel_dir)),
+             Bind(guest_files.guest_path(), GUEST_DIR, readonly=True)]
+    workdir = None
+    if options.mount_cwd and cwd and Path(cwd).is_dir():
+        cwd = str(Path(cwd).resolve())
+        binds.append(Bind(Path(cwd), cwd))
+        workdir = cwd
+    binds += options.mounts
+    spec = ContainerSpec(
+        image=image.name,
+        command=tuple(cmd),
+        entrypoint=(),
+        env=dict(env),
+        workdir=workdir,
+        binds=tuple(binds),
+        limits=options.limits(),
+        network=options.network,  # type: ignore[arg-type]
+        labels={"jupyter-contain.kernel-id": kernel_id, "jupyter-contain.kernel-name": kernel_name},
+        owner_pid=owner_pid if owner_pid is not None else os.getpid(),
+    )
+    c = rt.create(spec, image=image)
+    log.info("kernel %s: container %s from %s", kernel_id, c.id[:12], image.familiar)
+    return c
+
+
+def runtime_for(options: KernelOptions) -> Runtime:
+    return Runtime(Store(options.store_root or None))
+
+
+_gc_lock = threading.Lock()
+_gc_done: set[tuple[int, str]] = set()
+
+
+def gc_once(rt: Runtime, *, logger: logging.Logger | logging.LoggerAdapter | None = None) -> list[str]:
+    """Clean, once per process and store, the containers a dead server left (``Runtime.gc``).
+
+    A server killed with its kernels running leaves their containers (and
+    cgroups, and kernel folders) behind; they carry that server's pid as their
+    owner, so the next server's first kernel start finds and removes them.
+    Cheap: one pass over the store's container folders (a few ms).
+    """
+    say = logger or log
+    key = (os.getpid(), str(rt.store.root))
+    with _gc_lock:
+        if key in _gc_done:
+            return []
+        _gc_done.add(key)
+        t0 = time.monotonic()
+        try:
+            kernel_ids = {c.id: c.state.get("labels", {}).get("jupyter-contain.kernel-id") for c in rt.containers()}
+            # only this store's containers: stray cgroups may be other stores' live containers
+            removed = rt.gc(orphan_cgroups=False)
+        except (errors.ContainError, OSError) as exc:
+            say.warning("jupyter-contain: clean-up of containers left by dead servers failed: %s", exc)
+            return []
+        for cid in removed:
+            kid = kernel_ids.get(cid)
+            if kid and "/" not in kid and kid not in (".", ".."):
+                shutil.rmtree(kernel_runtime_dir() / kid, ignore_errors=True)
+        ms = (time.monotonic() - t0) * 1000
+        if removed:
+            say.warning("jupyter-contain: removed %d container(s) left by dead processes (%.0f ms): %s",
+                        len(removed), ms, ", ".join(r[:12] for r in removed))
+        else:
+            say.info("jupyter-contain: no containers left by dead servers in %s (%.0f ms)", rt.store.root, ms)
+        return removed
+
+
+#: the file in a kernel's folder that says why the previous kernel died (read by the guest)
+PREVIOUS_DEATH_FILE = "previous-death"
+
+
+def write_previous_death(kernel_dir: Path, reason: str | None) -> None:
+    """Leave ``reason`` for the next kernel in ``kernel_dir`` (or clear an old one)."""
+    path = kernel_dir / PREVIOUS_DEATH_FILE
+    if reason:
+        path.write_text(reason + "\n")
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,191 @@
+"""The argv fallback: start a contained kernel for clients that ignore provisioners.
+
+``python -m jupyter_contain.kernel.launcher -f CONNECTION_FILE --config JSON``
+is the ``argv`` of every contained kernelspec. A client that launches argv
+(VS Code, old jupyter_client, nbclient with a custom manager) gets the same
+container the provisioner would make: this process reads the client's (tcp)
+connection file, starts the kernel in its container on ipc sockets in a
+per-kernel folder, and bridges each channel with ZMQ proxies (ROUTER<->DEALER
+for shell, control, stdin and heartbeat; XPUB<->XSUB for iopub). Messages pass
+through unchanged, so the HMAC key is the client's. SIGINT and SIGTERM go to
+the kernel; the launcher exits when the kernel does, removing the container.
+
+Owns only the bridge and this process's life; the container is made by
+:mod:`jupyter_contain.kernel.containers` (shared with the provisioner). A
+restart by such a client is a new launcher and so a new container: restart in
+place needs the provisioner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import zmq
+
+from .. import errors
+from . import containers
+
+log = logging.getLogger("jupyter_contain.kernel.launcher")
+
+#: channel -> (socket type facing the client, socket type facing the kernel)
+_BRIDGES = {
+    "shell": (zmq.ROUTER, zmq.DEALER),
+    "control": (zmq.ROUTER, zmq.DEALER),
+    "stdin": (zmq.ROUTER, zmq.DEALER),
+    "hb": (zmq.ROUTER, zmq.DEALER),     # REQ/REP pings pass through: the kernel itself answers
+    "iopub": (zmq.XPUB, zmq.XSUB),
+}
+
+
+def _client_url(info: dict[str, Any], channel: str) -> str:
+    port = info[f"{channel}_port"]
+    if info.get("transport", "tcp") == "ipc":
+        return f"ipc://{info['ip']}-{port}"
+    return f"tcp://{info['ip']}:{port}"
+
+
+class Bridge:
+    """One process's worth of channel proxies between a client and a contained kernel."""
+
+    def __init__(self, client_info: dict[str, Any], kernel_dir: Path, *, context: zmq.Context | None = None) -> None:
+        self.ctx = context or zmq.Context()
+        self.kernel_dir = kernel_dir
+        self.kernel_info = {
+            "transport": "ipc", "ip": str(kernel_dir / "k"),
+            "shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5,
+            "key": client_info.get("key", ""), "signature_scheme": client_info.get("signature_scheme", "hmac-sha256"),
+            "kernel_name": client_info.get("kernel_name", ""),
+        }
+        self.pairs: list[tuple[zmq.Socket, zmq.Socket]] = []
+        for channel, (front_type, back_type) in _BRIDGES.items():
+            front = self.ctx.socket(front_type)
+            back = self.ctx.socket(back_type)
+            for s in (front, back):
+                s.linger = 0
+            if front_type == zmq.XPUB:
+                # a late subscriber still gets ipykernel's welcome message: pass every (un)subscribe
+                front.setsockopt(zmq.XPUB_VERBOSE, 1)
+            if front_type == zmq.ROUTER:
+                front.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting client keeps its identity
+            front.bind(_client_url(client_info, channel))
+            back.connect(_client_url(self.kernel_info, channel))
+            self.pairs.append((front, back))
+        self.poller = zmq.Poller()
+        self.peer: dict[zmq.Socket, zmq.Socket] = {}
+        for front, back in self.pairs:
+            self.poller.register(front, zmq.POLLIN)
+            self.poller.register(back, zmq.POLLIN)
+            self.peer[front], self.peer[back] = back, front
+
+    def write_kernel_connection_file(self) -> Path:
+        path = self.kernel_dir / "connection.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.kernel_info, f)
+        return path
+
+    def pump(self, timeout_ms: int) -> None:
+        """Forward whatever is ready, waiting up to ``timeout_ms`` for something."""
+        for sock, _ in self.poller.poll(timeout_ms):
+            dest = self.peer[sock]
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                dest.send_multipart(frames, copy=False)
+
+    def close(self) -> None:
+        for front, back in self.pairs:
+            front.close(0)
+            back.close(0)
+        self.pairs = []
+        self.ctx.term()
+
+
+def run(connection_file: str, config: dict[str, Any], *, extra: Sequence[str] = ()) -> int:
+    """Start the kernel container, bridge until the kernel ends; returns the kernel's exit code."""
+    options = containers.KernelOptions.from_config(config, where="launcher --config")
+    client_info = json.loads(Path(connection_file).read_text())
+    kernel_id = str(uuid.uuid4())
+    rt = containers.runtime_for(options)
+    containers.gc_once(rt)
+    kernel_dir = containers.make_kernel_dir(kernel_id)
+    bridge: Bridge | None = None
+    c = None
+    got: list[int] = []
+    # signals only set a flag here; the bridge loop acts on them (no work in a handler)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda n, _f: got.append(n))
+    try:
+        bridge = Bridge(client_info, kernel_dir)
+        conn = bridge.write_kernel_connection_file()
+        cmd = containers.kernel_command(options, conn, extra)
+        env = containers.kernel_env(options, kernel_id=kernel_id, kernel_dir=kernel_dir, launch_env=os.environ)
+        c = containers.create_container(rt, options, kernel_id=kernel_id, kernel_dir=kernel_dir, cmd=cmd, env=env,
+                                        cwd=os.getcwd(), kernel_name=client_info.get("kernel_name", ""))
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            c.start(stdio=(null, 1, 2))
+        finally:
+            os.close(null)
+        log.info("kernel %s in container %s", kernel_id, c.id[:12])
+        terminating = False
+        while (code := c.poll()) is None:
+            while got:
+                n = got.pop(0)
+                c.signal(n if n != signal.SIGHUP else signal.SIGTERM)
+                if n != signal.SIGINT and not terminating:
+                    terminating = True
+                    log.info("kernel %s: terminating", kernel_id)
+            bridge.pump(100)
+        # hand over what the kernel said last (the shutdown reply, the final status)
+        bridge.pump(0)
+        info = c.wait(5)
+        if info is not None and info.code != 0 and not terminating:
+            log.warning("kernel %s %s", kernel_id, info.describe())
+        return code
+    finally:
+        if c is not None:
+            try:
+                c.remove(force=True)
+            except errors.ContainError as exc:   # pragma: no cover - best effort at exit
+                log.warning("removing container %s: %s", c.id[:12], exc)
+        if bridge is not None:
+            bridge.close()
+        shutil.rmtree(kernel_dir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jupyter_contain.kernel.launcher",
+                                description="Start a contained kernel and bridge a client's connection file to it.")
+    p.add_argument("-f", "--connection-file", required=True, help="the client's connection file")
+    p.add_argument("--config", default="{}", help="the provisioner options as JSON (as in the kernelspec)")
+    args, extra = p.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[jupyter-contain launcher] %(message)s")
+    try:
+        config = json.loads(args.config)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        print(f"jupyter-contain launcher: --config: {exc}", file=sys.stderr)
+        return 2
+    try:
+        code = run(args.connection_file, config, extra=extra)
+    except errors.ContainError as exc:
+        print(f"jupyter-contain launcher: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return code if 0 <= code < 256 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
