@@ -167,7 +167,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--force", action="store_true", help="remove even if a container uses it")
     p.set_defaults(func=cmd_rmi)
 
-    p = sub.add_parser("gc", help="remove blobs and unpacked layers nothing references")
+    p = sub.add_parser("gc", help="clean up dead containers, then blobs and layers nothing references")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_gc)
 
