@@ -403,7 +403,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bundle", help="write an OCI runtime bundle (config.json + rootfs) for runc/crun")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("command", nargs="*", metavar="CMD")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD ...")
     p.set_defaults(func=cmd_bundle)
 
 
