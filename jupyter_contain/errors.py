@@ -137,3 +137,7 @@ class KernelError(ContainError):
 
 class NetworkError(ContainerError):
     """A container's network (bridge, veth, address lease, nftables rules) could not be set up."""
+
+
+class ChannelError(KernelError):
+    """A request over a kernel's host channel (the sandbox's narrow line to the host) was refused or failed."""

@@ -7,7 +7,7 @@ import logging
 
 from ..errors import ContainerError
 from ..kernel import kernelspec
-from ..runtime import Runtime, Store
+from ..runtime import NETWORK_MODES, Runtime, Store
 from .output import emit_json, table
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--memory", help="memory limit per kernel, e.g. 1g")
     p.add_argument("--cpus", help="CPU quota per kernel, e.g. 1.5")
     p.add_argument("--pids-limit", type=int, help="process limit per kernel")
-    p.add_argument("--network", choices=["none", "host"], help="network mode (default none)")
+    p.add_argument("--network", choices=list(NETWORK_MODES),
+                   help="network mode: none (default, loopback only), bridge (NAT egress, pip works), host")
     p.add_argument("--no-probe", action="store_true", help="skip the check that the image can run a kernel")
     _location_options(p)
     p.set_defaults(func=cmd_ks_install)

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from .. import errors
 from ..runtime import (
+    NETWORK_MODES,
     Bind, Container, ContainerSpec, ImageRecord, Limits, Runtime, Store, parse_bind, parse_cpus, parse_memory,
 )
 from . import guest_files
@@ -111,8 +112,8 @@ class KernelOptions:
                 raise errors.InvalidSpec(f"{where}: option pids: {pids!r} is not a process count (0: no limit)")
             kw["pids"] = pids or None
         net = config.get("network", "none")
-        if net not in ("none", "host"):
-            raise errors.InvalidSpec(f"{where}: option network: unknown mode {net!r} (none or host)")
+        if net not in NETWORK_MODES:
+            raise errors.InvalidSpec(f"{where}: option network: unknown mode {net!r} (none, bridge or host)")
         kw["network"] = net
         try:
             kw["mounts"] = tuple(parse_bind(m) for m in config.get("mounts", ()))

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .. import errors
-from ..runtime import ContainerSpec, ImageRecord, Runtime, Store, parse_cpus, parse_memory
+from ..runtime import NETWORK_MODES, ContainerSpec, ImageRecord, Runtime, Store, parse_cpus, parse_memory
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
     if pids is not None:
         config["pids"] = pids
     if network:
-        if network not in ("none", "host"):
-            raise errors.InvalidSpec(f"unknown network mode {network!r} (none or host)")
+        if network not in NETWORK_MODES:
+            raise errors.InvalidSpec(f"unknown network mode {network!r} (none, bridge or host)")
         config["network"] = network
     if store.root != Store().root:
         config["store_root"] = str(store.root)

@@ -17,6 +17,12 @@ the next start (the container's environment is fixed at creation, so a file is
 what reaches a restart in place); the guest extension shows it as the first
 output of the next cell. The container-making part is shared with the argv
 launcher in :mod:`jupyter_contain.kernel.containers`.
+
+Host channel: each kernel gets a :class:`~jupyter_contain.kernel.channel.HostChannel`
+on ``host.sock`` in its folder, started with the first launch and stopped at
+``cleanup(restart=False)``; it serves on the server's event loop (an async
+kernel manager), or on a thread of its own when the manager is a blocking one
+(whose event loop only runs during its calls).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode
 from traitlets import Enum as TEnum
 
 from .. import errors
-from ..runtime import ExitInfo, Runtime
+from ..runtime import NETWORK_MODES, ExitInfo, Runtime
 from . import containers
 from .containers import KernelOptions, kernel_runtime_dir
 
@@ -50,8 +56,9 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     memory = Unicode("", config=True, help="Memory limit, e.g. '1g' (no swap beyond it). Empty: none.")
     cpus = Unicode("", config=True, help="CPU quota in cores, e.g. '1.5'. Empty: none.")
     pids = Int(512, config=True, help="Process limit (0: none).")
-    network = TEnum(["none", "host"], "none", config=True,
-                    help="none: own network namespace with loopback only; host: share the host's network.")
+    network = TEnum(list(NETWORK_MODES), "none", config=True,
+                    help="none: own network namespace with loopback only (default); bridge: egress through "
+                         "NAT on the jupyter-contain bridge (lets pip install); host: share the host's network.")
     mounts = List(Unicode(), [], config=True, help="Extra bind mounts, 'SRC:DST[:ro]'.")
     env = Dict(value_trait=Unicode(), default_value={}, config=True, help="Extra environment for the kernel.")
     pull_policy = TEnum(["missing", "always", "never"], "missing", config=True,
@@ -71,6 +78,8 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _previous_death: str | None = None
     _killed_by_us = False
     _exit_recorded = False
+    _channel: Any = None
+    _reset_requested = False
 
     @property
     def has_process(self) -> bool:
@@ -124,6 +133,10 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self._container is not None and options.reset:
             self._container.remove(force=True)
             self._container = None
+        if self._container is not None and self._reset_requested:
+            # `%container reset` asked for it: same container, fresh writable layer
+            self._container.reset()
+        self._reset_requested = False
         if self._container is not None:
             return  # a restart: same container, same writable layer
         env = containers.kernel_env(options, kernel_id=str(self.kernel_id), kernel_dir=Path(self.kernel_dir),
@@ -137,10 +150,43 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._start)
+        await self._start_channel()
         self._shutdown_requested = False
         self._killed_by_us = False
         self._exit_recorded = False
         return self.connection_info
+
+    async def _start_channel(self) -> None:
+        if self._channel is not None or self.kernel_dir is None:
+            return
+        from jupyter_client.manager import AsyncKernelManager
+
+        from .channel import HostChannel, KernelContext, socket_path
+
+        options = self.options()
+        spec_dir = getattr(self.kernel_spec, "resource_dir", None)
+
+        def request_reset() -> None:
+            self._reset_requested = True
+
+        ctx = KernelContext(kernel_id=str(self.kernel_id), runtime=self._runtime(),
+                            container=lambda: self._container, python=options.python, limits=options.limits(),
+                            network=options.network, kernelspec_dir=Path(spec_dir) if spec_dir else None,
+                            request_reset=request_reset)
+        ch = HostChannel(ctx, socket_path(Path(self.kernel_dir)))
+        if isinstance(self.parent, AsyncKernelManager):
+            await ch.start()
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, ch.start_thread)
+        self._channel = ch
+
+    async def _stop_channel(self) -> None:
+        ch, self._channel = self._channel, None
+        if ch is not None:
+            try:
+                await ch.aclose()
+            except Exception:   # a channel that fails to stop must not keep the kernel's clean-up from running
+                log.exception("kernel %s: stopping the host channel", self.kernel_id)
 
     def _start(self) -> None:
         c = self._container
@@ -206,6 +252,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self._previous_death = f"the previous kernel was {info.describe()}"
                 log.warning("kernel %s: %s", self.kernel_id, self._previous_death)
         if not restart:
+            await self._stop_channel()
             if c is not None:
                 await loop.run_in_executor(None, lambda: c.remove(force=True))
             self._container = None

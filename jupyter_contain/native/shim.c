@@ -40,6 +40,8 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
@@ -85,6 +87,10 @@ struct jc_ctx {
     int rootfd;    /* O_PATH fd of the merged rootfs, once mounted */
     int pty_slave; /* terminal: the slave of the container's pty */
     int go_fd;     /* payload: read end of the go pipe (EOF = init is ready) */
+    int userns;    /* in a user namespace: mounts of host paths come prepared */
+    const int *prep; /* the parent's detached mounts, in plan order */
+    int n_prep;
+    int next_prep;
 };
 
 /* ---- helpers safe in the child ------------------------------------------ */
@@ -113,6 +119,74 @@ static void jc_write_all(int fd, const void *buf, size_t len)
         p += n;
         len -= (size_t)n;
     }
+}
+
+/* One packet: a tag byte, with fd attached (SCM_RIGHTS) unless fd < 0. */
+static ssize_t jc_send_fd(int sock, char tag, int fd)
+{
+    struct iovec iov = {&tag, 1};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } u;
+    struct msghdr msg;
+    ssize_t n;
+    memset(&msg, 0, sizeof msg);
+    memset(&u, 0, sizeof u);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (fd >= 0) {
+        msg.msg_control = u.buf;
+        msg.msg_controllen = sizeof u.buf;
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    }
+    do
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    return n;
+}
+
+/* Read one packet of the parent's: its first byte, and the fd it carried (or -1). */
+static ssize_t jc_recv_tag(int sock, char *tag, int *fd)
+{
+    char buf[8];
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int) * 4)];
+    } u;
+    struct iovec iov = {buf, sizeof buf};
+    struct msghdr msg;
+    ssize_t n;
+    *fd = -1;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = u.buf;
+    msg.msg_controllen = sizeof u.buf;
+    do
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        return n;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < k; i++) {
+            int f;
+            memcpy(&f, CMSG_DATA(cm) + i * sizeof(int), sizeof f);
+            if (*fd < 0)
+                *fd = f;
+            else
+                close(f);
+        }
+    }
+    *tag = buf[0];
+    return n;
 }
 
 /* Report (step, errno, path) to the parent and exit. */
@@ -212,6 +286,14 @@ static int jc_resolve(int rootfd, const char *path, int create)
     }
 }
 
+/* The next detached mount the parent prepared (user namespace), in plan order. */
+static int jc_next_prep(struct jc_ctx *c, const char *step, const char *path)
+{
+    if (c->next_prep >= c->n_prep)
+        jc_fail(c, step, EPROTO, path);
+    return c->prep[c->next_prep++];
+}
+
 static int jc_move_to(int mntfd, int targetfd)
 {
     return move_mount(mntfd, "", targetfd, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH);
@@ -285,6 +367,19 @@ static void jc_overlay_legacy(struct jc_ctx *c, const struct jc_mount *m)
 
 static void jc_mount_overlay(struct jc_ctx *c, const struct jc_mount *m)
 {
+    if (c->userns) {
+        /* made by the parent (initial namespace, idmapped layers): only
+         * attach it, at the target the parent opened in our mount tree */
+        int mfd = jc_next_prep(c, "mount-rootfs", m->target);
+        int tfd = jc_next_prep(c, "mount-rootfs", m->target);
+        if (jc_move_to(mfd, tfd) < 0)
+            jc_fail(c, "mount-rootfs", errno, m->target);
+        close(tfd);
+        if (c->rootfd >= 0)
+            close(c->rootfd);
+        c->rootfd = mfd; /* the overlay's root, now attached here */
+        return;
+    }
     int fsfd = fsopen("overlay", FSOPEN_CLOEXEC);
     if (fsfd < 0) {
         if (errno != ENOSYS)
@@ -349,13 +444,17 @@ static void jc_do_mount(struct jc_ctx *c, const struct jc_mount *m)
 
     case JC_MOUNT_BIND: {
         int rec = (m->flags & JC_MF_RECURSIVE) ? AT_RECURSIVE : 0;
-        sfd = open_tree(AT_FDCWD, m->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | rec);
-        if (sfd < 0)
-            jc_fail(c, "bind-mount", errno, m->source);
+        if (c->userns) {
+            sfd = jc_next_prep(c, "bind-mount", m->source); /* attributes set by the parent */
+        } else {
+            sfd = open_tree(AT_FDCWD, m->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | rec);
+            if (sfd < 0)
+                jc_fail(c, "bind-mount", errno, m->source);
+            if (m->attrs && jc_setattr(sfd, rec != 0, m->attrs) < 0)
+                jc_fail(c, "bind-mount", errno, m->target);
+        }
         if (fstat(sfd, &st) < 0)
             jc_fail(c, "bind-mount", errno, m->source);
-        if (m->attrs && jc_setattr(sfd, rec != 0, m->attrs) < 0)
-            jc_fail(c, "bind-mount", errno, m->target);
         tfd = jc_resolve(c->rootfd, m->target, S_ISDIR(st.st_mode) ? 1 : 2);
         if (tfd < 0)
             jc_fail(c, "bind-mount", errno, m->target);
@@ -853,28 +952,7 @@ static void jc_open_pty(struct jc_ctx *c)
     if (sl < 0)
         jc_fail(c, "console", errno, "open slave");
 
-    char tag = 'P';
-    struct iovec iov = {&tag, 1};
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } u;
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    memset(&u, 0, sizeof u);
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = u.buf;
-    msg.msg_controllen = sizeof u.buf;
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &m, sizeof(int));
-    ssize_t n;
-    do
-        n = sendmsg(c->sync_fd, &msg, MSG_NOSIGNAL);
-    while (n < 0 && errno == EINTR);
+    ssize_t n = jc_send_fd(c->sync_fd, 'P', m);
     if (n != 1)
         jc_fail(c, "console", n < 0 ? errno : EPROTO, "send master");
     close(m);

@@ -15,6 +15,11 @@
 /* struct jc_mount.flags */
 #define JC_MF_RECURSIVE 1      /* bind: whole subtree (AT_RECURSIVE) */
 #define JC_MF_OPTIONAL 2       /* skip silently when the target does not exist */
+#define JC_MF_IDMAP 4          /* bind, user namespace only: idmapped with the container's
+                                * namespace, so container root owns what host root owns */
+
+/* user namespace: at most this many detached mounts go from parent to child */
+#define JC_MAX_PREPARED 512
 
 /* struct jc_mount.attrs: the kernel's MOUNT_ATTR_* values */
 #define JC_ATTR_RDONLY 1
@@ -54,6 +59,12 @@ struct jc_config {
     int new_cgroupns;             /* unshare(CLONE_NEWCGROUP) after release (after the cgroup attach) */
     int join_pidfd;               /* >= 0: setns into this process's namespaces instead */
     int join_flags;               /* CLONE_NEW* namespaces to join */
+    /* user namespace (CLONE_NEWUSER in clone_flags): the parent writes these
+     * maps ("inside outside count\n" lines), then makes the rootfs overlay
+     * (idmapped layers) and every bind as detached mounts and hands them to
+     * the child, which cannot reach host paths as container root */
+    const char *uid_map;
+    const char *gid_map;
     /* filesystem */
     const struct jc_mount *mounts;
     int n_mounts;
@@ -90,6 +101,8 @@ struct jc_handle {
     int pidfd;
     int sync_fd;                  /* parent end of the release/status socket */
     int pty_master;               /* after release: the container pty's master (or -1) */
+    int *prepared;                /* user namespace: detached mounts sent at release */
+    int n_prepared;
 };
 
 struct jc_failure {
@@ -98,5 +111,8 @@ struct jc_failure {
     char path[1024];
 };
 
-int jc_spawn(const struct jc_config *cfg, struct jc_handle *out);
+/* 0: spawned; 1: a parent-side step failed (failure filled, child reaped); -errno */
+int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failure *failure);
+/* close what the parent prepared for a child that will not be released */
+void jc_discard(struct jc_handle *handle);
 int jc_release(struct jc_handle *handle, struct jc_failure *failure);

@@ -43,6 +43,8 @@ from .cgroups import Cgroups, Limits, find_orphans
 log = logging.getLogger(__name__)
 
 Network = Literal["none", "host", "bridge"]
+#: network modes, for option validation elsewhere (kernelspecs, CLI)
+NETWORK_MODES: tuple[str, ...] = ("none", "bridge", "host")
 Status = Literal["created", "running", "exited", "dead"]
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")

@@ -36,12 +36,38 @@ def _announce_previous_death(*_args, **_kwargs):
         sys.stderr.flush()
 
 
+def snapshot_widget(tag=None):
+    """The snapshot form (ipywidgets): diff summary, tag, message, compression, progress, install."""
+    from .widgets import snapshot_widget as make
+
+    return make(tag=tag)
+
+
+def resources_widget(interval=1.0, start=True):
+    """Live memory, CPU and processes of this kernel's container against its limits (ipywidgets)."""
+    from .widgets import resources_widget as make
+
+    return make(interval=interval, start=start)
+
+
+def request(op, **fields):
+    """One request over the host channel (``stats``, ``diff``, ``snapshot``, ...); returns the answer."""
+    from .channel import request as send
+
+    return send(op, **fields)
+
+
 def load_ipython_extension(ip):
     global _reason
     # read now (the host rewrites the file before the next start), show at the first cell
     _reason = _read_reason()
     if _reason:
         ip.events.register("pre_run_cell", _announce_previous_death)
+    try:
+        from .magics import register
+        register(ip)
+    except Exception as exc:   # the death reason above must still work if the magics cannot load
+        sys.stderr.write("jupyter-contain: the %%container magics are unavailable: %s\n" % exc)
 
 
 def unload_ipython_extension(ip):
