@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         binds=tuple(parse_bind(v) for v in args.volume or ()), limits=_limits(args),
         network=args.network, name=args.name, tty=args.tty, readonly_rootfs=args.read_only,
         publish=tuple(args.publish or ()),
-        seccomp=_seccomp_mode(args.security_opt),
+        seccomp=_seccomp_mode(args.security_opt), userns=args.userns,
         # a foreground container belongs to this command: if it is killed, gc removes the container
         owner_pid=None if args.detach else os.getpid(),
     )
@@ -345,6 +345,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
     p.add_argument("--security-opt", action="append", metavar="OPT",
                    help="seccomp=unconfined: no seccomp filter (default: Docker's default profile)")
+    p.add_argument("--userns", choices=["host", "auto"], default="host",
+                   help="auto: a user namespace with its own subordinate host ids (container root is not "
+                        "host root); host: container ids are host ids (default)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

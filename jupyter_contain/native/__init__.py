@@ -37,6 +37,7 @@ __all__ = [
     "CLONE_NEWNET",
     "CLONE_NEWNS",
     "CLONE_NEWPID",
+    "CLONE_NEWUSER",
     "CLONE_NEWUTS",
     "NativeProcess",
     "available",
@@ -202,6 +203,8 @@ class NativeProcess:
     def abort(self) -> None:
         """Give up before (or after) release: kill, reap, close everything."""
         if not self.released:
+            # the detached mounts made for a user namespace go unused
+            lib().jc_discard(self._handle)
             # closing our end without the release byte makes the child exit
             os.close(self._handle.sync_fd)
             self._handle.sync_fd = -1
@@ -287,10 +290,20 @@ def spawn(config: Any) -> NativeProcess:
     its own copy afterwards).
     """
     handle = ffi().new("struct jc_handle *")
-    rc = lib().jc_spawn(config, handle)  # GIL released: clone3 runs in C
+    failure = ffi().new("struct jc_failure *")
+    rc = lib().jc_spawn(config, handle, failure)  # GIL released: clone3 runs in C
+    _check_spawn(rc, failure)
+    return NativeProcess(handle)
+
+
+def _check_spawn(rc: int, failure: Any) -> None:
+    """Raise for a failed ``jc_spawn`` (``rc`` 1: a parent-side step, child already reaped)."""
     if rc < 0:
         raise errors.SpawnError("clone", -rc, "")
-    return NativeProcess(handle)
+    if rc == 1:
+        step = ffi().string(failure.step).decode("ascii", "replace")
+        path = os.fsdecode(ffi().string(failure.path))
+        raise errors.SpawnError(step, int(failure.err), path)
 
 
 #: the namespaces ``join`` enters by default
@@ -319,9 +332,9 @@ def join(pid: int, config: Any, *, namespaces: int = JOIN_NAMESPACES) -> NativeP
         config.hostname = ffi().NULL
         config.loopback_up = 0
         handle = ffi().new("struct jc_handle *")
-        rc = lib().jc_spawn(config, handle)
-        if rc < 0:
-            raise errors.SpawnError("clone", -rc, "")
+        failure = ffi().new("struct jc_failure *")
+        rc = lib().jc_spawn(config, handle, failure)
+        _check_spawn(rc, failure)
     finally:
         os.close(pidfd)
     return NativeProcess(handle, description="exec")

@@ -18,7 +18,11 @@
  *
  * Protocol (one SOCK_SEQPACKET socketpair, CLOEXEC):
  *   parent: clone3 -> returns pid + pidfd; the child blocks reading 1 byte
- *   parent: its own setup (cgroup attach, id maps) then jc_release() writes 'R'
+ *   parent: with a user namespace (CLONE_NEWUSER), still inside jc_spawn:
+ *           writes the id maps and makes every mount of a host path as a
+ *           detached mount (see "user namespace" below)
+ *   parent: its own setup (cgroup attach, network) then jc_release() sends
+ *           the detached mounts ('M' + one fd each, SCM_RIGHTS) and 'R'
  *   child:  runs the steps; with a terminal it sends 'P' + the pty master
  *           (SCM_RIGHTS); a failure sends 'F' + struct jc_failure and exits
  *   parent: reads until EOF. EOF with no failure = execve succeeded (the
@@ -31,6 +35,19 @@
  * on a pipe that only jc-init holds open, so it never runs before init can
  * forward signals; signals to init stay blocked (pending, never lost) across
  * the exec. Without init_path the clone itself stays init (the fallback).
+ *
+ * User namespace: every namespace of the container is created by the same
+ * clone3 and so owned by the new user namespace (container root has its
+ * capabilities over its own network, mounts, hostname), but the child is
+ * then container root, "nobody" to the host's files, and may not even look
+ * up a path under a 0700 host directory. So the parent, with host
+ * credentials, makes the rootfs overlay over idmapped layers (the upper
+ * included: files keep container ids on disk) and every bind, detached,
+ * and opens the mount point through /proc/PID/root; the child only attaches
+ * them (move_mount into a mount namespace it owns). The overlay is created
+ * in the initial user namespace, so overlayfs keeps trusted.* xattrs and
+ * char 0:0 whiteouts exactly as without a user namespace. jc-init is opened
+ * by the parent before the clone for the same reason.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -959,9 +976,23 @@ static void jc_open_pty(struct jc_ctx *c)
     c->pty_slave = sl;
 }
 
-__attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int sync_fd)
+/* In a user namespace, first of all: become its root. Until then we are the
+ * host's root seen from inside (unmapped: "nobody"), with host root's
+ * supplementary groups, and could not create a file on an idmapped mount. */
+static void jc_become_ns_root(struct jc_ctx *c)
 {
-    struct jc_ctx ctx = {cfg, sync_fd, -1, -1, -1};
+    if (syscall(SYS_setgroups, (size_t)0, NULL) < 0)
+        jc_fail(c, "setgroups", errno, "user namespace");
+    if (syscall(SYS_setresgid, 0, 0, 0) < 0)
+        jc_fail(c, "setgid", errno, "user namespace");
+    if (syscall(SYS_setresuid, 0, 0, 0) < 0)
+        jc_fail(c, "setuid", errno, "user namespace");
+}
+
+__attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int sync_fd, int init_fd)
+{
+    int prep[JC_MAX_PREPARED];
+    struct jc_ctx ctx = {cfg, sync_fd, -1, -1, -1, 0, prep, 0, 0};
     struct jc_ctx *c = &ctx;
     char b = 0;
     ssize_t n;
@@ -975,11 +1006,21 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
         ctx.sync_fd = sync_fd = fd;
     }
 
-    do
-        n = read(sync_fd, &b, 1);
-    while (n < 0 && errno == EINTR);
-    if (n != 1 || b != 'R')
-        _exit(JC_EXIT_ABORTED); /* the parent aborted (or died) */
+    /* with a user namespace, the parent's detached mounts come first ('M'
+     * packets, one fd each), then the release byte */
+    for (;;) {
+        int fd = -1;
+        n = jc_recv_tag(sync_fd, &b, &fd);
+        if (n == 1 && b == 'M' && fd >= 0 && ctx.n_prep < JC_MAX_PREPARED) {
+            prep[ctx.n_prep++] = fd;
+            continue;
+        }
+        if (fd >= 0)
+            close(fd);
+        if (n != 1 || b != 'R')
+            _exit(JC_EXIT_ABORTED); /* the parent aborted (or died) */
+        break;
+    }
     /* no Python-level handlers survive, and no SIG_IGN either. Done here,
      * before the payload exists: setting SIGCHLD to SIG_DFL later would
      * discard a SIGCHLD already pending (default action "ignore") */
@@ -988,19 +1029,19 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
      * memory through /proc/1/{mem,environ,maps} (no CAP_SYS_PTRACE in it) */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     jc_hide_origin();
-    /* the init executable lives on the host: open it while it is reachable
-     * (before setns/pivot_root), exec it through the fd later */
-    int init_fd = -1;
-    if (cfg->init_path) {
-        init_fd = open(cfg->init_path, O_PATH | O_CLOEXEC);
-        if (init_fd < 0)
-            jc_fail(c, "open-init", errno, cfg->init_path);
-    }
+    /* the init executable (init_fd) lives on the host: the parent opened it
+     * before the clone, while it is reachable with the host's credentials */
 
     if (cfg->join_pidfd >= 0) {
         if (setns(cfg->join_pidfd, cfg->join_flags) < 0)
             jc_fail(c, "setns", errno, "");
+        if (cfg->join_flags & CLONE_NEWUSER)
+            jc_become_ns_root(c);
     } else {
+        if (cfg->clone_flags & CLONE_NEWUSER) {
+            ctx.userns = 1;
+            jc_become_ns_root(c);
+        }
         if (cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
             jc_fail(c, "unshare-cgroupns", errno, "");
         if (cfg->clone_flags & CLONE_NEWNS) {
@@ -1047,14 +1088,302 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
 
 /* ---- parent side ----------------------------------------------------------- */
 
-int jc_spawn(const struct jc_config *cfg, struct jc_handle *out)
+static int jc_pfail(struct jc_failure *f, const char *step, int err, const char *path)
 {
-    int sv[2], pidfd = -1, e;
+    memset(f, 0, sizeof *f);
+    jc_strlcpy(f->step, step, sizeof f->step);
+    f->err = err;
+    jc_strlcpy(f->path, path ? path : "", sizeof f->path);
+    return 1;
+}
+
+/* /proc/PID/[ug]id_map take the whole map in one write */
+static int jc_write_map(pid_t pid, const char *name, const char *text)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, name);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t len = text ? strlen(text) : 0;
+    ssize_t n = write(fd, text ? text : "", len);
+    int e = errno;
+    close(fd);
+    if (n != (ssize_t)len || len == 0) {
+        errno = len == 0 ? EINVAL : n < 0 ? e : EIO;
+        return -1;
+    }
+    return 0;
+}
+
+static int jc_idmap(int mntfd, int userns_fd, int recursive)
+{
+    struct mount_attr a;
+    memset(&a, 0, sizeof a);
+    a.attr_set = MOUNT_ATTR_IDMAP;
+    a.userns_fd = (uint64_t)userns_fd;
+    return mount_setattr(mntfd, "", AT_EMPTY_PATH | (recursive ? AT_RECURSIVE : 0), &a, sizeof a);
+}
+
+/* A detached, idmapped clone of a host directory. */
+static int jc_idmapped_clone(const char *path, int userns_fd, struct jc_failure *f, const char *step)
+{
+    int fd = open_tree(AT_FDCWD, path, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+    if (fd < 0)
+        return -jc_pfail(f, step, errno, path);
+    if (jc_idmap(fd, userns_fd, 0) < 0) {
+        int e = errno;
+        close(fd);
+        return -jc_pfail(f, step, e, path);
+    }
+    return fd;
+}
+
+/* The host id that container id 0 maps to in a "inside outside count" map. */
+static long jc_map_root(const char *map)
+{
+    const char *p = map;
+    while (p && *p) {
+        unsigned long in, out, cnt;
+        if (sscanf(p, "%lu %lu %lu", &in, &out, &cnt) == 3 && in == 0 && cnt > 0)
+            return (long)out;
+        p = strchr(p, '\n');
+        if (p)
+            p++;
+    }
+    return -1;
+}
+
+/* fsconfig(CMD_CREATE) with this thread's fsuid/fsgid set to the container
+ * root's host ids. overlayfs keeps the creating task's credentials as its
+ * mounter credentials and creates its own files (work dir, whiteouts,
+ * copy-up temporaries) with them: host root (uid 0) has no id on an
+ * idmapped upper (EOVERFLOW), container root does. Only this thread's
+ * credentials change (raw syscalls, creds are per thread), and only for
+ * this one call; capabilities are kept (setfsuid would drop the file
+ * ones from the effective set) and restored exactly afterwards. */
+static int jc_create_as(int fsfd, long uid, long gid)
+{
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct saved[2];
+    int r, e;
+
+    if (syscall(SYS_capget, &hdr, saved) < 0)
+        return -1;
+    syscall(SYS_setfsgid, (gid_t)gid);
+    syscall(SYS_setfsuid, (uid_t)uid);
+    if ((long)syscall(SYS_setfsuid, (uid_t)-1) != uid || (long)syscall(SYS_setfsgid, (gid_t)-1) != gid ||
+        syscall(SYS_capset, &hdr, saved) < 0) {
+        r = -1;
+        e = errno ? errno : EPERM;
+    } else {
+        r = fsconfig(fsfd, FSCONFIG_CMD_CREATE, NULL, NULL, 0);
+        e = errno;
+    }
+    syscall(SYS_setfsuid, (uid_t)0);
+    syscall(SYS_setfsgid, (gid_t)0);
+    syscall(SYS_capset, &hdr, saved);
+    errno = e;
+    return r;
+}
+
+/* The rootfs overlay as a detached mount, made here in the initial user
+ * namespace (so overlayfs keeps using trusted.* xattrs and char 0:0
+ * whiteouts, with host credentials) over idmapped layers: what is owned by
+ * uid N on disk is owned by container uid N, in the image layers and in the
+ * writable layer alike (a snapshot sees container ids, a restart with other
+ * host ids sees the same files). Upper and work must be on one mount for
+ * overlayfs, so their common directory is cloned once. */
+static int jc_prep_overlay(const struct jc_config *cfg, const struct jc_mount *m, int userns_fd,
+                           struct jc_failure *f)
+{
+    char buf[4200];
+    int fsfd = -1, pfd = -1, mfd = -1, nl = 0;
+    int *lfds = NULL;
+    const char *up = NULL, *wk = NULL;
+    long ruid = jc_map_root(cfg->uid_map), rgid = jc_map_root(cfg->gid_map);
+
+    if (ruid < 0 || rgid < 0)
+        return -jc_pfail(f, "uid-map", EINVAL, "container root is not mapped");
+
+    if (m->upperdir) {
+        const char *us = strrchr(m->upperdir, '/'), *ws = m->workdir ? strrchr(m->workdir, '/') : NULL;
+        size_t ul = us ? (size_t)(us - m->upperdir) : 0;
+        if (!us || !ws || ul == 0 || ul >= sizeof buf || (size_t)(ws - m->workdir) != ul ||
+            memcmp(m->upperdir, m->workdir, ul) != 0)
+            return -jc_pfail(f, "idmap-upper", EINVAL, m->upperdir);
+        memcpy(buf, m->upperdir, ul);
+        buf[ul] = 0;
+        pfd = jc_idmapped_clone(buf, userns_fd, f, "idmap-upper");
+        if (pfd < 0)
+            return -1;
+        up = us + 1;
+        wk = ws + 1;
+    }
+    fsfd = fsopen("overlay", FSOPEN_CLOEXEC);
+    if (fsfd < 0) {
+        jc_pfail(f, "mount-rootfs", errno, m->target);
+        goto out;
+    }
+    /* the detached layer mounts must live until the overlay is made: the
+     * last close of one dissolves it, and overlayfs clones them then */
+    lfds = calloc((size_t)m->n_lowerdirs + 1, sizeof(int));
+    if (!lfds) {
+        jc_pfail(f, "mount-rootfs", ENOMEM, m->target);
+        goto out;
+    }
+    for (int i = 0; i < m->n_lowerdirs; i++) {
+        int lfd = jc_idmapped_clone(m->lowerdirs[i], userns_fd, f, "idmap-layer");
+        if (lfd < 0)
+            goto out;
+        lfds[nl++] = lfd;
+        snprintf(buf, sizeof buf, "/proc/self/fd/%d", lfd);
+        if (fsconfig(fsfd, FSCONFIG_SET_STRING, "lowerdir+", buf, 0) < 0) {
+            jc_pfail(f, "mount-rootfs", errno, m->lowerdirs[i]);
+            goto out;
+        }
+    }
+    if (up) {
+        snprintf(buf, sizeof buf, "/proc/self/fd/%d/%s", pfd, up);
+        if (fsconfig(fsfd, FSCONFIG_SET_STRING, "upperdir", buf, 0) < 0) {
+            jc_pfail(f, "mount-rootfs", errno, m->upperdir);
+            goto out;
+        }
+        snprintf(buf, sizeof buf, "/proc/self/fd/%d/%s", pfd, wk);
+        if (fsconfig(fsfd, FSCONFIG_SET_STRING, "workdir", buf, 0) < 0) {
+            jc_pfail(f, "mount-rootfs", errno, m->workdir);
+            goto out;
+        }
+    }
+    for (int i = 0; i < m->n_options; i++) {
+        const char *k = m->options[2 * i], *v = m->options[2 * i + 1];
+        int r = v ? fsconfig(fsfd, FSCONFIG_SET_STRING, k, v, 0) : fsconfig(fsfd, FSCONFIG_SET_FLAG, k, NULL, 0);
+        if (r < 0) {
+            jc_pfail(f, "mount-rootfs", errno, m->target);
+            goto out;
+        }
+    }
+    if (jc_create_as(fsfd, ruid, rgid) < 0) {
+        jc_pfail(f, "mount-rootfs", errno, m->target);
+        goto out;
+    }
+    mfd = fsmount(fsfd, FSMOUNT_CLOEXEC, (unsigned int)(m->attrs & ~(uint64_t)JC_ATTR_RDONLY));
+    if (mfd < 0)
+        jc_pfail(f, "mount-rootfs", errno, m->target);
+out:
+    for (int i = 0; i < nl; i++)
+        close(lfds[i]);
+    free(lfds);
+    if (fsfd >= 0)
+        close(fsfd);
+    if (pfd >= 0)
+        close(pfd);
+    return mfd;
+}
+
+/* A bind of a host path as a detached mount (attributes set, idmapped on request). */
+static int jc_prep_bind(const struct jc_mount *m, int userns_fd, struct jc_failure *f)
+{
+    int rec = (m->flags & JC_MF_RECURSIVE) ? AT_RECURSIVE : 0;
+    int fd = open_tree(AT_FDCWD, m->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | rec);
+    if (fd < 0)
+        return -jc_pfail(f, "bind-mount", errno, m->source);
+    if ((m->attrs && jc_setattr(fd, rec != 0, m->attrs) < 0) ||
+        ((m->flags & JC_MF_IDMAP) && jc_idmap(fd, userns_fd, rec != 0) < 0)) {
+        int e = errno;
+        close(fd);
+        return -jc_pfail(f, (m->flags & JC_MF_IDMAP) ? "idmap-bind" : "bind-mount", e, m->source);
+    }
+    return fd;
+}
+
+void jc_discard(struct jc_handle *h)
+{
+    if (h->prepared) {
+        for (int i = 0; i < h->n_prepared; i++)
+            if (h->prepared[i] >= 0)
+                close(h->prepared[i]);
+        free(h->prepared);
+    }
+    h->prepared = NULL;
+    h->n_prepared = 0;
+}
+
+/* Between clone and release, for a child in a new user namespace: write its
+ * id maps, then make every mount of a host path (the child, container root
+ * already, may not even be able to look such paths up). */
+static int jc_prepare_userns(const struct jc_config *cfg, pid_t pid, struct jc_handle *h, struct jc_failure *f)
+{
+    char path[4200];
+    int userns_fd, fd, ret = 0;
+
+    if (jc_write_map(pid, "uid_map", cfg->uid_map) < 0)
+        return jc_pfail(f, "uid-map", errno, cfg->uid_map);
+    if (jc_write_map(pid, "gid_map", cfg->gid_map) < 0)
+        return jc_pfail(f, "gid-map", errno, cfg->gid_map);
+    snprintf(path, sizeof path, "/proc/%d/ns/user", (int)pid);
+    userns_fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (userns_fd < 0)
+        return jc_pfail(f, "userns", errno, path);
+    h->prepared = calloc((size_t)cfg->n_mounts + 2, sizeof(int));
+    if (!h->prepared) {
+        close(userns_fd);
+        return jc_pfail(f, "mount-plan", ENOMEM, "");
+    }
+    for (int i = 0; i < cfg->n_mounts && ret == 0; i++) {
+        const struct jc_mount *m = &cfg->mounts[i];
+        if (m->kind != JC_MOUNT_OVERLAY && m->kind != JC_MOUNT_BIND)
+            continue;
+        if (h->n_prepared + 2 > JC_MAX_PREPARED) {
+            ret = jc_pfail(f, "mount-plan", E2BIG, m->target);
+            break;
+        }
+        fd = m->kind == JC_MOUNT_OVERLAY ? jc_prep_overlay(cfg, m, userns_fd, f) : jc_prep_bind(m, userns_fd, f);
+        if (fd < 0) {
+            ret = 1;
+            break;
+        }
+        h->prepared[h->n_prepared++] = fd;
+        if (m->kind == JC_MOUNT_OVERLAY) {
+            /* the mount point, looked up in the child's mount tree */
+            if ((size_t)snprintf(path, sizeof path, "/proc/%d/root%s", (int)pid, m->target) >= sizeof path) {
+                ret = jc_pfail(f, "mount-rootfs", ENAMETOOLONG, m->target);
+                break;
+            }
+            fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+            if (fd < 0) {
+                ret = jc_pfail(f, "mount-rootfs", errno, m->target);
+                break;
+            }
+            h->prepared[h->n_prepared++] = fd;
+        }
+    }
+    close(userns_fd);
+    return ret;
+}
+
+int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failure *failure)
+{
+    int sv[2], pidfd = -1, e, init_fd = -1;
     sigset_t all, old;
     struct jc_clone_args args;
 
-    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
-        return -errno;
+    memset(failure, 0, sizeof *failure);
+    out->prepared = NULL;
+    out->n_prepared = 0;
+    /* the init executable is a host file: open it with the host's
+     * credentials (a child in a user namespace may not reach it) */
+    if (cfg->init_path) {
+        init_fd = open(cfg->init_path, O_PATH | O_CLOEXEC);
+        if (init_fd < 0)
+            return jc_pfail(failure, "open-init", errno, cfg->init_path);
+    }
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+        e = errno;
+        if (init_fd >= 0)
+            close(init_fd);
+        return -e;
+    }
     memset(&args, 0, sizeof args);
     args.flags = (cfg->clone_flags & ~(uint64_t)CLONE_NEWCGROUP) | CLONE_PIDFD;
     args.pidfd = (uint64_t)(uintptr_t)&pidfd;
@@ -1067,11 +1396,13 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out)
     long pid = syscall(SYS_clone3, &args, sizeof args);
     if (pid == 0) {
         close(sv[0]);
-        jc_child(cfg, sv[1]);
+        jc_child(cfg, sv[1], init_fd);
     }
     e = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     close(sv[1]);
+    if (init_fd >= 0)
+        close(init_fd);
     if (pid < 0) {
         close(sv[0]);
         return -e;
@@ -1080,6 +1411,19 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out)
     out->pidfd = pidfd;
     out->sync_fd = sv[0];
     out->pty_master = -1;
+    if (cfg->join_pidfd < 0 && (cfg->clone_flags & CLONE_NEWUSER) &&
+        jc_prepare_userns(cfg, (pid_t)pid, out, failure) != 0) {
+        /* without the release byte the child exits; reap it */
+        jc_discard(out);
+        close(sv[0]);
+        out->sync_fd = -1;
+        kill((pid_t)pid, SIGKILL);
+        while (waitpid((pid_t)pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+        close(pidfd);
+        out->pidfd = -1;
+        return 1;
+    }
     return 0;
 }
 
@@ -1094,6 +1438,12 @@ int jc_release(struct jc_handle *h, struct jc_failure *failure)
 
     memset(failure, 0, sizeof *failure);
     h->pty_master = -1;
+    /* prepared mounts first (a failed send means the child is gone: the
+     * loop below sees EOF), then the release byte */
+    for (int i = 0; i < h->n_prepared; i++)
+        if (jc_send_fd(h->sync_fd, 'M', h->prepared[i]) != 1)
+            break;
+    jc_discard(h);
     do
         n = send(h->sync_fd, &b, 1, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 from ... import errors
 from ..fsutil import atomic_write, file_lock, remove_tree
 from ..images.store import ImageRecord, Store, now_rfc3339
+from . import idmap
 from . import network as netmod
 from . import rootfs, seccomp, spawn
 from .cgroups import Cgroups, Limits, find_orphans
@@ -77,9 +78,14 @@ class ContainerSpec:
     owner_pid: int | None = None
     #: published ports, Docker's ``-p [IP:]HOST:CONTAINER[/tcp|udp]`` (bridge network only)
     publish: tuple[str, ...] = ()
+    #: "host": container ids are host ids (root is host root); "auto": a user
+    #: namespace with its own 65536 subordinate host ids (``idmap``)
+    userns: Literal["host", "auto"] = "host"
 
     def __post_init__(self) -> None:
         seccomp.check_mode(self.seccomp)
+        if self.userns not in ("host", "auto"):
+            raise errors.InvalidSpec(f"unknown user namespace mode {self.userns!r} (host or auto)")
         if self.network not in ("none", "host", "bridge"):
             raise errors.InvalidSpec(f"unknown network mode {self.network!r} (none, host or bridge)")
         object.__setattr__(self, "publish", tuple(str(netmod.parse_publish(p)) for p in self.publish))
@@ -264,6 +270,9 @@ class Container:
             "etc_files": {n: self.dir / "etc" / n for n in _ETC_FILES},
             "readonly_rootfs": st.get("readonly_rootfs", False),
         }
+        userns = idmap.IdMapping.from_json(st["userns"]) if st.get("userns") else None
+        if userns is not None and st["network"] == "host":
+            plan_args["bind_sysfs"] = True   # sysfs needs a network namespace of the user namespace's
         mounts = rootfs.plan(**plan_args)
         with contextlib.ExitStack() as stack:
             if stdio is None:
@@ -274,7 +283,7 @@ class Container:
                 stdio = (null, out, out)
             cfg = spawn.SpawnConfig(mounts=tuple(mounts), process=process, stdio=stdio,
                                     # bridge: an own namespace like "none"; eth0 comes before release
-                                    network="host" if st["network"] == "host" else "none",
+                                    network="host" if st["network"] == "host" else "none", userns=userns,
                                     seccomp_filter=seccomp.filter_for(st.get("seccomp", "default"),
                                                                       capabilities=process.capabilities,
                                                                       name=st["name"]))
@@ -472,6 +481,8 @@ class Container:
         process = spawn.ProcessSpec(argv=tuple(argv), env=base_env, cwd=workdir or proc_cfg["cwd"],
                                     uid=uid, gid=gid, additional_gids=tuple(groups), tty=tty)
         ns = frozenset(spawn.NAMESPACES - ({"network"} if st["network"] == "host" else set()))
+        if st.get("userns"):
+            ns |= {"user"}
         proc = spawn.join(pid, process=process, stdio=stdio, namespaces=ns,
                           seccomp_filter=seccomp.filter_for(st.get("seccomp", "default"),
                                                             capabilities=process.capabilities, name=st["name"]))
@@ -516,6 +527,8 @@ class Container:
         if self.state.get("network") == "bridge":
             netmod.detach(self.runtime.network_settings, container_id=self.id)
         self.runtime.store.unpin(self.id)
+        if self.state.get("userns"):
+            self.runtime.userns_allocator().release(self.id, idmap.IdMapping.from_json(self.state["userns"]))
         remove_tree(self.dir)
         self.close()
         self.runtime._handles.pop(self.id, None)
@@ -531,7 +544,7 @@ class Container:
             "exit": exit_, "reason": ExitInfo(**exit_).describe() if exit_ else None,
             "labels": st.get("labels", {}), "limits": st["limits"], "network": st["network"],
             "address": (st.get("net") or {}).get("address") if status == "running" else None,
-            "publish": st.get("publish", []),
+            "publish": st.get("publish", []), "userns": st.get("userns"),
         }
 
 
@@ -548,6 +561,10 @@ class Runtime:
         # container (and can reap it) is the one every lookup returns
         self._handles: dict[str, Container] = {}
         self.store_tag = hashlib.sha256(os.fsencode(self.store.root.resolve())).hexdigest()[:8]
+
+    def userns_allocator(self) -> idmap.Allocator:
+        """Subordinate id slices of this store's containers (reservations in ``<store>/userns``)."""
+        return idmap.Allocator(self.store.root / "userns")
 
     def _handle(self, cid: str) -> Container:
         c = self._handles.get(cid)
@@ -603,9 +620,20 @@ class Runtime:
         env.setdefault("HOME", _home_of(uid, lowers_needed))
         self.store.pin(cid, image)
         d = self.store.containers_dir / cid
+        userns: idmap.IdMapping | None = None
         try:
+            if spec.userns == "auto":
+                userns = self.userns_allocator().allocate(
+                    cid, alive=lambda owner: (self.store.containers_dir / owner).exists())
+                if userns.host_uid(uid) is None or any(userns.host_gid(g) is None for g in (gid, *groups)):
+                    raise errors.InvalidSpec(f"user {uid}:{gid} is outside the container's user namespace "
+                                             f"(ids 0-{idmap.RANGE_SIZE - 1})")
             for sub in ("upper", "work", "rootfs", "etc"):
                 (d / sub).mkdir(parents=True, mode=0o755 if sub != "work" else 0o700)
+            if userns is not None:
+                # the writable layer keeps container ids on disk (idmapped):
+                # a setuid-root file made inside must stay out of host users' reach
+                d.chmod(0o700)
             (d / "etc" / "hostname").write_text(hostname + "\n")
             (d / "etc" / "hosts").write_text(
                 f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")
@@ -627,6 +655,7 @@ class Runtime:
                 "readonly_rootfs": spec.readonly_rootfs,
                 "seccomp": spec.seccomp,
                 "owner_pid": spec.owner_pid,
+                "userns": userns.to_json() if userns is not None else None,
                 "owner_start": _proc_start_time(spec.owner_pid) if spec.owner_pid else None,
                 "creator_pid": os.getpid(), "creator_start": _proc_start_time(os.getpid()),
             }
@@ -637,6 +666,8 @@ class Runtime:
         except BaseException:
             remove_tree(d)
             self.store.unpin(cid)
+            if userns is not None:
+                self.userns_allocator().release(cid, userns)
             raise
         log.info("created container %s from %s", name, image.familiar)
         return self._handle(cid)
@@ -847,6 +878,9 @@ def oci_config(state: Mapping[str, Any], image: ImageRecord) -> dict[str, Any]:
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
     if state["network"] != "host":
         namespaces.append({"type": "network"})
+    userns = idmap.IdMapping.from_json(state["userns"]) if state.get("userns") else None
+    if userns is not None:
+        namespaces.append({"type": "user"})
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -883,6 +917,7 @@ def oci_config(state: Mapping[str, Any], image: ImageRecord) -> dict[str, Any]:
             "maskedPaths": list(rootfs.MASKED_PATHS),
             "seccomp": seccomp.oci_section(state.get("seccomp", "default"), capabilities=caps),
             "readonlyPaths": list(rootfs.READONLY_PATHS),
+            **(userns.oci() if userns is not None else {}),
         },
     }
 

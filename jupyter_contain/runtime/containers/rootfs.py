@@ -108,6 +108,10 @@ class BindMount:
     readonly: bool = False
     recursive: bool = True
     attrs: frozenset[str] = frozenset()
+    #: with a user namespace only: an idmapped bind, so that what host root
+    #: owns, container root owns (the runtime's own /etc files). User binds
+    #: are never idmapped: host files stay out of container root's reach.
+    idmap: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,7 @@ def plan(
     etc_files: Mapping[str, Path] | None = None,
     readonly_rootfs: bool = False,
     cgroupfs: CgroupFs | None = None,
+    bind_sysfs: bool = False,
 ) -> list[MountOp]:
     """The ordered mount operations that build a container's filesystem.
 
@@ -292,7 +297,9 @@ def plan(
     files prepared in the container's state dir. ``binds`` go last among the
     mounts, parents before children. ``cgroupfs``: the cgroup filesystems
     mounted over ``/sys/fs/cgroup`` (None: sysfs's empty directory stays;
-    only meaningful with a cgroup namespace). Raises
+    only meaningful with a cgroup namespace). ``bind_sysfs``: a read-only
+    recursive bind of the host's ``/sys`` instead of a new sysfs (a user
+    namespace without its own network namespace may not mount sysfs). Raises
     :class:`~jupyter_contain.errors.InvalidSpec` for a malformed request.
     """
     if not rootfs_layers:
@@ -308,7 +315,11 @@ def plan(
         FsMount("proc", "/proc", source="proc", attrs=frozenset({"nosuid", "nodev", "noexec"})),
     ]
     ops += _dev_ops()
-    ops.append(FsMount("sysfs", "/sys", source="sysfs", attrs=frozenset({"ro", "nosuid", "nodev", "noexec"})))
+    if bind_sysfs:
+        ops.append(BindMount(Path("/sys"), "/sys", readonly=True, recursive=True,
+                             attrs=frozenset({"nosuid", "nodev", "noexec"})))
+    else:
+        ops.append(FsMount("sysfs", "/sys", source="sysfs", attrs=frozenset({"ro", "nosuid", "nodev", "noexec"})))
     if cgroupfs is not None:
         ops += _cgroup_ops(cgroupfs)
 
@@ -318,7 +329,7 @@ def plan(
             raise errors.InvalidSpec(f"etc file name {name!r} must be a plain file name under /etc")
         dest = f"/etc/{name}"
         taken.add(dest)
-        ops.append(BindMount(_host_path(source, what=f"source of {dest}"), dest, recursive=False))
+        ops.append(BindMount(_host_path(source, what=f"source of {dest}"), dest, recursive=False, idmap=True))
 
     user: list[BindMount] = []
     for b in binds:

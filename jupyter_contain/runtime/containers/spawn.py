@@ -9,6 +9,9 @@ and :func:`join` (exec into a running container). Maps an execve failure to
 ``CommandNotFound`` / ``CommandNotExecutable``. Points the shim at the
 ``jc-init`` executable (PID 1), and hands out the container's pty master
 (:attr:`ContainerProcess.pty_master`) when the process asked for a terminal.
+With ``SpawnConfig.userns`` the container gets a user namespace that owns
+all its other namespaces; the shim writes the id maps and makes the
+idmapped rootfs inside :func:`spawn`, before the caller's cgroup step.
 
 Must not: plan mounts (``rootfs``), create or write cgroups (the caller
 does, between spawn and release), or fork Python: every child runs in C.
@@ -28,6 +31,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from jupyter_contain import errors, native
+from jupyter_contain.runtime.containers.idmap import IdMapping
 from jupyter_contain.runtime.containers.rootfs import (
     BindMount,
     FsMount,
@@ -76,6 +80,8 @@ _NS_FLAGS: Mapping[str, int] = MappingProxyType({
     "cgroup": native.CLONE_NEWCGROUP,
 })
 NAMESPACES: frozenset[str] = frozenset(_NS_FLAGS)
+#: what ``join`` may enter: the above and the container's user namespace
+_JOIN_FLAGS: Mapping[str, int] = MappingProxyType({**_NS_FLAGS, "user": native.CLONE_NEWUSER})
 
 _ATTR_BITS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 16, "strictatime": 32}
 _RLIM_INFINITY = 2**64 - 1
@@ -158,6 +164,11 @@ class SpawnConfig:
     #: end ("code N\n" or "signal N\n"), for whoever outlives the caller
     #: (the caller keeps ownership)
     exit_fd: int | None = None
+    #: a user namespace with these id maps (None: the host's ids). The rootfs
+    #: layers and the writable layer are idmapped mounts made in the initial
+    #: namespace: on disk, files keep the container's ids (uid 0, not the
+    #: mapped host id); ``BindMount.idmap`` binds likewise, other binds not.
+    userns: IdMapping | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mounts", tuple(self.mounts))
@@ -182,6 +193,18 @@ class SpawnConfig:
             raise errors.InvalidSpec(f"exit_fd must be an open fd, not {self.exit_fd!r}")
         if len(self.seccomp_filter) % 8 or len(self.seccomp_filter) // 8 > 4096:
             raise errors.InvalidSpec("seccomp filter must be at most 4096 8-byte BPF instructions")
+        if self.userns is not None:
+            if not isinstance(self.userns, IdMapping):
+                raise errors.InvalidSpec(f"userns must be an IdMapping, not {self.userns!r}")
+            proc = self.process
+            for ident, host in ((proc.uid, self.userns.host_uid), (proc.gid, self.userns.host_gid),
+                                *((g, self.userns.host_gid) for g in proc.additional_gids)):
+                if host(ident) is None:
+                    raise errors.InvalidSpec(f"id {ident} is not mapped in the container's user namespace")
+            over = self.mounts[0]
+            assert isinstance(over, OverlayMount)
+            if over.upperdir.parent != over.workdir.parent:
+                raise errors.InvalidSpec("with a user namespace the upper and work dirs must share a parent")
 
     @property
     def rootfs(self) -> Path:
@@ -246,7 +269,7 @@ def _fill_mount(arena: _Arena, m: Any, op: MountOp) -> None:
         m.kind = lib.JC_MOUNT_BIND
         m.source = arena.str(op.source)
         m.target = arena.str(op.target)
-        m.flags = lib.JC_MF_RECURSIVE if op.recursive else 0
+        m.flags = (lib.JC_MF_RECURSIVE if op.recursive else 0) | (lib.JC_MF_IDMAP if op.idmap else 0)
     elif isinstance(op, FsMount):
         m.kind = lib.JC_MOUNT_FS
         m.fstype = arena.str(op.fstype)
@@ -323,6 +346,11 @@ def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
     for name in config.namespaces:
         flags |= _NS_FLAGS[name]
     cfg.clone_flags = flags & ~native.CLONE_NEWCGROUP
+    if config.userns is not None:
+        # every other namespace is created inside (owned by) this one
+        cfg.clone_flags |= native.CLONE_NEWUSER
+        cfg.uid_map = arena.str(config.userns.uid_map_text())
+        cfg.gid_map = arena.str(config.userns.gid_map_text())
     # the cgroup namespace is made after release, i.e. after the caller put
     # the child into its cgroup, so that the container sees that cgroup as /
     cfg.new_cgroupns = int("cgroup" in config.namespaces)
@@ -442,10 +470,11 @@ def join(pid: int, *, process: ProcessSpec, stdio: tuple[int, int, int],
     """Run ``process`` inside the running container whose init is ``pid`` (two-phase).
 
     Joins ``namespaces`` of ``pid`` (root and cwd come with the mount
-    namespace); the returned pid is a relay in the host's pid namespace
-    that forwards signals and exits with the process's status.
+    namespace; add ``"user"`` for a container with a user namespace, whose
+    ids ``process`` then names); the returned pid is a relay in the host's
+    pid namespace that forwards signals and exits with the process's status.
     """
-    unknown = frozenset(namespaces) - NAMESPACES
+    unknown = frozenset(namespaces) - frozenset(_JOIN_FLAGS)
     if unknown:
         raise errors.InvalidSpec(f"unknown namespaces {sorted(unknown)}")
     arena = _Arena()
@@ -453,7 +482,7 @@ def join(pid: int, *, process: ProcessSpec, stdio: tuple[int, int, int],
     _fill_process(arena, cfg, process, tuple(int(fd) for fd in stdio), seccomp_filter)  # type: ignore[arg-type]
     flags = 0
     for name in namespaces:
-        flags |= _NS_FLAGS[name]
+        flags |= _JOIN_FLAGS[name]
     proc = native.join(pid, cfg, namespaces=flags)
     del arena
     return ContainerProcess(proc, process.argv[0])
