@@ -34,15 +34,26 @@ import selectors
 import threading
 import time
 import unicodedata
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 from .. import errors
 from ..runtime import (
-    Container, ContainerSpec, ExitInfo, ImageRecord, Limits, Reference, Runtime, diff, parse_cpus, parse_memory,
-    snapshot, summarize,
+    Container,
+    ContainerSpec,
+    ExitInfo,
+    ImageRecord,
+    Limits,
+    Reference,
+    Runtime,
+    diff,
+    parse_cpus,
+    parse_memory,
+    snapshot,
+    summarize,
 )
 
 log = logging.getLogger(__name__)
@@ -248,6 +259,10 @@ class HostChannel:
         self.path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._handle, path=str(self.path), limit=MAX_LINE + 1)
         os.chmod(self.path, 0o600)
+        # whoever owns the kernel folder (the kernel's user, if it is mapped to another) may connect
+        folder = self.path.parent.stat()
+        if (folder.st_uid, folder.st_gid) != (os.geteuid(), os.getegid()):
+            os.chown(self.path, folder.st_uid, folder.st_gid)
         log.debug("kernel %s: host channel at %s", self.ctx.kernel_id, self.path)
 
     def start_thread(self) -> None:
@@ -259,7 +274,7 @@ class HostChannel:
             loop = asyncio.new_event_loop()
             try:
                 loop.run_until_complete(self.start())
-            except BaseException as exc:  # reported to the starting thread
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
                 failure.append(exc)
                 started.set()
                 loop.close()
@@ -561,11 +576,10 @@ class HostChannel:
 
         fut = loop.run_in_executor(self._pool, lambda: run_code(self.ctx.runtime, spec, on_output=on_output,
                                                                   cancel=cancel, image=image))
-        gone = asyncio.ensure_future(reader.read(1))   # the guest hung up (interrupt): kill the run
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({fut, getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({fut, getter}, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     items = [getter.result()]
                 else:
@@ -578,14 +592,14 @@ class HostChannel:
                     window.release()
                     if not cancel.is_set():
                         await send({"event": "output", "stream": stream, "text": text})
-                if gone.done() and not cancel.is_set():
-                    cancel.set()
+                if reader.at_eof() and not cancel.is_set():
+                    cancel.set()   # the guest hung up (an interrupt): kill the run (read nothing: a
+                    # request sent behind this one stays in the buffer for the next readline)
                 if fut.done():
                     break
             info: ExitInfo = fut.result()
         finally:
             cancel.set()
-            gone.cancel()
             self._cancels.discard(cancel)
             self._cell_running = False
         return {"ok": True, "exit": {"code": info.code, "signal": info.signal, "oom_killed": info.oom_killed,

@@ -174,10 +174,16 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                             network=options.network, kernelspec_dir=Path(spec_dir) if spec_dir else None,
                             request_reset=request_reset)
         ch = HostChannel(ctx, socket_path(Path(self.kernel_dir)))
-        if isinstance(self.parent, AsyncKernelManager):
-            await ch.start()
-        else:
-            await asyncio.get_running_loop().run_in_executor(None, ch.start_thread)
+        try:
+            if isinstance(self.parent, AsyncKernelManager):
+                await ch.start()
+            else:
+                await asyncio.get_running_loop().run_in_executor(None, ch.start_thread)
+        except OSError as exc:
+            # the kernel works without it; only the %container magics and widgets say they cannot reach it
+            log.warning("kernel %s: no host channel: %s", self.kernel_id, exc)
+            await ch.aclose()
+            return
         self._channel = ch
 
     async def _stop_channel(self) -> None:
