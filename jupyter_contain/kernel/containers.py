@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .. import errors
 from ..runtime import (
@@ -26,6 +26,7 @@ from ..runtime import (
     Bind, Container, ContainerSpec, ImageRecord, Limits, Runtime, Store, parse_bind, parse_cpus, parse_memory,
 )
 from . import guest_files
+from .channel import KernelContext
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,15 @@ def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, ker
     c = rt.create(spec, image=image)
     log.info("kernel %s: container %s from %s", kernel_id, c.id[:12], image.familiar)
     return c
+
+
+def kernel_context(options: KernelOptions, *, kernel_id: str, runtime: Runtime,
+                   container: Callable[[], Container | None], kernelspec_dir: Path | None = None,
+                   request_reset: Callable[[], None] | None = None) -> KernelContext:
+    """What a kernel's host channel may know about it: the same for the provisioner and the launcher."""
+    return KernelContext(kernel_id=kernel_id, runtime=runtime, container=container, python=options.python,
+                         limits=options.limits(), network=options.network, kernelspec_dir=kernelspec_dir,
+                         request_reset=request_reset)
 
 
 def runtime_for(options: KernelOptions) -> Runtime:

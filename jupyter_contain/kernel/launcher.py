@@ -9,6 +9,10 @@ per-kernel folder, and bridges each channel with ZMQ proxies (ROUTER<->DEALER
 for shell, control, stdin and heartbeat; XPUB<->XSUB for iopub). Messages pass
 through unchanged, so the HMAC key is the client's. SIGINT and SIGTERM go to
 the kernel; the launcher exits when the kernel does, removing the container.
+The kernel's host channel (``host.sock`` in its folder, for the ``%container``
+magics) is served by this process on a thread of its own, as the provisioner
+does for a blocking kernel manager; ``reset`` is not offered (a restart by
+such a client is a new container anyway).
 
 Owns only the bridge and this process's life; the container is made by
 :mod:`jupyter_contain.kernel.containers` (shared with the provisioner). A
@@ -32,7 +36,9 @@ from typing import Any, Sequence
 import zmq
 
 from .. import errors
+from ..runtime import Container, Runtime
 from . import containers
+from .channel import HostChannel, socket_path
 
 log = logging.getLogger("jupyter_contain.kernel.launcher")
 
@@ -112,7 +118,24 @@ class Bridge:
         self.ctx.term()
 
 
-def run(connection_file: str, config: dict[str, Any], *, extra: Sequence[str] = ()) -> int:
+def _start_channel(options: containers.KernelOptions, *, kernel_id: str, rt: Runtime, container: Container,
+                   kernel_dir: Path, kernelspec_dir: Path | None) -> HostChannel | None:
+    """Serve the kernel's host channel on a thread; None (and a warning) when it cannot start."""
+    ctx = containers.kernel_context(options, kernel_id=kernel_id, runtime=rt, container=lambda: container,
+                                    kernelspec_dir=kernelspec_dir)
+    ch = HostChannel(ctx, socket_path(kernel_dir))
+    try:
+        ch.start_thread()
+    except OSError as exc:
+        # the kernel works without it; only the %container magics and widgets say they cannot reach it
+        log.warning("kernel %s: no host channel: %s", kernel_id, exc)
+        ch.close()
+        return None
+    return ch
+
+
+def run(connection_file: str, config: dict[str, Any], *, extra: Sequence[str] = (),
+        kernelspec_dir: Path | None = None) -> int:
     """Start the kernel container, bridge until the kernel ends; returns the kernel's exit code."""
     options = containers.KernelOptions.from_config(config, where="launcher --config")
     client_info = json.loads(Path(connection_file).read_text())
@@ -122,6 +145,7 @@ def run(connection_file: str, config: dict[str, Any], *, extra: Sequence[str] = 
     kernel_dir = containers.make_kernel_dir(kernel_id)
     bridge: Bridge | None = None
     c = None
+    ch: HostChannel | None = None
     got: list[int] = []
     # signals only set a flag here; the bridge loop acts on them (no work in a handler)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -133,6 +157,9 @@ def run(connection_file: str, config: dict[str, Any], *, extra: Sequence[str] = 
         env = containers.kernel_env(options, kernel_id=kernel_id, kernel_dir=kernel_dir, launch_env=os.environ)
         c = containers.create_container(rt, options, kernel_id=kernel_id, kernel_dir=kernel_dir, cmd=cmd, env=env,
                                         cwd=os.getcwd(), kernel_name=client_info.get("kernel_name", ""))
+        # before the kernel starts: its first cell may already use a %container magic
+        ch = _start_channel(options, kernel_id=kernel_id, rt=rt, container=c, kernel_dir=kernel_dir,
+                            kernelspec_dir=kernelspec_dir)
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         try:
             c.start(stdio=(null, 1, 2))
@@ -155,6 +182,12 @@ def run(connection_file: str, config: dict[str, Any], *, extra: Sequence[str] = 
             log.warning("kernel %s %s", kernel_id, info.describe())
         return code
     finally:
+        if ch is not None:
+            try:
+                # first: it kills running %%container cells and waits for their containers to go
+                ch.close()
+            except Exception:   # a channel that fails to stop must not keep the container's removal from running
+                log.exception("kernel %s: stopping the host channel", kernel_id)
         if c is not None:
             try:
                 c.remove(force=True)
@@ -170,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Start a contained kernel and bridge a client's connection file to it.")
     p.add_argument("-f", "--connection-file", required=True, help="the client's connection file")
     p.add_argument("--config", default="{}", help="the provisioner options as JSON (as in the kernelspec)")
+    p.add_argument("--kernelspec-dir", default=None,
+                   help="the kernelspec's own folder ({resource_dir}): kernelspecs for snapshots go beside it")
     args, extra = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="[jupyter-contain launcher] %(message)s")
     try:
@@ -180,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jupyter-contain launcher: --config: {exc}", file=sys.stderr)
         return 2
     try:
-        code = run(args.connection_file, config, extra=extra)
+        code = run(args.connection_file, config, extra=extra,
+                   kernelspec_dir=Path(args.kernelspec_dir) if args.kernelspec_dir else None)
     except errors.ContainError as exc:
         print(f"jupyter-contain launcher: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -20,9 +20,10 @@ launcher in :mod:`jupyter_contain.kernel.containers`.
 
 Host channel: each kernel gets a :class:`~jupyter_contain.kernel.channel.HostChannel`
 on ``host.sock`` in its folder, started with the first launch and stopped at
-``cleanup(restart=False)``; it serves on the server's event loop (an async
-kernel manager), or on a thread of its own when the manager is a blocking one
-(whose event loop only runs during its calls).
+``cleanup(restart=False)`` (and started again by ``load_provisioner_info`` when
+a server reconnects to a running kernel whose socket nobody serves); it serves
+on the server's event loop (an async kernel manager), or on a thread of its own
+when the manager is a blocking one (whose event loop only runs during its calls).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from traitlets import Enum as TEnum
 from .. import errors
 from ..runtime import NETWORK_MODES, ExitInfo, Runtime
 from . import containers
+from .channel import socket_path
 from .containers import KernelOptions, kernel_runtime_dir
 
 log = logging.getLogger(__name__)
@@ -161,18 +164,17 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return
         from jupyter_client.manager import AsyncKernelManager
 
-        from .channel import HostChannel, KernelContext, socket_path
+        from .channel import HostChannel
 
-        options = self.options()
         spec_dir = getattr(self.kernel_spec, "resource_dir", None)
 
         def request_reset() -> None:
             self._reset_requested = True
 
-        ctx = KernelContext(kernel_id=str(self.kernel_id), runtime=self._runtime(),
-                            container=lambda: self._container, python=options.python, limits=options.limits(),
-                            network=options.network, kernelspec_dir=Path(spec_dir) if spec_dir else None,
-                            request_reset=request_reset)
+        ctx = containers.kernel_context(self.options(), kernel_id=str(self.kernel_id), runtime=self._runtime(),
+                                        container=lambda: self._container,
+                                        kernelspec_dir=Path(spec_dir) if spec_dir else None,
+                                        request_reset=request_reset)
         ch = HostChannel(ctx, socket_path(Path(self.kernel_dir)))
         try:
             if isinstance(self.parent, AsyncKernelManager):
@@ -294,8 +296,25 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self._container = self._runtime().get(self.container_id)
             except errors.ContainerNotFound:
                 self._container = None
+        # a server reconnecting to a running kernel: the previous server's channel died with it
+        # (the state file and the socket are looked at in a worker thread: never on the loop)
+        c, kd = self._container, self.kernel_dir
+        if c is not None and kd is not None and await asyncio.get_running_loop().run_in_executor(
+                None, lambda: c.status() == "running" and not _served(socket_path(kd))):
+            await self._start_channel()
 
     def resolve_path(self, path_str: str) -> str | None:
         return None  # never reveal host paths to a client asking about a contained kernel
 
 
+def _served(path: Path) -> bool:
+    """Whether something listens on the unix socket ``path`` (a stale file left by a dead server: no)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(1.0)
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
