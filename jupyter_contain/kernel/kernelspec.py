@@ -74,6 +74,7 @@ def probe_image(runtime: Runtime, image: ImageRecord, *, python: str = "python3"
 def kernel_json(*, image: ImageRecord, display_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "argv": [sys.executable, "-m", "jupyter_contain.kernel.launcher", "-f", "{connection_file}",
+                 "--kernelspec-dir", "{resource_dir}",
                  "--config", json.dumps({"image": image.name, **config})],
         "display_name": display_name,
         "language": "python",
