@@ -289,7 +289,7 @@ def test_container_cell_magic(kernel, kernel_env, kernel_runtime):
     assert r["stdout"] == "before\n" and r["error"]["ename"] == "ContainerCellError"
     assert "exited with code 3" in r["error"]["evalue"]
     r = kernel.run("%%container\nraise ValueError('boom')", ok=False)
-    assert "ValueError: boom" in r["stderr"] and "exited with code 1" in r["error"]["evalue"]
+    assert "ValueError: boom" in r["stderr"] and "exited with code 1" in r["error"]["evalue"], r
     # shell, and an image named explicitly
     r = kernel.run("%%container debian:bookworm --shell\necho $((6 * 7)); cat /etc/debian_version | cut -c1-2")
     assert r["stdout"].split() == ["42", "12"]
