@@ -22,11 +22,14 @@ def fsync_dir(path: Path | str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path | str, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_writer(path: Path | str, *, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
     """Write a file so readers see the old or the new content, never half of it.
 
-    Yields a binary file in the same folder; on success it is fsynced, given
-    ``mode`` and renamed over ``path``; on any error it is removed.
+    Yields a binary file in the same folder; on success it is given ``mode``
+    and renamed over ``path``; on any error it is removed. ``durable`` also
+    fsyncs the file and its folder, so the new content survives a power cut:
+    the store's documents need that; a container's transient state does not
+    (gc recognises a container that lost its state), and skips the cost.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -35,18 +38,20 @@ def atomic_writer(path: Path | str, *, mode: int = 0o644) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
     """:func:`atomic_writer` for bytes in hand."""
-    with atomic_writer(path, mode=mode) as f:
+    with atomic_writer(path, mode=mode, durable=durable) as f:
         f.write(data)
 
 

@@ -185,7 +185,7 @@ class Container:
         with self._lock():
             st = self.state
             st.update(changes)
-            atomic_write(self.dir / "state.json", json.dumps(st, indent=2).encode())
+            atomic_write(self.dir / "state.json", json.dumps(st, indent=2).encode(), durable=False)
             return st
 
     @contextlib.contextmanager
@@ -661,8 +661,9 @@ class Runtime:
             }
             rootfs.plan(rootfs_layers=lowers_needed, upper=d / "upper", work=d / "work", target=d / "rootfs",
                         binds=spec.binds, etc_files={n: d / "etc" / n for n in _ETC_FILES})  # validates binds
-            atomic_write(d / "config.json", json.dumps(oci_config(state, image), indent=2).encode())
-            atomic_write(d / "state.json", json.dumps(state, indent=2).encode())
+            atomic_write(d / "config.json", json.dumps(oci_config(state, image), indent=2).encode(),
+                         durable=False)
+            atomic_write(d / "state.json", json.dumps(state, indent=2).encode(), durable=False)
         except BaseException:
             remove_tree(d)
             self.store.unpin(cid)
