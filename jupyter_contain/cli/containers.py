@@ -322,10 +322,6 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_container_gc(args: argparse.Namespace) -> list[str]:
-    return _runtime(args).gc()
-
-
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="container name")
     p.add_argument("-e", "--env", action="append", metavar="K=V", help="environment variable (repeatable)")
