@@ -29,7 +29,7 @@ import secrets
 import signal
 import stat
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
@@ -273,7 +273,6 @@ class Container:
         userns = idmap.IdMapping.from_json(st["userns"]) if st.get("userns") else None
         if userns is not None and st["network"] == "host":
             plan_args["bind_sysfs"] = True   # sysfs needs a network namespace of the user namespace's
-        mounts = rootfs.plan(**plan_args)
         with contextlib.ExitStack() as stack:
             if stdio is None:
                 null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -281,22 +280,20 @@ class Container:
                 out = os.open(self.dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
                 stack.callback(os.close, out)
                 stdio = (null, out, out)
-            cfg = spawn.SpawnConfig(mounts=tuple(mounts), process=process, stdio=stdio,
-                                    # bridge: an own namespace like "none"; eth0 comes before release
-                                    network="host" if st["network"] == "host" else "none", userns=userns,
-                                    seccomp_filter=seccomp.filter_for(st.get("seccomp", "default"),
-                                                                      capabilities=process.capabilities,
-                                                                      name=st["name"]))
+            seccomp_filter = seccomp.filter_for(st.get("seccomp", "default"), capabilities=process.capabilities,
+                                                name=st["name"])
             # truncated now: what is in it afterwards is this run's end
             exit_fd = os.open(self.dir / "exit", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             stack.callback(os.close, exit_fd)
             limits = Limits(**st["limits"])
             cg = Cgroups.create(self.cgroup_name, limits, root=self.runtime.cgroup_root)
             try:
-                # the container's own cgroups at /sys/fs/cgroup: known only now
-                cgroupfs = _cgroup_fs(cg)
-                cfg = replace(cfg, exit_fd=exit_fd, mounts=tuple(rootfs.plan(**plan_args, cgroupfs=cgroupfs))
-                              if cgroupfs is not None else cfg.mounts)
+                # the plan includes the container's own cgroups at /sys/fs/cgroup: known only now
+                cfg = spawn.SpawnConfig(
+                    mounts=tuple(rootfs.plan(**plan_args, cgroupfs=_cgroup_fs(cg))), process=process,
+                    stdio=stdio, exit_fd=exit_fd, userns=userns, seccomp_filter=seccomp_filter,
+                    # bridge: an own namespace like "none"; eth0 comes before release
+                    network="host" if st["network"] == "host" else "none")
                 proc = spawn.spawn(cfg)
             except BaseException:
                 cg.destroy()
