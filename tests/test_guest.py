@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -279,7 +280,9 @@ def test_resources_widget_updates_by_itself(kernel):
 # --- %%container ----------------------------------------------------------------------------------
 
 
-def test_container_cell_magic(kernel, kernel_env, kernel_runtime):
+def test_container_cell_magic(kernel, kernel_env, kernel_runtime, caplog):
+    # the host's view of each cell's pipes (run_code's debug line) shows in a failure's message
+    caplog.set_level(logging.DEBUG, logger=channel.__name__)
     own = kernel.run("import socket; print(socket.gethostname())")["stdout"].strip()
     r = kernel.run("%%container\nimport socket, sys\nprint(socket.gethostname())\nprint('to err', file=sys.stderr)")
     other = r["stdout"].strip()
@@ -289,7 +292,7 @@ def test_container_cell_magic(kernel, kernel_env, kernel_runtime):
     assert r["stdout"] == "before\n" and r["error"]["ename"] == "ContainerCellError"
     assert "exited with code 3" in r["error"]["evalue"]
     r = kernel.run("%%container\nraise ValueError('boom')", ok=False)
-    assert "ValueError: boom" in r["stderr"] and "exited with code 1" in r["error"]["evalue"], r
+    assert "ValueError: boom" in r["stderr"] and "exited with code 1" in r["error"]["evalue"], (r, caplog.text)
     # shell, and an image named explicitly
     r = kernel.run("%%container debian:bookworm --shell\necho $((6 * 7)); cat /etc/debian_version | cut -c1-2")
     assert r["stdout"].split() == ["42", "12"]

@@ -179,6 +179,7 @@ def run_code(rt: Runtime, spec: ContainerSpec, *, on_output: Callable[[str, str]
         for fd in names:
             sel.register(fd, selectors.EVENT_READ)
         open_fds = len(names)
+        sizes = dict.fromkeys(names.values(), 0)
         killed = False
         while open_fds:
             if cancel is not None and cancel.is_set() and not killed:
@@ -192,6 +193,7 @@ def run_code(rt: Runtime, spec: ContainerSpec, *, on_output: Callable[[str, str]
                     open_fds -= 1
                     text = decoders[fd].decode(b"", final=True)
                 else:
+                    sizes[names[fd]] += len(data)
                     text = decoders[fd].decode(data)
                 if text:
                     on_output(names[fd], text)
@@ -200,6 +202,9 @@ def run_code(rt: Runtime, spec: ContainerSpec, *, on_output: Callable[[str, str]
             c.kill()
             info = c.wait(10)
         assert info is not None
+        # what the pipes carried: tells "the container wrote nothing" from "its output was lost later"
+        log.debug("cell container %s %s: %d bytes on stdout, %d on stderr", c.id[:12], info.describe(),
+                  sizes["stdout"], sizes["stderr"])
         return info
     finally:
         sel.close()
