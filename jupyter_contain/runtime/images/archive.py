@@ -46,6 +46,7 @@ from ..spec import (
     sha256_digest,
 )
 from ..fsutil import atomic_writer
+from . import deflate
 from .store import ImageRecord, Staging, Store, now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def store_layer_from_tar(store: Store, src: BinaryIO, *, compress: bool = True,
     """
     diff_hash = hashlib.sha256()
     with store.blob_writer(what="layer") as w:
-        comp = zlib.compressobj(1, zlib.DEFLATED, 31) if compress else None  # 31: gzip container
+        comp = deflate.compressobj(1, 31) if compress else None  # 31: gzip framing
         while chunk := src.read(_CHUNK):
             diff_hash.update(chunk)
             w.write(comp.compress(chunk) if comp else chunk)

@@ -28,7 +28,6 @@ import os
 import stat
 import tarfile
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
@@ -37,6 +36,7 @@ from urllib.parse import unquote_to_bytes
 import zstandard
 
 from ... import errors
+from . import deflate
 from ..fsutil import remove_tree
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class _GzipReader:
     def __init__(self, raw: _Prefixed, layer: str) -> None:
         self._raw = raw
         self._layer = layer
-        self._d = zlib.decompressobj(wbits=31)
+        self._d = deflate.decompressobj(31)
 
     def read(self, n: int) -> bytes:
         d = self._d
@@ -146,7 +146,7 @@ class _GzipReader:
                     rest += more
                 if rest[:2] != _GZIP_MAGIC:
                     raise errors.UnsafeLayer(self._layer, "<stream>", "data after the end of the gzip stream")
-                d = self._d = zlib.decompressobj(wbits=31)
+                d = self._d = deflate.decompressobj(31)
                 out = d.decompress(rest, n)
             elif d.unconsumed_tail:
                 out = d.decompress(d.unconsumed_tail, n)
@@ -833,7 +833,7 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
             raise errors.UnsafeLayer(layer, "<stream>", f"malformed tar stream{after}: {e}") from e
         except _OversizedHeader as e:
             raise errors.UnsafeLayer(layer, "<stream>", str(e)) from e
-        except zlib.error as e:
+        except deflate.errors as e:
             raise errors.UnsafeLayer(layer, "<stream>", f"corrupt gzip stream: {e}") from e
         except zstandard.ZstdError as e:
             raise errors.UnsafeLayer(layer, "<stream>", f"corrupt zstd stream: {e}") from e

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ... import errors
 from ..spec import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor, Reference, local_name
+from . import deflate
 from .store import ImageRecord, Store, now_rfc3339, remove_tree
 
 if TYPE_CHECKING:  # containers sit beside images in the runtime; import for types only
@@ -658,8 +659,9 @@ def _incompressible(block: bytes, level: int) -> bool:
 
 def _deflate_block(block: bytes, level: int, final: bool) -> bytes:
     if _incompressible(block, level):
-        level = 0   # stored blocks: a copy
-    c = zlib.compressobj(level, zlib.DEFLATED, -15)
+        c = zlib.compressobj(0, zlib.DEFLATED, -15)   # zlib's level 0: stored blocks, a copy
+    else:
+        c = deflate.compressobj(level, -15)
     return c.compress(block) + c.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
 
 
