@@ -79,7 +79,7 @@ def expected_view(store: Store, c, stubs) -> dict:
 
 
 def snapshot_view(store: Store, rec) -> dict:
-    return merged_view_manifest(store.layer_dirs(rec))
+    return merged_view_manifest(store.ensure_unpacked(rec))
 
 
 EDITS = (
@@ -166,7 +166,7 @@ def test_layer_entries(runtime, edited):
 
 def test_rootfs_equals_merged_view(runtime, edited, tmp_path):
     store = runtime.store
-    rec = snap.snapshot(runtime, edited, "snap-view:1")
+    rec = snap.snapshot(runtime, edited, "snap-view:1", unpack=True)
     want = expected_view(store, edited, STUBS)
     got = snapshot_view(store, rec)
     assert got == want
@@ -215,7 +215,7 @@ def test_same_content_same_diff_id(runtime, edited):
 
 
 def test_container_from_snapshot_sees_changes(runtime, edited, tmp_path):
-    rec = snap.snapshot(runtime, edited, "snap-run:1")
+    rec = snap.snapshot(runtime, edited, "snap-run:1", unpack=True)
     layer = runtime.store.layer_dir(rec.config.diff_ids[-1])
     before = layer.stat().st_mtime_ns
     out = tmp_path / "out"
@@ -314,7 +314,7 @@ def test_failure_while_frozen_thaws(runtime, monkeypatch):
 
         monkeypatch.setattr(snap, "_copy_items", boom)
         with pytest.raises(OSError, match="I/O error"):
-            snap.snapshot(runtime, c, "snap-thaw:1")
+            snap.snapshot(runtime, c, "snap-thaw:1", unpack=True)
         assert _freezer_state(c) == "THAWED"
         assert not [p for p in runtime.store.layers_dir.iterdir() if p.name.startswith(".")]
     finally:
@@ -482,3 +482,17 @@ def test_podman_loads_and_runs_the_snapshot(runtime, edited, tmp_path):
     finally:
         subprocess.run(podman + ["system", "reset", "-f"], capture_output=True, env=env, timeout=120, check=False)
         shutil.rmtree(runroot, ignore_errors=True)
+
+
+def test_snapshot_layer_unpacks_on_first_use(runtime, edited, tmp_path):
+    rec = snap.snapshot(runtime, edited, "snap-lazy:1")
+    diff_id = rec.config.diff_ids[-1]
+    base_ids = rec.config.diff_ids[:-1]
+    assert all(runtime.store.unpacked(d) for d in base_ids)   # the base is never extracted again
+    assert not runtime.store.unpacked(diff_id)                   # the new layer waits for its first user
+    out = tmp_path / "out"
+    with open(out, "wb") as f, open(os.devnull, "rb") as null:
+        info = runtime.run(ContainerSpec(image=rec.name, command=("cat", "/var/n")),
+                           stdio=(null.fileno(), f.fileno(), f.fileno()), remove=True)
+    assert info.code == 0 and out.read_text() == "new\n"
+    assert runtime.store.unpacked(diff_id)

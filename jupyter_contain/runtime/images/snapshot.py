@@ -847,14 +847,19 @@ def _new_config(base: ImageRecord, diff_id: str, *, container: Container, messag
 
 
 def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message: str = "",
-             compress: Compression = "gzip", progress: Progress | None = None) -> ImageRecord:
+             compress: Compression = "gzip", progress: Progress | None = None,
+             unpack: bool = False) -> ImageRecord:
     """Commit ``container``'s writable layer as a new image tagged ``tag``; returns it.
 
     The container is frozen (if it runs) while its writable layer is archived
-    and copied, and thawed whatever happens. The new layer is unpacked in the
-    store at once. Raises ``InvalidReference`` for a bad tag (before any
-    work), ``ContainerNotFound``; on failure nothing is tagged and nothing
-    half-written remains (debris of a crash is ``gc``'s).
+    (and, with ``unpack``, copied into the store's unpacked layers), and
+    thawed whatever happens. Without ``unpack`` the new layer is unpacked from
+    its blob by the first container that uses it (the base layers are never
+    extracted again either way): creating a snapshot's inodes a second time
+    costs about as long as archiving it, and doing that while the user's
+    kernel is frozen is the wrong place. Raises ``InvalidReference`` for a bad
+    tag (before any work), ``ContainerNotFound``; on failure nothing is tagged
+    and nothing half-written remains (debris of a crash is ``gc``'s).
     """
     ref = _check_tag(tag)
     media_type = _media_type(compress)
@@ -873,35 +878,40 @@ def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message:
         lowers = store.ensure_unpacked(base)
         view = _LowerView(lowers)
         excl = _container_excludes(c.state)
-        tmp = tempfile.mkdtemp(dir=store.layers_dir, prefix=".snapshot-")
+        tmp = tempfile.mkdtemp(dir=store.layers_dir, prefix=".snapshot-") if unpack else None
         try:
             with store.blob_writer(what="snapshot layer") as w:
                 with _frozen(c):
                     items = _scan(c.upper, view, excl)
                     total = sum(it.st.st_size for it in items if it.kind == _FILE)
-                    # the unpacked copy (creating inodes is slow, in the kernel) runs beside the
-                    # archive (compression, in zlib threads): both read the frozen upper dir
-                    stop = threading.Event()
-                    with ThreadPoolExecutor(1, thread_name_prefix="jc-snapshot-copy") as pool:
-                        copy = pool.submit(_copy_items, c.upper, items, tmp, stop)
-                        try:
-                            diff_id = _archive(c.upper, items, w.write, compress=compress, progress=on_file)
-                        except BaseException:
-                            stop.set()
-                            raise
-                        copy.result()
+                    if tmp is None:
+                        diff_id = _archive(c.upper, items, w.write, compress=compress, progress=on_file)
+                    else:
+                        # the unpacked copy (creating inodes is slow, in the kernel) runs beside the
+                        # archive (compression, in deflate threads): both read the frozen upper dir
+                        stop = threading.Event()
+                        with ThreadPoolExecutor(1, thread_name_prefix="jc-snapshot-copy") as pool:
+                            copy = pool.submit(_copy_items, c.upper, items, tmp, stop)
+                            try:
+                                diff_id = _archive(c.upper, items, w.write, compress=compress, progress=on_file)
+                            except BaseException:
+                                stop.set()
+                                raise
+                            copy.result()
                 if progress:
                     progress("commit", total, total)
                 digest = w.commit()   # fsync of the blob: after the thaw
             desc = Descriptor(media_type, digest, w.size)
-            dest = store.layer_dir(diff_id)
-            with store.layer_lock(diff_id):
-                if dest.is_dir():   # the same content was stored before: keep that one
-                    remove_tree(Path(tmp))
-                else:
-                    os.rename(tmp, dest)
+            if tmp is not None:
+                dest = store.layer_dir(diff_id)
+                with store.layer_lock(diff_id):
+                    if dest.is_dir():   # the same content was stored before: keep that one
+                        remove_tree(Path(tmp))
+                    else:
+                        os.rename(tmp, dest)
         except BaseException:
-            remove_tree(Path(tmp))
+            if tmp is not None:
+                remove_tree(Path(tmp))
             raise
         created = now_rfc3339()
         cfg = _new_config(base, diff_id, container=c, message=message, created=created)
