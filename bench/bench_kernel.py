@@ -36,6 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from common import pct  # noqa: E402  (bench/ is the script's folder)
 from jupyter_client.blocking import BlockingKernelClient  # noqa: E402
 from jupyter_client.connect import write_connection_file  # noqa: E402
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
@@ -123,13 +124,6 @@ class CrunAnchor:
         self.peer.wait(30)
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
@@ -181,13 +175,13 @@ def main() -> int:
                         start_part.append(start)
         print(f"kernel ready (launch -> kernel_info_reply), {args.reps} rounds alternated, ms:")
         for k in kinds:
-            print(f"  {k:10s} p50 {_pct(times[k], .5) * 1000:7.1f}   p95 {_pct(times[k], .95) * 1000:7.1f}")
-        print(f"  contained: start_kernel (container create + start) p50 {_pct(start_part, .5) * 1000:.1f} ms, "
+            print(f"  {k:10s} p50 {pct(times[k], 50) * 1000:7.1f}   p95 {pct(times[k], 95) * 1000:7.1f}")
+        print(f"  contained: start_kernel (container create + start) p50 {pct(start_part, 50) * 1000:.1f} ms, "
               f"kernel start-up until ready p50 "
               f"{statistics.median(t - s for t, s in zip(times['contained'], start_part)) * 1000:.1f} ms")
         for anchor in kinds[1:]:
-            print(f"  ratio contained/{anchor}: p50 {_pct(times['contained'], .5) / _pct(times[anchor], .5):.2f}x"
-                  f"   p95 {_pct(times['contained'], .95) / _pct(times[anchor], .95):.2f}x")
+            print(f"  ratio contained/{anchor}: p50 {pct(times['contained'], 50) / pct(times[anchor], 50):.2f}x"
+                  f"   p95 {pct(times['contained'], 95) / pct(times[anchor], 95):.2f}x")
         print("  budget: contained <= 1.15x local")
         left = Runtime(store).containers()
         if left:

@@ -28,17 +28,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from common import pct  # noqa: E402  (bench/ is the script's folder)
 from jupyter_contain.runtime.containers.container import ContainerSpec, Runtime  # noqa: E402
 from jupyter_contain.runtime.images import archive, bootstrap  # noqa: E402
 from jupyter_contain.runtime.images.store import Store, remove_tree  # noqa: E402
 
 MODES = ("host", "auto")
 BUDGET_MS = 5.0
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
 def main() -> int:
