@@ -255,7 +255,8 @@ def gc_once(rt: Runtime, *, logger: logging.Logger | logging.LoggerAdapter | Non
         t0 = time.monotonic()
         try:
             kernel_ids = {c.id: c.state.get("labels", {}).get("jupyter-contain.kernel-id") for c in rt.containers()}
-            # only this store's containers: stray cgroups may be other stores' live containers
+            # stray cgroups are swept only under this store's tag anyway; orphan_cgroups=False also
+            # leaves unknown network leftovers alone (the bridge may serve other stores)
             removed = rt.gc(orphan_cgroups=False)
         except (errors.ContainError, OSError) as exc:
             say.warning("jupyter-contain: clean-up of containers left by dead servers failed: %s", exc)
