@@ -80,6 +80,23 @@ def test_binds_and_readonly(runtime, tmp_path):
         parse_bind(f"{src}:/x:rx")
 
 
+def test_bind_source_gone_at_start_names_the_mount(runtime, tmp_path):
+    # the child makes its mounts while the parent attaches its cgroup: a bind
+    # that fails there must surface as that failure, not as a failed attach
+    src = tmp_path / "gone"
+    src.mkdir()
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("true",), binds=(parse_bind(f"{src}:/data"),)))
+    src.rmdir()
+    try:
+        for _ in range(5):   # the child may lose the race with the attach, or not: both ways
+            with pytest.raises(errors.SpawnError) as exc:
+                c.start()
+            assert exc.value.step == "bind-mount" and exc.value.path == str(src), exc.value
+            assert c.status() == "created" and c.cgroups() is None
+    finally:
+        c.remove()
+
+
 def test_env_workdir_user(runtime, tmp_path):
     code, out = run_capture(runtime, tmp_path, "echo $FOO; pwd; id -u; id -g", env={"FOO": "bar"},
                             workdir="/tmp", user="nobody")

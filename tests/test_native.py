@@ -543,11 +543,14 @@ def test_init_does_not_reveal_the_host_process(box: Box) -> None:
     """init is a copy of this Python process: its command line must be blanked
     and its memory/environment unreadable from inside the container."""
     rc, out = box.run(["sh", "-c", "cat /proc/1/cmdline; echo; cat /proc/1/comm; "
-                                   "cat /proc/1/environ; echo environ=$?; cat /proc/1/mem; echo mem=$?"])
+                                   "cat /proc/1/environ; echo environ=$?; cat /proc/1/mem; echo mem=$?; "
+                                   "readlink /proc/1/exe; echo exe=$?"])
     first = out.splitlines()[0]
     assert first.strip("\0") == "jc-init"
     assert "python" not in out.lower() and "pytest" not in out
-    assert "environ=1" in out and "mem=1" in out
+    # the payload runs only once jc-init made itself non-dumpable: no peek
+    # at its environment, memory or (host) executable, even right away
+    assert "environ=1" in out and "mem=1" in out and "exe=1" in out
 
 
 

@@ -192,9 +192,13 @@ _CG_ATTRS = frozenset({"ro", "nosuid", "nodev", "noexec"})
 
 
 def _cgroup_ops(ops):
-    start = next(i for i, op in enumerate(ops) if getattr(op, "target", None) == "/sys")
-    end = next(i for i, op in enumerate(ops) if isinstance(op, MaskPath))
-    return ops[start + 1:end]
+    """The cgroup mounts: last of all (they need the cgroup namespace, made after the rest)."""
+    sysfs = next(i for i, op in enumerate(ops) if getattr(op, "target", None) == "/sys")
+    start = next(i for i, op in enumerate(ops)
+                 if str(getattr(op, "target", getattr(op, "path", ""))).startswith("/sys/fs/cgroup"))
+    assert start > sysfs
+    assert all(str(getattr(op, "target", getattr(op, "path", ""))).startswith("/sys/fs/cgroup") for op in ops[start:])
+    return ops[start:]
 
 
 def test_no_cgroup_mounts_unless_asked() -> None:
@@ -232,3 +236,18 @@ def test_cgroup_v1_tmpfs_hierarchies_symlinks_then_read_only() -> None:
 def test_bad_cgroupfs_rejected(version, hierarchies) -> None:
     with pytest.raises(errors.InvalidSpec):
         rootfs.CgroupFs(version, hierarchies)
+
+
+@pytest.mark.parametrize("namespaces", ["with-cgroupns", "without"])
+def test_child_mounts_everything_before_the_cgroup_mounts_early(namespaces) -> None:
+    # the native child makes mounts[:n_early_mounts] while the parent attaches
+    # its cgroup; the cgroup mounts need the cgroup namespace made after that
+    from jupyter_contain.runtime.containers import spawn
+    ops = tuple(_plan(cgroupfs=rootfs.CgroupFs(1, (("memory",), ("pids",)))))
+    ns = spawn.NAMESPACES if namespaces == "with-cgroupns" else spawn.NAMESPACES - {"cgroup"}
+    cfg, arena = spawn.build_config(spawn.SpawnConfig(mounts=ops, process=spawn.ProcessSpec(argv=("true",)),
+                                                      stdio=(0, 1, 2), namespaces=ns))
+    first_cgroup = next(i for i, op in enumerate(ops) if getattr(op, "target", "") == "/sys/fs/cgroup")
+    assert cfg.n_mounts == len(ops)
+    assert cfg.n_early_mounts == (first_cgroup if namespaces == "with-cgroupns" else len(ops))
+    del arena

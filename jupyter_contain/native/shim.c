@@ -20,10 +20,12 @@
  *   parent: clone3 -> returns pid + pidfd; the child blocks reading 1 byte
  *   parent: with a user namespace (CLONE_NEWUSER), still inside jc_spawn:
  *           writes the id maps and makes every mount of a host path as a
- *           detached mount (see "user namespace" below)
- *   parent: its own setup (cgroup attach, network) then jc_release() sends
- *           the detached mounts ('M' + one fd each, SCM_RIGHTS) and 'R'
- *   child:  runs the steps; with a terminal it sends 'P' + the pty master
+ *           detached mount (see "user namespace" below); then sends those
+ *           ('M' + one fd each, SCM_RIGHTS) and 'S'
+ *   child:  phase one: the mounts that need no cgroup (n_early_mounts)
+ *   parent: meanwhile its own setup (cgroup attach, network), then
+ *           jc_release() sends 'R'
+ *   child:  the other steps; with a terminal it sends 'P' + the pty master
  *           (SCM_RIGHTS); a failure sends 'F' + struct jc_failure and exits
  *   parent: reads until EOF. EOF with no failure = execve succeeded (the
  *           payload's copy of the socket closed on exec, init's copy closed
@@ -1007,7 +1009,7 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
     }
 
     /* with a user namespace, the parent's detached mounts come first ('M'
-     * packets, one fd each), then the release byte */
+     * packets, one fd each); 'S' (set up) follows once the id maps exist */
     for (;;) {
         int fd = -1;
         n = jc_recv_tag(sync_fd, &b, &fd);
@@ -1017,7 +1019,7 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
         }
         if (fd >= 0)
             close(fd);
-        if (n != 1 || b != 'R')
+        if (n != 1 || b != 'S')
             _exit(JC_EXIT_ABORTED); /* the parent aborted (or died) */
         break;
     }
@@ -1032,23 +1034,46 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
     /* the init executable (init_fd) lives on the host: the parent opened it
      * before the clone, while it is reachable with the host's credentials */
 
+    /* Phase one, before the release: the mounts that do not depend on the
+     * container's cgroup. Meanwhile the parent moves us into that cgroup,
+     * which costs it an RCU grace period (cgroup_threadgroup_rwsem): the two
+     * overlap. Nothing here forks or runs container code, so nothing escapes
+     * the limits by running early. */
+    int early = 0;
+    if (cfg->join_pidfd < 0) {
+        if (cfg->clone_flags & CLONE_NEWUSER) {
+            ctx.userns = 1;
+            jc_become_ns_root(c);
+        }
+        if (cfg->clone_flags & CLONE_NEWNS) {
+            if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+                jc_fail(c, "make-private", errno, "/");
+        }
+        early = cfg->n_early_mounts < cfg->n_mounts ? cfg->n_early_mounts : cfg->n_mounts;
+        for (int i = 0; i < early; i++)
+            jc_do_mount(c, &cfg->mounts[i]);
+    }
+
+    /* the release byte: the parent attached the cgroup (and the network) */
+    {
+        int fd = -1;
+        n = jc_recv_tag(sync_fd, &b, &fd);
+        if (fd >= 0)
+            close(fd);
+        if (n != 1 || b != 'R')
+            _exit(JC_EXIT_ABORTED);
+    }
+
     if (cfg->join_pidfd >= 0) {
         if (setns(cfg->join_pidfd, cfg->join_flags) < 0)
             jc_fail(c, "setns", errno, "");
         if (cfg->join_flags & CLONE_NEWUSER)
             jc_become_ns_root(c);
     } else {
-        if (cfg->clone_flags & CLONE_NEWUSER) {
-            ctx.userns = 1;
-            jc_become_ns_root(c);
-        }
+        /* after the attach: the namespace's root is the container's cgroup */
         if (cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
             jc_fail(c, "unshare-cgroupns", errno, "");
-        if (cfg->clone_flags & CLONE_NEWNS) {
-            if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
-                jc_fail(c, "make-private", errno, "/");
-        }
-        for (int i = 0; i < cfg->n_mounts; i++)
+        for (int i = early; i < cfg->n_mounts; i++)
             jc_do_mount(c, &cfg->mounts[i]);
         if (cfg->rootfs)
             jc_pivot(c);
@@ -1424,6 +1449,16 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failu
         out->pidfd = -1;
         return 1;
     }
+    /* the detached mounts (user namespace), then 'S': the child may set up
+     * its mounts while the caller attaches the cgroup. A failed send means
+     * the child is gone: jc_release sees EOF or its failure record. */
+    for (int i = 0; i < out->n_prepared; i++)
+        if (jc_send_fd(sv[0], 'M', out->prepared[i]) != 1)
+            break;
+    jc_discard(out);
+    char s = 'S';
+    while (send(sv[0], &s, 1, MSG_NOSIGNAL) < 0 && errno == EINTR)
+        ;
     return 0;
 }
 
@@ -1438,12 +1473,6 @@ int jc_release(struct jc_handle *h, struct jc_failure *failure)
 
     memset(failure, 0, sizeof *failure);
     h->pty_master = -1;
-    /* prepared mounts first (a failed send means the child is gone: the
-     * loop below sees EOF), then the release byte */
-    for (int i = 0; i < h->n_prepared; i++)
-        if (jc_send_fd(h->sync_fd, 'M', h->prepared[i]) != 1)
-            break;
-    jc_discard(h);
     do
         n = send(h->sync_fd, &b, 1, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);

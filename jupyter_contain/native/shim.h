@@ -68,6 +68,10 @@ struct jc_config {
     /* filesystem */
     const struct jc_mount *mounts;
     int n_mounts;
+    int n_early_mounts;           /* mounts[0..n_early_mounts) are made right after the clone,
+                                   * while the parent attaches the cgroup (which waits for an
+                                   * RCU grace period); the rest, which need the container's
+                                   * cgroup namespace, after the release */
     const char *rootfs;           /* host path of the merged rootfs; pivot_root into it (NULL: none) */
     const char *hostname;         /* NULL: leave unchanged */
     int loopback_up;

@@ -39,7 +39,8 @@ from ..images.store import ImageRecord, Store, now_rfc3339
 from . import idmap
 from . import network as netmod
 from . import rootfs, seccomp, spawn
-from .cgroups import Cgroups, Limits, find_orphans
+from .cgroups import CgroupRoot, Cgroups, Limits, find_orphans
+from .cgroups import detect as detect_cgroups
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class Container:
         with self._lock():
             st = self.state
             st.update(changes)
-            atomic_write(self.dir / "state.json", json.dumps(st, indent=2).encode(), durable=False)
+            atomic_write(self.dir / "state.json", json.dumps(st, separators=(",", ":")).encode(), durable=False)
             return st
 
     @contextlib.contextmanager
@@ -286,7 +287,7 @@ class Container:
             exit_fd = os.open(self.dir / "exit", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             stack.callback(os.close, exit_fd)
             limits = Limits(**st["limits"])
-            cg = Cgroups.create(self.cgroup_name, limits, root=self.runtime.cgroup_root)
+            cg = Cgroups.create(self.cgroup_name, limits, root=self.runtime.cgroups_here())
             try:
                 # the plan includes the container's own cgroups at /sys/fs/cgroup: known only now
                 cfg = spawn.SpawnConfig(
@@ -309,7 +310,8 @@ class Container:
                 self._update(status="running", pid=proc.pid, pid_start=_proc_start_time(proc.pid),
                              started=now_rfc3339(), cgroup={k: str(v) for k, v in cg.paths.items()}, net=net)
                 proc.release()
-            except BaseException:
+            except BaseException as exc:
+                early = proc.early_failure() if isinstance(exc, errors.ContainError) else None
                 proc.abort()
                 proc.close()
                 cg.destroy()
@@ -317,6 +319,8 @@ class Container:
                     with contextlib.suppress(errors.ContainError):
                         netmod.detach(self.runtime.network_settings, container_id=self.id)
                 self._update(status="created", pid=None, pid_start=None, cgroup=None)
+                if early is not None:
+                    raise early from exc
                 raise
         self._proc = proc
         log.info("started container %s (pid %d)", st["name"], proc.pid)
@@ -548,16 +552,31 @@ class Container:
 class Runtime:
     """The container half of the runtime over one store."""
 
-    def __init__(self, store: Store | None = None, *, cgroup_root: Any = None,
+    def __init__(self, store: Store | None = None, *, cgroup_root: CgroupRoot | None = None,
                  network: netmod.Settings | None = None) -> None:
         self.store = store or Store()
         self.cgroup_root = cgroup_root
+        self._detected: tuple[bytes, CgroupRoot] | None = None
         #: the bridge network (``JUPYTER_CONTAIN_BRIDGE``/``_SUBNET``/``_HOST_NETNS`` by default)
         self.network_settings = network or netmod.Settings.from_env(self.store.root / "network")
         # one handle per container in this process, so the one that started a
         # container (and can reap it) is the one every lookup returns
         self._handles: dict[str, Container] = {}
         self.store_tag = hashlib.sha256(os.fsencode(self.store.root.resolve())).hexdigest()[:8]
+
+    def cgroups_here(self) -> CgroupRoot:
+        """Where this process's container cgroups go (``cgroup_root``, else detected).
+
+        Detection parses mountinfo (half a millisecond); it is redone only
+        when this process's own cgroups (``/proc/self/cgroup``) changed.
+        """
+        if self.cgroup_root is not None:
+            return self.cgroup_root
+        key = Path("/proc/self/cgroup").read_bytes()
+        cached = self._detected
+        if cached is None or cached[0] != key:
+            cached = self._detected = (key, detect_cgroups())
+        return cached[1]
 
     def userns_allocator(self) -> idmap.Allocator:
         """Subordinate id slices of this store's containers (reservations in ``<store>/userns``)."""
@@ -658,9 +677,9 @@ class Runtime:
             }
             rootfs.plan(rootfs_layers=lowers_needed, upper=d / "upper", work=d / "work", target=d / "rootfs",
                         binds=spec.binds, etc_files={n: d / "etc" / n for n in _ETC_FILES})  # validates binds
-            atomic_write(d / "config.json", json.dumps(oci_config(state, image), indent=2).encode(),
+            atomic_write(d / "config.json", json.dumps(oci_config(state, image)).encode(),
                          durable=False)
-            atomic_write(d / "state.json", json.dumps(state, indent=2).encode(), durable=False)
+            atomic_write(d / "state.json", json.dumps(state, separators=(",", ":")).encode(), durable=False)
         except BaseException:
             remove_tree(d)
             self.store.unpin(cid)
@@ -720,11 +739,11 @@ class Runtime:
         live = {c.id for c in self.containers()}
         # only this store's cgroups (their names carry its tag): other stores' containers live on
         mine = {f"{self.store_tag}-{cid}" for cid in live}
-        for name in find_orphans(root=self.cgroup_root, exclude=mine):
+        for name in find_orphans(root=self.cgroups_here(), exclude=mine):
             if not name.startswith(f"{self.store_tag}-"):
                 continue
             with contextlib.suppress(errors.CgroupError):
-                Cgroups.open(name, root=self.cgroup_root).destroy()
+                Cgroups.open(name, root=self.cgroups_here()).destroy()
                 removed.append(f"cgroup:{name}")
         if (self.network_settings.state_dir / "leases.json").exists():   # only stores that used a bridge
             starting_or_running = {c.id for c in self.containers()

@@ -320,8 +320,6 @@ def plan(
                              attrs=frozenset({"nosuid", "nodev", "noexec"})))
     else:
         ops.append(FsMount("sysfs", "/sys", source="sysfs", attrs=frozenset({"ro", "nosuid", "nodev", "noexec"})))
-    if cgroupfs is not None:
-        ops += _cgroup_ops(cgroupfs)
 
     taken: set[str] = set()
     for name, source in sorted((etc_files or {}).items()):
@@ -349,6 +347,11 @@ def plan(
     ops += [ReadonlyPath(p) for p in READONLY_PATHS]
     if readonly_rootfs:
         ops.append(RemountReadonly("/"))
+    if cgroupfs is not None:
+        # last: these need the container's cgroup namespace, which the child
+        # makes only once it is in its cgroup; everything before them it
+        # mounts while the caller attaches it (see spawn.build_config)
+        ops += _cgroup_ops(cgroupfs)
     return ops
 
 

@@ -89,6 +89,7 @@ _ACT_TRACE = 0x7FF00000
 _ACT_LOG = 0x7FFC0000
 _ACT_ALLOW = 0x7FFF0000
 _FLTATR_CTL_NNP = 3
+_FLTATR_CTL_OPTIMIZE = 8     # libseccomp >= 2.5; value 2: a binary tree of syscall numbers
 _NR_SCMP_ERROR = -1
 _CMP_OPS = MappingProxyType({
     "SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4,
@@ -269,6 +270,13 @@ def compile_profile(resolved: Mapping[str, Any]) -> bytes:
         # we set no_new_privs ourselves, in the child; this only matters for
         # seccomp_load, which we never call, but keep libseccomp out of it
         _check(lib.seccomp_attr_set(ctx, _FLTATR_CTL_NNP, 0), "seccomp_attr_set(CTL_NNP)")
+        # a binary search instead of a linear list of ~350 syscalls: loading
+        # costs 0.3 ms instead of 0.8 (the kernel pre-computes, per syscall
+        # number of each architecture, whether the filter always allows it,
+        # by running the filter), and every later syscall runs fewer checks
+        if lib.seccomp_attr_set(ctx, _FLTATR_CTL_OPTIMIZE, 2) < 0:
+            log.debug("seccomp: libseccomp %s cannot build a binary tree; the filter stays linear",
+                      ".".join(map(str, libseccomp_version())))
         tokens: dict[str, int] = {}
         for arch in resolved["architectures"]:
             short = _SCMP_ARCH_NAMES.get(arch)

@@ -338,6 +338,13 @@ def _fill_process(arena: _Arena, cfg: Any, proc: ProcessSpec, stdio: tuple[int, 
         cfg.seccomp_len = len(seccomp_filter) // 8
 
 
+def _needs_cgroupns(op: MountOp) -> bool:
+    if isinstance(op, OverlayMount):
+        return False        # its target is a host path
+    target = str(getattr(op, "target", None) or getattr(op, "path", ""))
+    return target == "/sys/fs/cgroup" or target.startswith("/sys/fs/cgroup/")
+
+
 def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
     """``struct jc_config *`` for ``config`` and the arena that keeps it alive."""
     arena = _Arena()
@@ -359,6 +366,10 @@ def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
         _fill_mount(arena, mounts[i], op)
     cfg.mounts = mounts
     cfg.n_mounts = len(config.mounts)
+    # the child makes these while we attach its cgroup; from the first mount
+    # under /sys/fs/cgroup on, the plan needs the cgroup namespace (made after)
+    cfg.n_early_mounts = next((i for i, op in enumerate(config.mounts) if _needs_cgroupns(op)),
+                              len(config.mounts)) if cfg.new_cgroupns else len(config.mounts)
     cfg.rootfs = arena.str(config.rootfs)
     cfg.hostname = arena.str(config.process.hostname)
     cfg.loopback_up = int("network" in config.namespaces)
@@ -419,6 +430,22 @@ class ContainerProcess:
 
     def abort(self) -> None:
         self._proc.abort()
+
+    def early_failure(self) -> errors.ContainError | None:
+        """Before release: why the child ended, if a step it runs before the release failed.
+
+        The child mounts most of its filesystem while the caller attaches its
+        cgroup; a failure there ends it, and the caller's own step then fails
+        for want of the process. This failure explains that one. None while
+        the child lives (or if it ended without a word).
+        """
+        if self._proc.released or self._proc.poll() is None:
+            return None
+        try:
+            self.release()
+        except errors.ContainError as exc:
+            return exc
+        return None
 
     def poll(self) -> int | None:
         return self._proc.poll()
