@@ -573,3 +573,33 @@ def test_source_read_error_comes_back_unchanged(tmp_path):
     with pytest.raises(ConnectionResetError):
         L.unpack_layer(Flaky(data), tmp_path / "p" / "x", media_type=MEDIA["gzip"], layer="net")
     assert os.listdir(tmp_path / "p") == []
+
+
+def _inflate_threads() -> list:
+    import threading
+    return [t for t in threading.enumerate() if t.name == "unpack-inflate"]
+
+
+def test_early_refusal_stops_the_inflate_thread(tmp_path):
+    # the refusal comes while the inflate thread is still megabytes ahead of the extractor
+    entries = [reg("../evil", b"x")] + [reg(f"f{i}", os.urandom(300_000)) for i in range(40)]
+    (tmp_path / "p").mkdir()
+    with pytest.raises(errors.UnsafeLayer):
+        L.unpack_layer(io.BytesIO(compress(make_tar(entries), "gzip")), tmp_path / "p" / "x",
+                       media_type=MEDIA["gzip"], layer="evil")
+    assert _inflate_threads() == []
+    assert os.listdir(tmp_path / "p") == []
+
+
+@pytest.mark.parametrize("kind", ["tar", "gzip", "zstd"])
+def test_contents_across_chunk_boundaries(tmp_path, kind):
+    # files larger than a chunk, and many small ones straddling chunk edges
+    big = os.urandom(3 * L._CHUNK + 12345)
+    smalls = [os.urandom(n) for n in (1, 511, 512, 513, 70_000)] * 40
+    entries = [reg("big", big)] + [reg(f"s{i}", d) for i, d in enumerate(smalls)] + [reg("big2", big[::-1])]
+    data = make_tar(entries)
+    res, dest = unpack(tmp_path, data, kind=kind, expected_diff_id=sha256(data))
+    assert res.size == len(data) and res.files == len(entries)
+    assert (dest / "big").read_bytes() == big and (dest / "big2").read_bytes() == big[::-1]
+    assert all((dest / f"s{i}").read_bytes() == d for i, d in enumerate(smalls))
+    assert _inflate_threads() == []

@@ -21,13 +21,16 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import errno
 import hashlib
 import logging
 import os
+import queue
 import stat
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
@@ -72,7 +75,12 @@ _OTHER = 6  # a lower non-directory that is not a symlink (file, fifo, ...)
 
 _MAX_SYMLINK_HOPS = 40
 _COPY_CHUNK = 1 << 20
-_RAW_CHUNK = 1 << 16
+#: compressed bytes read from the blob at a time (inflates to about 1 MiB of tar)
+_RAW_CHUNK = 1 << 18
+#: uncompressed bytes handed from the inflate thread to the extractor at a time, and how
+#: many such chunks may wait: enough to ride out a burst of small files, little memory
+_CHUNK = 1 << 20
+_QUEUE_CHUNKS = 8
 _ALLOWED_XATTR_PREFIXES = ("user.", "trusted.", "security.")
 _ALLOWED_XATTR_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 
@@ -159,42 +167,162 @@ class _GzipReader:
                 return out
 
 
-class _HashingReader:
-    """Counts and hashes the uncompressed tar stream as tarfile reads it.
+class _Inflow(threading.Thread):
+    """Reads, decompresses and hashes the layer stream in a thread of its own.
 
-    Keeps the last few chunks so the block that ended the archive can be
-    checked (tarfile treats a garbage header as a silent end of archive).
+    The extractor (the calling thread) spends its time in Python parsing tar
+    headers and in file-creation syscalls; inflate and sha256 release the GIL,
+    so running them here, a few chunks ahead, overlaps them with that work
+    instead of adding to it. Chunks of the uncompressed stream go through a
+    bounded queue (memory stays at a few MiB however large the layer); an error
+    of the source or the decompressor is queued in place of the next chunk and
+    raised in the extractor's thread when it gets there.
+    """
+
+    def __init__(self, inner, *, max_size: int, layer: str) -> None:
+        super().__init__(name="unpack-inflate", daemon=True)
+        self._read = inner.read
+        self._max = max_size
+        self._layer = layer
+        self._hash = hashlib.sha256()
+        self.queue: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=_QUEUE_CHUNKS)
+        self._quit = threading.Event()
+        self.size = 0
+
+    def run(self) -> None:
+        item: BaseException | None = None
+        try:
+            read, update, limit = self._read, self._hash.update, self._max
+            while not self._quit.is_set():
+                data = read(_CHUNK)
+                if not data:
+                    break
+                self.size += len(data)
+                if self.size > limit:
+                    raise errors.LayerTooLarge(
+                        self._layer, "<stream>", f"uncompressed layer exceeds the limit of {limit} bytes")
+                update(data)
+                if not self._put(data):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the extractor's thread
+            item = e
+        self._put(item)  # None: the end of the stream
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        while not self._quit.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def stop(self) -> None:
+        """Make the thread end after the read it is in (the extractor gave up); waits for it."""
+        self._quit.set()
+        with contextlib.suppress(queue.Empty):
+            while True:  # make room for a put that waits, so that it sees the flag now
+                self.queue.get_nowait()
+        if self.ident is not None:
+            self.join()
+
+    def hexdigest(self) -> str:
+        """The DiffID's hex digest; valid once the end of the stream was taken from the queue."""
+        return self._hash.hexdigest()
+
+
+class _TarStream:
+    """The uncompressed layer as the forward-only file ``TarFile`` reads, fed by :class:`_Inflow`.
+
+    Replaces tarfile's own stream adapter, which reads its source 10 KiB at a
+    time and re-copies its buffer on every read. Slices of the current chunk
+    go to tarfile; file contents go from the chunks to ``os.write`` without a
+    copy (:meth:`copy_to`). Keeps the last few chunks so the block that ended
+    the archive can be checked (tarfile treats a garbage header as a silent
+    end of archive).
     """
 
     _KEEP = 64 * 1024
 
-    def __init__(self, inner, *, max_size: int, layer: str) -> None:
-        self._read = inner.read
-        self._hash = hashlib.sha256()
-        self._max = max_size
-        self._layer = layer
-        self.size = 0
+    def __init__(self, inflow: _Inflow) -> None:
+        self._get = inflow.queue.get
+        self._buf = b""
+        self._off = 0
+        self._eof = False
+        self.pos = 0     # what tarfile has consumed
+        self.size = 0    # what came out of the queue
         self._tail: collections.deque[tuple[int, bytes]] = collections.deque()
         self._tail_bytes = 0
 
+    def _fill(self) -> bool:
+        """Replace the exhausted current chunk with the next one; False at the end."""
+        if self._eof:
+            return False
+        item = self._get()
+        if item is None:
+            self._eof = True
+            self._buf, self._off = b"", 0
+            return False
+        if isinstance(item, BaseException):
+            self._get = _raiser(item)  # every later read fails the same way
+            raise item
+        self._buf, self._off = item, 0
+        tail = self._tail
+        tail.append((self.size, item))
+        self.size += len(item)
+        self._tail_bytes += len(item)
+        while self._tail_bytes - len(tail[0][1]) >= self._KEEP:
+            self._tail_bytes -= len(tail.popleft()[1])
+        return True
+
     def read(self, n: int = -1) -> bytes:
-        if n == 0:
-            return b""  # zlib reads max_length=0 as "no limit"
-        data = self._read(n if n is not None and n > 0 else _COPY_CHUNK)
-        if data:
-            start = self.size
-            self.size += len(data)
-            if self.size > self._max:
-                raise errors.LayerTooLarge(
-                    self._layer, "<stream>", f"uncompressed layer exceeds the limit of {self._max} bytes"
-                )
-            self._hash.update(data)
-            tail = self._tail
-            tail.append((start, data))
-            self._tail_bytes += len(data)
-            while self._tail_bytes - len(tail[0][1]) >= self._KEEP:
-                self._tail_bytes -= len(tail.popleft()[1])
-        return data
+        buf, off = self._buf, self._off
+        if n is None or n < 0:
+            n = 1 << 62
+        if off + n <= len(buf):
+            self._off = off + n
+            self.pos += n
+            return buf[off:off + n]
+        parts = [buf[off:]] if off < len(buf) else []
+        got = len(buf) - off
+        self._off = len(buf)
+        while got < n and self._fill():
+            take = min(n - got, len(self._buf))
+            parts.append(self._buf if take == len(self._buf) else self._buf[:take])
+            self._off = take
+            got += take
+        self.pos += got
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def copy_to(self, fd: int, n: int) -> int:
+        """Write the next ``n`` bytes to ``fd``; returns how many there were (fewer at the end)."""
+        done = 0
+        write = os.write
+        while done < n:
+            avail = len(self._buf) - self._off
+            if avail <= 0:
+                if not self._fill():
+                    break
+                continue
+            k = min(avail, n - done)
+            view = memoryview(self._buf)[self._off:self._off + k]
+            while view:
+                view = view[write(fd, view):]
+            self._off += k
+            self.pos += k
+            done += k
+        return done
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or pos < self.pos:
+            raise tarfile.StreamError("seeking backwards is not allowed")
+        while self.pos < pos:
+            if not self.read(min(pos - self.pos, _CHUNK)):
+                break
+        return self.pos
 
     def block_at(self, offset: int, length: int) -> bytes | None:
         """Bytes [offset, offset+length) if still held, else None."""
@@ -210,11 +338,16 @@ class _HashingReader:
         return got
 
     def drain(self) -> None:
-        while self.read(_COPY_CHUNK):
-            pass
+        """Take the rest of the stream (the DiffID covers the padding after the end blocks too)."""
+        self._buf, self._off = b"", 0
+        while self._fill():
+            self._buf, self._off = b"", 0
 
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+
+def _raiser(exc: BaseException):  # noqa: ANN202
+    def get() -> bytes:
+        raise exc
+    return get
 
 
 #: extended headers (PAX records, GNU long names) are read into memory whole
@@ -683,16 +816,9 @@ class _Extractor:
         finally:
             os.close(fd)
 
-    def _copy(self, stream, fd: int, remaining: int) -> None:
-        read, write = stream.read, os.write
-        while remaining > 0:
-            chunk = read(min(remaining, _COPY_CHUNK))
-            if not chunk:
-                raise self._unsafe("truncated file data")
-            remaining -= len(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[write(fd, view):]
+    def _copy(self, stream: _TarStream, fd: int, remaining: int) -> None:
+        if stream.copy_to(fd, remaining) < remaining:
+            raise self._unsafe("truncated file data")
 
     def _hardlink(self, comps: list[str], m: tarfile.TarInfo) -> None:
         tcomps = _components(m.linkname, self.layer, m.name)
@@ -759,7 +885,7 @@ def _is_opaque(path: str) -> bool:
         return False
 
 
-def _check_end(tar: tarfile.TarFile, reader: _HashingReader, layer: str) -> None:
+def _check_end(tar: tarfile.TarFile, reader: _TarStream, layer: str) -> None:
     """Refuse an archive that tarfile ended on something other than a zero block."""
     end = tar.offset
     if reader.size == end:
@@ -798,6 +924,7 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
         tmp = tempfile.mkdtemp(prefix=f".{dest.name}.unpack-", dir=dest.parent)
     except OSError as e:
         raise errors.StoreError(f"layer {layer}: cannot create a directory beside {dest}: {e.strerror}") from e
+    inflow: _Inflow | None = None
     try:
         try:
             magic = _read_magic(src)
@@ -816,18 +943,23 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
             inner = zstandard.ZstdDecompressor().stream_reader(raw, read_size=_RAW_CHUNK, read_across_frames=True)
         else:
             inner = raw
-        reader = _HashingReader(inner, max_size=max_size, layer=layer)
+        inflow = _Inflow(inner, max_size=max_size, layer=layer)
+        reader = _TarStream(inflow)
         ext = _Extractor(layer, tmp, [str(p) for p in lower_dirs])
+        inflow.start()
         try:
-            with tarfile.open(fileobj=reader, mode="r|", tarinfo=_SafeTarInfo) as tar:
+            # a TarFile over our forward-only stream reads it as tarfile.open(mode="r|")
+            # would, without tarfile's own (slow) stream adapter in between
+            with tarfile.TarFile(fileobj=reader, mode="r", tarinfo=_SafeTarInfo) as tar:
                 while True:
                     m = tar.next()
                     if m is None:
                         break
                     ext.apply(m, tar)
-                    tar.members.clear()  # stream mode keeps every TarInfo otherwise
+                    tar.members.clear()  # TarFile keeps every TarInfo otherwise
                 _check_end(tar, reader, layer)
-            reader.drain()  # the DiffID covers the padding after the end blocks too
+            reader.drain()
+            inflow.join()  # it ends once it queued the end of the stream, which drain took
         except tarfile.TarError as e:
             after = f" (after {ext.current!r})" if ext.current else ""
             raise errors.UnsafeLayer(layer, "<stream>", f"malformed tar stream{after}: {e}") from e
@@ -841,7 +973,7 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
             ext.finish()
         except OSError as e:
             raise errors.StoreError(f"layer {layer}: setting directory times: {e.strerror}") from e
-        diff_id = "sha256:" + reader.hexdigest()
+        diff_id = "sha256:" + inflow.hexdigest()
         if expected_diff_id is not None and diff_id != expected_diff_id:
             raise errors.DigestMismatch(f"layer {layer} DiffID", expected_diff_id, diff_id)
         try:
@@ -855,6 +987,8 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
         log.debug("layer %s: unpacked %d entries, %d bytes into %s", layer, ext.files, reader.size, dest)
         return UnpackResult(diff_id=diff_id, size=reader.size, files=ext.files)
     except BaseException as e:
+        if inflow is not None:
+            inflow.stop()
         try:
             remove_tree(tmp)
         except OSError:
