@@ -181,6 +181,12 @@ class NativeProcess:
     def released(self) -> bool:
         return self._handle.sync_fd < 0
 
+    def proceed(self) -> None:
+        """Rootless (``caller_maps``): the id maps are written; the child may set up its mounts."""
+        rc = lib().jc_proceed(self._handle)
+        if rc < 0:   # the child is gone: release() reports why
+            log.debug("%s %d: proceed: %s", self._description, self.pid, os.strerror(-rc))
+
     def release(self) -> None:
         """Let the child continue; wait until execve succeeded or a step failed."""
         if self.released:

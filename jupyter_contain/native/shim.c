@@ -106,7 +106,7 @@ struct jc_ctx {
     int rootfd;    /* O_PATH fd of the merged rootfs, once mounted */
     int pty_slave; /* terminal: the slave of the container's pty */
     int go_fd;     /* payload: read end of the go pipe (EOF = init is ready) */
-    int userns;    /* in a user namespace: mounts of host paths come prepared */
+    int prepped;   /* user namespace made by root: mounts of host paths come prepared */
     const int *prep; /* the parent's detached mounts, in plan order */
     int n_prep;
     int next_prep;
@@ -386,7 +386,7 @@ static void jc_overlay_legacy(struct jc_ctx *c, const struct jc_mount *m)
 
 static void jc_mount_overlay(struct jc_ctx *c, const struct jc_mount *m)
 {
-    if (c->userns) {
+    if (c->prepped) {
         /* made by the parent (initial namespace, idmapped layers): only
          * attach it, at the target the parent opened in our mount tree */
         int mfd = jc_next_prep(c, "mount-rootfs", m->target);
@@ -463,7 +463,7 @@ static void jc_do_mount(struct jc_ctx *c, const struct jc_mount *m)
 
     case JC_MOUNT_BIND: {
         int rec = (m->flags & JC_MF_RECURSIVE) ? AT_RECURSIVE : 0;
-        if (c->userns) {
+        if (c->prepped) {
             sfd = jc_next_prep(c, "bind-mount", m->source); /* attributes set by the parent */
         } else {
             sfd = open_tree(AT_FDCWD, m->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | rec);
@@ -794,7 +794,10 @@ __attribute__((noreturn)) static void jc_payload(struct jc_ctx *c)
         jc_fail(c, "capabilities", errno, "bounding set");
     if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0)
         jc_fail(c, "capabilities", errno, "keepcaps");
-    if (syscall(SYS_setgroups, (size_t)cfg->n_groups, cfg->groups) < 0)
+    /* a rootless namespace of the caller's one gid has setgroups denied (the
+     * kernel's condition for an unprivileged gid_map): no groups to drop */
+    if (syscall(SYS_setgroups, (size_t)cfg->n_groups, cfg->groups) < 0 &&
+        !(errno == EPERM && cfg->caller_maps && cfg->n_groups == 0))
         jc_fail(c, "setgroups", errno, "");
     if (syscall(SYS_setresgid, cfg->gid, cfg->gid, cfg->gid) < 0)
         jc_fail(c, "setgid", errno, "");
@@ -983,7 +986,7 @@ static void jc_open_pty(struct jc_ctx *c)
  * supplementary groups, and could not create a file on an idmapped mount. */
 static void jc_become_ns_root(struct jc_ctx *c)
 {
-    if (syscall(SYS_setgroups, (size_t)0, NULL) < 0)
+    if (syscall(SYS_setgroups, (size_t)0, NULL) < 0 && !(errno == EPERM && c->cfg->caller_maps))
         jc_fail(c, "setgroups", errno, "user namespace");
     if (syscall(SYS_setresgid, 0, 0, 0) < 0)
         jc_fail(c, "setgid", errno, "user namespace");
@@ -1042,7 +1045,7 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
     int early = 0;
     if (cfg->join_pidfd < 0) {
         if (cfg->clone_flags & CLONE_NEWUSER) {
-            ctx.userns = 1;
+            ctx.prepped = !cfg->caller_maps;
             jc_become_ns_root(c);
         }
         if (cfg->clone_flags & CLONE_NEWNS) {
@@ -1436,6 +1439,8 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failu
     out->pidfd = pidfd;
     out->sync_fd = sv[0];
     out->pty_master = -1;
+    if (cfg->join_pidfd < 0 && (cfg->clone_flags & CLONE_NEWUSER) && cfg->caller_maps)
+        return 0; /* the caller writes the maps, then jc_proceed */
     if (cfg->join_pidfd < 0 && (cfg->clone_flags & CLONE_NEWUSER) &&
         jc_prepare_userns(cfg, (pid_t)pid, out, failure) != 0) {
         /* without the release byte the child exits; reap it */
@@ -1456,10 +1461,18 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failu
         if (jc_send_fd(sv[0], 'M', out->prepared[i]) != 1)
             break;
     jc_discard(out);
-    char s = 'S';
-    while (send(sv[0], &s, 1, MSG_NOSIGNAL) < 0 && errno == EINTR)
-        ;
+    jc_proceed(out);
     return 0;
+}
+
+int jc_proceed(struct jc_handle *h)
+{
+    char s = 'S';
+    ssize_t n;
+    do
+        n = send(h->sync_fd, &s, 1, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    return n == 1 ? 0 : -errno;
 }
 
 /* Let the child go on; wait until execve succeeded (returns 0) or a failure

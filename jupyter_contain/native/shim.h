@@ -65,6 +65,11 @@ struct jc_config {
      * the child, which cannot reach host paths as container root */
     const char *uid_map;
     const char *gid_map;
+    /* rootless: the caller writes the maps itself (newuidmap/newgidmap, or
+     * its own id) between jc_spawn and jc_proceed; no idmapped mounts (an
+     * unprivileged caller cannot make them): the child mounts everything
+     * itself, as root of its user namespace */
+    int caller_maps;
     /* filesystem */
     const struct jc_mount *mounts;
     int n_mounts;
@@ -119,4 +124,6 @@ struct jc_failure {
 int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failure *failure);
 /* close what the parent prepared for a child that will not be released */
 void jc_discard(struct jc_handle *handle);
+/* with caller_maps: the maps are written, the child may set up (0 or -errno) */
+int jc_proceed(struct jc_handle *handle);
 int jc_release(struct jc_handle *handle, struct jc_failure *failure);

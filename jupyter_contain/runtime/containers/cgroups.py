@@ -157,6 +157,17 @@ class CgroupRoot:
     def usable(self) -> bool:
         return self.version is not None
 
+    def unusable_reason(self) -> str | None:
+        """Why containers cannot get cgroups here (None: they can), in words for a user."""
+        if not self.usable:
+            return f"no delegated cgroups: {self.reason}"
+        for h in self.hierarchies:
+            if not os.access(h.own, os.W_OK):
+                kind = "cgroup v1 hierarchies are the administrator's" if self.version == 1 else \
+                    "the cgroup v2 tree is not delegated (a systemd unit with Delegate=yes would)"
+                return f"{h.own} is not writable by uid {os.geteuid()} ({kind})"
+        return None
+
     def parents(self) -> dict[str, Path]:
         """controller (v1) or "unified" (v2) -> the ``jupyter-contain`` folder."""
         out: dict[str, Path] = {}

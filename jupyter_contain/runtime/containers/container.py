@@ -29,7 +29,7 @@ import secrets
 import signal
 import stat
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
@@ -39,10 +39,13 @@ from ..images.store import ImageRecord, Store, now_rfc3339
 from . import idmap
 from . import network as netmod
 from . import rootfs, seccomp, spawn
-from .cgroups import CgroupRoot, Cgroups, Limits, find_orphans
+from .cgroups import DEFAULT_PIDS_LIMIT, CgroupRoot, Cgroups, Limits, Stats, find_orphans
 from .cgroups import detect as detect_cgroups
 
 log = logging.getLogger(__name__)
+
+#: the "rootless without quotas" warning is given once per process
+_warned_no_cgroups = False
 
 Network = Literal["none", "host", "bridge"]
 #: network modes, for option validation elsewhere (kernelspecs, CLI)
@@ -272,6 +275,11 @@ class Container:
             "readonly_rootfs": st.get("readonly_rootfs", False),
         }
         userns = idmap.IdMapping.from_json(st["userns"]) if st.get("userns") else None
+        rootless = bool(st.get("rootless"))
+        if rootless:
+            plan_args["overlay_options"] = (("userxattr", None),)   # trusted.* xattrs need host root
+        if userns is not None and userns.host_gid(5) is None:
+            plan_args["tty_gid"] = None
         if userns is not None and st["network"] == "host":
             plan_args["bind_sysfs"] = True   # sysfs needs a network namespace of the user namespace's
         with contextlib.ExitStack() as stack:
@@ -287,34 +295,41 @@ class Container:
             exit_fd = os.open(self.dir / "exit", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             stack.callback(os.close, exit_fd)
             limits = Limits(**st["limits"])
-            cg = Cgroups.create(self.cgroup_name, limits, root=self.runtime.cgroups_here())
+            # rootless without delegated cgroups: none (create() checked no limit was asked for)
+            cg = Cgroups.create(self.cgroup_name, limits, root=self.runtime.cgroups_here()) \
+                if st.get("cgroups", True) else None
             try:
                 # the plan includes the container's own cgroups at /sys/fs/cgroup: known only now
                 cfg = spawn.SpawnConfig(
-                    mounts=tuple(rootfs.plan(**plan_args, cgroupfs=_cgroup_fs(cg))), process=process,
-                    stdio=stdio, exit_fd=exit_fd, userns=userns, seccomp_filter=seccomp_filter,
+                    mounts=tuple(rootfs.plan(**plan_args, cgroupfs=_cgroup_fs(cg) if cg else None)),
+                    process=process, stdio=stdio, exit_fd=exit_fd, userns=userns, rootless=rootless,
+                    seccomp_filter=seccomp_filter,
                     # bridge: an own namespace like "none"; eth0 comes before release
                     network="host" if st["network"] == "host" else "none")
                 proc = spawn.spawn(cfg)
             except BaseException:
-                cg.destroy()
+                if cg is not None:
+                    cg.destroy()
                 raise
             attached = False
             try:
-                cg.attach(proc.pid)
+                if cg is not None:
+                    cg.attach(proc.pid)
                 net = None
                 if st["network"] == "bridge":
                     attached = True
                     net = netmod.attach(self.runtime.network_settings, container_id=self.id, pid=proc.pid,
                                         publish=[netmod.parse_publish(p) for p in st.get("publish", ())]).to_json()
                 self._update(status="running", pid=proc.pid, pid_start=_proc_start_time(proc.pid),
-                             started=now_rfc3339(), cgroup={k: str(v) for k, v in cg.paths.items()}, net=net)
+                             started=now_rfc3339(), cgroup={k: str(v) for k, v in cg.paths.items()} if cg else None,
+                             net=net)
                 proc.release()
             except BaseException as exc:
                 early = proc.early_failure() if isinstance(exc, errors.ContainError) else None
                 proc.abort()
                 proc.close()
-                cg.destroy()
+                if cg is not None:
+                    cg.destroy()
                 if attached:
                     with contextlib.suppress(errors.ContainError):
                         netmod.detach(self.runtime.network_settings, container_id=self.id)
@@ -463,6 +478,9 @@ class Container:
     def stats(self) -> dict[str, Any]:
         cg = self.cgroups()
         if cg is None:
+            if self.status() == "running" and not self.state.get("cgroups", True):
+                # rootless without delegated cgroups: nothing is counted
+                return asdict(Stats(None, None, None, None, None, None, None))
             raise errors.ContainerError(f"container {self.name} is not running")
         return asdict(cg.stats())
 
@@ -528,7 +546,7 @@ class Container:
         if self.state.get("network") == "bridge":
             netmod.detach(self.runtime.network_settings, container_id=self.id)
         self.runtime.store.unpin(self.id)
-        if self.state.get("userns"):
+        if self.state.get("userns") and not self.state.get("rootless"):
             self.runtime.userns_allocator().release(self.id, idmap.IdMapping.from_json(self.state["userns"]))
         remove_tree(self.dir)
         self.close()
@@ -563,6 +581,33 @@ class Runtime:
         # container (and can reap it) is the one every lookup returns
         self._handles: dict[str, Container] = {}
         self.store_tag = hashlib.sha256(os.fsencode(self.store.root.resolve())).hexdigest()[:8]
+
+    @property
+    def rootless(self) -> bool:
+        """True when this process is not root: containers get a user namespace of its own ids."""
+        return os.geteuid() != 0
+
+    def _rootless_limits(self, limits: Limits) -> tuple[Limits, bool]:
+        """``(limits, use cgroups)`` for a rootless container.
+
+        Without cgroups delegated to this user (cgroup v1, or a v2 tree
+        without ``Delegate=yes``) there are no quotas: a limit the caller
+        asked for is refused; the default process limit is dropped with a
+        warning, once per process.
+        """
+        reason = self.cgroups_here().unusable_reason()
+        if reason is None:
+            return limits, True
+        asked = [n for n, v in (("memory", limits.memory), ("cpus", limits.cpus)) if v is not None]
+        if limits.pids is not None and limits.pids != DEFAULT_PIDS_LIMIT:
+            asked.append("pids")
+        if asked:
+            raise errors.InvalidSpec(f"cannot limit {', '.join(asked)} of a rootless container: {reason}")
+        global _warned_no_cgroups
+        if not _warned_no_cgroups:
+            _warned_no_cgroups = True
+            log.warning("rootless containers run without memory, CPU and process quotas: %s", reason)
+        return replace(limits, pids=None), False
 
     def cgroups_here(self) -> CgroupRoot:
         """Where this process's container cgroups go (``cgroup_root``, else detected).
@@ -637,8 +682,21 @@ class Runtime:
         self.store.pin(cid, image)
         d = self.store.containers_dir / cid
         userns: idmap.IdMapping | None = None
+        limits = spec.limits
+        use_cgroups = True
         try:
-            if spec.userns == "auto":
+            if self.rootless:
+                # an unprivileged caller gets nothing done without a user namespace
+                userns = idmap.rootless_mapping()
+                if userns.host_uid(uid) is None or any(userns.host_gid(g) is None for g in (gid, *groups)):
+                    known = userns.uid_map[-1][0] + userns.uid_map[-1][2] - 1
+                    raise errors.InvalidSpec(
+                        f"user {uid}:{gid} does not exist in a rootless container of uid {os.geteuid()}: "
+                        f"only ids 0-{known} do" + ("" if known else
+                                                    " (give this user subordinate ids: usermod --add-subuids "
+                                                    "--add-subgids, as root)"))
+                limits, use_cgroups = self._rootless_limits(spec.limits)
+            elif spec.userns == "auto":
                 userns = self.userns_allocator().allocate(
                     cid, alive=lambda owner: (self.store.containers_dir / owner).exists())
                 if userns.host_uid(uid) is None or any(userns.host_gid(g) is None for g in (gid, *groups)):
@@ -666,7 +724,8 @@ class Runtime:
                 "process": process, "rlimits": {k: list(v) for k, v in spec.rlimits.items()},
                 "binds": [{"source": str(b.source), "target": b.target, "readonly": b.readonly}
                           for b in spec.binds],
-                "limits": asdict(spec.limits), "network": spec.network, "labels": dict(spec.labels),
+                "limits": asdict(limits), "cgroups": use_cgroups, "rootless": self.rootless,
+                "network": spec.network, "labels": dict(spec.labels),
                 "publish": list(spec.publish),
                 "readonly_rootfs": spec.readonly_rootfs,
                 "seccomp": spec.seccomp,
@@ -683,7 +742,7 @@ class Runtime:
         except BaseException:
             remove_tree(d)
             self.store.unpin(cid)
-            if userns is not None:
+            if userns is not None and not self.rootless:
                 self.userns_allocator().release(cid, userns)
             raise
         log.info("created container %s from %s", name, image.familiar)

@@ -9,8 +9,14 @@ so concurrent processes never get the same one and no lock is held), and the
 administrator's one-time setup (:func:`setup_commands`, :func:`ensure_subids`:
 ``useradd`` + ``usermod --add-subuids/--add-subgids``, as Debian expects).
 
-Must not: write ``/proc/PID/[ug]id_map`` or mount anything (the native spawn
-does, between clone and release), or edit ``/etc/subuid`` other than through
+Rootless (a caller that is not root): :func:`rootless_mapping` (container
+root is the caller itself; ids 1..65536 come from the caller's own
+subordinate ranges when it has some) and :func:`write_maps`, which writes
+such a mapping for a child between clone and release, through the setuid
+``newuidmap``/``newgidmap`` (or directly, for the caller's one id).
+
+Must not: mount anything, write a map for root (the native spawn does,
+between clone and release), or edit ``/etc/subuid`` other than through
 ``usermod``. No import-time side effects.
 
 Why distinct slices (Podman's ``--userns=auto``), not one range shared by all
@@ -44,8 +50,10 @@ __all__ = [
     "IdMapping",
     "SubidRange",
     "ensure_subids",
+    "rootless_mapping",
     "setup_commands",
     "subordinate_ranges",
+    "write_maps",
 ]
 
 #: ids per container: 0..65535 inside, like Podman's and Docker's default
@@ -270,6 +278,67 @@ class Allocator:
                 with contextlib.suppress(OSError):
                     out[p.read_text().split("\n", 1)[0]] = int(p.name)
         return out
+
+
+def _login_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def rootless_mapping(*, uid: int | None = None, gid: int | None = None) -> IdMapping:
+    """A rootless container's ids: root inside is the caller (``uid``/``gid``, default ours).
+
+    With subordinate ranges for the caller in ``/etc/subuid`` and
+    ``/etc/subgid`` (read by name or uid, as ``newuidmap`` does), container
+    ids ``1..65536`` map onto the first 65536 of them, so ``nobody`` and
+    other image users exist inside. Without, only root (0) exists inside.
+    Every container of one user shares this mapping (as rootless Podman's
+    do): they all run as that user anyway.
+    """
+    uid = os.geteuid() if uid is None else uid
+    gid = os.getegid() if gid is None else gid
+    subuid, subgid = _subid_files()
+    name = _login_name(uid) or str(uid)
+    uids, gids = read_subid_file(subuid, name), read_subid_file(subgid, name)
+    if name != str(uid):
+        uids = uids or read_subid_file(subuid, str(uid))
+        gids = gids or read_subid_file(subgid, str(uid))
+    if uids and gids:
+        n = min(RANGE_SIZE, uids[0].count, gids[0].count)
+        return IdMapping(((0, uid, 1), (1, uids[0].start, n)), ((0, gid, 1), (1, gids[0].start, n)))
+    return IdMapping(((0, uid, 1),), ((0, gid, 1),))
+
+
+def write_maps(pid: int, mapping: IdMapping) -> None:
+    """Write ``mapping`` for ``pid``'s new user namespace, as an unprivileged caller.
+
+    The caller's own id alone: written directly (after ``setgroups`` is
+    denied, as the kernel requires of an unprivileged writer). Anything
+    more: through ``newuidmap``/``newgidmap`` (setuid root, Debian's
+    ``uidmap`` package), which check the ranges against ``/etc/subuid``.
+    """
+    one = len(mapping.uid_map) == 1 and len(mapping.gid_map) == 1 and \
+        mapping.uid_map[0][2] == 1 and mapping.gid_map[0][2] == 1
+    if one:
+        try:
+            Path(f"/proc/{pid}/setgroups").write_text("deny")
+            Path(f"/proc/{pid}/uid_map").write_text(mapping.uid_map_text())
+            Path(f"/proc/{pid}/gid_map").write_text(mapping.gid_map_text())
+        except OSError as exc:
+            raise errors.ContainerError(f"cannot write the user namespace maps of {pid}: {exc}") from None
+        return
+    for tool, m in (("newuidmap", mapping.uid_map), ("newgidmap", mapping.gid_map)):
+        exe = shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin")
+        if exe is None:
+            raise errors.ContainerError(f"{tool} is not installed (Debian: apt-get install uidmap)")
+        argv = [exe, str(pid)] + [str(x) for extent in m for x in extent]
+        res = subprocess.run(argv, capture_output=True, text=True, check=False, close_fds=True)
+        if res.returncode != 0:
+            raise errors.ContainerError(
+                f"{tool} refused {' '.join(argv[2:])}: {res.stderr.strip() or f'exit {res.returncode}'} "
+                "(check /etc/subuid and /etc/subgid)")
 
 
 def _free_start(existing: Iterable[SubidRange], count: int, *, floor: int = 100000) -> int:

@@ -231,8 +231,12 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top + "/")
 
 
-def _dev_ops() -> list[MountOp]:
-    """A minimal /dev like Docker's: tmpfs, a few host devices, devpts, shm, mqueue."""
+def _dev_ops(*, tty_gid: int | None = 5) -> list[MountOp]:
+    """A minimal /dev like Docker's: tmpfs, a few host devices, devpts, shm, mqueue.
+
+    ``tty_gid``: the group of new ptys (None: the opener's; a rootless user
+    namespace of one id has no group 5).
+    """
     ops: list[MountOp] = [
         FsMount("tmpfs", "/dev", source="tmpfs",
                 options=(("mode", "755"), ("size", "65536k")),
@@ -241,7 +245,8 @@ def _dev_ops() -> list[MountOp]:
     ops += [BindMount(Path("/dev") / name, f"/dev/{name}", recursive=False) for name in DEVICES]
     ops += [
         FsMount("devpts", "/dev/pts", source="devpts",
-                options=(("newinstance", None), ("ptmxmode", "0666"), ("mode", "0620"), ("gid", "5")),
+                options=(("newinstance", None), ("ptmxmode", "0666"), ("mode", "0620"))
+                + ((("gid", str(tty_gid)),) if tty_gid is not None else ()),
                 attrs=frozenset({"nosuid", "noexec"})),
         Symlink("/dev/ptmx", "pts/ptmx"),
         FsMount("tmpfs", "/dev/shm", source="shm",
@@ -287,6 +292,8 @@ def plan(
     readonly_rootfs: bool = False,
     cgroupfs: CgroupFs | None = None,
     bind_sysfs: bool = False,
+    overlay_options: Options = (),
+    tty_gid: int | None = 5,
 ) -> list[MountOp]:
     """The ordered mount operations that build a container's filesystem.
 
@@ -299,7 +306,9 @@ def plan(
     mounted over ``/sys/fs/cgroup`` (None: sysfs's empty directory stays;
     only meaningful with a cgroup namespace). ``bind_sysfs``: a read-only
     recursive bind of the host's ``/sys`` instead of a new sysfs (a user
-    namespace without its own network namespace may not mount sysfs). Raises
+    namespace without its own network namespace may not mount sysfs).
+    ``overlay_options``: extra overlayfs options (``userxattr`` rootless).
+    ``tty_gid``: the group of the container's ptys (None where it is unmapped). Raises
     :class:`~jupyter_contain.errors.InvalidSpec` for a malformed request.
     """
     if not rootfs_layers:
@@ -311,10 +320,11 @@ def plan(
             upperdir=_overlay_path(upper, what="upper dir"),
             workdir=_overlay_path(work, what="work dir"),
             target=_host_path(target, what="rootfs target"),
+            options=tuple(overlay_options),
         ),
         FsMount("proc", "/proc", source="proc", attrs=frozenset({"nosuid", "nodev", "noexec"})),
     ]
-    ops += _dev_ops()
+    ops += _dev_ops(tty_gid=tty_gid)
     if bind_sysfs:
         ops.append(BindMount(Path("/sys"), "/sys", readonly=True, recursive=True,
                              attrs=frozenset({"nosuid", "nodev", "noexec"})))

@@ -31,7 +31,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from jupyter_contain import errors, native
-from jupyter_contain.runtime.containers.idmap import IdMapping
+from jupyter_contain.runtime.containers.idmap import IdMapping, write_maps
 from jupyter_contain.runtime.containers.rootfs import (
     BindMount,
     FsMount,
@@ -169,9 +169,16 @@ class SpawnConfig:
     #: namespace: on disk, files keep the container's ids (uid 0, not the
     #: mapped host id); ``BindMount.idmap`` binds likewise, other binds not.
     userns: IdMapping | None = None
+    #: the caller is not root (``userns`` required): the maps are written with
+    #: ``newuidmap``/``newgidmap`` and the child, root of its user namespace,
+    #: makes every mount itself (no idmapped mounts: an unprivileged caller
+    #: cannot make them); the overlay should carry ``userxattr``
+    rootless: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mounts", tuple(self.mounts))
+        if self.rootless and self.userns is None:
+            raise errors.InvalidSpec("a rootless container needs a user namespace")
         if not self.mounts or not isinstance(self.mounts[0], OverlayMount):
             raise errors.InvalidSpec("the mount plan must start with the rootfs overlay")
         if sum(isinstance(m, OverlayMount) for m in self.mounts) != 1:
@@ -203,7 +210,7 @@ class SpawnConfig:
                     raise errors.InvalidSpec(f"id {ident} is not mapped in the container's user namespace")
             over = self.mounts[0]
             assert isinstance(over, OverlayMount)
-            if over.upperdir.parent != over.workdir.parent:
+            if not self.rootless and over.upperdir.parent != over.workdir.parent:
                 raise errors.InvalidSpec("with a user namespace the upper and work dirs must share a parent")
 
     @property
@@ -358,6 +365,7 @@ def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
         cfg.clone_flags |= native.CLONE_NEWUSER
         cfg.uid_map = arena.str(config.userns.uid_map_text())
         cfg.gid_map = arena.str(config.userns.gid_map_text())
+        cfg.caller_maps = int(config.rootless)
     # the cgroup namespace is made after release, i.e. after the caller put
     # the child into its cgroup, so that the container sees that cgroup as /
     cfg.new_cgroupns = int("cgroup" in config.namespaces)
@@ -481,6 +489,15 @@ def spawn(config: SpawnConfig) -> ContainerProcess:
     cfg, arena = build_config(config)
     proc = native.spawn(cfg)
     del arena  # the child has its own copy of everything now
+    if config.rootless:
+        assert config.userns is not None
+        try:
+            write_maps(proc.pid, config.userns)
+        except BaseException:
+            proc.abort()
+            proc.close()
+            raise
+        proc.proceed()
     log.debug("spawned container init pid %d (%s)", proc.pid, config.process.argv[0])
     return ContainerProcess(proc, config.process.argv[0])
 

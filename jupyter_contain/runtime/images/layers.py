@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_LAYER_SIZE = 16 * 1024**3
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
+#: a rootless store's layers (overlay mounted with ``userxattr``): trusted.* needs host root
+USER_OPAQUE_XATTR = "user.overlay.opaque"
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 #: AUFS bookkeeping names (``.wh..wh.plnk``, ``.wh..wh.aufs``); Docker skips them
@@ -441,6 +443,11 @@ class _Extractor:
         self.children: dict[str, set[str]] = {}
         self.opaque: set[str] = set()
         self.dir_times: dict[str, tuple[int, int]] = {}
+        # rootless (not root): every file stays the caller's (container root
+        # in its user namespace), only user.* xattrs can be set, and opaque
+        # directories are marked the way overlayfs reads them with userxattr
+        self.rootless = os.geteuid() != 0
+        self.opaque_xattr = USER_OPAQUE_XATTR if self.rootless else OPAQUE_XATTR
         self._lower_stacks: dict[str, tuple[int, ...]] = {"": tuple(range(len(self.lowers)))}
         self.root_meta = False
         self.files = 0
@@ -603,7 +610,7 @@ class _Extractor:
         if lower is not None:
             # an overlay directory shows the topmost layer's attributes: keep the lower's
             s = os.lstat(lower)
-            os.lchown(full, s.st_uid, s.st_gid)
+            self._chown(full, s.st_uid, s.st_gid)
             os.chmod(full, stat.S_IMODE(s.st_mode))
             for name, value in _lower_xattrs(lower):
                 os.setxattr(full, name, value, follow_symlinks=False)
@@ -615,8 +622,12 @@ class _Extractor:
     def _set_opaque(self, path: str) -> None:
         if path in self.opaque:
             return
-        os.setxattr(f"{self.root}/{path}", OPAQUE_XATTR, b"y", follow_symlinks=False)
+        os.setxattr(f"{self.root}/{path}", self.opaque_xattr, b"y", follow_symlinks=False)
         self.opaque.add(path)
+
+    def _chown(self, full: str, uid: int, gid: int) -> None:
+        if not self.rootless:
+            os.lchown(full, uid, gid)
 
     def _record(self, path: str, kind: int, target: str | None = None) -> None:
         self.created[path] = kind
@@ -679,6 +690,10 @@ class _Extractor:
                 continue
             if not (name.startswith(_ALLOWED_XATTR_PREFIXES) or name in _ALLOWED_XATTR_NAMES):
                 raise self._unsafe(f"xattr namespace of {name!r} is not allowed")
+            if self.rootless and not name.startswith("user."):
+                # trusted.* and file capabilities need host root (or CAP_SETFCAP)
+                log.debug("layer %s: %s: rootless, dropping %s", self.layer, self.current, name)
+                continue
             out.append((name, raw))
         return out
 
@@ -759,7 +774,7 @@ class _Extractor:
                 raise self._unsafe("empty or NUL-containing symlink target")
             os.symlink(target, full)
             self._record(path, _SYMLINK, target)
-            os.lchown(full, m.uid, m.gid)
+            self._chown(full, m.uid, m.gid)
             for xname, value in xattrs:
                 if xname.startswith("user."):
                     continue  # the kernel refuses user.* on symlinks
@@ -779,7 +794,7 @@ class _Extractor:
 
     def _meta_dir(self, path: str, m: tarfile.TarInfo, xattrs: list[tuple[str, bytes]]) -> None:
         full = f"{self.root}/{path}" if path else self.root
-        os.lchown(full, m.uid, m.gid)
+        self._chown(full, m.uid, m.gid)
         os.chmod(full, m.mode & 0o7777)  # after chown, which clears setuid/setgid
         for xname, value in xattrs:
             os.setxattr(full, xname, value, follow_symlinks=False)
@@ -787,7 +802,7 @@ class _Extractor:
         self.dir_times[path] = self._times(m)
 
     def _meta_path(self, full: str, m: tarfile.TarInfo, xattrs: list[tuple[str, bytes]]) -> None:
-        os.lchown(full, m.uid, m.gid)
+        self._chown(full, m.uid, m.gid)
         os.chmod(full, m.mode & 0o7777)
         for xname, value in xattrs:
             os.setxattr(full, xname, value, follow_symlinks=False)
@@ -807,7 +822,8 @@ class _Extractor:
                     os.lseek(fd, offset, os.SEEK_SET)
                     self._copy(stream, fd, length)
                 os.ftruncate(fd, m.size)
-            os.fchown(fd, m.uid, m.gid)
+            if not self.rootless:
+                os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, m.mode & 0o7777)  # after chown, which clears setuid/setgid
             # after chown too: chown drops security.capability
             for xname, value in xattrs:
@@ -879,10 +895,13 @@ class _Extractor:
 
 
 def _is_opaque(path: str) -> bool:
-    try:
-        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-    except OSError:
-        return False
+    for name in (OPAQUE_XATTR, USER_OPAQUE_XATTR):
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def _check_end(tar: tarfile.TarFile, reader: _TarStream, layer: str) -> None:

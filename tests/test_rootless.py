@@ -1,0 +1,237 @@
+"""Rootless: containers started by a user that is not root, from its own store.
+
+Each test runs ``rootless_driver.py`` (or a kernel) as an unprivileged user
+through ``setpriv``, with a home folder of its own under ``/tmp``:
+
+- uid 47011, which has no passwd entry and no subordinate ids: container
+  root is that uid alone, its maps written directly (setgroups denied);
+- ``jc-rootless`` (made by ``scripts/setup`` with 65536 subordinate ids):
+  the maps go through the setuid ``newuidmap``/``newgidmap``, so ``nobody``
+  and other image users exist inside.
+
+The cgroups here are v1 and the administrator's: these containers run
+without quotas, and asking for one is refused. The escape probes are the
+ones the root and user-namespace tests run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from jupyter_contain.runtime.fsutil import remove_tree
+from probes import PROBE_C
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LONE_UID = 47011
+SUBID_USER = "jc-rootless"
+EPERM = 1
+DOCKER_CAPS = 0x00000000a80425fb   # Docker's default bounding set
+
+
+def _reachable(path: Path) -> bool:
+    """Can anybody (not only root) execute ``path``: o+x on it and every folder above?"""
+    p = path.resolve()
+    for part in [p, *p.parents]:
+        if not part.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _user_python() -> str:
+    """An interpreter the unprivileged user can run, of this one's version (our extension's ABI)."""
+    if _reachable(Path(sys.executable)):
+        return sys.executable
+    system = Path("/usr/bin/python3")
+    if system.exists() and _reachable(system):
+        version = subprocess.run([str(system), "-c", "import sys; print(sys.version_info[:2])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        if version == str(sys.version_info[:2]):
+            return str(system)
+    pytest.skip(f"no Python {sys.version_info[:2]} an unprivileged user can run ({sys.executable} is under a "
+                "private folder)")
+
+
+def _pythonpath() -> str:
+    import site
+    return os.pathsep.join([str(REPO), str(HERE), *site.getsitepackages()])
+
+
+@dataclass
+class User:
+    uid: int
+    gid: int
+    home: Path
+
+    def env(self) -> dict[str, str]:
+        return {"HOME": str(self.home), "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+                "PYTHONPATH": _pythonpath(), "XDG_RUNTIME_DIR": str(self.home / "run"), "LANG": "C.UTF-8"}
+
+    def argv(self, *args: str) -> list[str]:
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", _user_python(), *args]
+
+    def container(self, cmd: str, **req) -> dict:
+        """Run ``sh -c cmd`` in a rootless busybox container as this user (see rootless_driver)."""
+        from jupyter_contain.runtime.images import bootstrap
+        req = {"image_tar": str(bootstrap.cached_rootfs_tar(bootstrap.BUSYBOX)), "cmd": cmd, **req}
+        res = subprocess.run(self.argv(str(HERE / "rootless_driver.py"), json.dumps(req)), env=self.env(),
+                             capture_output=True, text=True, timeout=180, check=False)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _home(uid: int, gid: int) -> Path:
+    home = Path(tempfile.mkdtemp(prefix="jc-rootless-", dir="/tmp"))
+    (home / "run").mkdir(mode=0o700)
+    for p in (home, home / "run"):
+        os.chown(p, uid, gid)
+    return home
+
+
+@pytest.fixture
+def lone_user():
+    """A uid of its own, nothing else: container root is that one id."""
+    home = _home(LONE_UID, LONE_UID)
+    try:
+        yield User(LONE_UID, LONE_UID, home)
+    finally:
+        remove_tree(home)
+
+
+@pytest.fixture
+def subid_user():
+    """``jc-rootless``, with subordinate ids (scripts/setup makes it)."""
+    try:
+        pw = pwd.getpwnam(SUBID_USER)
+    except KeyError:
+        pytest.skip(f"user {SUBID_USER} is missing: run scripts/setup")
+    home = _home(pw.pw_uid, pw.pw_gid)
+    try:
+        yield User(pw.pw_uid, pw.pw_gid, home)
+    finally:
+        remove_tree(home)
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> Path:
+    """A folder anybody can read holding ``probe`` (static), for a bind mount."""
+    d = Path(tempfile.mkdtemp(prefix="jc-probe-", dir="/tmp"))
+    try:
+        (d / "probe.c").write_text(PROBE_C)
+        res = subprocess.run(["gcc", "-static", "-O1", "-o", str(d / "probe"), str(d / "probe.c")],
+                             capture_output=True, text=True, check=False)
+        assert res.returncode == 0, res.stderr[-1000:]
+        d.chmod(0o755)
+        yield d
+    finally:
+        remove_tree(d)
+
+
+def _fields(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+# --- the lone uid ------------------------------------------------------------------------
+
+
+def test_root_inside_is_the_user_outside(lone_user):
+    shared = lone_user.home / "shared"
+    shared.mkdir()
+    os.chown(shared, LONE_UID, LONE_UID)
+    r = lone_user.container("id -u; id -g; cat /proc/self/uid_map /proc/self/gid_map; stat -c '%u:%g' /bin/busybox; "
+                            "echo made > /data/made; touch /root/new", binds=[f"{shared}:/data"])
+    assert r["code"] == 0, r
+    lines = r["out"].split("\n")
+    assert lines[0:2] == ["0", "0"]
+    assert lines[2].split() == ["0", str(LONE_UID), "1"] and lines[3].split() == ["0", str(LONE_UID), "1"]
+    assert lines[4] == "0:0"                       # the image's root-owned files: root's inside
+    made = shared / "made"
+    assert made.read_text() == "made\n" and (made.stat().st_uid, made.stat().st_gid) == (LONE_UID, LONE_UID)
+    assert ["root/new", LONE_UID, LONE_UID] in r["upper"]   # the writable layer holds the user's files
+    assert r["containers"] == 0
+
+
+def test_quotas_are_refused_without_delegated_cgroups(lone_user):
+    r = lone_user.container("true", limits={"memory": 64 << 20})
+    assert r["error"] == "InvalidSpec", r
+    assert "cannot limit memory of a rootless container" in r["message"] and "not writable" in r["message"]
+    assert r["containers"] == 0                     # nothing was made
+    # the default process limit is dropped (with a warning), not refused
+    r = lone_user.container("cat /proc/self/status | grep -c Pid")
+    assert r["code"] == 0, r
+
+
+def test_only_root_exists_without_subordinate_ids(lone_user):
+    r = lone_user.container("true", user="nobody")
+    assert r["error"] == "InvalidSpec" and "does not exist in a rootless container" in r["message"], r
+    assert "usermod --add-subuids" in r["message"]
+
+
+def test_escape_probes_as_a_rootless_user(lone_user, probe):
+    script = (
+        "grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status | tr -d '\\t' "
+        "| sed 's/:/=/'; "
+        "echo x > /proc/sys/kernel/hostname 2>/dev/null; echo sysctl=$?; "
+        "echo h > /proc/sysrq-trigger 2>/dev/null; echo sysrq=$?; "
+        "head -c1 /proc/kcore >/dev/null 2>&1; echo kcore=$?; "
+        "mknod /tmp/blk b 8 0 2>/dev/null; echo mknod=$?; "
+        "mount -t tmpfs none /mnt 2>/dev/null; echo mount=$?; "
+        "echo pids=$(cd /proc && ls -d [0-9]* | tr '\\n' ,); echo init=$(cat /proc/1/comm); "
+        "echo hosthome=$(ls /tmp/jc-rootless-* 2>/dev/null | wc -l); "
+        "echo fds=$(ls /proc/self/fd | tr '\\n' ,); "
+        "/probe/probe"
+    )
+    r = lone_user.container(script, binds=[f"{probe}:/probe:ro"])
+    assert r["code"] == 0, r
+    f = _fields(r["out"])
+    assert int(f["CapBnd"], 16) & ~DOCKER_CAPS == 0
+    assert int(f["CapInh"], 16) == 0 and int(f["CapAmb"], 16) == 0
+    assert f["NoNewPrivs"] == "1" and f["Seccomp"] == "2"
+    for key in ("sysctl", "sysrq", "kcore", "mknod", "mount"):
+        assert f[key] != "0", (key, r["out"])
+    pids = [int(p) for p in f["pids"].strip(",").split(",")]
+    assert f["init"] == "jc-init" and len(pids) <= 6 and max(pids) < 50, f   # the shell's own: no host process
+    assert f["hosthome"] == "0"        # the host's /tmp is not the container's
+    assert set(f["fds"].strip(",").split(",")) <= {"0", "1", "2", "3"}   # 3: ls's own directory
+    denied = ["keyctl", "add_key", "bpf", "perf_event_open", "kexec_load", "reboot", "init_module",
+              "open_by_handle_at", "mount", "umount2", "setns", "unshare_user", "clone_newuser"]
+    assert {k: int(f[k]) for k in denied} == {k: EPERM for k in denied}
+    assert f["getpid"] == "0" and f["clone_fork"] == "0"
+
+
+def test_network_none_has_loopback_only(lone_user):
+    r = lone_user.container("cat /proc/net/route | wc -l; ip -o link 2>/dev/null | wc -l || true; "
+                            "wget -q -T 1 -O- http://10.0.2.2/ 2>&1 >/dev/null; echo wget=$?")
+    assert r["code"] == 0, r
+    lines = r["out"].split("\n")
+    assert lines[0] == "1"             # the header only: no route anywhere
+    assert _fields(r["out"])["wget"] != "0"
+
+
+# --- a user with subordinate ids -----------------------------------------------------------
+
+
+def test_subordinate_ids_through_newuidmap(subid_user):
+    pw = pwd.getpwuid(subid_user.uid)
+    r = subid_user.container("cat /proc/self/uid_map; echo made > /tmp/rootfile; "
+                             "su -s /bin/sh nobody -c 'id -u; echo n > /tmp/nobodyfile' 2>&1", user="0")
+    assert r["code"] == 0, r
+    maps = [line.split() for line in r["out"].split("\n")[:2]]
+    assert maps[0] == ["0", str(pw.pw_uid), "1"]
+    assert maps[1][0] == "1" and int(maps[1][2]) == 65536 and int(maps[1][1]) >= 65536
+    assert "65534" in r["out"]
+    owners = {p: (u, g) for p, u, g in r["upper"]}
+    assert owners["tmp/rootfile"][0] == pw.pw_uid
+    # nobody (65534 inside) is a subordinate id outside: not the user, not anybody real
+    assert owners["tmp/nobodyfile"][0] == int(maps[1][1]) + 65534 - 1
