@@ -13,11 +13,24 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tarfile
 import tempfile
 
 from jupyter_contain import errors
-from jupyter_contain.runtime import ContainerSpec, Limits, Runtime, Store, parse_bind
+from jupyter_contain.runtime import ContainerSpec, Limits, Runtime, Store, parse_bind, snapshot
 from jupyter_contain.runtime.images import archive
+
+
+def _snapshot(rt: Runtime, c, then: str) -> dict:
+    """Snapshot ``c`` as ``snap:1``; the new layer's (name, uid, gid) entries, and ``sh -c then`` in the snapshot."""
+    rec = snapshot(rt, c, "snap:1")
+    with rt.store.open_blob(rec.manifest.layers[-1].digest) as f, tarfile.open(fileobj=f, mode="r|gz") as tar:
+        entries = [[m.name, m.uid, m.gid] for m in tar]
+    with tempfile.TemporaryFile() as out, open(os.devnull, "rb") as null:
+        info = rt.run(ContainerSpec(image="snap:1", command=("sh", "-c", then)),
+                      stdio=(null.fileno(), out.fileno(), out.fileno()), remove=True)
+        out.seek(0)
+        return {"layer": entries, "then_code": info.code, "then_out": out.read().decode(errors="replace")}
 
 
 def main() -> int:
@@ -50,12 +63,15 @@ def main() -> int:
                     p = os.path.join(dirpath, n)
                     st = os.lstat(p)
                     upper.append([os.path.relpath(p, c.upper), st.st_uid, st.st_gid])
+            report = {}
+            if req.get("snapshot"):
+                report = _snapshot(rt, c, req["snapshot"])
         finally:
             c.remove(force=True)
         out.seek(0)
         text = out.read().decode(errors="replace")
     print(json.dumps({"code": info.code if info else None, "out": text, "upper": upper,
-                      "containers": len(rt.containers())}))
+                      "containers": len(rt.containers()), **report}))
     return 0
 
 

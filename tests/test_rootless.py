@@ -235,3 +235,49 @@ def test_subordinate_ids_through_newuidmap(subid_user):
     assert owners["tmp/rootfile"][0] == pw.pw_uid
     # nobody (65534 inside) is a subordinate id outside: not the user, not anybody real
     assert owners["tmp/nobodyfile"][0] == int(maps[1][1]) + 65534 - 1
+
+
+# --- a contained kernel, started by the user ----------------------------------------------
+
+
+def test_rootless_kernel_runs_code(subid_user):
+    """The whole path as a non-root Jupyter user: import, kernelspec (with its probe), start, execute."""
+    from jupyter_contain.runtime.images import bootstrap
+    req = {"image_tar": str(bootstrap.cached_rootfs_tar(bootstrap.DEBIAN_KERNEL)),
+           "config": dict(bootstrap.DEBIAN_KERNEL.config),
+           "code": "import os, sys\nprint('uid', os.getuid())\nprint(open('/proc/self/uid_map').read().split())\n"
+                   "open('/root/note.txt', 'w').write('kept')\nprint('python', sys.version_info[:2])"}
+    res = subprocess.run(subid_user.argv(str(HERE / "rootless_kernel_driver.py"), json.dumps(req)),
+                         env=subid_user.env(), capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["error"] is None, out
+    assert "uid 0" in out["stdout"]
+    assert f"'0', '{subid_user.uid}', '1'" in out["stdout"]      # root inside is the user outside
+    assert "python (3, 11)" in out["stdout"]
+    assert out["left"] == 0
+
+
+def test_network_modes_rootless(lone_user):
+    r = lone_user.container("cat /proc/net/route | wc -l; ls /sys/class/net | wc -l", network="host")
+    assert r["code"] == 0, r
+    assert int(r["out"].split()[1]) > 1            # the host's interfaces, seen through the host's sysfs
+    r = lone_user.container("true", network="bridge")
+    assert r["error"] == "InvalidSpec" and "bridge network" in r["message"] and "root" in r["message"], r
+    assert r["containers"] == 0
+
+
+def test_rootless_snapshot_stores_container_ids_and_runs(subid_user):
+    r = subid_user.container("set -e; echo r > /root/mine; mkdir -p /srv/app; echo n > /srv/app/n; chown -R 65534:65534 /srv/app; "
+                             "rm /bin/vi", snapshot="cat /root/mine /srv/app/n; stat -c '%u %g' /srv/app/n; "
+                                                     "ls /bin/vi 2>/dev/null; echo vi=$?")
+    assert r["code"] == 0, r
+    layer = {name.rstrip("/"): (uid, gid) for name, uid, gid in r["layer"]}
+    assert "srv/app/n" in layer, r
+    # the tar holds what the container saw: root 0 and nobody 65534, not the host's ids
+    assert layer["root/mine"] == (0, 0) and layer["srv/app/n"] == (65534, 65534)
+    assert "bin/.wh.vi" in layer
+    assert r["then_code"] == 0, r
+    # a rootless store unpacks every layer as the user's own files: root's inside
+    # (the tar, pushed or run by root, keeps nobody's); the content and the whiteout hold
+    assert r["then_out"].split() == ["r", "n", "0", "0", "vi=1"]

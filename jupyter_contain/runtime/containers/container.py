@@ -526,11 +526,33 @@ class Container:
             raise errors.ContainerError(f"container {self.name} is running: stop it before a reset")
         with self._lock():
             for sub in ("upper", "work"):
-                remove_tree(self.dir / sub)
+                self._remove_tree(self.dir / sub)
                 (self.dir / sub).mkdir(mode=0o755 if sub == "upper" else 0o700)
         log.info("reset container %s to its image", self.id[:12])
 
     # --- removal -----------------------------------------------------------------------
+
+    def _remove_tree(self, path: Path) -> None:
+        """remove_tree, and for a rootless container what only its root may remove.
+
+        Its writable layer can hold files of the container's other users
+        (subordinate ids) in folders this user may not write: those go
+        through ``rm`` run as root of the container's own mapping.
+        """
+        try:
+            st = self.state     # before remove_tree, which may remove state.json first
+        except errors.ContainError:
+            st = {}
+        try:
+            remove_tree(path)
+        except PermissionError:
+            if not (st.get("rootless") and st.get("userns")):
+                raise
+            code, err = spawn.run_in_userns(idmap.IdMapping.from_json(st["userns"]),
+                                            ["rm", "-rf", "--one-file-system", "--", str(path)])
+            if code != 0 or path.exists():
+                raise errors.ContainerError(f"cannot remove {path} as root of container {self.id[:12]}'s "
+                                            f"user namespace: {err.strip() or f'rm exited {code}'}") from None
 
     def remove(self, *, force: bool = False) -> None:
         """Remove the container (``force``: kill it first if it runs)."""
@@ -548,7 +570,7 @@ class Container:
         self.runtime.store.unpin(self.id)
         if self.state.get("userns") and not self.state.get("rootless"):
             self.runtime.userns_allocator().release(self.id, idmap.IdMapping.from_json(self.state["userns"]))
-        remove_tree(self.dir)
+        self._remove_tree(self.dir)
         self.close()
         self.runtime._handles.pop(self.id, None)
         log.info("removed container %s", self.id[:12])
@@ -685,6 +707,11 @@ class Runtime:
         limits = spec.limits
         use_cgroups = True
         try:
+            if self.rootless and spec.network == "bridge":
+                raise errors.InvalidSpec(
+                    "a rootless container cannot join the bridge network: its veth pair and NAT rules need "
+                    "root. Use --network none (the default) or host; a user-mode network (slirp4netns) is "
+                    "not supported yet")
             if self.rootless:
                 # an unprivileged caller gets nothing done without a user namespace
                 userns = idmap.rootless_mapping()

@@ -124,6 +124,20 @@ class IdMapping:
     def host_gid(self, gid: int) -> int | None:
         return self._to_host(self.gid_map, gid)
 
+    @staticmethod
+    def _to_inside(m: tuple[Extent, ...], ident: int) -> int | None:
+        for inside, outside, count in m:
+            if outside <= ident < outside + count:
+                return inside + ident - outside
+        return None
+
+    def container_uid(self, host_uid: int) -> int | None:
+        """The container uid that host uid ``host_uid`` is (None: it is not mapped)."""
+        return self._to_inside(self.uid_map, host_uid)
+
+    def container_gid(self, host_gid: int) -> int | None:
+        return self._to_inside(self.gid_map, host_gid)
+
     def to_json(self) -> dict[str, Any]:
         return {"uid_map": [list(e) for e in self.uid_map], "gid_map": [list(e) for e in self.gid_map]}
 

@@ -24,7 +24,8 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -530,3 +531,39 @@ def join(pid: int, *, process: ProcessSpec, stdio: tuple[int, int, int],
     proc = native.join(pid, cfg, namespaces=flags)
     del arena
     return ContainerProcess(proc, process.argv[0])
+
+
+def run_in_userns(mapping: IdMapping, argv: Sequence[str], *, timeout: float = 120) -> tuple[int, str]:
+    """Run host program ``argv`` as root of a new user namespace with ``mapping``; (exit code, stderr tail).
+
+    Nothing else is new: the host's filesystem, pids and network. What a
+    rootless caller needs its containers' root for: a writable layer holds
+    files of the container's other users (subordinate ids), in folders the
+    caller itself may not write, and only root of that mapping can remove
+    them. The process keeps Docker's default capabilities (inside the
+    namespace: over its mapped ids only) and no_new_privs.
+    """
+    arena = _Arena()
+    cfg = arena.new("struct jc_config *")
+    cfg.clone_flags = native.CLONE_NEWUSER
+    cfg.uid_map = arena.str(mapping.uid_map_text())
+    cfg.gid_map = arena.str(mapping.gid_map_text())
+    rootless = os.geteuid() != 0
+    cfg.caller_maps = int(rootless)
+    process = ProcessSpec(argv=tuple(argv), env={"PATH": DEFAULT_PATH, "LC_ALL": "C"})
+    with open(os.devnull, "rb") as null, tempfile.TemporaryFile() as err:
+        _fill_process(arena, cfg, process, (null.fileno(), null.fileno(), err.fileno()), b"")
+        proc = native.spawn(cfg)
+        try:
+            if rootless:
+                write_maps(proc.pid, mapping)
+                proc.proceed()
+            proc.release()
+            code = proc.wait(timeout)
+            if code is None:
+                raise errors.ContainerError(f"{argv[0]} in a user namespace took longer than {timeout:.0f} s")
+        finally:
+            proc.abort()
+            proc.close()
+        err.seek(0)
+        return code, err.read()[-2000:].decode(errors="replace")

@@ -431,6 +431,19 @@ def _copy_items(upper: Path, items: Sequence[_Item], dest: str, stop: threading.
     base = os.fspath(upper)
     first_link: dict[tuple[int, int], str] = {}
     dir_times: list[tuple[str, tuple[int, int]]] = []
+    # rootless: the copy stays the caller's (as a rootless unpack leaves a
+    # layer), with the opaque mark overlayfs reads under userxattr
+    rootless = os.geteuid() != 0
+    opaque_xattr = "user.overlay.opaque" if rootless else "trusted.overlay.opaque"
+
+    def chown(target: str | int, st: os.stat_result) -> None:
+        if rootless:
+            return
+        if isinstance(target, int):
+            os.fchown(target, st.st_uid, st.st_gid)
+        else:
+            os.lchown(target, st.st_uid, st.st_gid)
+
     for it in items:
         if stop is not None and stop.is_set():
             raise _Stopped()
@@ -440,11 +453,11 @@ def _copy_items(upper: Path, items: Sequence[_Item], dest: str, stop: threading.
             os.mknod(dst, stat.S_IFCHR | 0o000, os.makedev(0, 0))
         elif it.kind == _DIR:
             os.mkdir(dst, 0o700)
-            os.lchown(dst, st.st_uid, st.st_gid)
+            chown(dst, st)
             os.chmod(dst, stat.S_IMODE(st.st_mode))   # after chown, which clears setgid
             _set_xattrs(dst, it.xattrs)
             if it.opaque:
-                os.setxattr(dst, "trusted.overlay.opaque", b"y", follow_symlinks=False)
+                os.setxattr(dst, opaque_xattr, b"y", follow_symlinks=False)
             dir_times.append((dst, _whole_seconds(st)))
         elif it.kind == _FILE:
             key = (st.st_dev, st.st_ino)
@@ -458,7 +471,7 @@ def _copy_items(upper: Path, items: Sequence[_Item], dest: str, stop: threading.
                 fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                 try:
                     _copy_data(fin, fout)
-                    os.fchown(fout, st.st_uid, st.st_gid)
+                    chown(fout, st)
                     os.fchmod(fout, stat.S_IMODE(st.st_mode))   # after chown: it clears setuid
                     _set_xattrs(fout, it.xattrs)                 # after chown: it drops security.capability
                     os.utime(fout, ns=_whole_seconds(st))
@@ -468,12 +481,12 @@ def _copy_items(upper: Path, items: Sequence[_Item], dest: str, stop: threading.
                 os.close(fin)
         elif it.kind == _SYMLINK:
             os.symlink(os.readlink(src), dst)
-            os.lchown(dst, st.st_uid, st.st_gid)
+            chown(dst, st)
             _set_xattrs(dst, it.xattrs)
             os.utime(dst, ns=_whole_seconds(st), follow_symlinks=False)
         else:  # fifo
             os.mkfifo(dst, 0o600)
-            os.lchown(dst, st.st_uid, st.st_gid)
+            chown(dst, st)
             os.chmod(dst, stat.S_IMODE(st.st_mode))
             _set_xattrs(dst, it.xattrs)
             os.utime(dst, ns=_whole_seconds(st))
@@ -561,8 +574,32 @@ def write_layer_tar(root: Path, write: Callable[[bytes], Any], *,
     _write_tar(root, _scan(root, _LowerView([]), _NO_EXCLUDES), write, progress=progress)
 
 
+#: host (uid, gid) of a file in a writable layer -> the owner the container sees
+IdView = Callable[[int, int], tuple[int, int]]
+
+
+def _id_view(state: dict[str, Any]) -> IdView | None:
+    """A rootless container's upper holds host ids (the caller's, subordinate ones): undo that.
+
+    (A root user-namespace container's upper keeps container ids on disk
+    already, through its idmapped mount; a container without one has host
+    ids inside as well: both need nothing.) An id outside the mapping
+    (impossible for files the container made) becomes 65534, like the
+    kernel's overflow id.
+    """
+    if not state.get("rootless") or not state.get("userns"):
+        return None
+    from ..containers.idmap import IdMapping
+    m = IdMapping.from_json(state["userns"])
+
+    def view(uid: int, gid: int) -> tuple[int, int]:
+        u, g = m.container_uid(uid), m.container_gid(gid)
+        return (65534 if u is None else u, 65534 if g is None else g)
+    return view
+
+
 def _write_tar(root: Path, items: Sequence[_Item], write: Callable[[bytes], Any], *,
-               progress: Callable[[int], None] | None = None) -> None:
+               progress: Callable[[int], None] | None = None, ids: IdView | None = None) -> None:
     """The tar of scanned ``items`` of ``root`` (see :func:`write_layer_tar`)."""
     base = os.fspath(root)
     first_link: dict[tuple[int, int], bytes] = {}
@@ -590,7 +627,8 @@ def _write_tar(root: Path, items: Sequence[_Item], write: Callable[[bytes], Any]
             head, _, name = rb.rpartition(b"/")
             emit(_entry((head + b"/" if head else b"") + b".wh." + name))
             continue
-        meta = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+        uid, gid = ids(st.st_uid, st.st_gid) if ids else (st.st_uid, st.st_gid)
+        meta = {"mode": stat.S_IMODE(st.st_mode), "uid": uid, "gid": gid,
                 "mtime": st.st_mtime_ns // 1_000_000_000}
         if it.kind == _DIR:
             emit(_entry(rb + b"/", typeflag=b"5", xattrs=it.xattrs, **meta))
@@ -758,7 +796,7 @@ def _media_type(compress: str) -> str:
 
 
 def _archive(root: Path, items: Sequence[_Item], out: Callable[[bytes], Any], *, compress: str,
-             progress: Callable[[int], None] | None = None) -> str:
+             progress: Callable[[int], None] | None = None, ids: IdView | None = None) -> str:
     """Tar ``items`` of ``root``, compressed, into ``out``; returns the DiffID (one streaming pass)."""
     diff_hash = hashlib.sha256()
     comp = _compressor(compress, out)
@@ -767,7 +805,7 @@ def _archive(root: Path, items: Sequence[_Item], out: Callable[[bytes], Any], *,
             diff_hash.update(data)
             comp.write(data)
 
-        _write_tar(root, items, feed, progress=progress)
+        _write_tar(root, items, feed, progress=progress, ids=ids)
         comp.close()
     except BaseException:
         comp.abort()
@@ -878,6 +916,7 @@ def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message:
         lowers = store.ensure_unpacked(base)
         view = _LowerView(lowers)
         excl = _container_excludes(c.state)
+        ids = _id_view(c.state)
         tmp = tempfile.mkdtemp(dir=store.layers_dir, prefix=".snapshot-") if unpack else None
         try:
             with store.blob_writer(what="snapshot layer") as w:
@@ -885,7 +924,8 @@ def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message:
                     items = _scan(c.upper, view, excl)
                     total = sum(it.st.st_size for it in items if it.kind == _FILE)
                     if tmp is None:
-                        diff_id = _archive(c.upper, items, w.write, compress=compress, progress=on_file)
+                        diff_id = _archive(c.upper, items, w.write, compress=compress, progress=on_file,
+                                           ids=ids)
                     else:
                         # the unpacked copy (creating inodes is slow, in the kernel) runs beside the
                         # archive (compression, in deflate threads): both read the frozen upper dir
@@ -893,7 +933,8 @@ def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message:
                         with ThreadPoolExecutor(1, thread_name_prefix="jc-snapshot-copy") as pool:
                             copy = pool.submit(_copy_items, c.upper, items, tmp, stop)
                             try:
-                                diff_id = _archive(c.upper, items, w.write, compress=compress, progress=on_file)
+                                diff_id = _archive(c.upper, items, w.write, compress=compress,
+                                                   progress=on_file, ids=ids)
                             except BaseException:
                                 stop.set()
                                 raise
