@@ -362,3 +362,41 @@ def test_gc_once_removes_containers_of_dead_owner(kernel_env, kernel_runtime):
     assert c.id in removed
     assert containers.gc_once(rt) == []          # once per process and store
     assert not c.dir.exists()
+
+
+def test_userns_and_seccomp_options(ksm, kernel_env, kernel_runtime, tmp_path, monkeypatch, caplog):
+    """userns=auto: kernel root is a subordinate uid; seccomp=unconfined: no filter, and a warning."""
+    base = 3_000_000
+    (tmp_path / "subuid").write_text(f"jupyter-contain:{base}:{4 * 65536}\n")
+    (tmp_path / "subgid").write_text(f"jupyter-contain:{base}:{4 * 65536}\n")
+    monkeypatch.setenv("JUPYTER_CONTAIN_SUBUID_FILE", str(tmp_path / "subuid"))
+    monkeypatch.setenv("JUPYTER_CONTAIN_SUBGID_FILE", str(tmp_path / "subgid"))
+    name = make_spec(kernel_env, "t-hardened", userns="auto", seccomp="unconfined")
+    km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir(mode=0o700)
+    with caplog.at_level("WARNING"):
+        km.start_kernel(cwd=str(notebooks))
+    try:
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            r = run_cell(kc, "import os\nprint(os.getuid(), open('/proc/self/uid_map').read().split()[:2])\n"
+                             "print([l for l in open('/proc/self/status') if l.startswith('Seccomp:')][0])\n"
+                             "open('saved.txt', 'w').write('from the kernel')")
+        finally:
+            kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+    assert r["error"] is None, r
+    first, second = r["stdout"].splitlines()[:2]
+    uid, host = first.split(" ", 1)
+    assert uid == "0" and host.startswith("['0', '") and int(host.split("'")[3]) >= base
+    assert second.split() == ["Seccomp:", "0"]
+    # the notebook folder (0700, host root's) is the kernel root's to write: an idmapped bind
+    saved = notebooks / "saved.txt"
+    assert saved.read_text() == "from the kernel" and saved.stat().st_uid == 0
+    assert any("seccomp=unconfined" in rec.getMessage() for rec in caplog.records)
+    with pytest.raises(errors.InvalidSpec, match="option userns"):
+        KernelManager(kernel_name=make_spec(kernel_env, "t-badns", userns="yes"), kernel_spec_manager=ksm).start_kernel()

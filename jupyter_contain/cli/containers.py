@@ -106,7 +106,7 @@ def _copy_pty(master: int, done: Callable[[], bool]) -> None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
 
 
-def _seccomp_mode(opts: list[str] | None) -> str:
+def seccomp_mode(opts: list[str] | None) -> str:
     """The seccomp mode from Docker-style ``--security-opt`` values."""
     mode = "default"
     for opt in opts or ():
@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         binds=tuple(parse_bind(v) for v in args.volume or ()), limits=_limits(args),
         network=args.network, name=args.name, tty=args.tty, readonly_rootfs=args.read_only,
         publish=tuple(args.publish or ()),
-        seccomp=_seccomp_mode(args.security_opt), userns=args.userns,
+        seccomp=seccomp_mode(args.security_opt), userns=args.userns,
         # a foreground container belongs to this command: if it is killed, gc removes the container
         owner_pid=None if args.detach else os.getpid(),
     )

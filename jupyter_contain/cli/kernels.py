@@ -7,6 +7,7 @@ import logging
 
 from ..errors import ContainerError
 from ..kernel import kernelspec
+from .containers import seccomp_mode
 from ..runtime import NETWORK_MODES, Runtime, Store
 from .output import emit_json, table
 
@@ -28,6 +29,7 @@ def cmd_ks_install(args: argparse.Namespace) -> int:
     name, path = kernelspec.install(
         store=store, image_name=args.image, name=args.name, display_name=args.display_name,
         memory=args.memory, cpus=args.cpus, pids=args.pids_limit, network=args.network,
+        userns=args.userns, seccomp=seccomp_mode(args.security_opt),
         probe=not args.no_probe, **_install_location(args))
     print(f"installed kernelspec {name} in {path}")
     return 0
@@ -126,6 +128,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pids-limit", type=int, help="process limit per kernel")
     p.add_argument("--network", choices=list(NETWORK_MODES),
                    help="network mode: none (default, loopback only), bridge (NAT egress, pip works), host")
+    p.add_argument("--userns", choices=["host", "auto"], default="host",
+                   help="auto: each kernel's container root is an unprivileged subordinate uid; host: the "
+                        "host's ids (default; a server that is not root always gets a user namespace)")
+    p.add_argument("--security-opt", action="append", metavar="OPT",
+                   help="seccomp=unconfined: kernels run without a seccomp filter (default: Docker's profile)")
     p.add_argument("--no-probe", action="store_true", help="skip the check that the image can run a kernel")
     _location_options(p)
     p.set_defaults(func=cmd_ks_install)

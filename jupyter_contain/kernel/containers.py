@@ -42,7 +42,7 @@ PASS_ENV = ("JPY_SESSION_NAME", "LANG", "LC_ALL", "TZ")
 #: provisioner options a kernelspec may set (anything else is a typo worth an error)
 OPTION_NAMES = frozenset({
     "image", "memory", "cpus", "pids", "network", "mounts", "env", "pull_policy", "mount_cwd", "reset",
-    "store_root", "python", "shutdown_wait",
+    "store_root", "python", "shutdown_wait", "userns", "seccomp",
 })
 
 
@@ -80,6 +80,10 @@ class KernelOptions:
     reset: bool = False
     store_root: str = ""
     python: tuple[str, ...] = ("python3",)
+    #: "host" or "auto" (container root is an unprivileged subordinate uid); rootless: always a user namespace
+    userns: str = "host"
+    #: "default" (Docker's profile) or "unconfined" (logged as a warning at every start)
+    seccomp: str = "default"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, where: str = "kernelspec") -> "KernelOptions":
@@ -135,6 +139,14 @@ class KernelOptions:
         kw["python"] = (py,) if isinstance(py, str) else tuple(py)
         if not kw["python"]:
             raise errors.InvalidSpec(f"{where}: option python must not be empty")
+        userns = config.get("userns") or "host"
+        if userns not in ("host", "auto"):
+            raise errors.InvalidSpec(f"{where}: option userns: {userns!r} (host or auto)")
+        kw["userns"] = userns
+        sec = config.get("seccomp") or "default"
+        if sec not in ("default", "unconfined"):
+            raise errors.InvalidSpec(f"{where}: option seccomp: {sec!r} (default or unconfined)")
+        kw["seccomp"] = sec
         return cls(**kw)
 
     def limits(self) -> Limits:
@@ -196,12 +208,14 @@ def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, ker
                      kernel_name: str = "", owner_pid: int | None = None) -> Container:
     """Create (not start) the container of kernel ``kernel_id`` with its folder bind-mounted in place."""
     image = resolve_image(rt, options)
-    binds = [Bind(Path(kernel_dir), str(kernel_dir)),
+    # idmapped (with userns=auto): the kernel's root writes its sockets into the
+    # server's folder, and the notebook folder, as their host owner would
+    binds = [Bind(Path(kernel_dir), str(kernel_dir), idmap=True),
              Bind(guest_files.guest_path(), GUEST_DIR, readonly=True)]
     workdir = None
     if options.mount_cwd and cwd and Path(cwd).is_dir():
         cwd = str(Path(cwd).resolve())
-        binds.append(Bind(Path(cwd), cwd))
+        binds.append(Bind(Path(cwd), cwd, idmap=True))
         workdir = cwd
     binds += options.mounts
     spec = ContainerSpec(
@@ -213,6 +227,8 @@ def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, ker
         binds=tuple(binds),
         limits=options.limits(),
         network=options.network,  # type: ignore[arg-type]
+        userns=options.userns,  # type: ignore[arg-type]
+        seccomp=options.seccomp,
         labels={"jupyter-contain.kernel-id": kernel_id, "jupyter-contain.kernel-name": kernel_name},
         owner_pid=owner_pid if owner_pid is not None else os.getpid(),
     )

@@ -92,7 +92,7 @@ def kernel_json(*, image: ImageRecord, display_name: str, config: Mapping[str, A
 def install(*, store: Store, image_name: str, name: str | None = None, display_name: str | None = None,
             memory: str | None = None, cpus: str | None = None, pids: int | None = None,
             network: str | None = None, user: bool = False, prefix: str | None = None,
-            probe: bool = True) -> tuple[str, str]:
+            probe: bool = True, userns: str | None = None, seccomp: str | None = None) -> tuple[str, str]:
     """Install a kernelspec for ``image_name``; returns (kernel name, install path)."""
     image = store.resolve(image_name)
     name = name or default_kernel_name(image)
@@ -111,6 +111,15 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
         if network not in NETWORK_MODES:
             raise errors.InvalidSpec(f"unknown network mode {network!r} (none, bridge or host)")
         config["network"] = network
+    if userns not in (None, "host"):
+        if userns != "auto":
+            raise errors.InvalidSpec(f"unknown user namespace mode {userns!r} (host or auto)")
+        config["userns"] = userns
+    if seccomp not in (None, "default"):
+        if seccomp != "unconfined":
+            raise errors.InvalidSpec(f"unknown seccomp mode {seccomp!r} (default or unconfined)")
+        log.warning("kernelspec %s: kernels will run without a seccomp filter", name)
+        config["seccomp"] = seccomp
     if store.root != Store().root:
         config["store_root"] = str(store.root)
     if probe:

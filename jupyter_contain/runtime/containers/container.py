@@ -270,7 +270,8 @@ class Container:
         process = spawn.ProcessSpec(**st["process"], rlimits={k: tuple(v) for k, v in st["rlimits"].items()})
         plan_args: dict[str, Any] = {
             "rootfs_layers": lowers, "upper": self.upper, "work": self.dir / "work", "target": self.dir / "rootfs",
-            "binds": [rootfs.Bind(Path(b["source"]), b["target"], b["readonly"]) for b in st["binds"]],
+            "binds": [rootfs.Bind(Path(b["source"]), b["target"], b["readonly"], idmap=b.get("idmap", False))
+                      for b in st["binds"]],
             "etc_files": {n: self.dir / "etc" / n for n in _ETC_FILES},
             "readonly_rootfs": st.get("readonly_rootfs", False),
         }
@@ -749,7 +750,7 @@ class Runtime:
                 "id": cid, "name": name, "status": "created", "created": now_rfc3339(),
                 "image_name": image.name, "image_digest": image.digest,
                 "process": process, "rlimits": {k: list(v) for k, v in spec.rlimits.items()},
-                "binds": [{"source": str(b.source), "target": b.target, "readonly": b.readonly}
+                "binds": [{"source": str(b.source), "target": b.target, "readonly": b.readonly, "idmap": b.idmap}
                           for b in spec.binds],
                 "limits": asdict(limits), "cgroups": use_cgroups, "rootless": self.rootless,
                 "network": spec.network, "labels": dict(spec.labels),

@@ -86,6 +86,10 @@ class Bind:
     target: str
     readonly: bool = False
     recursive: bool = True
+    #: with a user namespace made by root: an idmapped bind, so that container
+    #: root acts as the host's owner on it (a kernel's own folder, the
+    #: notebook folder a user shares with it). Ignored without one.
+    idmap: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,9 @@ class BindMount:
     recursive: bool = True
     attrs: frozenset[str] = frozenset()
     #: with a user namespace only: an idmapped bind, so that what host root
-    #: owns, container root owns (the runtime's own /etc files). User binds
-    #: are never idmapped: host files stay out of container root's reach.
+    #: owns, container root owns (the runtime's own /etc files, and the
+    #: folders a kernel is given: its own, the notebook's). Other user binds
+    #: are not idmapped: host files stay out of container root's reach.
     idmap: bool = False
 
 
@@ -348,7 +353,7 @@ def plan(
             raise errors.InvalidSpec(f"two mounts target {dest!r}")
         taken.add(dest)
         user.append(BindMount(_host_path(b.source, what="bind source"), dest,
-                              readonly=b.readonly, recursive=b.recursive))
+                              readonly=b.readonly, recursive=b.recursive, idmap=b.idmap))
     # parents before children, otherwise a later parent would hide a child
     user.sort(key=lambda m: m.target.rstrip("/").count("/"))
     ops += user
