@@ -437,7 +437,37 @@ def test_runtime_gc_cleans_network_of_dead_container(rt, settings):
     c._proc.close()
     c._proc = None
     assert list(network.leases(settings)) == [c.id]
-    rt.gc(orphan_cgroups=False)
+    rt.gc(sweep_unknown_network=False)
     network.wait_pending()
     assert network.leases(settings) == {}
     assert f"jc:{c.id}" not in _tagged(settings.host_netns)
+
+
+def test_two_stores_share_one_lease_table(image_store, settings, tmp_path, busybox_tar):
+    """Two stores on one bridge: distinct addresses, and each one's gc frees only its own leases."""
+    import dataclasses
+
+    from jupyter_contain.runtime import Store
+    from jupyter_contain.runtime.images import archive
+
+    other = Store(tmp_path / "other-store")
+    archive.import_rootfs(other, busybox_tar, "busybox:test", cmd=["/bin/sh"])
+    a = Runtime(image_store, network=dataclasses.replace(settings, owner="store-a"))
+    b = Runtime(other, network=dataclasses.replace(settings, owner="store-b"))
+    ca = a.create(ContainerSpec(image="busybox:test", command=("sleep", "30"), network="bridge"))
+    cb = b.create(ContainerSpec(image="busybox:test", command=("sleep", "30"), network="bridge"))
+    try:
+        ca.start()
+        cb.start()
+        held = network.leases(settings)
+        assert held[ca.id]["owner"] == "store-a" and held[cb.id]["owner"] == "store-b"
+        assert held[ca.id]["address"] != held[cb.id]["address"]
+        # store a's gc knows none of b's containers: b's lease, veth and rules stay
+        a.gc()
+        assert set(network.leases(settings)) == {ca.id, cb.id}
+        assert network.veth_name(cb.id) in _links(settings.host_netns)
+        assert f"jc:{cb.id}" in _tagged(settings.host_netns)
+    finally:
+        ca.remove(force=True)
+        cb.remove(force=True)
+    _assert_clean(settings)

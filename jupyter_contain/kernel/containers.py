@@ -271,9 +271,9 @@ def gc_once(rt: Runtime, *, logger: logging.Logger | logging.LoggerAdapter | Non
         t0 = time.monotonic()
         try:
             kernel_ids = {c.id: c.state.get("labels", {}).get("jupyter-contain.kernel-id") for c in rt.containers()}
-            # stray cgroups are swept only under this store's tag anyway; orphan_cgroups=False also
-            # leaves unknown network leftovers alone (the bridge may serve other stores)
-            removed = rt.gc(orphan_cgroups=False)
+            # stray cgroups and leases are freed only under this store's tag anyway; veths and
+            # rules no lease names are left alone too (another store may be between the two)
+            removed = rt.gc(sweep_unknown_network=False)
         except (errors.ContainError, OSError) as exc:
             say.warning("jupyter-contain: clean-up of containers left by dead servers failed: %s", exc)
             return []

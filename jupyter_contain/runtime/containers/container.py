@@ -598,12 +598,13 @@ class Runtime:
         self.store = store or Store()
         self.cgroup_root = cgroup_root
         self._detected: tuple[bytes, CgroupRoot] | None = None
-        #: the bridge network (``JUPYTER_CONTAIN_BRIDGE``/``_SUBNET``/``_HOST_NETNS`` by default)
-        self.network_settings = network or netmod.Settings.from_env(self.store.root / "network")
+        self.store_tag = hashlib.sha256(os.fsencode(self.store.root.resolve())).hexdigest()[:8]
+        #: the bridge network (``JUPYTER_CONTAIN_BRIDGE``/``_SUBNET``/``_HOST_NETNS`` by default); its
+        #: lease table is the machine's, shared with other stores on the same bridge (made when first used)
+        self.network_settings = network or netmod.Settings.from_env(owner=self.store_tag)
         # one handle per container in this process, so the one that started a
         # container (and can reap it) is the one every lookup returns
         self._handles: dict[str, Container] = {}
-        self.store_tag = hashlib.sha256(os.fsencode(self.store.root.resolve())).hexdigest()[:8]
 
     @property
     def rootless(self) -> bool:
@@ -791,14 +792,17 @@ class Runtime:
 
     # --- gc ----------------------------------------------------------------------------
 
-    def gc(self, *, orphan_cgroups: bool = True) -> list[str]:
+    def gc(self, *, sweep_unknown_network: bool = True) -> list[str]:
         """Clean what dead processes left: containers whose owner died, half-made ones, stray cgroups.
 
         Exited containers without an owner stay (``ps -a`` shows them, ``rm``
         removes them), but their cgroups go. Stray cgroups are swept only when
         their name carries this store's tag, so a store that is not the only one
         on the machine never destroys another store's live containers.
-        ``orphan_cgroups=False`` also skips the sweep of unknown network leftovers.
+        Network leases are freed only for this store's dead containers (the
+        bridge's lease table is shared by every store that uses it);
+        ``sweep_unknown_network=False`` also leaves veths and rules that no
+        lease names alone (a crash between them and the lease).
         """
         removed = []
         known = set()
@@ -835,7 +839,7 @@ class Runtime:
         if (self.network_settings.state_dir / "leases.json").exists():   # only stores that used a bridge
             starting_or_running = {c.id for c in self.containers()
                                    if c.state.get("status") in ("creating", "created", "running")}
-            removed += netmod.gc(self.network_settings, starting_or_running, sweep_unknown=orphan_cgroups)
+            removed += netmod.gc(self.network_settings, starting_or_running, sweep_unknown=sweep_unknown_network)
         for owner in self.store.pins():
             if owner not in live and not (self.store.containers_dir / owner).exists():
                 self.store.unpin(owner)

@@ -4,7 +4,11 @@ Owns: the bridge (default ``jcbr0`` on ``10.89.0.0/24``, gateway ``.1``), one
 veth pair per container (host side ``jc<8 hex of the id>`` enslaved to the
 bridge, container side ``eth0`` in the container's network namespace), the
 address pool (``<state_dir>/leases.json`` under an ``fcntl`` lock, so
-concurrent starts in any number of processes never get the same address),
+concurrent starts in any number of processes never get the same address;
+one table per bridge and network namespace for the whole machine, by
+default under ``/run/jupyter-contain/network``, each lease naming the store
+that holds it, so two stores on one bridge never share an address and each
+one's ``gc`` frees only its own),
 the nftables table ``ip jupyter_contain`` (masquerade, published ports) whose
 per-container rules carry the comment ``jc:<container id>``, the sysctls this
 needs, the container's ``resolv.conf`` content, and the clean-up of what a
@@ -95,6 +99,7 @@ CONTAINER_IFNAME = "eth0"
 ENV_BRIDGE = "JUPYTER_CONTAIN_BRIDGE"
 ENV_SUBNET = "JUPYTER_CONTAIN_SUBNET"
 ENV_HOST_NETNS = "JUPYTER_CONTAIN_HOST_NETNS"
+ENV_NET_DIR = "JUPYTER_CONTAIN_NET_DIR"
 
 _CLONE_NEWNET = 0x40000000
 _IFNAME_OK = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -112,13 +117,16 @@ T = TypeVar("T")
 class Settings:
     """Where the bridge network lives and how it is addressed."""
 
-    #: leases.json and its lock (a runtime uses ``<store root>/network``)
+    #: leases.json and its lock (by default shared by every store that uses the
+    #: bridge: :func:`default_state_dir`)
     state_dir: Path
     bridge: str = DEFAULT_BRIDGE
     subnet: str = DEFAULT_SUBNET
     #: path of the network namespace that holds the bridge (``/run/netns/x``,
     #: ``/proc/<pid>/ns/net``); None: the calling process's own
     host_netns: str | None = None
+    #: who takes leases (a runtime: its store's tag); :func:`gc` frees only these
+    owner: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -133,11 +141,19 @@ class Settings:
         object.__setattr__(self, "subnet", str(net))
 
     @classmethod
-    def from_env(cls, state_dir: Path | str, *, environ: Mapping[str, str] | None = None) -> "Settings":
-        """Settings from ``JUPYTER_CONTAIN_BRIDGE`` / ``_SUBNET`` / ``_HOST_NETNS`` (defaults otherwise)."""
+    def from_env(cls, state_dir: Path | str | None = None, *, owner: str = "",
+                 environ: Mapping[str, str] | None = None) -> "Settings":
+        """Settings from ``JUPYTER_CONTAIN_BRIDGE`` / ``_SUBNET`` / ``_HOST_NETNS`` (defaults otherwise).
+
+        ``state_dir`` None: the machine-wide table of that bridge (:func:`default_state_dir`).
+        """
         env = os.environ if environ is None else environ
-        return cls(state_dir=Path(state_dir), bridge=env.get(ENV_BRIDGE) or DEFAULT_BRIDGE,
-                   subnet=env.get(ENV_SUBNET) or DEFAULT_SUBNET, host_netns=env.get(ENV_HOST_NETNS) or None)
+        bridge = env.get(ENV_BRIDGE) or DEFAULT_BRIDGE
+        host_netns = env.get(ENV_HOST_NETNS) or None
+        if state_dir is None:
+            state_dir = default_state_dir(bridge, host_netns, environ=env)
+        return cls(state_dir=Path(state_dir), bridge=bridge, subnet=env.get(ENV_SUBNET) or DEFAULT_SUBNET,
+                   host_netns=host_netns, owner=owner)
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -147,6 +163,23 @@ class Settings:
     def gateway(self) -> str:
         """The bridge's own address: the first host of the subnet."""
         return str(self.network.network_address + 1)
+
+
+def default_state_dir(bridge: str, host_netns: str | None = None, *,
+                      environ: Mapping[str, str] | None = None) -> Path:
+    """The lease table every store on ``bridge`` (in that network namespace) shares.
+
+    ``$JUPYTER_CONTAIN_NET_DIR`` (default ``/run/jupyter-contain/network``,
+    a tmpfs: leases end with the boot, as the bridge does) ``/ns<inode>-<bridge>``,
+    the inode naming the network namespace that holds the bridge.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        ino = os.stat(host_netns or "/proc/self/ns/net").st_ino
+    except OSError as exc:
+        raise errors.NetworkError(f"cannot identify network namespace {host_netns or 'of this process'}: "
+                                  f"{exc}") from None
+    return Path(env.get(ENV_NET_DIR) or "/run/jupyter-contain/network") / f"ns{ino}-{bridge}"
 
 
 @dataclass(frozen=True)
@@ -335,6 +368,7 @@ def _allocate(settings: Settings, cid: str, publish: tuple[PortMapping, ...]) ->
             addr = str(host)
             if addr != gateway and addr not in used:
                 held[cid] = {"address": addr, "bridge": settings.bridge, "subnet": settings.subnet,
+                             "owner": settings.owner,
                              "publish": [str(p) for p in publish],
                              "ports": [f"{p.protocol}/{p.host_port}" for p in publish]}
                 return addr
@@ -663,15 +697,16 @@ def _detach_worker(cid: str) -> bool:
 def gc(settings: Settings, live_container_ids: Iterable[str], *, sweep_unknown: bool = True) -> list[str]:
     """Remove what dead containers left: host-side veths, tagged nft rules, leases.
 
-    ``live_container_ids``: containers that may still use the network.
-    ``sweep_unknown``: also remove ``jc<hex>`` veths and ``jc:<id>`` rules that
-    no lease names (a crash before the lease was written, or another store);
-    pass False when other stores may share the bridge. Returns what it removed.
+    ``live_container_ids``: this owner's containers that may still use the
+    network; leases of other owners (stores sharing the bridge) are theirs to
+    free. ``sweep_unknown``: also remove ``jc<hex>`` veths and ``jc:<id>``
+    rules that no lease names (a crash before the lease was written).
+    Returns what it removed.
     """
     live = {_check_cid(c) for c in live_container_ids}
     wait_pending()
     held = leases(settings)
-    dead = {cid for cid in held if cid not in live}
+    dead = {cid for cid, lease in held.items() if cid not in live and lease.get("owner", "") == settings.owner}
     known = live | set(held)
     removed = run_in_netns(settings.host_netns, _gc_worker, dead, known, sweep_unknown)
     with _locked(settings) as table:
