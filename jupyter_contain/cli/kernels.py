@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+from types import ModuleType
 
 from ..errors import ContainerError
-from ..kernel import kernelspec
-from .containers import seccomp_mode
 from ..runtime import NETWORK_MODES, Runtime, Store
+from .containers import seccomp_mode
 from .output import emit_json, table
 
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_IMAGE = "localhost/debian:bookworm"
+
+
+def _kernelspec() -> ModuleType:
+    # jupyter_client costs ~80 ms to import: only the verbs that handle kernelspecs pay it,
+    # not every CLI start (a pull, a run)
+    from ..kernel import kernelspec
+
+    return kernelspec
 
 
 def _install_location(args: argparse.Namespace) -> dict:
@@ -26,7 +34,7 @@ def _install_location(args: argparse.Namespace) -> dict:
 
 def cmd_ks_install(args: argparse.Namespace) -> int:
     store = Store(args.root)
-    name, path = kernelspec.install(
+    name, path = _kernelspec().install(
         store=store, image_name=args.image, name=args.name, display_name=args.display_name,
         memory=args.memory, cpus=args.cpus, pids=args.pids_limit, network=args.network,
         userns=args.userns, seccomp=seccomp_mode(args.security_opt),
@@ -36,7 +44,7 @@ def cmd_ks_install(args: argparse.Namespace) -> int:
 
 
 def cmd_ks_list(args: argparse.Namespace) -> int:
-    specs = kernelspec.list_specs()
+    specs = _kernelspec().list_specs()
     if args.json:
         emit_json(specs)
     else:
@@ -47,7 +55,7 @@ def cmd_ks_list(args: argparse.Namespace) -> int:
 
 def cmd_ks_remove(args: argparse.Namespace) -> int:
     for name in args.names:
-        kernelspec.remove(name)
+        _kernelspec().remove(name)
         print(f"removed kernelspec {name}")
     return 0
 
@@ -78,7 +86,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
                                     labels={"org.opencontainers.image.title": "jupyter-contain default kernel image"})
     say(f"image {rec.familiar} {rec.digest}")
     if not args.no_kernelspec:
-        name, path = kernelspec.install(store=store, image_name=rec.name, name="contained-debian",
+        name, path = _kernelspec().install(store=store, image_name=rec.name, name="contained-debian",
                                         display_name="Contained Python (debian)", **_install_location(args))
         say(f"kernelspec {name} installed in {path}")
     return 0
