@@ -15,16 +15,17 @@ shown as the call alone and as the call plus a ``sync`` right after it (the page
 still hold what a call wrote; the sync counts that writeback against whoever left it).
 
 Deletes make the next creates slow on this disk: ext4 here has no journal, and then it does
-not reuse an inode freed less than 60 s ago (300 s more while the inode table block is not yet
-written back), so every create scans past the recently freed ones (perf: ``find_inode_bit`` ->
-``recently_deleted``), which turns a 2 s pull into 5-10 s for every contender alike. So nothing
-is removed until every round has run (~0.45 GB per contender and round; removed at the end,
-then synced so the next run waits 60 s, not 6 min), and the run starts with a ``sync`` and
-``--settle`` seconds (default 60) of waiting, for what was deleted just before it. Other work
-on the machine that deletes big trees (a test suite) still shows up as noise.
+not reuse an inode freed less than 60 s ago, or 360 s while the inode table block holding it
+is dirty (and new inodes created in that block dirty it again), so every create scans past the
+recently freed ones (perf: ``find_inode_bit`` -> ``recently_deleted``). For ~6 minutes after a
+big tree is removed, a 2 s pull takes 3-7 s, and every contender slows alike. So nothing is
+removed until every round has run (~0.45 GB per contender and round, removed at the end), and
+the run starts with ``--settle`` seconds (default 360) of waiting, for what was deleted before
+it (the previous run's clean-up included). Other work on the machine that deletes trees (a
+test suite) still shows up as noise.
 
 Prints medians and the ratios (budget: ours <= 0.5x podman pull, <= 0.8x skopeo+umoci).
-Run: ``.venv/bin/python bench/bench_pull.py [--reps 3] [--no-podman] [--settle 60]``.
+Run: ``.venv/bin/python bench/bench_pull.py [--reps 3] [--no-podman] [--settle 360]``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-podman", action="store_true")
-    ap.add_argument("--settle", type=float, default=60.0,
-                    help="seconds to wait, after a sync, before the first round (see the module doc)")
+    ap.add_argument("--settle", type=float, default=360.0,
+                    help="seconds to wait before the first round, for earlier deletes (see the module doc)")
     args = ap.parse_args()
 
     tar = bootstrap.cached_rootfs_tar(bootstrap.DEBIAN_KERNEL)
@@ -122,7 +123,6 @@ def main() -> int:
         if peer is not None:
             peer.close()  # its mount namespace, and any mount podman left in it, goes with it
         remove_tree(work)
-        os.sync()  # written-back inode tables: the next run's creates are slow for 60 s, not 6 min
 
     print(f"\nmedians over {args.reps} rounds (s), removing only at the end:")
     print(f"  {'':13s} {'call':>7s} {'+sync':>7s}   runs (call)")
