@@ -21,9 +21,9 @@ from jupyter_contain.runtime import ContainerSpec, Limits, Runtime, Store, parse
 from jupyter_contain.runtime.images import archive
 
 
-def _snapshot(rt: Runtime, c, then: str) -> dict:
+def _snapshot(rt: Runtime, c, then: str, *, unpack: bool = False) -> dict:
     """Snapshot ``c`` as ``snap:1``; the new layer's (name, uid, gid) entries, and ``sh -c then`` in the snapshot."""
-    rec = snapshot(rt, c, "snap:1")
+    rec = snapshot(rt, c, "snap:1", unpack=unpack)
     with rt.store.open_blob(rec.manifest.layers[-1].digest) as f, tarfile.open(fileobj=f, mode="r|gz") as tar:
         entries = [[m.name, m.uid, m.gid] for m in tar]
     with tempfile.TemporaryFile() as out, open(os.devnull, "rb") as null:
@@ -65,11 +65,16 @@ def main() -> int:
                     upper.append([os.path.relpath(p, c.upper), st.st_uid, st.st_gid])
             report = {}
             if req.get("snapshot"):
-                report = _snapshot(rt, c, req["snapshot"])
+                report = _snapshot(rt, c, req["snapshot"], unpack=req.get("snapshot_unpack", False))
         finally:
             c.remove(force=True)
         out.seek(0)
         text = out.read().decode(errors="replace")
+    if req.get("gc"):
+        # the image goes, and with it every layer folder (some hold other users' files)
+        store.untag(store.resolve(tag).name)
+        store.gc()
+        report["layers_left"] = sorted(p.name for p in store.layers_dir.iterdir())
     print(json.dumps({"code": info.code if info else None, "out": text, "upper": upper,
                       "containers": len(rt.containers()), **report}))
     return 0

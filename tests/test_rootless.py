@@ -267,10 +267,12 @@ def test_network_modes_rootless(lone_user):
     assert r["containers"] == 0
 
 
-def test_rootless_snapshot_stores_container_ids_and_runs(subid_user):
+@pytest.mark.parametrize("unpack", [False, True], ids=["lazy-unpack", "copied-while-frozen"])
+def test_rootless_snapshot_stores_container_ids_and_runs(subid_user, unpack):
     r = subid_user.container("set -e; echo r > /root/mine; mkdir -p /srv/app; echo n > /srv/app/n; chown -R 65534:65534 /srv/app; "
                              "rm /bin/vi", snapshot="cat /root/mine /srv/app/n; stat -c '%u %g' /srv/app/n; "
-                                                     "ls /bin/vi 2>/dev/null; echo vi=$?")
+                                                     "ls /bin/vi 2>/dev/null; echo vi=$?",
+                             snapshot_unpack=unpack)
     assert r["code"] == 0, r
     layer = {name.rstrip("/"): (uid, gid) for name, uid, gid in r["layer"]}
     assert "srv/app/n" in layer, r
@@ -278,6 +280,57 @@ def test_rootless_snapshot_stores_container_ids_and_runs(subid_user):
     assert layer["root/mine"] == (0, 0) and layer["srv/app/n"] == (65534, 65534)
     assert "bin/.wh.vi" in layer
     assert r["then_code"] == 0, r
-    # a rootless store unpacks every layer as the user's own files: root's inside
-    # (the tar, pushed or run by root, keeps nobody's); the content and the whiteout hold
-    assert r["then_out"].split() == ["r", "n", "0", "0", "vi=1"]
+    # and a container of the snapshot sees nobody's file as nobody's again (restored
+    # inside the user's namespace after the unpack); the whiteout holds
+    assert r["then_out"].split() == ["r", "n", "65534", "65534", "vi=1"]
+
+
+def _image_with_owners(busybox: Path, dest: Path) -> Path:
+    """busybox plus what a docker-stacks image has: a home and files of uid 1000, a setgid dir, a symlink."""
+    import io
+    import tarfile
+    out = dest / "owners.tar"
+    with tarfile.open(busybox) as src, tarfile.open(out, "w") as tar:
+        for m in src:
+            tar.addfile(m, src.extractfile(m) if m.isfile() else None)
+
+        def add(name, kind=tarfile.DIRTYPE, *, uid=0, gid=0, mode=0o755, data=b"", link=""):
+            m = tarfile.TarInfo(name)
+            m.type, m.uid, m.gid, m.mode, m.size, m.linkname = kind, uid, gid, mode, len(data), link
+            tar.addfile(m, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+        add("home/jovyan", uid=1000, gid=100, mode=0o755)
+        add("home/jovyan/notes.txt", tarfile.REGTYPE, uid=1000, gid=100, mode=0o640, data=b"mine\n")
+        add("home/jovyan/link", tarfile.SYMTYPE, uid=1000, gid=100, link="notes.txt")
+        add("srv/shared", uid=0, gid=100, mode=0o2775)
+        add("srv/far", uid=200000, gid=200000, mode=0o700)     # beyond any 65536-id mapping
+    out.chmod(0o644)
+    return out
+
+
+def test_image_owners_kept_with_subordinate_ids(subid_user):
+    from jupyter_contain.runtime.images import bootstrap
+    tar = _image_with_owners(bootstrap.cached_rootfs_tar(bootstrap.BUSYBOX), subid_user.home)
+    r = subid_user.container("stat -c '%n %u:%g %a' /home/jovyan /home/jovyan/notes.txt /srv/shared /srv/far; "
+                             "stat -c '%n %u:%g' /home/jovyan/link; cat /home/jovyan/link; "
+                             "su -s /bin/sh nobody -c 'cat /home/jovyan/notes.txt 2>/dev/null; echo nobody=$?'",
+                             image_tar=str(tar), tag="owners:1", gc=True)
+    assert r["code"] == 0, r
+    lines = r["out"].splitlines()
+    assert lines[0] == "/home/jovyan 1000:100 755"
+    assert lines[1] == "/home/jovyan/notes.txt 1000:100 640"
+    assert lines[2] == "/srv/shared 0:100 2775"            # the setgid bit survives the chown
+    assert lines[3] == "/srv/far 0:0 700"                  # no id for it: the user's, root inside
+    assert lines[4] == "/home/jovyan/link 1000:100" and lines[5] == "mine"
+    assert "nobody=1" in r["out"]                           # 0640 of uid 1000 keeps nobody out
+    # the store's gc removed the layer folders, other users' files and all
+    assert r["layers_left"] == []
+
+
+def test_image_owners_collapse_to_root_without_subordinate_ids(lone_user):
+    from jupyter_contain.runtime.images import bootstrap
+    tar = _image_with_owners(bootstrap.cached_rootfs_tar(bootstrap.BUSYBOX), lone_user.home)
+    r = lone_user.container("stat -c '%n %u:%g %a' /home/jovyan /home/jovyan/notes.txt",
+                            image_tar=str(tar), tag="owners:1", gc=True)
+    assert r["code"] == 0, r
+    assert r["out"].splitlines() == ["/home/jovyan 0:0 755", "/home/jovyan/notes.txt 0:0 640"]
+    assert r["layers_left"] == []

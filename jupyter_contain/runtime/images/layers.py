@@ -33,14 +33,14 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import Any, BinaryIO, Sequence
 from urllib.parse import unquote_to_bytes
 
 import zstandard
 
 from ... import errors
-from . import deflate
 from ..fsutil import remove_tree
+from . import deflate, rootless
 
 log = logging.getLogger(__name__)
 
@@ -448,6 +448,9 @@ class _Extractor:
         # directories are marked the way overlayfs reads them with userxattr
         self.rootless = os.geteuid() != 0
         self.opaque_xattr = USER_OPAQUE_XATTR if self.rootless else OPAQUE_XATTR
+        #: rootless: path -> (container uid, gid, mode, is a symlink) of entries not root's
+        self.owners: dict[str, tuple[int, int, int, bool]] = {}
+        self._rootless_mapping: Any = None
         self._lower_stacks: dict[str, tuple[int, ...]] = {"": tuple(range(len(self.lowers)))}
         self.root_meta = False
         self.files = 0
@@ -610,7 +613,11 @@ class _Extractor:
         if lower is not None:
             # an overlay directory shows the topmost layer's attributes: keep the lower's
             s = os.lstat(lower)
-            self._chown(full, s.st_uid, s.st_gid)
+            if self.rootless:
+                # the lower is ours too: its owner, if restored, is a host (subordinate) id
+                self._owner_from_host(path, s)
+            else:
+                os.lchown(full, s.st_uid, s.st_gid)
             os.chmod(full, stat.S_IMODE(s.st_mode))
             for name, value in _lower_xattrs(lower):
                 os.setxattr(full, name, value, follow_symlinks=False)
@@ -625,9 +632,27 @@ class _Extractor:
         os.setxattr(f"{self.root}/{path}", self.opaque_xattr, b"y", follow_symlinks=False)
         self.opaque.add(path)
 
-    def _chown(self, full: str, uid: int, gid: int) -> None:
-        if not self.rootless:
-            os.lchown(full, uid, gid)
+    def _owner_from_host(self, path: str, s: os.stat_result) -> None:
+        if (s.st_uid, s.st_gid) == (os.geteuid(), os.getegid()):
+            return
+        if self._rootless_mapping is None:
+            self._rootless_mapping = rootless._mapping()
+        m = self._rootless_mapping
+        uid, gid = m.container_uid(s.st_uid), m.container_gid(s.st_gid)
+        if uid is not None and gid is not None:
+            self.owners[path] = (uid, gid, stat.S_IMODE(s.st_mode), False)
+
+    def _chown(self, full: str, uid: int, gid: int, *, mode: int = 0, link: bool = False) -> None:
+        if self.rootless:
+            # root-owned (the usual) is what the user's own files are inside; others are
+            # recorded for rootless.restore_owners, which runs once the layer is complete
+            rel = full[len(self.root) + 1:]
+            if uid or gid:
+                self.owners[rel] = (uid, gid, mode, link)
+            else:
+                self.owners.pop(rel, None)   # a path made again, root's this time
+            return
+        os.lchown(full, uid, gid)
 
     def _record(self, path: str, kind: int, target: str | None = None) -> None:
         self.created[path] = kind
@@ -774,7 +799,7 @@ class _Extractor:
                 raise self._unsafe("empty or NUL-containing symlink target")
             os.symlink(target, full)
             self._record(path, _SYMLINK, target)
-            self._chown(full, m.uid, m.gid)
+            self._chown(full, m.uid, m.gid, link=True)
             for xname, value in xattrs:
                 if xname.startswith("user."):
                     continue  # the kernel refuses user.* on symlinks
@@ -794,7 +819,10 @@ class _Extractor:
 
     def _meta_dir(self, path: str, m: tarfile.TarInfo, xattrs: list[tuple[str, bytes]]) -> None:
         full = f"{self.root}/{path}" if path else self.root
-        self._chown(full, m.uid, m.gid)
+        if path:
+            self._chown(full, m.uid, m.gid, mode=m.mode & 0o7777)
+        elif not self.rootless:
+            os.lchown(full, m.uid, m.gid)
         os.chmod(full, m.mode & 0o7777)  # after chown, which clears setuid/setgid
         for xname, value in xattrs:
             os.setxattr(full, xname, value, follow_symlinks=False)
@@ -802,7 +830,7 @@ class _Extractor:
         self.dir_times[path] = self._times(m)
 
     def _meta_path(self, full: str, m: tarfile.TarInfo, xattrs: list[tuple[str, bytes]]) -> None:
-        self._chown(full, m.uid, m.gid)
+        self._chown(full, m.uid, m.gid, mode=m.mode & 0o7777)
         os.chmod(full, m.mode & 0o7777)
         for xname, value in xattrs:
             os.setxattr(full, xname, value, follow_symlinks=False)
@@ -822,7 +850,9 @@ class _Extractor:
                     os.lseek(fd, offset, os.SEEK_SET)
                     self._copy(stream, fd, length)
                 os.ftruncate(fd, m.size)
-            if not self.rootless:
+            if self.rootless:
+                self._chown(full, m.uid, m.gid, mode=m.mode & 0o7777)
+            else:
                 os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, m.mode & 0o7777)  # after chown, which clears setuid/setgid
             # after chown too: chown drops security.capability
@@ -995,6 +1025,11 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
         diff_id = "sha256:" + inflow.hexdigest()
         if expected_diff_id is not None and diff_id != expected_diff_id:
             raise errors.DigestMismatch(f"layer {layer} DiffID", expected_diff_id, diff_id)
+        if ext.owners:
+            # only what still exists as written: a later entry may have replaced a path
+            # (every created path's parents are directories the extractor made)
+            rootless.restore_owners(Path(tmp), [(p, *o) for p, o in ext.owners.items() if p in ext.created],
+                                    what=f"layer {layer}")
         try:
             # rename(2) refuses a non-empty dest; an empty one can only be the
             # same (empty) layer unpacked concurrently
@@ -1009,8 +1044,8 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
         if inflow is not None:
             inflow.stop()
         try:
-            remove_tree(tmp)
-        except OSError:
+            rootless.remove_tree(tmp)   # restored owners may need the user namespace's root
+        except (OSError, errors.ContainError):
             pass
         if os.path.lexists(tmp):
             log.warning("layer %s: could not remove %s", layer, tmp)

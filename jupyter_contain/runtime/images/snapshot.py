@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ... import errors
 from ..spec import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor, Reference, local_name
 from . import deflate
+from . import rootless as rootless_mod
 from .store import ImageRecord, Store, now_rfc3339, remove_tree
 
 if TYPE_CHECKING:  # containers sit beside images in the runtime; import for types only
@@ -423,7 +424,8 @@ def _copy_data(src: int, dst: int) -> int:
     return total
 
 
-def _copy_items(upper: Path, items: Sequence[_Item], dest: str, stop: threading.Event | None = None) -> None:
+def _copy_items(upper: Path, items: Sequence[_Item], dest: str, stop: threading.Event | None = None,
+                ids: IdView | None = None) -> None:
     """Write ``items`` of ``upper`` into the empty directory ``dest`` in overlay (lowerdir) form.
 
     Gives up early (raising) once ``stop`` is set.
@@ -436,8 +438,15 @@ def _copy_items(upper: Path, items: Sequence[_Item], dest: str, stop: threading.
     rootless = os.geteuid() != 0
     opaque_xattr = "user.overlay.opaque" if rootless else "trusted.overlay.opaque"
 
+    owners: list[rootless_mod.Owner] = []
+    current = ""
+
     def chown(target: str | int, st: os.stat_result) -> None:
         if rootless:
+            # the copy is the user's; others' files get their owners back below
+            uid, gid = ids(st.st_uid, st.st_gid) if ids else (0, 0)
+            if uid or gid:
+                owners.append((current, uid, gid, stat.S_IMODE(st.st_mode), stat.S_ISLNK(st.st_mode)))
             return
         if isinstance(target, int):
             os.fchown(target, st.st_uid, st.st_gid)
@@ -448,6 +457,7 @@ def _copy_items(upper: Path, items: Sequence[_Item], dest: str, stop: threading.
         if stop is not None and stop.is_set():
             raise _Stopped()
         src, dst = f"{base}/{it.rel}", f"{dest}/{it.rel}"
+        current = it.rel
         st = it.st
         if it.kind == _WHITEOUT:
             os.mknod(dst, stat.S_IFCHR | 0o000, os.makedev(0, 0))
@@ -494,6 +504,7 @@ def _copy_items(upper: Path, items: Sequence[_Item], dest: str, stop: threading.
     for dst, times in reversed(dir_times):
         os.utime(dst, ns=times, follow_symlinks=False)
     os.chmod(dest, 0o755)   # the layer root, as unpack_layer leaves it
+    rootless_mod.restore_owners(Path(dest), owners, what="snapshot layer")
 
 
 # --- the tar --------------------------------------------------------------------------------
@@ -931,7 +942,7 @@ def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message:
                         # archive (compression, in deflate threads): both read the frozen upper dir
                         stop = threading.Event()
                         with ThreadPoolExecutor(1, thread_name_prefix="jc-snapshot-copy") as pool:
-                            copy = pool.submit(_copy_items, c.upper, items, tmp, stop)
+                            copy = pool.submit(_copy_items, c.upper, items, tmp, stop, ids)
                             try:
                                 diff_id = _archive(c.upper, items, w.write, compress=compress,
                                                    progress=on_file, ids=ids)

@@ -33,7 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable, Iterator, Sequence
 
-from ..fsutil import atomic_write, file_lock, fsync_dir, remove_tree
+from ..fsutil import atomic_write, file_lock, fsync_dir
+from .rootless import remove_tree   # fsutil's, with the rootless fallback
 from ...errors import DigestMismatch, ImageInUse, ImageNotFound, ManifestError, StoreError
 from ..spec import (
     ANNOTATION_REF_NAME,
