@@ -15,6 +15,7 @@ import os
 import sys
 import tarfile
 import tempfile
+import time
 
 from jupyter_contain import errors
 from jupyter_contain.runtime import ContainerSpec, Limits, Runtime, Store, parse_bind, snapshot
@@ -64,6 +65,13 @@ def main() -> int:
                     st = os.lstat(p)
                     upper.append([os.path.relpath(p, c.upper), st.st_uid, st.st_gid])
             report = {}
+            helper = (c.state.get("net") or {}).get("helper_pid")
+            if helper:
+                # slirp4netns ends with the container's init (it watches a pipe init held)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and os.path.exists(f"/proc/{helper}"):
+                    time.sleep(0.02)
+                report["helper_gone"] = not os.path.exists(f"/proc/{helper}")
             if req.get("snapshot"):
                 report = _snapshot(rt, c, req["snapshot"], unpack=req.get("snapshot_unpack", False))
         finally:

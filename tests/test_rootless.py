@@ -81,11 +81,12 @@ class User:
     def argv(self, *args: str) -> list[str]:
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", _user_python(), *args]
 
-    def container(self, cmd: str, **req) -> dict:
+    def container(self, cmd: str, *, environ: dict[str, str] | None = None, **req) -> dict:
         """Run ``sh -c cmd`` in a rootless busybox container as this user (see rootless_driver)."""
         from jupyter_contain.runtime.images import bootstrap
         req = {"image_tar": str(bootstrap.cached_rootfs_tar(bootstrap.BUSYBOX)), "cmd": cmd, **req}
-        res = subprocess.run(self.argv(str(HERE / "rootless_driver.py"), json.dumps(req)), env=self.env(),
+        res = subprocess.run(self.argv(str(HERE / "rootless_driver.py"), json.dumps(req)),
+                             env={**self.env(), **(environ or {})},
                              capture_output=True, text=True, timeout=180, check=False)
         assert res.returncode == 0, res.stderr[-3000:]
         return json.loads(res.stdout.strip().splitlines()[-1])
@@ -262,9 +263,11 @@ def test_network_modes_rootless(lone_user):
     r = lone_user.container("cat /proc/net/route | wc -l; ls /sys/class/net | wc -l", network="host")
     assert r["code"] == 0, r
     assert int(r["out"].split()[1]) > 1            # the host's interfaces, seen through the host's sysfs
+    if os.access("/dev/net/tun", os.W_OK) and stat.S_IMODE(os.stat("/dev/net/tun").st_mode) & 0o006 == 0o006:
+        return   # distributions' 0666: test_rootless_egress_through_slirp4netns covers it
     r = lone_user.container("true", network="bridge")
-    assert r["error"] == "InvalidSpec" and "bridge network" in r["message"] and "root" in r["message"], r
-    assert r["containers"] == 0
+    assert r["error"] == "InvalidSpec" and "no egress for a rootless container" in r["message"], r
+    assert "/dev/net/tun" in r["message"] and r["containers"] == 0
 
 
 @pytest.mark.parametrize("unpack", [False, True], ids=["lazy-unpack", "copied-while-frozen"])
@@ -334,3 +337,59 @@ def test_image_owners_collapse_to_root_without_subordinate_ids(lone_user):
     assert r["code"] == 0, r
     assert r["out"].splitlines() == ["/home/jovyan 0:0 755", "/home/jovyan/notes.txt 0:0 640"]
     assert r["layers_left"] == []
+
+
+@pytest.fixture
+def tun_for_users():
+    """/dev/net/tun usable by every user, as distributions ship it (this machine has it 0600)."""
+    st = os.stat("/dev/net/tun")
+    os.chmod("/dev/net/tun", 0o666)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/net/tun", stat.S_IMODE(st.st_mode))
+
+
+@pytest.fixture
+def loopback_server():
+    """An HTTP server on the host's loopback (a rootless container reaches it as 10.0.2.2 when allowed)."""
+    import http.server
+    import threading
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"hello-from-the-host\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        t.join()
+
+
+def test_rootless_egress_through_slirp4netns(subid_user, tun_for_users, loopback_server):
+    port = loopback_server
+    cmd = (f"cat /etc/resolv.conf; ip -o -4 addr show tap0 2>/dev/null | wc -l; "
+           f"timeout 5 wget -O- http://10.0.2.2:{port}/ 2>/dev/null; echo wget=$?")
+    # by default the host's loopback is out of reach (slirp4netns --disable-host-loopback)
+    r = subid_user.container(cmd, network="bridge")
+    assert r["code"] == 0, r
+    assert "nameserver 10.0.2.3" in r["out"] and "hello-from-the-host" not in r["out"]
+    assert _fields(r["out"])["wget"] != "0"
+    assert r["helper_gone"] is True
+    # allowed: the same request reaches the test's server through slirp4netns's NAT
+    r = subid_user.container(cmd, network="bridge", environ={"JUPYTER_CONTAIN_SLIRP_HOST_LOOPBACK": "1"})
+    assert r["code"] == 0, r
+    assert "hello-from-the-host" in r["out"] and _fields(r["out"])["wget"] == "0", r
+    assert r["helper_gone"] is True and r["containers"] == 0

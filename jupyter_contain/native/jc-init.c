@@ -18,6 +18,8 @@
  *             we forward signals
  *   fd 4    = (optional) where the payload's status goes: "code N\n" or
  *             "signal N\n"
+ *   fd 5    = (optional) held open, unused, until we exit: a helper that
+ *             serves the container (slirp4netns) watches the other end
  *   every signal blocked; signals sent before we ran are still pending.
  * Must not: read files, allocate, or outlive the payload.
  */

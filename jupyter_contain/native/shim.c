@@ -862,7 +862,12 @@ __attribute__((noreturn)) static void jc_init(struct jc_ctx *c, pid_t payload)
         if (t >= 0 && dup3(t, 3, O_CLOEXEC) == 3)
             exit_fd = 3;
     }
-    syscall(SYS_close_range, exit_fd >= 0 ? 4U : 3U, ~0U, 0U);
+    if (cfg->hold_fd >= 0) {  /* held as fd 4 until we exit */
+        int t = fcntl(cfg->hold_fd, F_DUPFD_CLOEXEC, 10);
+        if (t >= 0)
+            dup3(t, 4, O_CLOEXEC);
+    }
+    syscall(SYS_close_range, cfg->hold_fd >= 0 ? 5U : exit_fd >= 0 ? 4U : 3U, ~0U, 0U);
     int nfd = open("/dev/null", O_RDWR | O_CLOEXEC);
     for (int i = 0; i < 3; i++) {
         if (nfd >= 0)
@@ -889,18 +894,18 @@ __attribute__((noreturn)) static void jc_exec_init(struct jc_ctx *c, int init_fd
     char digits[12];
     char *argv[] = {(char *)"jc-init", NULL};
     char *envp[] = {env0, NULL};
-    int src[5] = {c->sync_fd, init_fd, go_w, cfg->exit_fd, -1};
-    int fd[5];
+    int src[6] = {c->sync_fd, init_fd, go_w, cfg->exit_fd, -1, cfg->hold_fd};
+    int fd[6];
     int e = 0;
 
     /* move every fd we need above the small numbers first, so that the
-     * dup2s onto 0..4 clobber nothing (F_DUPFD gives fresh numbers) */
+     * dup2s onto 0..5 clobber nothing (F_DUPFD gives fresh numbers) */
     src[4] = open("/dev/null", O_RDWR | O_CLOEXEC);
     if (src[4] < 0) {
         e = errno;
         goto fail;
     }
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < 6; i++) {
         fd[i] = src[i] >= 0 ? fcntl(src[i], F_DUPFD_CLOEXEC, 10) : -1;
         if (src[i] >= 0 && fd[i] < 0) {
             e = errno;
@@ -914,13 +919,14 @@ __attribute__((noreturn)) static void jc_exec_init(struct jc_ctx *c, int init_fd
             e = errno;
             goto fail;
         }
-    if (dup2(fd[2], 3) < 0 || (fd[3] >= 0 ? dup2(fd[3], 4) < 0 : (close(4), 0))) {
+    if (dup2(fd[2], 3) < 0 || (fd[3] >= 0 ? dup2(fd[3], 4) < 0 : (close(4), 0)) ||
+        (fd[5] >= 0 ? dup2(fd[5], 5) < 0 : (close(5), 0))) {
         e = errno;
         goto fail;
     }
     /* everything else goes at exec; the status socket stays open until
      * then, so an execveat failure can still be reported */
-    if (syscall(SYS_close_range, 5U, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
+    if (syscall(SYS_close_range, 6U, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
         e = errno;
         goto fail;
     }

@@ -101,6 +101,8 @@ struct jc_config {
     const char *init_path;        /* host path of the jc-init executable, opened before
                                    * pivot_root (NULL: the in-process fallback init) */
     int exit_fd;                  /* >= 0: init writes "code N\n" / "signal N\n" here */
+    int hold_fd;                  /* >= 0: init keeps this open for the container's life (the
+                                   * write end of a pipe a helper, e.g. slirp4netns, watches) */
     const void *seccomp_filter;   /* struct sock_filter[seccomp_len], loaded last; may be NULL */
     int seccomp_len;
 };

@@ -38,7 +38,7 @@ from ..fsutil import atomic_write, file_lock, remove_tree
 from ..images.store import ImageRecord, Store, now_rfc3339
 from . import idmap
 from . import network as netmod
-from . import rootfs, seccomp, spawn
+from . import rootfs, seccomp, slirp, spawn
 from .cgroups import DEFAULT_PIDS_LIMIT, CgroupRoot, Cgroups, Limits, Stats, find_orphans
 from .cgroups import detect as detect_cgroups
 
@@ -296,6 +296,11 @@ class Container:
             exit_fd = os.open(self.dir / "exit", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             stack.callback(os.close, exit_fd)
             limits = Limits(**st["limits"])
+            slirp_r = hold_w = None
+            if rootless and st["network"] == "bridge":
+                # the container's init holds the write end: slirp4netns ends with it
+                slirp_r, hold_w = os.pipe2(os.O_CLOEXEC)
+                stack.callback(os.close, slirp_r)
             # rootless without delegated cgroups: none (create() checked no limit was asked for)
             cg = Cgroups.create(self.cgroup_name, limits, root=self.runtime.cgroups_here()) \
                 if st.get("cgroups", True) else None
@@ -304,20 +309,31 @@ class Container:
                 cfg = spawn.SpawnConfig(
                     mounts=tuple(rootfs.plan(**plan_args, cgroupfs=_cgroup_fs(cg) if cg else None)),
                     process=process, stdio=stdio, exit_fd=exit_fd, userns=userns, rootless=rootless,
-                    seccomp_filter=seccomp_filter,
-                    # bridge: an own namespace like "none"; eth0 comes before release
+                    seccomp_filter=seccomp_filter, hold_fd=hold_w,
+                    # bridge: an own namespace like "none"; eth0 (tap0 rootless) comes before release
                     network="host" if st["network"] == "host" else "none")
                 proc = spawn.spawn(cfg)
             except BaseException:
                 if cg is not None:
                     cg.destroy()
                 raise
+            finally:
+                if hold_w is not None:
+                    os.close(hold_w)   # the child has its own copy
             attached = False
             try:
                 if cg is not None:
                     cg.attach(proc.pid)
                 net = None
-                if st["network"] == "bridge":
+                if slirp_r is not None:
+                    helper = slirp.start(proc.pid, exit_fd=slirp_r, userns_fd=proc.ns_fds["user"],
+                                         netns_fd=proc.ns_fds["net"], log_path=self.dir / "slirp.log")
+                    for fd in proc.ns_fds.values():   # slirp4netns has joined them
+                        os.close(fd)
+                    proc.ns_fds.clear()
+                    net = {"address": slirp.ADDRESS, "gateway": slirp.GATEWAY, "helper": "slirp4netns",
+                           "helper_pid": helper.pid}
+                elif st["network"] == "bridge":
                     attached = True
                     net = netmod.attach(self.runtime.network_settings, container_id=self.id, pid=proc.pid,
                                         publish=[netmod.parse_publish(p) for p in st.get("publish", ())]).to_json()
@@ -399,7 +415,7 @@ class Container:
             with contextlib.suppress(errors.CgroupError):
                 cg.destroy()
         self._update(status="exited", exit=asdict(info), cgroup=None, pid=None)
-        if st.get("network") == "bridge":
+        if st.get("network") == "bridge" and not st.get("rootless"):
             # in a thread: deleting the veth and rules waits for RCU (tens of ms)
             netmod.detach(self.runtime.network_settings, container_id=self.id, background=True)
         log.info("container %s %s", self.id[:12], info.describe())
@@ -566,7 +582,7 @@ class Container:
         cg = self.cgroups()
         if cg is not None:
             cg.destroy()
-        if self.state.get("network") == "bridge":
+        if self.state.get("network") == "bridge" and not self.state.get("rootless"):
             netmod.detach(self.runtime.network_settings, container_id=self.id)
         self.runtime.store.unpin(self.id)
         if self.state.get("userns") and not self.state.get("rootless"):
@@ -710,10 +726,13 @@ class Runtime:
         use_cgroups = True
         try:
             if self.rootless and spec.network == "bridge":
-                raise errors.InvalidSpec(
-                    "a rootless container cannot join the bridge network: its veth pair and NAT rules need "
-                    "root. Use --network none (the default) or host; a user-mode network (slirp4netns) is "
-                    "not supported yet")
+                # egress through slirp4netns: the veth pair and NAT rules of the bridge need root
+                reason = slirp.unavailable_reason()
+                if reason:
+                    raise errors.InvalidSpec(f"no egress for a rootless container: {reason}. "
+                                             "Use --network none (the default) or host")
+                if spec.publish:
+                    raise errors.InvalidSpec("publishing ports (-p) is not supported for rootless containers")
             if self.rootless:
                 # an unprivileged caller gets nothing done without a user namespace
                 userns = idmap.rootless_mapping()
@@ -740,7 +759,8 @@ class Runtime:
             (d / "etc" / "hostname").write_text(hostname + "\n")
             (d / "etc" / "hosts").write_text(
                 f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")
-            (d / "etc" / "resolv.conf").write_text(netmod.resolv_conf() if spec.network == "bridge"
+            (d / "etc" / "resolv.conf").write_text(slirp.RESOLV_CONF if self.rootless and spec.network == "bridge"
+                                                   else netmod.resolv_conf() if spec.network == "bridge"
                                                    else _resolv_conf(spec.network))
             process = {
                 "argv": list(argv), "env": env, "cwd": spec.workdir or cfg.working_dir, "uid": uid, "gid": gid,

@@ -175,6 +175,10 @@ class SpawnConfig:
     #: makes every mount itself (no idmapped mounts: an unprivileged caller
     #: cannot make them); the overlay should carry ``userxattr``
     rootless: bool = False
+    #: an fd the container's init keeps open for its whole life (the caller
+    #: keeps ownership of its own copy): the write end of a pipe whose read
+    #: end tells a helper process (slirp4netns) that the container is gone
+    hold_fd: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mounts", tuple(self.mounts))
@@ -338,6 +342,7 @@ def _fill_process(arena: _Arena, cfg: Any, proc: ProcessSpec, stdio: tuple[int, 
     cfg.terminal = int(proc.tty)
     cfg.join_pidfd = -1
     cfg.exit_fd = -1
+    cfg.hold_fd = -1
     init = native.init_executable()
     cfg.init_path = arena.str(init) if init is not None else ffi.NULL
     if seccomp_filter:
@@ -385,6 +390,8 @@ def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
     _fill_process(arena, cfg, config.process, config.stdio, config.seccomp_filter)
     if config.exit_fd is not None:
         cfg.exit_fd = config.exit_fd
+    if config.hold_fd is not None:
+        cfg.hold_fd = config.hold_fd
     return cfg, arena
 
 
@@ -399,6 +406,10 @@ class ContainerProcess:
     def __init__(self, proc: native.NativeProcess, argv0: str) -> None:
         self._proc = proc
         self._argv0 = argv0
+        #: rootless with a ``hold_fd``: the child's user and network namespaces
+        #: ("user", "net" -> fd), opened before it made itself non-dumpable
+        #: (after that, /proc/PID/ns is out of an unprivileged caller's reach)
+        self.ns_fds: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<ContainerProcess pid={self.pid} argv0={self._argv0!r} returncode={self.returncode}>"
@@ -472,6 +483,9 @@ class ContainerProcess:
         self._proc.send_signal(signal.SIGKILL)
 
     def close(self) -> None:
+        for fd in self.ns_fds.values():
+            os.close(fd)
+        self.ns_fds.clear()
         self._proc.close()
 
     def __enter__(self) -> ContainerProcess:
@@ -490,17 +504,21 @@ def spawn(config: SpawnConfig) -> ContainerProcess:
     cfg, arena = build_config(config)
     proc = native.spawn(cfg)
     del arena  # the child has its own copy of everything now
+    cp = ContainerProcess(proc, config.process.argv[0])
     if config.rootless:
         assert config.userns is not None
         try:
             write_maps(proc.pid, config.userns)
+            if config.hold_fd is not None:
+                for ns in ("user", "net"):
+                    cp.ns_fds[ns] = os.open(f"/proc/{proc.pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
-            proc.abort()
-            proc.close()
+            cp.abort()
+            cp.close()
             raise
         proc.proceed()
     log.debug("spawned container init pid %d (%s)", proc.pid, config.process.argv[0])
-    return ContainerProcess(proc, config.process.argv[0])
+    return cp
 
 
 def start(config: SpawnConfig) -> ContainerProcess:
