@@ -64,6 +64,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -99,6 +100,9 @@
 struct jc_clone_args {
     uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
 };
+
+/* the payload's stack until its execve (jc_exec's PATH search uses 4 KiB) */
+#define JC_PAYLOAD_STACK (256 * 1024)
 
 struct jc_ctx {
     const struct jc_config *cfg;
@@ -846,6 +850,21 @@ __attribute__((noreturn)) static void jc_payload(struct jc_ctx *c)
     jc_exec(c);
 }
 
+/* What the payload's CLONE_VM clone starts from: the context copied before
+ * the clone (init changes its own afterwards) and the go pipe's write end. */
+struct jc_payload_args {
+    struct jc_ctx ctx;
+    int go_w;
+};
+
+static int jc_payload_entry(void *arg)
+{
+    const struct jc_payload_args *pa = arg;
+    struct jc_ctx c = pa->ctx; /* on our own stack */
+    close(pa->go_w);           /* our fd table is our own: only jc-init keeps the write end */
+    jc_payload(&c);
+}
+
 /* Fallback PID 1 (no jc-init executable): the clone itself stays init. It
  * keeps a copy-on-write image of the caller's memory for its whole life. */
 __attribute__((noreturn)) static void jc_init(struct jc_ctx *c, pid_t payload)
@@ -919,8 +938,11 @@ __attribute__((noreturn)) static void jc_exec_init(struct jc_ctx *c, int init_fd
             e = errno;
             goto fail;
         }
-    if (dup2(fd[2], 3) < 0 || (fd[3] >= 0 ? dup2(fd[3], 4) < 0 : (close(4), 0)) ||
-        (fd[5] >= 0 ? dup2(fd[5], 5) < 0 : (close(5), 0))) {
+    /* an absent exit or hold fd is a CLOEXEC /dev/null that the exec closes,
+     * not a close(2) that might fail: the payload shares our memory (errno
+     * included) until our execveat */
+    if (dup2(fd[2], 3) < 0 || (fd[3] >= 0 ? dup2(fd[3], 4) : dup3(fd[4], 4, O_CLOEXEC)) < 0 ||
+        (fd[5] >= 0 ? dup2(fd[5], 5) : dup3(fd[4], 5, O_CLOEXEC)) < 0) {
         e = errno;
         goto fail;
     }
@@ -1103,20 +1125,35 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
     int go[2] = {-1, -1};
     if (init_fd >= 0 && pipe2(go, O_CLOEXEC) < 0)
         jc_fail(c, "go-pipe", errno, "");
-    /* fork-style raw clone: the payload (PID 2 in a new pid namespace) */
-    long pid = syscall(SYS_clone, (unsigned long)SIGCHLD, 0UL, 0UL, 0UL, 0UL);
-    if (pid < 0)
-        jc_fail(c, "fork-payload", errno, "");
-    if (pid == 0) {
-        if (go[1] >= 0)
-            close(go[1]);
-        c->go_fd = go[0];
-        jc_payload(c);
-    }
+    long pid;
     if (init_fd >= 0) {
+        /* The payload (PID 2 in a new pid namespace) shares our memory
+         * (CLONE_VM) on a stack of its own, with its own copy of the
+         * context made before the clone: a fork would copy this process's
+         * page tables (a copy of the caller's, a Python heap: about a
+         * millisecond), and tearing down two such address spaces at the two
+         * execs costs as much again. Until our execveat of jc-init below, the
+         * only memory both of us write is errno, and nothing we call here
+         * fails in a way that writes it (jc_exec_init: no close of an fd that
+         * may not be open). The payload still waits for jc-init (go pipe). */
+        struct jc_payload_args pa = {*c, go[1]};
+        pa.ctx.go_fd = go[0];
+        void *stack = mmap(NULL, JC_PAYLOAD_STACK, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (stack == MAP_FAILED)
+            jc_fail(c, "fork-payload", errno, "stack");
+        pid = clone(jc_payload_entry, (char *)stack + JC_PAYLOAD_STACK, CLONE_VM | SIGCHLD, &pa);
+        if (pid < 0)
+            jc_fail(c, "fork-payload", errno, "");
         close(go[0]);
         jc_exec_init(c, init_fd, go[1], (pid_t)pid);
     }
+    /* no jc-init: we stay init, running beside the payload: a real fork */
+    pid = syscall(SYS_clone, (unsigned long)SIGCHLD, 0UL, 0UL, 0UL, 0UL);
+    if (pid < 0)
+        jc_fail(c, "fork-payload", errno, "");
+    if (pid == 0)
+        jc_payload(c);
     jc_init(c, (pid_t)pid);
 }
 
