@@ -286,7 +286,7 @@ def test_container_cell_magic(kernel, kernel_env, kernel_runtime, caplog):
     own = kernel.run("import socket; print(socket.gethostname())")["stdout"].strip()
     r = kernel.run("%%container\nimport socket, sys\nprint(socket.gethostname())\nprint('to err', file=sys.stderr)")
     other = r["stdout"].strip()
-    assert other and other != own and r["stderr"] == "to err\n"
+    assert other and other != own and r["stderr"] == "to err\n", (r, caplog.text)
     # a failing cell raises in the notebook, with the exit reason
     r = kernel.run("%%container\nimport sys\nprint('before')\nsys.exit(3)", ok=False)
     assert r["stdout"] == "before\n" and r["error"]["ename"] == "ContainerCellError"

@@ -400,3 +400,33 @@ def test_userns_and_seccomp_options(ksm, kernel_env, kernel_runtime, tmp_path, m
     assert any("seccomp=unconfined" in rec.getMessage() for rec in caplog.records)
     with pytest.raises(errors.InvalidSpec, match="option userns"):
         KernelManager(kernel_name=make_spec(kernel_env, "t-badns", userns="yes"), kernel_spec_manager=ksm).start_kernel()
+
+
+def test_default_user_namespace_and_shared_folders(ksm, kernel_env, kernel_runtime, tmp_path):
+    """With subordinate ids set up (scripts/setup), a kernel's root is not host root by default,
+    yet writes the notebook folder and the kernelspec's mounts as their host owner would."""
+    from jupyter_contain.runtime.containers import idmap
+    try:
+        idmap.subordinate_ranges()
+    except errors.ContainError:
+        pytest.skip("no subordinate ids for jupyter-contain on this machine: run scripts/setup")
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    name = make_spec(kernel_env, "t-shared", mounts=[f"{data}:/data"])
+    km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    km.start_kernel()
+    try:
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            r = run_cell(kc, "import os\nprint(open('/proc/self/uid_map').read().split()[:2])\n"
+                             "open('/data/out.txt', 'w').write('ok')\nprint(os.stat('/data').st_uid)")
+        finally:
+            kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+    assert r["error"] is None, r
+    mapping, owner = r["stdout"].splitlines()[:2]
+    assert mapping != "['0', '0']" and mapping.startswith("['0', '")     # root inside is a subordinate uid
+    assert owner == "0" and (data / "out.txt").read_text() == "ok" and (data / "out.txt").stat().st_uid == 0

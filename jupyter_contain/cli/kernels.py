@@ -136,7 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pids-limit", type=int, help="process limit per kernel")
     p.add_argument("--network", choices=list(NETWORK_MODES),
                    help="network mode: none (default, loopback only), bridge (NAT egress, pip works), host")
-    p.add_argument("--userns", choices=["host", "auto"], default="host",
+    p.add_argument("--userns", choices=["host", "auto"], default=None,
                    help="auto: each kernel's container root is an unprivileged subordinate uid; host: the "
                         "host's ids (default; a server that is not root always gets a user namespace)")
     p.add_argument("--security-opt", action="append", metavar="OPT",

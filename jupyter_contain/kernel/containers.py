@@ -16,6 +16,7 @@ import os
 import shutil
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -80,8 +81,10 @@ class KernelOptions:
     reset: bool = False
     store_root: str = ""
     python: tuple[str, ...] = ("python3",)
-    #: "host" or "auto" (container root is an unprivileged subordinate uid); rootless: always a user namespace
-    userns: str = "host"
+    #: "auto" (container root is an unprivileged subordinate uid), "host", or "" (the default):
+    #: auto when this machine gives ``jupyter-contain`` subordinate ids, else host (said once).
+    #: A server that is not root always gets a user namespace of its own ids.
+    userns: str = ""
     #: "default" (Docker's profile) or "unconfined" (logged as a warning at every start)
     seccomp: str = "default"
 
@@ -139,9 +142,10 @@ class KernelOptions:
         kw["python"] = (py,) if isinstance(py, str) else tuple(py)
         if not kw["python"]:
             raise errors.InvalidSpec(f"{where}: option python must not be empty")
-        userns = config.get("userns") or "host"
-        if userns not in ("host", "auto"):
-            raise errors.InvalidSpec(f"{where}: option userns: {userns!r} (host or auto)")
+        userns = config.get("userns") or ""
+        if userns not in ("", "host", "auto"):
+            raise errors.InvalidSpec(f"{where}: option userns: {userns!r} (auto, host, or empty for auto "
+                                     "where subordinate ids are set up)")
         kw["userns"] = userns
         sec = config.get("seccomp") or "default"
         if sec not in ("default", "unconfined"):
@@ -203,6 +207,30 @@ def _pull(rt: Runtime, image: str) -> ImageRecord:
     return pull(rt.store, image)
 
 
+_said_no_subids = False
+
+
+def resolve_userns(rt: Runtime, mode: str) -> str:
+    """A kernel's user namespace mode: ``mode``, or for "" auto where subordinate ids exist.
+
+    Sandbox first: a kernel's root is not host root once the machine has
+    subordinate ids for containers (``scripts/setup`` and the README say
+    how); without them it is, and the log says so once per process.
+    """
+    global _said_no_subids
+    if mode:
+        return mode
+    if rt.rootless:
+        return "host"   # the runtime gives every container a namespace of the user's own ids
+    reason = rt.userns_unavailable_reason()
+    if reason:
+        if not _said_no_subids:
+            _said_no_subids = True
+            log.warning("kernels run with the host's ids (container root is host root): %s", reason)
+        return "host"
+    return "auto"
+
+
 def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, kernel_dir: Path,
                      cmd: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
                      kernel_name: str = "", owner_pid: int | None = None) -> Container:
@@ -217,7 +245,8 @@ def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, ker
         cwd = str(Path(cwd).resolve())
         binds.append(Bind(Path(cwd), cwd, idmap=True))
         workdir = cwd
-    binds += options.mounts
+    # the kernelspec's own mounts are folders meant for the kernel: idmapped too
+    binds += [dataclasses.replace(b, idmap=True) for b in options.mounts]
     spec = ContainerSpec(
         image=image.name,
         command=tuple(cmd),
@@ -227,7 +256,7 @@ def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, ker
         binds=tuple(binds),
         limits=options.limits(),
         network=options.network,  # type: ignore[arg-type]
-        userns=options.userns,  # type: ignore[arg-type]
+        userns=resolve_userns(rt, options.userns),  # type: ignore[arg-type]
         seccomp=options.seccomp,
         labels={"jupyter-contain.kernel-id": kernel_id, "jupyter-contain.kernel-name": kernel_name},
         owner_pid=owner_pid if owner_pid is not None else os.getpid(),

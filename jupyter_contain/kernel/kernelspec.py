@@ -111,8 +111,8 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
         if network not in NETWORK_MODES:
             raise errors.InvalidSpec(f"unknown network mode {network!r} (none, bridge or host)")
         config["network"] = network
-    if userns not in (None, "host"):
-        if userns != "auto":
+    if userns is not None:
+        if userns not in ("host", "auto"):
             raise errors.InvalidSpec(f"unknown user namespace mode {userns!r} (host or auto)")
         config["userns"] = userns
     if seccomp not in (None, "default"):

@@ -72,7 +72,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     python = List(Unicode(), ["python3"], config=True, help="The image's Python command.")
     shutdown_wait = Float(5.0, config=True, help="Seconds to wait for a kernel to end before killing it.")
     # plain strings, checked by KernelOptions: a bad kernelspec gets our message, not a TraitError
-    userns = Unicode("host", config=True,
+    userns = Unicode("", config=True,
                    help="auto: container root is an unprivileged subordinate uid (needs /etc/subuid entries); "
                         "host: the host's ids. A server that is not root always uses a user namespace.")
     seccomp = Unicode("default", config=True,

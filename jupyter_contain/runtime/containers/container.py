@@ -663,6 +663,14 @@ class Runtime:
             cached = self._detected = (key, detect_cgroups())
         return cached[1]
 
+    def userns_unavailable_reason(self) -> str | None:
+        """Why ``userns="auto"`` cannot work here (no subordinate ids), with the fix; None if it can."""
+        try:
+            idmap.subordinate_ranges()
+        except errors.ContainError as exc:
+            return str(exc)
+        return None
+
     def userns_allocator(self) -> idmap.Allocator:
         """Subordinate id slices of this store's containers (reservations in ``<store>/userns``)."""
         return idmap.Allocator(self.store.root / "userns")
