@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
@@ -364,6 +365,24 @@ def test_gc_once_removes_containers_of_dead_owner(kernel_env, kernel_runtime):
     assert not c.dir.exists()
 
 
+def _one_cell(ksm, name: str, code: str, *, cwd: Path | None = None) -> dict:
+    """Start kernel ``name``, run ``code`` (it must not fail), shut the kernel down; the cell's result."""
+    km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    km.start_kernel(**({"cwd": str(cwd)} if cwd else {}))
+    try:
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            r = run_cell(kc, code)
+        finally:
+            kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+    assert r["error"] is None, r
+    return r
+
+
 def test_userns_and_seccomp_options(ksm, kernel_env, kernel_runtime, tmp_path, monkeypatch, caplog):
     """userns=auto: kernel root is a subordinate uid; seccomp=unconfined: no filter, and a warning."""
     base = 3_000_000
@@ -372,24 +391,12 @@ def test_userns_and_seccomp_options(ksm, kernel_env, kernel_runtime, tmp_path, m
     monkeypatch.setenv("JUPYTER_CONTAIN_SUBUID_FILE", str(tmp_path / "subuid"))
     monkeypatch.setenv("JUPYTER_CONTAIN_SUBGID_FILE", str(tmp_path / "subgid"))
     name = make_spec(kernel_env, "t-hardened", userns="auto", seccomp="unconfined")
-    km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir(mode=0o700)
     with caplog.at_level("WARNING"):
-        km.start_kernel(cwd=str(notebooks))
-    try:
-        kc = km.client()
-        kc.start_channels()
-        try:
-            kc.wait_for_ready(timeout=60)
-            r = run_cell(kc, "import os\nprint(os.getuid(), open('/proc/self/uid_map').read().split()[:2])\n"
-                             "print([l for l in open('/proc/self/status') if l.startswith('Seccomp:')][0])\n"
-                             "open('saved.txt', 'w').write('from the kernel')")
-        finally:
-            kc.stop_channels()
-    finally:
-        km.shutdown_kernel(now=True)
-    assert r["error"] is None, r
+        r = _one_cell(ksm, name, "import os\nprint(os.getuid(), open('/proc/self/uid_map').read().split()[:2])\n"
+                                 "print([l for l in open('/proc/self/status') if l.startswith('Seccomp:')][0])\n"
+                                 "open('saved.txt', 'w').write('from the kernel')", cwd=notebooks)
     first, second = r["stdout"].splitlines()[:2]
     uid, host = first.split(" ", 1)
     assert uid == "0" and host.startswith("['0', '") and int(host.split("'")[3]) >= base
@@ -413,20 +420,8 @@ def test_default_user_namespace_and_shared_folders(ksm, kernel_env, kernel_runti
     data = tmp_path / "data"
     data.mkdir(mode=0o755)
     name = make_spec(kernel_env, "t-shared", mounts=[f"{data}:/data"])
-    km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
-    km.start_kernel()
-    try:
-        kc = km.client()
-        kc.start_channels()
-        try:
-            kc.wait_for_ready(timeout=60)
-            r = run_cell(kc, "import os\nprint(open('/proc/self/uid_map').read().split()[:2])\n"
+    r = _one_cell(ksm, name, "import os\nprint(open('/proc/self/uid_map').read().split()[:2])\n"
                              "open('/data/out.txt', 'w').write('ok')\nprint(os.stat('/data').st_uid)")
-        finally:
-            kc.stop_channels()
-    finally:
-        km.shutdown_kernel(now=True)
-    assert r["error"] is None, r
     mapping, owner = r["stdout"].splitlines()[:2]
     assert mapping != "['0', '0']" and mapping.startswith("['0', '")     # root inside is a subordinate uid
     assert owner == "0" and (data / "out.txt").read_text() == "ok" and (data / "out.txt").stat().st_uid == 0
