@@ -16,6 +16,12 @@ container's directory, so that a process that did not start it (``ps`` after
 The rootfs overlay is mounted inside the container's own mount namespace,
 never in the host's: when the last process of a container ends, its mounts
 go with it, so a killed server cannot leave overlay mounts behind.
+
+Rootless (this process is not root): every container gets a user namespace
+of the caller's ids (``idmap.rootless_mapping``), a ``userxattr`` overlay,
+no cgroups where none are delegated (a limit asked for is refused), and
+``slirp4netns`` for the bridge mode; what only the container's root may
+remove goes through ``spawn.run_in_userns``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ and :func:`join` (exec into a running container). Maps an execve failure to
 With ``SpawnConfig.userns`` the container gets a user namespace that owns
 all its other namespaces; the shim writes the id maps and makes the
 idmapped rootfs inside :func:`spawn`, before the caller's cgroup step.
+Rootless (``SpawnConfig.rootless``), :func:`spawn` writes the maps itself
+(``idmap.write_maps``) and the child mounts everything. Also owns
+:func:`run_in_userns`: a host program as root of a given mapping.
 
 Must not: plan mounts (``rootfs``), create or write cgroups (the caller
 does, between spawn and release), or fork Python: every child runs in C.
