@@ -319,6 +319,21 @@ def test_container_cell_magic(kernel, kernel_env, kernel_runtime, caplog):
     assert left == []
 
 
+def test_container_cell_gets_the_kernels_sandbox(kernel, kernel_runtime):
+    """A %%container cell runs with no more than its kernel: the same kind of user namespace."""
+    from jupyter_contain.runtime.containers import idmap
+    try:
+        idmap.subordinate_ranges()
+    except errors.ContainError:
+        pytest.skip("no subordinate ids for jupyter-contain on this machine: run scripts/setup")
+    probe = "print(open('/proc/self/uid_map').read().split()[:2])"
+    own = kernel.run(probe)["stdout"].strip()
+    cell = kernel.run("%%container\n" + probe)["stdout"].strip()
+    # both: root inside is a subordinate uid (each container has its own slice), never host root
+    for text in (own, cell):
+        assert text.startswith("['0', '") and text != "['0', '0']", (own, cell)
+
+
 def test_container_cell_streams_live_and_interrupt_kills_it(kernel, kernel_runtime):
     kc = kernel.kc
     msg_id = kc.execute("%%container --shell\necho started; sleep 100", stop_on_error=False)

@@ -233,6 +233,10 @@ class KernelContext:
     kernelspec_dir: Path | None = None
     #: mark the container for a fresh writable layer at the next restart
     request_reset: Callable[[], None] | None = None
+    #: the kernel's own sandbox, which its ``%%container`` cells get too: a cell
+    #: must not run with more than the kernel it comes from (host root, no filter)
+    userns: str = "host"
+    seccomp: str = "default"
 
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -565,6 +569,8 @@ class HostChannel:
             raise errors.ChannelError("another %%container cell of this kernel is running")
         argv = ("/bin/sh", "-c", code) if shell else (*self.ctx.python, "-c", code)
         spec = ContainerSpec(image=image.name, command=argv, entrypoint=(), limits=limits, network=network,
+                             userns=self.ctx.userns,  # type: ignore[arg-type]
+                             seccomp=self.ctx.seccomp,
                              labels={CELL_LABEL: self.ctx.kernel_id}, owner_pid=os.getpid())
         self._cell_running = True
         cancel = threading.Event()

@@ -272,7 +272,8 @@ def kernel_context(options: KernelOptions, *, kernel_id: str, runtime: Runtime,
     """What a kernel's host channel may know about it: the same for the provisioner and the launcher."""
     return KernelContext(kernel_id=kernel_id, runtime=runtime, container=container, python=options.python,
                          limits=options.limits(), network=options.network, kernelspec_dir=kernelspec_dir,
-                         request_reset=request_reset)
+                         request_reset=request_reset, userns=resolve_userns(runtime, options.userns),
+                         seccomp=options.seccomp)
 
 
 def runtime_for(options: KernelOptions) -> Runtime:
