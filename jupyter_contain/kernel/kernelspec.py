@@ -56,7 +56,10 @@ def probe_image(runtime: Runtime, image: ImageRecord, *, python: str = "python3"
     script = "import ipykernel, sys; print(ipykernel.__version__)"
     with tempfile.TemporaryFile() as out, open(os.devnull, "rb") as null:
         try:
-            info = runtime.run(ContainerSpec(image=image.name, command=(python, "-c", script), entrypoint=()),
+            # the image's own code, run as a kernel would be: not as host root where avoidable
+            userns = "auto" if not runtime.rootless and runtime.userns_unavailable_reason() is None else "host"
+            info = runtime.run(ContainerSpec(image=image.name, command=(python, "-c", script), entrypoint=(),
+                                             userns=userns),  # type: ignore[arg-type]
                                stdio=(null.fileno(), out.fileno(), out.fileno()), remove=True)
         except errors.CommandNotFound:
             raise errors.KernelError(
