@@ -393,3 +393,53 @@ def test_rootless_egress_through_slirp4netns(subid_user, tun_for_users, loopback
     assert r["code"] == 0, r
     assert "hello-from-the-host" in r["out"] and _fields(r["out"])["wget"] == "0", r
     assert r["helper_gone"] is True and r["containers"] == 0
+
+
+def test_owner_restore_never_follows_a_planted_symlink(subid_user):
+    """A layer that makes a/f (uid 1000), then replaces a with a symlink to the user's own folder:
+    restoring owners must not chown the user's files through it."""
+    import io
+    import tarfile
+    victim = subid_user.home / "victim"
+    victim.mkdir()
+    (victim / "f").write_text("mine")
+    for p in (victim, victim / "f"):
+        os.chown(p, subid_user.uid, subid_user.gid)
+    tar_path = subid_user.home / "planted.tar"
+    from jupyter_contain.runtime.images import bootstrap
+    with tarfile.open(bootstrap.cached_rootfs_tar(bootstrap.BUSYBOX)) as src, tarfile.open(tar_path, "w") as tar:
+        for m in src:
+            tar.addfile(m, src.extractfile(m) if m.isfile() else None)
+
+        def add(name, kind, data=b"", **kw):
+            m = tarfile.TarInfo(name)
+            m.type = kind
+            for k, v in kw.items():
+                setattr(m, k, v)
+            m.size = len(data) if kind == tarfile.REGTYPE else 0
+            tar.addfile(m, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+        add("a", tarfile.DIRTYPE, mode=0o755, uid=1000, gid=1000)
+        add("a/f", tarfile.REGTYPE, mode=0o644, uid=1000, gid=1000, data=b"x")
+        add("a", tarfile.SYMTYPE, linkname=str(victim), uid=1000, gid=1000)
+    tar_path.chmod(0o644)
+    r = subid_user.container("readlink /a; stat -c '%u' /bin/busybox", image_tar=str(tar_path), tag="planted:1")
+    assert r["code"] == 0, r
+    assert r["out"].split()[0] == str(victim)
+    # the user's own folder and file kept their owner: nothing went through the symlink
+    assert (victim.stat().st_uid, (victim / "f").stat().st_uid) == (subid_user.uid, subid_user.uid)
+
+
+def test_restore_program_refuses_a_symlinked_parent(tmp_path):
+    """The owners program itself, given a path through a symlink, stops rather than follow it."""
+    from jupyter_contain.runtime.images import rootless
+    root, victim = tmp_path / "layer", tmp_path / "victim"
+    root.mkdir()
+    victim.mkdir()
+    (victim / "f").write_text("host file")
+    (root / "a").symlink_to(victim)
+    listing = tmp_path / "owners"
+    listing.write_bytes(b"a/f\x001000\x001000\x00420\x000\x00")
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", rootless._RESTORE, str(root), str(listing)],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode != 0 and ("Not a directory" in res.stderr or "Too many levels" in res.stderr), res.stderr
+    assert (victim / "f").stat().st_uid == 0
