@@ -15,18 +15,20 @@ import tty
 from pathlib import Path
 from typing import Callable, Iterator
 
+from typing import TYPE_CHECKING
+
+from .. import runtime   # lazy: a name loads its module when a verb first uses it
 from ..errors import ContainError, InvalidSpec
-from ..runtime.containers import bundle as bundle_mod
-from ..runtime.containers.cgroups import Limits, parse_cpus, parse_memory
-from ..runtime.containers.container import Container, ContainerSpec, Runtime, parse_bind
-from ..runtime.images.store import Store
 from .output import emit_json, human_size, table
+
+if TYPE_CHECKING:
+    from ..runtime import Container, Limits, Runtime
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _runtime(args: argparse.Namespace) -> Runtime:
-    return Runtime(Store(args.root))
+    return runtime.Runtime(runtime.Store(args.root))
 
 
 def _env(items: list[str] | None) -> dict[str, str]:
@@ -43,9 +45,9 @@ def _limits(args: argparse.Namespace) -> Limits:
     pids = args.pids_limit
     if pids is not None and pids <= 0:
         pids = None   # Docker: 0 or -1 means unlimited
-    return Limits(
-        memory=parse_memory(args.memory) if args.memory else None,
-        cpus=parse_cpus(args.cpus) if args.cpus else None,
+    return runtime.Limits(
+        memory=runtime.parse_memory(args.memory) if args.memory else None,
+        cpus=runtime.parse_cpus(args.cpus) if args.cpus else None,
         **({"pids": pids} if args.pids_limit is not None else {}),
     )
 
@@ -128,12 +130,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     rt = _runtime(args)
     if args.detach and args.rm:
         raise InvalidSpec("--rm and -d cannot be combined yet (nothing would wait to remove it)")
-    spec = ContainerSpec(
+    spec = runtime.ContainerSpec(
         image=args.image,
         command=tuple(args.command) if args.command else None,
         entrypoint=(tuple([args.entrypoint]) if args.entrypoint else None),
         env=_env(args.env), workdir=args.workdir, user=args.user, hostname=args.hostname,
-        binds=tuple(parse_bind(v) for v in args.volume or ()), limits=_limits(args),
+        binds=tuple(runtime.parse_bind(v) for v in args.volume or ()), limits=_limits(args),
         network=args.network, name=args.name, tty=args.tty, readonly_rootfs=args.read_only,
         publish=tuple(args.publish or ()),
         seccomp=seccomp_mode(args.security_opt), userns=args.userns,
@@ -315,7 +317,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    store = Store(args.root)
+    from ..runtime.containers import bundle as bundle_mod   # only this verb needs it
+
+    store = runtime.Store(args.root)
     bundle_mod.write_bundle(store, store.resolve(args.image), Path(args.dir),
                             command=tuple(args.command) if args.command else None)
     print(f"wrote OCI runtime bundle to {args.dir} (run it with: runc run -b {args.dir} ID)")

@@ -6,8 +6,9 @@ import argparse
 import shlex
 from pathlib import Path
 
+from types import ModuleType
+
 from ..errors import ImageError
-from ..runtime.images import archive
 from ..runtime.images.store import ImageRecord, Store
 from ..runtime.spec import Reference, digest_hex
 from .output import emit_json, human_size, table
@@ -15,6 +16,12 @@ from .output import emit_json, human_size, table
 
 def _store(args: argparse.Namespace) -> Store:
     return Store(args.root)
+
+
+def _archive() -> ModuleType:
+    # import/save only: it brings the layer code and its compression libraries
+    from ..runtime.images import archive
+    return archive
 
 
 def _image_json(rec: ImageRecord) -> dict:
@@ -109,23 +116,23 @@ def cmd_import(args: argparse.Namespace) -> int:
         src = Path(path)
     if not src.exists():
         raise ImageError(f"{args.source}: no such file or directory")
-    fmt = args.format if args.format != "auto" else archive.detect_format(src)
+    fmt = args.format if args.format != "auto" else _archive().detect_format(src)
     if fmt == "rootfs":
         if not args.name:
             raise ImageError("importing a root filesystem tarball needs a NAME for the image")
-        rec = archive.import_rootfs(
+        rec = _archive().import_rootfs(
             store, src, args.name,
-            env=args.env or archive.DEFAULT_ENV,
+            env=args.env or _archive().DEFAULT_ENV,
             cmd=shlex.split(args.cmd) if args.cmd else ("/bin/sh",),
             entrypoint=shlex.split(args.entrypoint) if args.entrypoint else (),
             workdir=args.workdir or "", user=args.user or "",
         )
     elif fmt == "oci":
-        rec = archive.import_oci_layout(store, src, ref=ref, name=args.name)
+        rec = _archive().import_oci_layout(store, src, ref=ref, name=args.name)
     elif fmt == "oci-archive":
-        rec = archive.import_oci_archive(store, src, ref=ref, name=args.name)
+        rec = _archive().import_oci_archive(store, src, ref=ref, name=args.name)
     elif fmt == "docker-archive":
-        rec = archive.import_docker_archive(store, src, name=args.name)
+        rec = _archive().import_docker_archive(store, src, name=args.name)
     else:
         raise ImageError(f"unknown import format {fmt!r}")
     if args.json:
@@ -140,9 +147,9 @@ def cmd_save(args: argparse.Namespace) -> int:
     rec = store.resolve(args.image)
     out = Path(args.output)
     if args.format == "oci-archive":
-        archive.save_oci_archive(store, rec, out)
+        _archive().save_oci_archive(store, rec, out)
     else:
-        archive.save_docker_archive(store, rec, out)
+        _archive().save_docker_archive(store, rec, out)
     print(f"saved {rec.familiar} to {out} ({args.format})")
     return 0
 

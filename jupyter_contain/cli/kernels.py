@@ -7,7 +7,8 @@ import logging
 from types import ModuleType
 
 from ..errors import ContainerError
-from ..runtime import NETWORK_MODES, Runtime, Store
+from .. import runtime   # lazy: a name loads its module when a verb first uses it
+from ..runtime.containers import NETWORK_MODES
 from .containers import seccomp_mode
 from .output import emit_json, table
 
@@ -33,7 +34,7 @@ def _install_location(args: argparse.Namespace) -> dict:
 
 
 def cmd_ks_install(args: argparse.Namespace) -> int:
-    store = Store(args.root)
+    store = runtime.Store(args.root)
     name, path = _kernelspec().install(
         store=store, image_name=args.image, name=args.name, display_name=args.display_name,
         memory=args.memory, cpus=args.cpus, pids=args.pids_limit, network=args.network,
@@ -63,7 +64,7 @@ def cmd_ks_remove(args: argparse.Namespace) -> int:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from ..runtime.images import archive, bootstrap
 
-    store = Store(args.root)
+    store = runtime.Store(args.root)
 
     def say(msg: str) -> None:
         print(f"bootstrap: {msg}", flush=True)
@@ -104,7 +105,7 @@ def _same_rootfs(image, tar) -> bool:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    rt = Runtime(Store(args.root))
+    rt = runtime.Runtime(runtime.Store(args.root))
     c = rt.get(args.container)
     if c.status() == "running":
         raise ContainerError(f"container {c.name} is running: reset needs it stopped "

@@ -10,11 +10,16 @@ import argparse
 import getpass
 import sys
 
+from types import ModuleType
+
+from .. import runtime   # lazy: a name loads its module when a verb first uses it
 from ..errors import AuthenticationError
-from ..runtime.images import registry
-from ..runtime.images.progress import renderer_for
-from ..runtime.images.store import Store
-from ..runtime.spec import Platform
+
+
+def _registry() -> ModuleType:
+    # the registry client (and requests under it) only for the verb that runs
+    from ..runtime.images import registry
+    return registry
 
 
 def _bool(text: str) -> bool:
@@ -27,20 +32,21 @@ def _bool(text: str) -> bool:
 
 
 def _progress(args: argparse.Namespace):
+    from ..runtime.images.progress import renderer_for
     return None if args.quiet else renderer_for(sys.stderr)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    store = Store(args.root)
-    platform = Platform.parse(args.platform) if args.platform else None
-    rec = registry.pull(store, args.image, platform=platform, progress=_progress(args), tls_verify=args.tls_verify)
+    store = runtime.Store(args.root)
+    platform = runtime.Platform.parse(args.platform) if args.platform else None
+    rec = _registry().pull(store, args.image, platform=platform, progress=_progress(args), tls_verify=args.tls_verify)
     print(f"{rec.familiar} {rec.digest}")
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    store = Store(args.root)
-    res = registry.push(store, args.image, args.dest, progress=_progress(args), tls_verify=args.tls_verify)
+    store = runtime.Store(args.root)
+    res = _registry().push(store, args.image, args.dest, progress=_progress(args), tls_verify=args.tls_verify)
     print(f"{res.reference} {res.digest} (uploaded {len(res.uploaded)}, mounted {len(res.mounted)}, "
           f"already there {len(res.existing)})")
     return 0
@@ -57,14 +63,14 @@ def cmd_login(args: argparse.Namespace) -> int:
         password = getpass.getpass(f"Password for {username}@{server}: ")
     if not username or not password:
         raise AuthenticationError("login needs a username and a password")
-    where = registry.login(server, username, password, tls_verify=args.tls_verify)
+    where = _registry().login(server, username, password, tls_verify=args.tls_verify)
     print(f"Login succeeded (credentials saved in {where})")
     return 0
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
     server = args.server or "docker.io"
-    if registry.logout(server):
+    if _registry().logout(server):
         print(f"Removed login credentials for {server}")
     else:
         print(f"Not logged in to {server}")

@@ -4,31 +4,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from ..runtime.containers.container import Runtime
-from ..runtime.images import snapshot as snap
-from ..runtime.images.store import Store
+from .. import runtime   # lazy: diff, snapshot, summarize, Runtime, Store load on first use
 from .output import emit_json, human_size
+
+if TYPE_CHECKING:
+    from ..runtime import Change, Runtime
 
 
 def _runtime(args: argparse.Namespace) -> Runtime:
-    return Runtime(Store(args.root))
+    return runtime.Runtime(runtime.Store(args.root))
 
 
-def _summary_line(changes: list[snap.Change]) -> str:
+def _summary_line(changes: list[Change]) -> str:
     counts = {k: sum(1 for c in changes if c.kind == k) for k in "ACD"}
     total = sum(c.size for c in changes)
-    folders = ", ".join(f"{f.folder} {f.count} ({human_size(f.bytes)})" for f in snap.summarize(changes))
+    folders = ", ".join(f"{f.folder} {f.count} ({human_size(f.bytes)})" for f in runtime.summarize(changes))
     return (f"{len(changes)} changes: {counts['A']} added, {counts['C']} changed, {counts['D']} deleted, "
             f"{human_size(total)}" + (f"; {folders}" if folders else ""))
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
     rt = _runtime(args)
-    changes = snap.diff(rt.get(args.container))
+    changes = runtime.diff(rt.get(args.container))
     if args.json:
         emit_json({"changes": [c.to_json() for c in changes],
-                   "summary": [f.to_json() for f in snap.summarize(changes)]})
+                   "summary": [f.to_json() for f in runtime.summarize(changes)]})
         return 0
     for c in changes:
         print(f"{c.kind} {c.path}")
@@ -39,7 +41,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_commit(args: argparse.Namespace) -> int:
     rt = _runtime(args)
-    rec = snap.snapshot(rt, args.container, args.tag, message=args.message or "", compress=args.compress)
+    rec = runtime.snapshot(rt, args.container, args.tag, message=args.message or "", compress=args.compress)
     if args.json:
         emit_json({"name": rec.name, "digest": rec.digest, "id": rec.id, "size": rec.size,
                    "diff_ids": list(rec.config.diff_ids)})

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 _WHERE = {
     "Limits": ".containers.cgroups", "Stats": ".containers.cgroups", "parse_cpus": ".containers.cgroups",
     "parse_memory": ".containers.cgroups",
-    "NETWORK_MODES": ".containers.container", "Container": ".containers.container",
+    "NETWORK_MODES": ".containers", "Container": ".containers.container",
     "ContainerSpec": ".containers.container", "ExitInfo": ".containers.container",
     "Runtime": ".containers.container", "parse_bind": ".containers.container",
     "Bind": ".containers.rootfs",
@@ -43,7 +43,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:   # what type checkers and editors see
     from .containers.cgroups import Limits, Stats, parse_cpus, parse_memory
-    from .containers.container import NETWORK_MODES, Container, ContainerSpec, ExitInfo, Runtime, parse_bind
+    from .containers import NETWORK_MODES
+    from .containers.container import Container, ContainerSpec, ExitInfo, Runtime, parse_bind
     from .containers.rootfs import Bind
     from .images.snapshot import Change, FolderSummary, diff, snapshot, summarize
     from .images.store import ImageRecord, Store, default_root

@@ -44,7 +44,7 @@ from ..fsutil import atomic_write, file_lock, remove_tree
 from ..images.store import ImageRecord, Store, now_rfc3339
 from . import idmap
 from . import network as netmod
-from . import rootfs, seccomp, slirp, spawn
+from . import NETWORK_MODES, rootfs, seccomp, slirp, spawn
 from .cgroups import DEFAULT_PIDS_LIMIT, CgroupRoot, Cgroups, Limits, Stats, find_orphans
 from .cgroups import detect as detect_cgroups
 
@@ -54,8 +54,6 @@ log = logging.getLogger(__name__)
 _warned_no_cgroups = False
 
 Network = Literal["none", "host", "bridge"]
-#: network modes, for option validation elsewhere (kernelspecs, CLI)
-NETWORK_MODES: tuple[str, ...] = ("none", "bridge", "host")
 Status = Literal["created", "running", "exited", "dead"]
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
