@@ -175,11 +175,12 @@ def default_state_dir(bridge: str, host_netns: str | None = None, *,
     """
     env = os.environ if environ is None else environ
     try:
-        ino = os.stat(host_netns or "/proc/self/ns/net").st_ino
+        key = f"ns{os.stat(host_netns or '/proc/self/ns/net').st_ino}"
     except OSError as exc:
-        raise errors.NetworkError(f"cannot identify network namespace {host_netns or 'of this process'}: "
-                                  f"{exc}") from None
-    return Path(env.get(ENV_NET_DIR) or "/run/jupyter-contain/network") / f"ns{ino}-{bridge}"
+        # a runtime that never uses the bridge must still construct: the error comes at attach
+        log.debug("cannot identify network namespace %s: %s", host_netns or "of this process", exc)
+        key = "ns-unknown"
+    return Path(env.get(ENV_NET_DIR) or "/run/jupyter-contain/network") / f"{key}-{bridge}"
 
 
 @dataclass(frozen=True)
