@@ -63,29 +63,65 @@ def _user_python() -> str:
                 "private folder)")
 
 
-def _pythonpath() -> str:
+def _code_roots() -> list[Path]:
+    """This checkout, and every site-packages folder of ours that lies outside it."""
     import site
-    return os.pathsep.join([str(REPO), str(HERE), *site.getsitepackages()])
+    roots = [REPO]
+    for sp in map(Path, site.getsitepackages()):
+        if not sp.resolve().is_relative_to(REPO.resolve()):
+            roots.append(sp)
+    return roots
 
 
 @dataclass
 class User:
+    """An unprivileged user, and how its processes reach our code.
+
+    The checkout may lie under a folder only root may enter (a clone in
+    root's home): each of the user's processes gets a mount namespace of its
+    own (``unshare --mount``, made as root, so nothing reaches the host's)
+    with the checkout and our site-packages bound under its home.
+    """
+
     uid: int
     gid: int
     home: Path
 
+    def _binds(self) -> list[tuple[Path, Path]]:
+        out = []
+        for i, src in enumerate(_code_roots()):
+            dst = self.home / ".code" / str(i)
+            dst.mkdir(parents=True, exist_ok=True)
+            out.append((src.resolve(), dst))
+        return out
+
+    def path(self, p: Path) -> str:
+        """Where the user's processes see our file ``p``."""
+        p = p.resolve()
+        for src, dst in self._binds():
+            if p.is_relative_to(src):
+                return str(dst / p.relative_to(src))
+        return str(p)
+
     def env(self) -> dict[str, str]:
+        import site
+        pythonpath = [self.path(REPO), self.path(HERE)] + [self.path(Path(sp)) for sp in site.getsitepackages()]
         return {"HOME": str(self.home), "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-                "PYTHONPATH": _pythonpath(), "XDG_RUNTIME_DIR": str(self.home / "run"), "LANG": "C.UTF-8"}
+                "PYTHONPATH": os.pathsep.join(pythonpath), "XDG_RUNTIME_DIR": str(self.home / "run"),
+                "LANG": "C.UTF-8"}
 
     def argv(self, *args: str) -> list[str]:
-        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", _user_python(), *args]
+        import shlex
+        script = "".join(f"mount --bind {shlex.quote(str(src))} {shlex.quote(str(dst))}; "
+                         for src, dst in self._binds()) + 'exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script, "sh",
+                "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", _user_python(), *args]
 
     def container(self, cmd: str, *, environ: dict[str, str] | None = None, **req) -> dict:
         """Run ``sh -c cmd`` in a rootless busybox container as this user (see rootless_driver)."""
         from jupyter_contain.runtime.images import bootstrap
         req = {"image_tar": str(bootstrap.cached_rootfs_tar(bootstrap.BUSYBOX)), "cmd": cmd, **req}
-        res = subprocess.run(self.argv(str(HERE / "rootless_driver.py"), json.dumps(req)),
+        res = subprocess.run(self.argv(self.path(HERE / "rootless_driver.py"), json.dumps(req)),
                              env={**self.env(), **(environ or {})},
                              capture_output=True, text=True, timeout=180, check=False)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -248,7 +284,7 @@ def test_rootless_kernel_runs_code(subid_user):
            "config": dict(bootstrap.DEBIAN_KERNEL.config),
            "code": "import os, sys\nprint('uid', os.getuid())\nprint(open('/proc/self/uid_map').read().split())\n"
                    "open('/root/note.txt', 'w').write('kept')\nprint('python', sys.version_info[:2])"}
-    res = subprocess.run(subid_user.argv(str(HERE / "rootless_kernel_driver.py"), json.dumps(req)),
+    res = subprocess.run(subid_user.argv(subid_user.path(HERE / "rootless_kernel_driver.py"), json.dumps(req)),
                          env=subid_user.env(), capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
