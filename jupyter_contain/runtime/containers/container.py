@@ -41,6 +41,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 from ... import errors
 from ..fsutil import atomic_write, file_lock, remove_tree
+from ..images import rootless as rootless_store
 from ..images.store import ImageRecord, Store, now_rfc3339
 from . import idmap
 from . import network as netmod
@@ -558,22 +559,15 @@ class Container:
 
         Its writable layer can hold files of the container's other users
         (subordinate ids) in folders this user may not write: those go
-        through ``rm`` run as root of the container's own mapping.
+        through ``rm`` run as root of the container's own mapping (the
+        store's fallback, given the mapping the container was made with).
         """
         try:
             st = self.state     # before remove_tree, which may remove state.json first
         except errors.ContainError:
             st = {}
-        try:
-            remove_tree(path)
-        except PermissionError:
-            if not (st.get("rootless") and st.get("userns")):
-                raise
-            code, err = spawn.run_in_userns(idmap.IdMapping.from_json(st["userns"]),
-                                            ["rm", "-rf", "--one-file-system", "--", str(path)])
-            if code != 0 or path.exists():
-                raise errors.ContainerError(f"cannot remove {path} as root of container {self.id[:12]}'s "
-                                            f"user namespace: {err.strip() or f'rm exited {code}'}") from None
+        ids = idmap.IdMapping.from_json(st["userns"]) if st.get("rootless") and st.get("userns") else None
+        rootless_store.remove_tree(path, ids=ids)
 
     def remove(self, *, force: bool = False) -> None:
         """Remove the container (``force``: kill it first if it runs)."""

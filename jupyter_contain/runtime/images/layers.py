@@ -636,7 +636,7 @@ class _Extractor:
         if (s.st_uid, s.st_gid) == (os.geteuid(), os.getegid()):
             return
         if self._rootless_mapping is None:
-            self._rootless_mapping = rootless._mapping()
+            self._rootless_mapping = rootless.mapping()
         m = self._rootless_mapping
         uid, gid = m.container_uid(s.st_uid), m.container_gid(s.st_gid)
         if uid is not None and gid is not None:

@@ -24,13 +24,14 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ... import errors
 from ..fsutil import remove_tree as _remove_tree
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Owner", "remove_tree", "restore_owners", "rootless"]
+__all__ = ["Owner", "mapping", "remove_tree", "restore_owners", "rootless"]
 
 #: (path relative to the layer root, container uid, container gid, mode, is a symlink)
 Owner = tuple[str, int, int, int, bool]
@@ -65,7 +66,8 @@ def rootless() -> bool:
     return os.geteuid() != 0
 
 
-def _mapping():
+def mapping() -> Any:
+    """This user's container ids (``idmap.rootless_mapping``)."""
     from ..containers import idmap   # see the module docstring
     return idmap.rootless_mapping()
 
@@ -79,8 +81,8 @@ def restore_owners(root: Path, entries: Sequence[Owner], *, what: str) -> int:
     """
     if not entries or not rootless():
         return 0
-    mapping = _mapping()
-    usable = [e for e in entries if mapping.host_uid(e[1]) is not None and mapping.host_gid(e[2]) is not None]
+    ids = mapping()
+    usable = [e for e in entries if ids.host_uid(e[1]) is not None and ids.host_gid(e[2]) is not None]
     if len(usable) < len(entries):
         log.info("%s: %d entries belong to ids this user has no subordinate ids for: they stay root's "
                  "inside (usermod --add-subuids/--add-subgids gives them their owners)", what,
@@ -92,26 +94,30 @@ def restore_owners(root: Path, entries: Sequence[Owner], *, what: str) -> int:
         for rel, uid, gid, mode, link in usable:
             listing.write(b"%s\0%d\0%d\0%d\0%s\0" % (os.fsencode(rel), uid, gid, mode, b"1" if link else b"0"))
         listing.flush()
-        code, err = spawn.run_in_userns(mapping, [sys.executable, "-I", "-S", "-c", _RESTORE, str(root),
-                                                  listing.name])
+        code, err = spawn.run_in_userns(ids, [sys.executable, "-I", "-S", "-c", _RESTORE, str(root),
+                                              listing.name])
     if code != 0:
         raise errors.StoreError(f"{what}: restoring the owners of {len(usable)} entries inside the user "
                                 f"namespace failed: {err.strip() or f'exit {code}'}")
     return len(usable)
 
 
-def remove_tree(path: str | os.PathLike[str]) -> None:
-    """fsutil.remove_tree, falling back (rootless) to ``rm`` as root of the user's namespace."""
+def remove_tree(path: str | os.PathLike[str], *, ids: Any = None) -> None:
+    """fsutil.remove_tree, falling back (rootless) to ``rm`` as root of the user's namespace.
+
+    ``ids``: the mapping whose root may remove the tree (a container's own,
+    as recorded); default: this user's (:func:`mapping`).
+    """
     try:
         _remove_tree(path)
     except PermissionError:
         if not rootless():
             raise
-        mapping = _mapping()
-        if len(mapping.uid_map) == 1:
+        ids = ids if ids is not None else mapping()
+        if len(ids.uid_map) == 1:
             raise   # only the user's own ids: a real permission problem, not ours to force
         from ..containers import spawn   # see the module docstring
-        code, err = spawn.run_in_userns(mapping, ["rm", "-rf", "--one-file-system", "--", os.fspath(path)])
+        code, err = spawn.run_in_userns(ids, ["rm", "-rf", "--one-file-system", "--", os.fspath(path)])
         if code != 0 or os.path.lexists(path):
             raise errors.StoreError(f"cannot remove {os.fspath(path)} as root of this user's namespace: "
                                     f"{err.strip() or f'rm exited {code}'}") from None
