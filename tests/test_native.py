@@ -356,19 +356,34 @@ def test_abort_before_release(box: Box) -> None:
     proc.close()
 
 
-def test_two_phase_cgroup_hook(box: Box) -> None:
-    """Between spawn and release the caller can move the child into a cgroup;
-    the container's cgroup namespace is made after that, so it sees '/'."""
-    line = next(ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in ln)
-    mine = Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")
+def _own_v1_dir(controller: str) -> Path:
+    line = next((ln for ln in Path("/proc/self/cgroup").read_text().splitlines()
+                 if controller in ln.split(":")[1].split(",")), None)
+    if line is None:
+        pytest.skip(f"no cgroup v1 {controller} hierarchy")
+    mine = Path("/sys/fs/cgroup") / controller / line.split(":", 2)[2].lstrip("/")
     if not mine.is_dir():
-        pytest.skip("no cgroup v1 memory hierarchy")
-    cg = mine / f"jc-test-{uuid.uuid4().hex[:8]}"
-    cg.mkdir()
+        pytest.skip(f"no cgroup v1 {controller} hierarchy")
+    return mine
+
+
+def _run_cat_cgroup(box: Box, **kw) -> tuple[spawn.ContainerProcess, Path]:
     out = box.base / "out.txt"
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        proc = spawn.spawn(box.config(["cat", "/proc/self/cgroup"], stdio=(fd, fd, fd)))
+        return spawn.spawn(box.config(["cat", "/proc/self/cgroup"], stdio=(fd, fd, fd), **kw)), out
+    finally:
+        os.close(fd)
+
+
+def test_two_phase_cgroup_hook(box: Box) -> None:
+    """cgroup_by_caller (cgroup v2's way): between spawn and release the caller
+    moves the child into a cgroup; the container's cgroup namespace is made
+    after that, so it sees '/'."""
+    cg = _own_v1_dir("memory") / f"jc-test-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+    try:
+        proc, out = _run_cat_cgroup(box, cgroup_by_caller=True)
         try:
             # the child exists in its own namespaces but has not run anything yet
             assert os.readlink(f"/proc/{proc.pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
@@ -378,10 +393,70 @@ def test_two_phase_cgroup_hook(box: Box) -> None:
         finally:
             proc.close()
     finally:
-        os.close(fd)
         cg.rmdir()
     mem = next(ln for ln in out.read_text().splitlines() if ":memory:" in ln)
     assert mem.endswith(":memory:/")
+
+
+def test_child_enters_its_v1_cgroups_itself(box: Box) -> None:
+    """cgroup_tasks: the child moves itself into each hierarchy before it
+    does anything else; its cgroup namespace then shows those cgroups as '/'."""
+    name = f"jc-test-{uuid.uuid4().hex[:8]}"
+    cgs = [_own_v1_dir(c) / name for c in ("memory", "pids")]
+    for d in cgs:
+        d.mkdir()
+    try:
+        proc, out = _run_cat_cgroup(box, cgroup_tasks=[d / "tasks" for d in cgs])
+        try:
+            # in them before the release: nothing of the container has run yet
+            deadline = time.monotonic() + 10
+            while not all(str(proc.pid) in (d / "cgroup.procs").read_text().split() for d in cgs):
+                assert time.monotonic() < deadline, [(d / "cgroup.procs").read_text() for d in cgs]
+                time.sleep(0.001)
+            proc.release()
+            assert proc.wait(10) == 0
+        finally:
+            proc.close()
+    finally:
+        for d in cgs:
+            d.rmdir()
+    lines = out.read_text().splitlines()
+    for c in ("memory", "pids"):
+        assert next(ln for ln in lines if f":{c}:" in ln).endswith(f":{c}:/"), lines
+    # a hierarchy it was not given: the cgroup namespace's root is where it was
+    assert next(ln for ln in lines if ":freezer:" in ln).endswith(":freezer:/"), lines
+
+
+def test_cgroup_tasks_that_cannot_be_opened_fail_before_the_clone(box: Box) -> None:
+    missing = box.base / "no-such-cgroup" / "tasks"
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(errors.SpawnError) as info:
+        spawn.spawn(box.config(["true"], stdio=(0, 1, 2), cgroup_tasks=[missing]))
+    assert info.value.step == "cgroup-attach" and info.value.errno == errno.ENOENT
+    assert str(missing) in str(info.value)
+    assert set(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(errors.InvalidSpec):
+        box.config(["true"], stdio=(0, 1, 2), cgroup_tasks=[missing], cgroup_by_caller=True)
+
+
+def test_cgroup_the_child_cannot_enter_is_reported(box: Box) -> None:
+    # a fresh cpuset cgroup has no cpus: the kernel refuses tasks (ENOSPC)
+    d = _own_v1_dir("cpuset") / f"jc-test-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    try:
+        if (d / "cpuset.cpus").read_text().strip():
+            pytest.skip("this kernel gives a new cpuset cgroup cpus")
+        proc = spawn.spawn(box.config(["true"], stdio=(0, 1, 2), cgroup_tasks=[d / "tasks"]))
+        try:
+            with pytest.raises(errors.SpawnError) as info:
+                proc.release()
+        finally:
+            proc.close()
+        assert info.value.step == "cgroup-attach" and info.value.errno == errno.ENOSPC
+        assert str(d / "tasks") in str(info.value)
+        assert proc.returncode is not None
+    finally:
+        d.rmdir()
 
 
 # --- exec into a running container -------------------------------------------
@@ -759,10 +834,9 @@ def test_own_cgroup_v1_mounted_read_only(box: Box) -> None:
               "grep -c . /sys/fs/cgroup/memory/cgroup.procs")
     try:
         (cg / "memory.limit_in_bytes").write_text(str(64 << 20))
-        proc = spawn.spawn(box.config(["sh", "-c", script], stdio=(fd, fd, fd),
+        proc = spawn.spawn(box.config(["sh", "-c", script], stdio=(fd, fd, fd), cgroup_tasks=[cg / "tasks"],
                                       cgroupfs=rootfs.CgroupFs(1, (("memory",),))))
         try:
-            (cg / "cgroup.procs").write_text(str(proc.pid))
             proc.release()
             assert proc.wait(10) == 0
         finally:

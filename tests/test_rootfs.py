@@ -239,15 +239,19 @@ def test_bad_cgroupfs_rejected(version, hierarchies) -> None:
 
 
 @pytest.mark.parametrize("namespaces", ["with-cgroupns", "without"])
-def test_child_mounts_everything_before_the_cgroup_mounts_early(namespaces) -> None:
-    # the native child makes mounts[:n_early_mounts] while the parent attaches
-    # its cgroup; the cgroup mounts need the cgroup namespace made after that
+@pytest.mark.parametrize("by_caller", [True, False])
+def test_child_mounts_everything_before_the_cgroup_mounts_early(namespaces, by_caller) -> None:
+    # cgroup_by_caller (v2): the native child makes mounts[:n_early_mounts]
+    # while the parent attaches its cgroup; the cgroup mounts need the cgroup
+    # namespace made after that. A child that enters its cgroups itself (v1)
+    # makes every mount before the release.
     from jupyter_contain.runtime.containers import spawn
     ops = tuple(_plan(cgroupfs=rootfs.CgroupFs(1, (("memory",), ("pids",)))))
     ns = spawn.NAMESPACES if namespaces == "with-cgroupns" else spawn.NAMESPACES - {"cgroup"}
     cfg, arena = spawn.build_config(spawn.SpawnConfig(mounts=ops, process=spawn.ProcessSpec(argv=("true",)),
-                                                      stdio=(0, 1, 2), namespaces=ns))
+                                                      stdio=(0, 1, 2), namespaces=ns, cgroup_by_caller=by_caller))
     first_cgroup = next(i for i, op in enumerate(ops) if getattr(op, "target", "") == "/sys/fs/cgroup")
     assert cfg.n_mounts == len(ops)
-    assert cfg.n_early_mounts == (first_cgroup if namespaces == "with-cgroupns" else len(ops))
+    assert cfg.cgroup_by_caller == by_caller
+    assert cfg.n_early_mounts == (first_cgroup if namespaces == "with-cgroupns" and by_caller else len(ops))
     del arena

@@ -39,6 +39,7 @@ __all__ = [
     "CLONE_NEWPID",
     "CLONE_NEWUSER",
     "CLONE_NEWUTS",
+    "MAX_CGROUP_TASKS",
     "NativeProcess",
     "available",
     "ffi",
@@ -56,6 +57,9 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+
+#: shim.h JC_MAX_CGROUP_TASKS: cgroup v1 hierarchies a child can enter itself
+MAX_CGROUP_TASKS = 16
 
 #: linux/capability.h: name -> bit number
 CAPABILITIES: dict[str, int] = {

@@ -29,9 +29,11 @@ static int jc_is_forwarded(int sig)
     }
 }
 
-/* "code N\n" or "signal N\n", then fsync: a process that is not our parent
- * reads it after we are gone (the only record of a detached container's
- * exit). Best effort: nothing to report a failure to. */
+/* "code N\n" or "signal N\n": a process that is not our parent reads it
+ * after we are gone (the only record of a detached container's exit). No
+ * fsync: readers go through the page cache, and after a crash of the
+ * machine the container is gone anyway (recorded then as ended unknown).
+ * Best effort: nothing to report a failure to. */
 static void jc_write_exit(int fd, int status)
 {
     char buf[32];
@@ -57,7 +59,6 @@ static void jc_write_exit(int fd, int status)
             return;
         off += (size_t)w;
     }
-    fsync(fd);
 }
 
 /* Every signal is blocked on entry (and stays blocked): a signal sent before

@@ -17,14 +17,18 @@
  * the parent's (non-existent here) threads.
  *
  * Protocol (one SOCK_SEQPACKET socketpair, CLOEXEC):
- *   parent: clone3 -> returns pid + pidfd; the child blocks reading 1 byte
+ *   parent: opens the cgroup v1 `tasks` files (cgroup_tasks), then clone3
+ *           -> returns pid + pidfd; the child blocks reading 1 byte
  *   parent: with a user namespace (CLONE_NEWUSER), still inside jc_spawn:
  *           writes the id maps and makes every mount of a host path as a
  *           detached mount (see "user namespace" below); then sends those
  *           ('M' + one fd each, SCM_RIGHTS) and 'S'
- *   child:  phase one: the mounts that need no cgroup (n_early_mounts)
- *   parent: meanwhile its own setup (cgroup attach, network), then
- *           jc_release() sends 'R'
+ *   child:  moves itself into its cgroups, makes its cgroup namespace, every
+ *           mount, pivot_root, hostname, loopback (with cgroup_by_caller:
+ *           only the mounts that need no cgroup, n_early_mounts)
+ *   parent: meanwhile its own setup (the record of the container, network;
+ *           with cgroup_by_caller the cgroup attach), then jc_release()
+ *           sends 'R'
  *   child:  the other steps; with a terminal it sends 'P' + the pty master
  *           (SCM_RIGHTS); a failure sends 'F' + struct jc_failure and exits
  *   parent: reads until EOF. EOF with no failure = execve succeeded (the
@@ -1022,7 +1026,43 @@ static void jc_become_ns_root(struct jc_ctx *c)
         jc_fail(c, "setuid", errno, "user namespace");
 }
 
-__attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int sync_fd, int init_fd)
+/* Into the container's cgroups (v1), as the very first step: before the
+ * first mount (which is charged to the memory cgroup of whoever makes it)
+ * and before anything forks. The fds were opened by the parent, whose
+ * credentials the kernel checks (those of the opener), so this works from
+ * inside a user namespace too. */
+static void jc_enter_cgroups(struct jc_ctx *c, const int *cg_fds)
+{
+    for (int i = 0; i < c->cfg->n_cgroup_tasks; i++) {
+        ssize_t w;
+        do
+            w = write(cg_fds[i], "0", 1);
+        while (w < 0 && errno == EINTR);
+        if (w != 1)
+            jc_fail(c, "cgroup-attach", w < 0 ? errno : EIO, c->cfg->cgroup_tasks[i]);
+        close(cg_fds[i]);
+    }
+}
+
+/* pivot_root into the rootfs, hostname, loopback: the last steps of the
+ * container's own setup */
+static void jc_enter_rootfs(struct jc_ctx *c)
+{
+    const struct jc_config *cfg = c->cfg;
+    if (cfg->rootfs)
+        jc_pivot(c);
+    if (c->rootfd >= 0) {
+        close(c->rootfd);
+        c->rootfd = -1;
+    }
+    if (cfg->hostname && sethostname(cfg->hostname, strlen(cfg->hostname)) < 0)
+        jc_fail(c, "sethostname", errno, cfg->hostname);
+    if (cfg->loopback_up)
+        jc_loopback_up(c);
+}
+
+__attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int sync_fd, int init_fd,
+                                               const int *cg_fds)
 {
     int prep[JC_MAX_PREPARED];
     struct jc_ctx ctx = {cfg, sync_fd, -1, -1, -1, 0, prep, 0, 0};
@@ -1064,11 +1104,12 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
     jc_hide_origin();
     /* the init executable (init_fd) lives on the host: the parent opened it
      * before the clone, while it is reachable with the host's credentials */
+    jc_enter_cgroups(c, cg_fds);
 
-    /* Phase one, before the release: the mounts that do not depend on the
-     * container's cgroup. Meanwhile the parent moves us into that cgroup,
-     * which costs it an RCU grace period (cgroup_threadgroup_rwsem): the two
-     * overlap. Nothing here forks or runs container code, so nothing escapes
+    /* Before the release: the container's own setup, while the parent
+     * records it (and attaches its network). With cgroup_by_caller only the
+     * mounts that do not depend on the cgroup: meanwhile the parent moves us
+     * into it. Nothing here forks or runs container code, so nothing escapes
      * the limits by running early. */
     int early = 0;
     if (cfg->join_pidfd < 0) {
@@ -1080,9 +1121,16 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
             if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
                 jc_fail(c, "make-private", errno, "/");
         }
+        /* in its final cgroup already: the namespace's root is that cgroup */
+        if (!cfg->cgroup_by_caller && cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
+            jc_fail(c, "unshare-cgroupns", errno, "");
         early = cfg->n_early_mounts < cfg->n_mounts ? cfg->n_early_mounts : cfg->n_mounts;
+        if (!cfg->cgroup_by_caller)
+            early = cfg->n_mounts;
         for (int i = 0; i < early; i++)
             jc_do_mount(c, &cfg->mounts[i]);
+        if (!cfg->cgroup_by_caller)
+            jc_enter_rootfs(c);
     }
 
     /* the release byte: the parent attached the cgroup (and the network) */
@@ -1100,22 +1148,13 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
             jc_fail(c, "setns", errno, "");
         if (cfg->join_flags & CLONE_NEWUSER)
             jc_become_ns_root(c);
-    } else {
+    } else if (cfg->cgroup_by_caller) {
         /* after the attach: the namespace's root is the container's cgroup */
         if (cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
             jc_fail(c, "unshare-cgroupns", errno, "");
         for (int i = early; i < cfg->n_mounts; i++)
             jc_do_mount(c, &cfg->mounts[i]);
-        if (cfg->rootfs)
-            jc_pivot(c);
-        if (c->rootfd >= 0) {
-            close(c->rootfd);
-            c->rootfd = -1;
-        }
-        if (cfg->hostname && sethostname(cfg->hostname, strlen(cfg->hostname)) < 0)
-            jc_fail(c, "sethostname", errno, cfg->hostname);
-        if (cfg->loopback_up)
-            jc_loopback_up(c);
+        jc_enter_rootfs(c);
     }
     if (setsid() < 0 && errno != EPERM)
         jc_fail(c, "setsid", errno, "");
@@ -1433,9 +1472,15 @@ static int jc_prepare_userns(const struct jc_config *cfg, pid_t pid, struct jc_h
     return ret;
 }
 
+static void jc_close_fds(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+}
+
 int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failure *failure)
 {
-    int sv[2], pidfd = -1, e, init_fd = -1;
+    int sv[2], pidfd = -1, e, init_fd = -1, cg_fds[JC_MAX_CGROUP_TASKS];
     sigset_t all, old;
     struct jc_clone_args args;
 
@@ -1449,8 +1494,24 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failu
         if (init_fd < 0)
             return jc_pfail(failure, "open-init", errno, cfg->init_path);
     }
+    if (cfg->n_cgroup_tasks < 0 || cfg->n_cgroup_tasks > JC_MAX_CGROUP_TASKS) {
+        if (init_fd >= 0)
+            close(init_fd);
+        return jc_pfail(failure, "cgroup-attach", E2BIG, "");
+    }
+    for (int i = 0; i < cfg->n_cgroup_tasks; i++) {
+        cg_fds[i] = open(cfg->cgroup_tasks[i], O_WRONLY | O_CLOEXEC);
+        if (cg_fds[i] < 0) {
+            e = errno;
+            jc_close_fds(cg_fds, i);
+            if (init_fd >= 0)
+                close(init_fd);
+            return jc_pfail(failure, "cgroup-attach", e, cfg->cgroup_tasks[i]);
+        }
+    }
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
         e = errno;
+        jc_close_fds(cg_fds, cfg->n_cgroup_tasks);
         if (init_fd >= 0)
             close(init_fd);
         return -e;
@@ -1467,11 +1528,12 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failu
     long pid = syscall(SYS_clone3, &args, sizeof args);
     if (pid == 0) {
         close(sv[0]);
-        jc_child(cfg, sv[1], init_fd);
+        jc_child(cfg, sv[1], init_fd, cg_fds);
     }
     e = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     close(sv[1]);
+    jc_close_fds(cg_fds, cfg->n_cgroup_tasks);
     if (init_fd >= 0)
         close(init_fd);
     if (pid < 0) {

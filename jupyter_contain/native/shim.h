@@ -18,6 +18,9 @@
 #define JC_MF_IDMAP 4          /* bind, user namespace only: idmapped with the container's
                                 * namespace, so container root owns what host root owns */
 
+/* at most this many cgroup v1 hierarchies (cgroup_tasks) */
+#define JC_MAX_CGROUP_TASKS 16
+
 /* user namespace: at most this many detached mounts go from parent to child */
 #define JC_MAX_PREPARED 512
 
@@ -56,7 +59,18 @@ struct jc_rlimit {
 struct jc_config {
     /* namespaces */
     uint64_t clone_flags;         /* CLONE_NEW* passed to clone3 (never CLONE_NEWCGROUP) */
-    int new_cgroupns;             /* unshare(CLONE_NEWCGROUP) after release (after the cgroup attach) */
+    int new_cgroupns;             /* unshare(CLONE_NEWCGROUP) once in the container's cgroup */
+    /* cgroup v1: the container's `tasks` file in each hierarchy. The parent
+     * opens them before the clone; the child moves itself into each (writes
+     * "0") before anything else. A thread that moves itself skips the write
+     * side of cgroup_threadgroup_rwsem, which costs whoever moves another
+     * process an RCU grace period per batch of moves (5-13 ms here). */
+    const char *const *cgroup_tasks;
+    int n_cgroup_tasks;
+    /* the caller moves the child into its cgroup between jc_spawn and
+     * jc_release (cgroup v2): the cgroup namespace and the mounts from
+     * mounts[n_early_mounts] on wait for the release */
+    int cgroup_by_caller;
     int join_pidfd;               /* >= 0: setns into this process's namespaces instead */
     int join_flags;               /* CLONE_NEW* namespaces to join */
     /* user namespace (CLONE_NEWUSER in clone_flags): the parent writes these
@@ -73,10 +87,11 @@ struct jc_config {
     /* filesystem */
     const struct jc_mount *mounts;
     int n_mounts;
-    int n_early_mounts;           /* mounts[0..n_early_mounts) are made right after the clone,
-                                   * while the parent attaches the cgroup (which waits for an
-                                   * RCU grace period); the rest, which need the container's
-                                   * cgroup namespace, after the release */
+    int n_early_mounts;           /* with cgroup_by_caller: mounts[0..n_early_mounts) are made
+                                   * right after the clone, while the caller attaches the cgroup;
+                                   * the rest, which need the container's cgroup namespace,
+                                   * after the release. Without: every mount, the pivot_root,
+                                   * hostname and loopback come before the release */
     const char *rootfs;           /* host path of the merged rootfs; pivot_root into it (NULL: none) */
     const char *hostname;         /* NULL: leave unchanged */
     int loopback_up;

@@ -309,12 +309,15 @@ class Container:
             # rootless without delegated cgroups: none (create() checked no limit was asked for)
             cg = Cgroups.create(self.cgroup_name, limits, root=self.runtime.cgroups_here()) \
                 if st.get("cgroups", True) else None
+            # v1: the child enters its cgroups itself; v2: we attach it below
+            tasks = cg.tasks_files() if cg is not None else ()
             try:
                 # the plan includes the container's own cgroups at /sys/fs/cgroup: known only now
                 cfg = spawn.SpawnConfig(
                     mounts=tuple(rootfs.plan(**plan_args, cgroupfs=_cgroup_fs(cg) if cg else None)),
                     process=process, stdio=stdio, exit_fd=exit_fd, userns=userns, rootless=rootless,
                     seccomp_filter=seccomp_filter, hold_fd=hold_w,
+                    cgroup_tasks=tasks or (), cgroup_by_caller=tasks is None,
                     # bridge: an own namespace like "none"; eth0 (tap0 rootless) comes before release
                     network="host" if st["network"] == "host" else "none")
                 proc = spawn.spawn(cfg)
@@ -327,7 +330,8 @@ class Container:
                     os.close(hold_w)   # the child has its own copy
             attached = False
             try:
-                if cg is not None:
+                if tasks is None:   # cgroup v2
+                    assert cg is not None
                     cg.attach(proc.pid)
                 net = None
                 if slirp_r is not None:
@@ -524,12 +528,14 @@ class Container:
         ns = frozenset(spawn.NAMESPACES - ({"network"} if st["network"] == "host" else set()))
         if st.get("userns"):
             ns |= {"user"}
-        proc = spawn.join(pid, process=process, stdio=stdio, namespaces=ns,
+        cg = self.cgroups()
+        tasks = cg.tasks_files() if cg is not None else ()
+        proc = spawn.join(pid, process=process, stdio=stdio, namespaces=ns, cgroup_tasks=tasks or (),
                           seccomp_filter=seccomp.filter_for(st.get("seccomp", "default"),
                                                             capabilities=process.capabilities, name=st["name"]))
         try:
-            cg = self.cgroups()
-            if cg is not None:
+            if tasks is None:    # v2: the relay cannot enter by itself
+                assert cg is not None
                 cg.attach(proc.pid)
             proc.release()
         except BaseException:

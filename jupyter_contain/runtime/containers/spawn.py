@@ -4,7 +4,8 @@ Owns: :class:`ProcessSpec` (what runs, as whom, with which limits and
 capabilities), :class:`SpawnConfig` (mount plan + namespaces + process +
 stdio), turning them into ``struct jc_config`` (:func:`build_config`), the
 two-phase :func:`spawn` (child blocked until :meth:`ContainerProcess.release`,
-so the caller can attach the cgroup in between), :func:`start` (both phases)
+so the caller can record it, attach its network - and on cgroup v2 its
+cgroup - in between; on v1 the child enters its cgroups itself), :func:`start` (both phases)
 and :func:`join` (exec into a running container). Maps an execve failure to
 ``CommandNotFound`` / ``CommandNotExecutable``. Points the shim at the
 ``jc-init`` executable (PID 1), and hands out the container's pty master
@@ -17,7 +18,7 @@ Rootless (``SpawnConfig.rootless``), :func:`spawn` writes the maps itself
 :func:`run_in_userns`: a host program as root of a given mapping.
 
 Must not: plan mounts (``rootfs``), create or write cgroups (the caller
-does, between spawn and release), or fork Python: every child runs in C.
+makes them; only their ``tasks`` files pass through here), or fork Python: every child runs in C.
 """
 
 from __future__ import annotations
@@ -182,9 +183,22 @@ class SpawnConfig:
     #: keeps ownership of its own copy): the write end of a pipe whose read
     #: end tells a helper process (slirp4netns) that the container is gone
     hold_fd: int | None = None
+    #: cgroup v1: the container's ``tasks`` file in each hierarchy; the child
+    #: moves itself into them before anything else (cheap: see the shim)
+    cgroup_tasks: tuple[Path, ...] = ()
+    #: the caller moves the child into its cgroup between :func:`spawn` and
+    #: release (cgroup v2); the cgroup namespace and the mounts under
+    #: ``/sys/fs/cgroup`` wait for the release
+    cgroup_by_caller: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mounts", tuple(self.mounts))
+        object.__setattr__(self, "cgroup_tasks", tuple(Path(p) for p in self.cgroup_tasks))
+        if len(self.cgroup_tasks) > native.MAX_CGROUP_TASKS:
+            raise errors.InvalidSpec(f"at most {native.MAX_CGROUP_TASKS} cgroup hierarchies")
+        if self.cgroup_tasks and self.cgroup_by_caller:
+            raise errors.InvalidSpec("a container's cgroup is entered by the child or attached by the caller, "
+                                     "not both")
         if self.rootless and self.userns is None:
             raise errors.InvalidSpec("a rootless container needs a user namespace")
         if not self.mounts or not isinstance(self.mounts[0], OverlayMount):
@@ -361,6 +375,13 @@ def _needs_cgroupns(op: MountOp) -> bool:
     return target == "/sys/fs/cgroup" or target.startswith("/sys/fs/cgroup/")
 
 
+def _fill_cgroup(arena: _Arena, cfg: Any, tasks: tuple[Path, ...], *, by_caller: bool) -> None:
+    if tasks:
+        cfg.cgroup_tasks = arena.strv(tasks, terminate=False)
+        cfg.n_cgroup_tasks = len(tasks)
+    cfg.cgroup_by_caller = int(by_caller)
+
+
 def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
     """``struct jc_config *`` for ``config`` and the arena that keeps it alive."""
     arena = _Arena()
@@ -375,18 +396,21 @@ def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
         cfg.uid_map = arena.str(config.userns.uid_map_text())
         cfg.gid_map = arena.str(config.userns.gid_map_text())
         cfg.caller_maps = int(config.rootless)
-    # the cgroup namespace is made after release, i.e. after the caller put
-    # the child into its cgroup, so that the container sees that cgroup as /
+    # the cgroup namespace is made once the child is in its cgroup, so that
+    # the container sees that cgroup as /
     cfg.new_cgroupns = int("cgroup" in config.namespaces)
+    _fill_cgroup(arena, cfg, config.cgroup_tasks, by_caller=config.cgroup_by_caller)
     mounts = arena.new("struct jc_mount[]", len(config.mounts))
     for i, op in enumerate(config.mounts):
         _fill_mount(arena, mounts[i], op)
     cfg.mounts = mounts
     cfg.n_mounts = len(config.mounts)
-    # the child makes these while we attach its cgroup; from the first mount
-    # under /sys/fs/cgroup on, the plan needs the cgroup namespace (made after)
+    # cgroup_by_caller: the child makes these while we attach its cgroup; from
+    # the first mount under /sys/fs/cgroup on, the plan needs the cgroup
+    # namespace (made after). Otherwise the child makes them all at once.
     cfg.n_early_mounts = next((i for i, op in enumerate(config.mounts) if _needs_cgroupns(op)),
-                              len(config.mounts)) if cfg.new_cgroupns else len(config.mounts)
+                              len(config.mounts)) if cfg.new_cgroupns and config.cgroup_by_caller \
+        else len(config.mounts)
     cfg.rootfs = arena.str(config.rootfs)
     cfg.hostname = arena.str(config.process.hostname)
     cfg.loopback_up = int("network" in config.namespaces)
@@ -532,20 +556,26 @@ def start(config: SpawnConfig) -> ContainerProcess:
 
 
 def join(pid: int, *, process: ProcessSpec, stdio: tuple[int, int, int],
-         namespaces: frozenset[str] = NAMESPACES, seccomp_filter: bytes = b"") -> ContainerProcess:
+         namespaces: frozenset[str] = NAMESPACES, seccomp_filter: bytes = b"",
+         cgroup_tasks: Sequence[Path] = ()) -> ContainerProcess:
     """Run ``process`` inside the running container whose init is ``pid`` (two-phase).
 
     Joins ``namespaces`` of ``pid`` (root and cwd come with the mount
     namespace; add ``"user"`` for a container with a user namespace, whose
     ids ``process`` then names); the returned pid is a relay in the host's
     pid namespace that forwards signals and exits with the process's status.
+    ``cgroup_tasks``: as :attr:`SpawnConfig.cgroup_tasks` (the container's
+    cgroup v1 hierarchies; on v2 the caller attaches the relay before release).
     """
+    if len(cgroup_tasks) > native.MAX_CGROUP_TASKS:
+        raise errors.InvalidSpec(f"at most {native.MAX_CGROUP_TASKS} cgroup hierarchies")
     unknown = frozenset(namespaces) - frozenset(_JOIN_FLAGS)
     if unknown:
         raise errors.InvalidSpec(f"unknown namespaces {sorted(unknown)}")
     arena = _Arena()
     cfg = arena.new("struct jc_config *")
     _fill_process(arena, cfg, process, tuple(int(fd) for fd in stdio), seccomp_filter)  # type: ignore[arg-type]
+    _fill_cgroup(arena, cfg, tuple(Path(p) for p in cgroup_tasks), by_caller=False)
     flags = 0
     for name in namespaces:
         flags |= _JOIN_FLAGS[name]
