@@ -22,6 +22,12 @@ crun, runc and podman run through one warm helper inside
 ``/work/shared/tools/run-peer`` (their cgroups stay beneath ours) that times
 each command from spawn to exit, so run-peer's set-up is never timed.
 
+Then ``--alone`` (20) back-to-back runs each of ours, crun and crun-same, in
+blocks: a peer's cgroup attach (writing the child's pid to ``cgroup.procs``)
+waits for an RCU grace period, unless another attach ran within the last
+one, so in the alternated rounds a peer's time depends on who ran before it.
+Ours enters its cgroups from the child itself and takes no such wait.
+
 Then memory: ``--containers`` (10) containers per engine run ``sleep 60``; the
 host memory each uses beside its payload is the Pss of every host process the
 container has besides its payload's tree: our ``jc-init`` (PID 1 in the
@@ -304,6 +310,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--containers", type=int, default=10, help="containers per engine for the memory figures")
+    ap.add_argument("--alone", type=int, default=20,
+                    help="then runs of ours, crun and crun-same, each in a block of this many (0: none)")
     ap.add_argument("--no-podman", action="store_true")
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args()
@@ -340,6 +348,17 @@ def main() -> int:
         print("  ours phases p50 (ms): " + ", ".join(f"{k} {pct(v, 50) * 1000:.1f}" for k, v in bench.phases.items()))
         print("ratios:")
         print_ratios(results, OURS, [p for p in PEERS if p in results], budgets={"crun": 1.0, "runc": 0.5})
+
+        if args.alone:
+            # Each engine in a block of its own: a peer's cgroup attach waits
+            # for an RCU grace period (cgroup_threadgroup_rwsem) unless another
+            # attach ran just before it; in the alternated rounds that depends
+            # on who ran before (ours no longer attaches that way: see cgroups.py)
+            alone: dict[str, list[float]] = {}
+            for name in ("ours", "crun", "crun-same"):
+                alone[name] = [contenders[name](False) for _ in range(args.alone)]
+            print_times(alone, title=f"\nthe same, each in a block of {args.alone} back-to-back runs:")
+            print_ratios(alone, ("ours",), ["crun", "crun-same"], budgets={"crun": 1.0})
 
         n = args.containers
         mem = {"ours": bench.memory_ours(n), "crun": bench.memory_crun(n)}

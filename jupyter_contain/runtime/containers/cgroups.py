@@ -36,6 +36,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from jupyter_contain.errors import CgroupError, InvalidSpec
+from jupyter_contain.runtime.fsutil import read_small
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +310,7 @@ def _rmdir(path: Path) -> None:
 
 
 def _read(path: Path) -> str:
-    with open(path, encoding="ascii") as f:
-        return f.read()
+    return read_small(path).decode("ascii")
 
 
 def _read_int(path: Path) -> int | None:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
 from ... import errors
-from ..fsutil import atomic_write, file_lock, remove_tree
+from ..fsutil import atomic_write, file_lock, read_small, remove_tree
 from ..images import rootless as rootless_store
 from ..images.store import ImageRecord, Store, now_rfc3339
 from . import idmap
@@ -157,13 +157,24 @@ class ExitInfo:
 def _proc_start_time(pid: int) -> int | None:
     """The start time of ``pid`` (clock ticks since boot), to tell a pid from a reused one."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+        fields = read_small(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
         if fields[0] in (b"Z", b"X"):
             return None
         return int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+_own_start: tuple[int, int | None] | None = None
+
+
+def _own_start_time() -> int | None:
+    """:func:`_proc_start_time` of this process (read once per process: it never changes)."""
+    global _own_start
+    pid = os.getpid()
+    if _own_start is None or _own_start[0] != pid:   # first call, or a forked child
+        _own_start = (pid, _proc_start_time(pid))
+    return _own_start[1]
 
 
 def _alive(pid: int | None, start_time: int | None) -> bool:
@@ -184,7 +195,7 @@ class Container:
     @property
     def state(self) -> dict[str, Any]:
         try:
-            return json.loads((self.dir / "state.json").read_bytes())
+            return json.loads(read_small(self.dir / "state.json"))
         except FileNotFoundError:
             raise errors.ContainerNotFound(f"no such container: {self.id}") from None
         except ValueError as exc:
@@ -216,13 +227,14 @@ class Container:
         st = self.state
         return st.get("pid") if _alive(st.get("pid"), st.get("pid_start")) else None
 
-    def status(self) -> Status:
-        st = self.state
+    def status(self, st: dict[str, Any] | None = None) -> Status:
+        """``st``: the state just read, if the caller has it (saves reading it again)."""
+        st = st if st is not None else self.state
         if st["status"] == "running" and not _alive(st.get("pid"), st.get("pid_start")):
             if self._proc is not None:      # we are its parent: reap and record properly
                 self.wait()
                 return self.state["status"]
-            self._record_exit(None)         # its init left the status in the exit file
+            self._record_exit(None, st)     # its init left the status in the exit file
             return "exited"
         if st["status"] == "creating":
             return "dead" if not _alive(st.get("creator_pid"), st.get("creator_start")) else "created"
@@ -237,8 +249,8 @@ class Container:
         e = self.state.get("exit")
         return ExitInfo(**e) if e else None
 
-    def cgroups(self) -> Cgroups | None:
-        paths = self.state.get("cgroup")
+    def cgroups(self, st: dict[str, Any] | None = None) -> Cgroups | None:
+        paths = (st if st is not None else self.state).get("cgroup")
         if not paths:
             return None
         try:
@@ -246,9 +258,9 @@ class Container:
         except errors.CgroupError:
             return None
 
-    def image(self) -> ImageRecord:
+    def image(self, st: dict[str, Any] | None = None) -> ImageRecord:
         """The image the container was made from (pinned, so present even if untagged since)."""
-        st = self.state
+        st = st if st is not None else self.state
         return self.runtime.store.record(st["image_name"], st["image_digest"])
 
     # --- start ----------------------------------------------------------------------
@@ -263,14 +275,14 @@ class Container:
         eventually.
         """
         st = self.state
-        status = self.status()
+        status = self.status(st)
         if status not in ("created", "exited"):
             raise errors.ContainerError(f"container {st['name']} is {status}: it cannot be started")
         if status == "exited":
             # a restart in place: same writable layer, fresh process and cgroup
             self.close()
             st = self._update(status="created", exit=None, pid=None, pid_start=None)
-        image = self.image()
+        image = self.image(st)
         lowers = self.runtime.store.ensure_unpacked(image)
         process = spawn.ProcessSpec(**st["process"], rlimits={k: tuple(v) for k, v in st["rlimits"].items()})
         plan_args: dict[str, Any] = {
@@ -396,21 +408,24 @@ class Container:
                     return None
                 time.sleep(0.05)
             code = None
-        return self._record_exit(code)
+        return self._record_exit(code, st)
 
-    def _record_exit(self, code: int | None) -> ExitInfo:
-        """Record how the main process ended; ``code`` None: not our child, read the exit file."""
-        st = self.state
+    def _record_exit(self, code: int | None, st: dict[str, Any] | None = None) -> ExitInfo:
+        """Record how the main process ended; ``code`` None: not our child, read the exit file.
+
+        ``st``: the state as just read by the caller.
+        """
+        st = st if st is not None else self.state
         if st.get("exit"):       # another process was first
             return ExitInfo(**st["exit"])
         if code is None:
             code = _read_exit_file(self.dir / "exit")
-        cg = self.cgroups()
+        cg = self.cgroups(st)
         oom = limit = peak = None
         if cg is not None:
             try:
                 stats = cg.stats()
-                oom, limit, peak = cg.oom_killed(), stats.memory_limit, stats.memory_peak
+                oom, limit, peak = bool(stats.oom_kills), stats.memory_limit, stats.memory_peak
             except errors.CgroupError:
                 pass
         if code is None:
@@ -560,7 +575,7 @@ class Container:
 
     # --- removal -----------------------------------------------------------------------
 
-    def _remove_tree(self, path: Path) -> None:
+    def _remove_tree(self, path: Path, st: dict[str, Any] | None = None) -> None:
         """remove_tree, and for a rootless container what only its root may remove.
 
         Its writable layer can hold files of the container's other users
@@ -568,30 +583,35 @@ class Container:
         through ``rm`` run as root of the container's own mapping (the
         store's fallback, given the mapping the container was made with).
         """
-        try:
-            st = self.state     # before remove_tree, which may remove state.json first
-        except errors.ContainError:
-            st = {}
+        if st is None:
+            try:
+                st = self.state     # before remove_tree, which may remove state.json first
+            except errors.ContainError:
+                st = {}
         ids = idmap.IdMapping.from_json(st["userns"]) if st.get("rootless") and st.get("userns") else None
         rootless_store.remove_tree(path, ids=ids)
 
     def remove(self, *, force: bool = False) -> None:
         """Remove the container (``force``: kill it first if it runs)."""
-        status = self.status()
+        st = self.state
+        status = self.status(st)
         if status == "running":
             if not force:
-                raise errors.ContainerError(f"container {self.name} is running: stop it first or use --force")
+                raise errors.ContainerError(f"container {st['name']} is running: stop it first or use --force")
             self.kill()
             self.wait(10)
-        cg = self.cgroups()
+            st = self.state
+        elif status != st["status"]:
+            st = self.state     # status() recorded the exit
+        cg = self.cgroups(st)
         if cg is not None:
             cg.destroy()
-        if self.state.get("network") == "bridge" and not self.state.get("rootless"):
+        if st.get("network") == "bridge" and not st.get("rootless"):
             netmod.detach(self.runtime.network_settings, container_id=self.id)
         self.runtime.store.unpin(self.id)
-        if self.state.get("userns") and not self.state.get("rootless"):
-            self.runtime.userns_allocator().release(self.id, idmap.IdMapping.from_json(self.state["userns"]))
-        self._remove_tree(self.dir)
+        if st.get("userns") and not st.get("rootless"):
+            self.runtime.userns_allocator().release(self.id, idmap.IdMapping.from_json(st["userns"]))
+        self._remove_tree(self.dir, st)
         self.close()
         self.runtime._handles.pop(self.id, None)
         log.info("removed container %s", self.id[:12])
@@ -793,7 +813,7 @@ class Runtime:
                 "owner_pid": spec.owner_pid,
                 "userns": userns.to_json() if userns is not None else None,
                 "owner_start": _proc_start_time(spec.owner_pid) if spec.owner_pid else None,
-                "creator_pid": os.getpid(), "creator_start": _proc_start_time(os.getpid()),
+                "creator_pid": os.getpid(), "creator_start": _own_start_time(),
             }
             rootfs.plan(rootfs_layers=lowers_needed, upper=d / "upper", work=d / "work", target=d / "rootfs",
                         binds=spec.binds, etc_files={n: d / "etc" / n for n in _ETC_FILES})  # validates binds

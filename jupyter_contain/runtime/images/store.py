@@ -264,6 +264,12 @@ class Store:
         self.pins_dir = self.root / "pins"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
+        # parsed documents, to spare every container create and start from
+        # reading and hashing them again: index.json by its stat signature (it
+        # is only ever replaced by a rename), images by manifest digest (blobs
+        # are content-addressed: a digest's document never changes)
+        self._index_cache: tuple[tuple[int, int, int], list[dict[str, Any]]] | None = None
+        self._records: dict[tuple[str, str, Platform | None], tuple[Descriptor, Manifest, ImageConfig]] = {}
         self._ensure_layout()
 
     # --- layout and locks ------------------------------------------------------
@@ -356,15 +362,30 @@ class Store:
     # --- index -------------------------------------------------------------------
 
     def _read_index(self) -> list[dict[str, Any]]:
+        """The index's entries (a fresh list: callers may change it and write it back)."""
+        path = self.root / "index.json"
         try:
-            doc = json.loads((self.root / "index.json").read_bytes())
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return []
+        try:
+            st = os.fstat(fd)
+            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._index_cache
+            if cached is not None and cached[0] == sig:
+                return [dict(e) for e in cached[1]]
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+        finally:
+            os.close(fd)
+        try:
+            doc = json.loads(data)
         except ValueError as exc:
-            raise StoreError(f"{self.root / 'index.json'} is not valid JSON: {exc}") from None
+            raise StoreError(f"{path} is not valid JSON: {exc}") from None
         entries = doc.get("manifests") if isinstance(doc, dict) else None
         if not isinstance(entries, list):
-            raise StoreError(f"{self.root / 'index.json'} has no manifests list")
+            raise StoreError(f"{path} has no manifests list")
+        self._index_cache = (sig, [dict(e) if isinstance(e, dict) else e for e in entries])
         return entries
 
     def _write_index(self, entries: list[dict[str, Any]]) -> None:
@@ -410,6 +431,17 @@ class Store:
         return ImageConfig.parse(self.read_blob(digest))
 
     def _record(self, name: str, desc: Descriptor, *, platform: Platform | None = None) -> ImageRecord:
+        key = (desc.digest, desc.media_type, platform)
+        hit = self._records.get(key)
+        if hit is not None:
+            return ImageRecord(name=name, descriptor=hit[0], manifest=hit[1], config=hit[2])
+        rec = self._read_record(name, desc, platform=platform)
+        if len(self._records) >= 64:
+            self._records.pop(next(iter(self._records)))
+        self._records[key] = (rec.descriptor, rec.manifest, rec.config)
+        return rec
+
+    def _read_record(self, name: str, desc: Descriptor, *, platform: Platform | None = None) -> ImageRecord:
         doc = parse_document(self.read_blob(desc.digest), media_type=desc.media_type)
         if isinstance(doc, Index):
             # an index stored whole (e.g. from an oci layout): pick this machine's entry
@@ -434,7 +466,8 @@ class Store:
             if not name:
                 continue
             try:
-                out.append(self._record(name, Descriptor.from_json(e)))
+                # read and verified again (not the cache): a listing shows what is on disk
+                out.append(self._read_record(name, Descriptor.from_json(e)))
             except (ManifestError, StoreError, DigestMismatch) as exc:
                 log.warning("skipping damaged image %s: %s", name, exc)
         return out
