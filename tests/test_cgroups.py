@@ -299,6 +299,7 @@ def test_v1_oom_kill_detected(v1root, make, spawn):
     s = c.stats()
     assert s.oom_kills >= 1 and s.memory_limit == 64 * MiB
     assert 32 * MiB < s.memory_peak <= 64 * MiB
+    assert c.memory_outcome() == (True, 64 * MiB, s.memory_peak)   # what an exit record takes
 
 
 def test_v1_no_oom_under_limit(v1root, make, spawn):
@@ -309,6 +310,8 @@ def test_v1_no_oom_under_limit(v1root, make, spawn):
     assert p.wait(timeout=30) == 0
     assert not c.oom_killed()
     assert c.stats().memory_peak >= 16 * MiB
+    oom, limit, peak = c.memory_outcome()
+    assert not oom and limit == 64 * MiB and peak is not None and peak >= 16 * MiB
 
 
 def test_v1_pids_limit_stops_fork_bomb(v1root, make, spawn):
@@ -628,6 +631,7 @@ def test_v2_fake_lifecycle(fake_v2):
     assert c.oom_killed()
     assert c.stats() == cg.Stats(memory_current=4096, memory_peak=64 * MiB, memory_limit=64 * MiB,
                                  cpu_usage_ns=2_500_000, pids_current=3, pids_limit=512, oom_kills=1)
+    assert c.memory_outcome() == (True, 64 * MiB, 64 * MiB)
     c.freeze()
     assert (d / "cgroup.freeze").read_text() == "1" and "frozen 1" in (d / "cgroup.events").read_text()
     c.thaw()

@@ -567,6 +567,17 @@ class Cgroups:
             oom_kills=self._oom_kills(),
         )
 
+    def memory_outcome(self) -> tuple[bool, int | None, int | None]:
+        """(OOM-killed, memory limit, memory peak): what an exit record needs, in three reads."""
+        mem = self._dir("memory")
+        if mem is None:
+            return False, None, None
+        if self.version == 2:
+            return self.oom_killed(), _read_int(mem / "memory.max"), _read_int(mem / "memory.peak")
+        limit = _read_int(mem / "memory.limit_in_bytes")
+        return (self.oom_killed(), None if limit is None or limit >= _V1_UNLIMITED else limit,
+                _read_int(mem / "memory.max_usage_in_bytes"))
+
     def _oom_kills(self) -> int | None:
         d = self._dir("memory")
         if d is None:

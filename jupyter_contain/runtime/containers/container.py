@@ -424,8 +424,7 @@ class Container:
         oom = limit = peak = None
         if cg is not None:
             try:
-                stats = cg.stats()
-                oom, limit, peak = bool(stats.oom_kills), stats.memory_limit, stats.memory_peak
+                oom, limit, peak = cg.memory_outcome()
             except errors.CgroupError:
                 pass
         if code is None:
@@ -815,8 +814,9 @@ class Runtime:
                 "owner_start": _proc_start_time(spec.owner_pid) if spec.owner_pid else None,
                 "creator_pid": os.getpid(), "creator_start": _own_start_time(),
             }
-            rootfs.plan(rootfs_layers=lowers_needed, upper=d / "upper", work=d / "work", target=d / "rootfs",
-                        binds=spec.binds, etc_files={n: d / "etc" / n for n in _ETC_FILES})  # validates binds
+            if spec.binds:   # the plan validates them (targets, clashes) now rather than at start
+                rootfs.plan(rootfs_layers=lowers_needed, upper=d / "upper", work=d / "work", target=d / "rootfs",
+                            binds=spec.binds, etc_files={n: d / "etc" / n for n in _ETC_FILES})
             atomic_write(d / "config.json", json.dumps(oci_config(state, image)).encode(),
                          durable=False)
             atomic_write(d / "state.json", json.dumps(state, separators=(",", ":")).encode(), durable=False)
