@@ -81,8 +81,9 @@ def test_binds_and_readonly(runtime, tmp_path):
 
 
 def test_bind_source_gone_at_start_names_the_mount(runtime, tmp_path):
-    # the child makes its mounts while the parent attaches its cgroup: a bind
-    # that fails there must surface as that failure, not as a failed attach
+    # the child makes its mounts while the parent records the container: a
+    # bind that fails there must surface as that failure, not as a failed
+    # step of the parent's
     src = tmp_path / "gone"
     src.mkdir()
     c = runtime.create(ContainerSpec(image="busybox:test", command=("true",), binds=(parse_bind(f"{src}:/data"),)))
@@ -165,6 +166,15 @@ def test_stop_kill_and_exec(runtime, tmp_path):
         assert proc.wait(10) == 0
         proc.close()
     assert out.read_text().startswith("in\n")
+    # an exec'd process enters the container's cgroups (seen from its cgroup
+    # namespace: their root); one left in ours would show as "/.."-something
+    with open(out, "wb") as f, open(os.devnull, "rb") as null:
+        proc = c.exec(["cat", "/proc/self/cgroup"], stdio=(null.fileno(), f.fileno(), f.fileno()))
+        assert proc.wait(10) == 0
+        proc.close()
+    lines = out.read_text().splitlines()
+    for ctrl in ("memory", "pids", "freezer"):
+        assert any(ln.endswith(f":{ctrl}:/") for ln in lines), lines
     stats = c.stats()
     assert stats["pids_current"] >= 2
     t0 = time.monotonic()

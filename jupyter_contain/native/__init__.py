@@ -161,7 +161,7 @@ class NativeProcess:
     """A process started by the shim: the container's init (or an exec relay).
 
     Two phases: after :func:`spawn` the child exists (``pid``, ``pidfd``) but
-    waits; the caller attaches cgroups etc., then :meth:`release` lets it run
+    waits; the caller records it, attaches its network etc., then :meth:`release` lets it run
     and returns once the payload's execve succeeded, or raises
     :class:`~jupyter_contain.errors.SpawnError` for the step that failed
     (the failed child is reaped). Use :meth:`abort` to give up before release.

@@ -4,8 +4,10 @@ Owns every cgroup file the runtime reads or writes: finding the hierarchies
 (``/proc/self/mountinfo``) and the cgroup this process is in
 (``/proc/self/cgroup``), creating one cgroup per container beneath it in a
 parent folder named ``jupyter-contain``, writing the limits (memory with no
-swap beyond it, CPU quota, pids), attaching processes, reading usage, OOM
-kills, freezing, killing every process and removing the folders again.
+swap beyond it, CPU quota, pids), attaching processes (v2; on v1 it names
+the ``tasks`` files a new process enters by itself, which is much cheaper:
+:meth:`Cgroups.tasks_files`), reading usage, OOM kills, freezing, killing
+every process and removing the folders again.
 
 Must not spawn processes, make syscalls beyond file I/O and kill(2), or import
 anything Jupyter. Never writes to, moves processes out of, or removes a cgroup

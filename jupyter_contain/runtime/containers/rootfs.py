@@ -365,7 +365,7 @@ def plan(
     if cgroupfs is not None:
         # last: these need the container's cgroup namespace, which the child
         # makes only once it is in its cgroup; everything before them it
-        # mounts while the caller attaches it (see spawn.build_config)
+        # mounts while a cgroup v2 caller attaches it (see spawn.build_config)
         ops += _cgroup_ops(cgroupfs)
     return ops
 

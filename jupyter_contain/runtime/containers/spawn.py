@@ -481,9 +481,10 @@ class ContainerProcess:
     def early_failure(self) -> errors.ContainError | None:
         """Before release: why the child ended, if a step it runs before the release failed.
 
-        The child mounts most of its filesystem while the caller attaches its
-        cgroup; a failure there ends it, and the caller's own step then fails
-        for want of the process. This failure explains that one. None while
+        The child mounts its filesystem while the caller records the
+        container (and attaches its network, or on cgroup v2 its cgroup); a
+        failure there ends it, and the caller's own step may then fail for
+        want of the process. This failure explains that one. None while
         the child lives (or if it ended without a word).
         """
         if self._proc.released or self._proc.poll() is None:
@@ -525,8 +526,9 @@ class ContainerProcess:
 def spawn(config: SpawnConfig) -> ContainerProcess:
     """Clone the container; it waits until :meth:`ContainerProcess.release`.
 
-    In between, the caller attaches the returned ``pid`` to the container's
-    cgroup (and, later, writes id maps). Call ``abort()`` if that fails.
+    In between, the caller records the returned ``pid``, attaches its network
+    and, with ``cgroup_by_caller`` (v2), moves it into the container's cgroup.
+    Call ``abort()`` if that fails.
     """
     cfg, arena = build_config(config)
     proc = native.spawn(cfg)
