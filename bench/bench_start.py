@@ -26,7 +26,9 @@ Then ``--alone`` (20) back-to-back runs each of ours, crun and crun-same, in
 blocks: a peer's cgroup attach (writing the child's pid to ``cgroup.procs``)
 waits for an RCU grace period, unless another attach ran within the last
 one, so in the alternated rounds a peer's time depends on who ran before it.
-Ours enters its cgroups from the child itself and takes no such wait.
+Ours enters its cgroups from the child itself and takes no such wait. Then
+``--spaced`` (20) rounds of the three alternated with 100 ms of idle before
+each run: starts one at a time on a quiet machine, as kernels start.
 
 Then memory: ``--containers`` (10) containers per engine run ``sleep 60``; the
 host memory each uses beside its payload is the Pss of every host process the
@@ -312,6 +314,8 @@ def main() -> int:
     ap.add_argument("--containers", type=int, default=10, help="containers per engine for the memory figures")
     ap.add_argument("--alone", type=int, default=20,
                     help="then runs of ours, crun and crun-same, each in a block of this many (0: none)")
+    ap.add_argument("--spaced", type=int, default=20,
+                    help="then rounds of ours, crun and crun-same alternated with 100 ms idle before each run (0: none)")
     ap.add_argument("--no-podman", action="store_true")
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args()
@@ -359,6 +363,16 @@ def main() -> int:
                 alone[name] = [contenders[name](False) for _ in range(args.alone)]
             print_times(alone, title=f"\nthe same, each in a block of {args.alone} back-to-back runs:")
             print_ratios(alone, ("ours",), ["crun", "crun-same"], budgets={"crun": 1.0})
+        if args.spaced:
+            # as kernels start in practice: one at a time, with the machine idle
+            # in between (every earlier teardown done, no grace period to ride)
+            spaced: dict[str, list[float]] = {"ours": [], "crun": [], "crun-same": []}
+            for _ in range(args.spaced):
+                for name in spaced:
+                    time.sleep(0.1)
+                    spaced[name].append(contenders[name](False))
+            print_times(spaced, title=f"\nthe same, {args.spaced} rounds alternated, 100 ms idle before each run:")
+            print_ratios(spaced, ("ours",), ["crun", "crun-same"], budgets={"crun": 1.0})
 
         n = args.containers
         mem = {"ours": bench.memory_ours(n), "crun": bench.memory_crun(n)}
