@@ -408,7 +408,8 @@ class Container:
                     return None
                 time.sleep(0.05)
             code = None
-        return self._record_exit(code, st)
+        # not our child: read the state again, another process may have recorded the end meanwhile
+        return self._record_exit(code, st if self._proc is not None else None)
 
     def _record_exit(self, code: int | None, st: dict[str, Any] | None = None) -> ExitInfo:
         """Record how the main process ended; ``code`` None: not our child, read the exit file.
