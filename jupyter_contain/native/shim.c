@@ -1121,16 +1121,18 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
             if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
                 jc_fail(c, "make-private", errno, "/");
         }
-        /* in its final cgroup already: the namespace's root is that cgroup */
-        if (!cfg->cgroup_by_caller && cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
-            jc_fail(c, "unshare-cgroupns", errno, "");
-        early = cfg->n_early_mounts < cfg->n_mounts ? cfg->n_early_mounts : cfg->n_mounts;
-        if (!cfg->cgroup_by_caller)
-            early = cfg->n_mounts;
-        for (int i = 0; i < early; i++)
-            jc_do_mount(c, &cfg->mounts[i]);
-        if (!cfg->cgroup_by_caller)
+        if (cfg->cgroup_by_caller) {
+            early = cfg->n_early_mounts < cfg->n_mounts ? cfg->n_early_mounts : cfg->n_mounts;
+            for (int i = 0; i < early; i++)
+                jc_do_mount(c, &cfg->mounts[i]);
+        } else {
+            /* in its final cgroup already: the namespace's root is that cgroup */
+            if (cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
+                jc_fail(c, "unshare-cgroupns", errno, "");
+            for (int i = 0; i < cfg->n_mounts; i++)
+                jc_do_mount(c, &cfg->mounts[i]);
             jc_enter_rootfs(c);
+        }
     }
 
     /* the release byte: the parent attached the cgroup (and the network) */
