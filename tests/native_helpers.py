@@ -80,6 +80,7 @@ class Box:
         cgroupfs: rootfs.CgroupFs | None = None,
         exit_fd: int | None = None,
         cgroup_tasks: Sequence[Path] = (),
+        cgroup_dir: Path | None = None,
         cgroup_by_caller: bool = False,
         **process: Any,
     ) -> spawn.SpawnConfig:
@@ -97,7 +98,7 @@ class Box:
         return spawn.SpawnConfig(
             mounts=ops, process=spawn.ProcessSpec(argv=tuple(argv), **process), stdio=stdio,
             network=network, exit_fd=exit_fd,  # type: ignore[arg-type]
-            cgroup_tasks=tuple(cgroup_tasks), cgroup_by_caller=cgroup_by_caller,
+            cgroup_tasks=tuple(cgroup_tasks), cgroup_dir=cgroup_dir, cgroup_by_caller=cgroup_by_caller,
         )
 
     def run(self, argv: Sequence[str], *, timeout: float = 20, **kw: Any) -> tuple[int, str]:

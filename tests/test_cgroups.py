@@ -632,6 +632,7 @@ def test_v2_fake_lifecycle(fake_v2):
     assert c.stats() == cg.Stats(memory_current=4096, memory_peak=64 * MiB, memory_limit=64 * MiB,
                                  cpu_usage_ns=2_500_000, pids_current=3, pids_limit=512, oom_kills=1)
     assert c.memory_outcome() == (True, 64 * MiB, 64 * MiB)
+    assert c.spawn_args() == {"cgroup_dir": d}   # a new process is cloned into it
     c.freeze()
     assert (d / "cgroup.freeze").read_text() == "1" and "frozen 1" in (d / "cgroup.events").read_text()
     c.thaw()

@@ -427,6 +427,50 @@ def test_child_enters_its_v1_cgroups_itself(box: Box) -> None:
     assert next(ln for ln in lines if ":freezer:" in ln).endswith(":freezer:/"), lines
 
 
+def _own_unified_dir() -> Path:
+    line = next((ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::")), None)
+    mounts = [ln.split() for ln in Path("/proc/self/mountinfo").read_text().splitlines()]
+    mount = next((m[4] for m in mounts if m[m.index("-") + 1] == "cgroup2"), None)
+    if line is None or mount is None:
+        pytest.skip("no cgroup2 hierarchy")
+    return Path(mount) / line.split(":", 2)[2].lstrip("/")
+
+
+def test_child_is_cloned_into_its_v2_cgroup(box: Box) -> None:
+    """cgroup_dir: clone3 puts the child straight into the v2 cgroup (on a
+    hybrid host, the controller-less unified hierarchy serves)."""
+    cg = _own_unified_dir() / f"jc-test-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+    try:
+        proc, out = _run_cat_cgroup(box, cgroup_dir=cg)
+        try:
+            # in it from birth, before anything of the container ran
+            assert str(proc.pid) in (cg / "cgroup.procs").read_text().split()
+            proc.release()
+            assert proc.wait(10) == 0
+        finally:
+            proc.close()
+    finally:
+        cg.rmdir()
+    # its cgroup namespace was made in that cgroup: it is the root there
+    assert "0::/" in out.read_text().splitlines(), out.read_text()
+
+
+def test_a_cgroup_dir_the_kernel_refuses_fails_the_clone(box: Box) -> None:
+    missing = box.base / "no-such-cgroup"
+    with pytest.raises(errors.SpawnError) as info:
+        spawn.spawn(box.config(["true"], stdio=(0, 1, 2), cgroup_dir=missing))
+    assert info.value.step == "cgroup-attach" and info.value.errno == errno.ENOENT
+    # a directory that is not a cgroup2 one: clone3 refuses, nothing is left
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(errors.SpawnError) as info:
+        spawn.spawn(box.config(["true"], stdio=(0, 1, 2), cgroup_dir=box.base))
+    assert info.value.step == "clone-into-cgroup" and str(box.base) in str(info.value)
+    assert set(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(errors.InvalidSpec):
+        box.config(["true"], stdio=(0, 1, 2), cgroup_dir=box.base, cgroup_tasks=[box.base / "tasks"])
+
+
 def test_cgroup_tasks_that_cannot_be_opened_fail_before_the_clone(box: Box) -> None:
     missing = box.base / "no-such-cgroup" / "tasks"
     before = set(os.listdir("/proc/self/fd"))

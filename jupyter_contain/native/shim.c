@@ -17,13 +17,14 @@
  * the parent's (non-existent here) threads.
  *
  * Protocol (one SOCK_SEQPACKET socketpair, CLOEXEC):
- *   parent: opens the cgroup v1 `tasks` files (cgroup_tasks), then clone3
+ *   parent: opens the cgroup v1 `tasks` files (cgroup_tasks) or the v2
+ *           cgroup (cgroup_dir), then clone3 (into that v2 cgroup)
  *           -> returns pid + pidfd; the child blocks reading 1 byte
  *   parent: with a user namespace (CLONE_NEWUSER), still inside jc_spawn:
  *           writes the id maps and makes every mount of a host path as a
  *           detached mount (see "user namespace" below); then sends those
  *           ('M' + one fd each, SCM_RIGHTS) and 'S'
- *   child:  moves itself into its cgroups, makes its cgroup namespace, every
+ *   child:  moves itself into its v1 cgroups, makes its cgroup namespace, every
  *           mount, pivot_root, hostname, loopback (with cgroup_by_caller:
  *           only the mounts that need no cgroup, n_early_mounts)
  *   parent: meanwhile its own setup (the record of the container, network;
@@ -103,7 +104,12 @@
 /* struct clone_args (linux/sched.h clashes with <sched.h>, so our own copy) */
 struct jc_clone_args {
     uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+    uint64_t set_tid, set_tid_size, cgroup; /* CLONE_ARGS_SIZE_VER2 (5.7) */
 };
+
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
 
 /* the payload's stack until its execve (jc_exec's PATH search uses 4 KiB) */
 #define JC_PAYLOAD_STACK (256 * 1024)
@@ -1482,7 +1488,7 @@ static void jc_close_fds(const int *fds, int n)
 
 int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failure *failure)
 {
-    int sv[2], pidfd = -1, e, init_fd = -1, cg_fds[JC_MAX_CGROUP_TASKS];
+    int sv[2], pidfd = -1, e, init_fd = -1, cg_fds[JC_MAX_CGROUP_TASKS], cg_dirfd = -1;
     sigset_t all, old;
     struct jc_clone_args args;
 
@@ -1511,8 +1517,20 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failu
             return jc_pfail(failure, "cgroup-attach", e, cfg->cgroup_tasks[i]);
         }
     }
+    if (cfg->cgroup_dir) {
+        cg_dirfd = open(cfg->cgroup_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (cg_dirfd < 0) {
+            e = errno;
+            jc_close_fds(cg_fds, cfg->n_cgroup_tasks);
+            if (init_fd >= 0)
+                close(init_fd);
+            return jc_pfail(failure, "cgroup-attach", e, cfg->cgroup_dir);
+        }
+    }
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
         e = errno;
+        if (cg_dirfd >= 0)
+            close(cg_dirfd);
         jc_close_fds(cg_fds, cfg->n_cgroup_tasks);
         if (init_fd >= 0)
             close(init_fd);
@@ -1522,6 +1540,10 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failu
     args.flags = (cfg->clone_flags & ~(uint64_t)CLONE_NEWCGROUP) | CLONE_PIDFD;
     args.pidfd = (uint64_t)(uintptr_t)&pidfd;
     args.exit_signal = SIGCHLD;
+    if (cg_dirfd >= 0) {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = (uint64_t)cg_dirfd;
+    }
 
     /* the child starts with every signal blocked: no Python-level handler
      * can ever run in it */
@@ -1536,10 +1558,15 @@ int jc_spawn(const struct jc_config *cfg, struct jc_handle *out, struct jc_failu
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     close(sv[1]);
     jc_close_fds(cg_fds, cfg->n_cgroup_tasks);
+    if (cg_dirfd >= 0)
+        close(cg_dirfd);
     if (init_fd >= 0)
         close(init_fd);
     if (pid < 0) {
         close(sv[0]);
+        /* the kernel refuses a cgroup that is not a v2 leaf it may use */
+        if (cfg->cgroup_dir)
+            return jc_pfail(failure, "clone-into-cgroup", e, cfg->cgroup_dir);
         return -e;
     }
     out->pid = (int)pid;

@@ -67,8 +67,12 @@ struct jc_config {
      * process an RCU grace period per batch of moves (5-13 ms here). */
     const char *const *cgroup_tasks;
     int n_cgroup_tasks;
+    /* cgroup v2: the container's cgroup directory. The child is cloned
+     * straight into it (clone3 CLONE_INTO_CGROUP), which likewise skips
+     * that lock: no move at all */
+    const char *cgroup_dir;
     /* the caller moves the child into its cgroup between jc_spawn and
-     * jc_release (cgroup v2): the cgroup namespace and the mounts from
+     * jc_release: the cgroup namespace and the mounts from
      * mounts[n_early_mounts] on wait for the release */
     int cgroup_by_caller;
     int join_pidfd;               /* >= 0: setns into this process's namespaces instead */

@@ -4,10 +4,10 @@ Owns every cgroup file the runtime reads or writes: finding the hierarchies
 (``/proc/self/mountinfo``) and the cgroup this process is in
 (``/proc/self/cgroup``), creating one cgroup per container beneath it in a
 parent folder named ``jupyter-contain``, writing the limits (memory with no
-swap beyond it, CPU quota, pids), attaching processes (v2; on v1 it names
-the ``tasks`` files a new process enters by itself, which is much cheaper:
-:meth:`Cgroups.tasks_files`), reading usage, OOM kills, freezing, killing
-every process and removing the folders again.
+swap beyond it, CPU quota, pids), attaching processes (and telling a new
+process how to enter them without the costly move: :meth:`Cgroups.spawn_args`),
+reading usage, OOM kills, freezing, killing every process and removing the
+folders again.
 
 Must not spawn processes, make syscalls beyond file I/O and kill(2), or import
 anything Jupyter. Never writes to, moves processes out of, or removes a cgroup
@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from jupyter_contain.errors import CgroupError, InvalidSpec
 from jupyter_contain.runtime.fsutil import read_small
@@ -512,19 +513,20 @@ class Cgroups:
             except OSError as e:
                 raise _fail(f"move process {pid} into", d, e) from e
 
-    def tasks_files(self) -> tuple[Path, ...] | None:
-        """v1: each hierarchy's ``tasks`` file, for a new process to enter itself; None on v2.
+    def spawn_args(self) -> dict[str, Any]:
+        """How a new process enters these cgroups: keyword arguments for ``spawn.SpawnConfig``/``join``.
 
-        A single-threaded process that writes "0" there moves itself without
-        the write side of ``cgroup_threadgroup_rwsem``, which costs anyone
-        moving another process (:meth:`attach`) an RCU grace period: 5-13 ms
-        on this 2-core machine, against microseconds. v2 has no ``tasks``
-        (``cgroup.threads`` takes only threaded cgroups): there the caller
-        attaches the process.
+        Moving another process (:meth:`attach`) takes the write side of
+        ``cgroup_threadgroup_rwsem``, which waits for an RCU grace period:
+        5-13 ms on this 2-core machine. Two ways skip it:
+        v1: ``cgroup_tasks``, each hierarchy's ``tasks`` file, where the new
+        (single-threaded) process writes "0" to move itself;
+        v2: ``cgroup_dir``, the cgroup the process is cloned into
+        (``CLONE_INTO_CGROUP``; v2 has no ``tasks`` file).
         """
-        if self.version != 1:
-            return None
-        return tuple(d / "tasks" for d in self._dirs())
+        if self.version == 2:
+            return {"cgroup_dir": self.paths["unified"]}
+        return {"cgroup_tasks": tuple(d / "tasks" for d in self._dirs())}
 
     def pids(self) -> list[int]:
         """Every process in the container (union over the hierarchies)."""

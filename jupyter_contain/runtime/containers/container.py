@@ -321,15 +321,14 @@ class Container:
             # rootless without delegated cgroups: none (create() checked no limit was asked for)
             cg = Cgroups.create(self.cgroup_name, limits, root=self.runtime.cgroups_here()) \
                 if st.get("cgroups", True) else None
-            # v1: the child enters its cgroups itself; v2: we attach it below
-            tasks = cg.tasks_files() if cg is not None else ()
             try:
                 # the plan includes the container's own cgroups at /sys/fs/cgroup: known only now
                 cfg = spawn.SpawnConfig(
                     mounts=tuple(rootfs.plan(**plan_args, cgroupfs=_cgroup_fs(cg) if cg else None)),
                     process=process, stdio=stdio, exit_fd=exit_fd, userns=userns, rootless=rootless,
                     seccomp_filter=seccomp_filter, hold_fd=hold_w,
-                    cgroup_tasks=tasks or (), cgroup_by_caller=tasks is None,
+                    # the child enters them itself (v1) or is cloned into it (v2)
+                    **(cg.spawn_args() if cg is not None else {}),
                     # bridge: an own namespace like "none"; eth0 (tap0 rootless) comes before release
                     network="host" if st["network"] == "host" else "none")
                 proc = spawn.spawn(cfg)
@@ -342,9 +341,6 @@ class Container:
                     os.close(hold_w)   # the child has its own copy
             attached = False
             try:
-                if tasks is None:   # cgroup v2
-                    assert cg is not None
-                    cg.attach(proc.pid)
                 net = None
                 if slirp_r is not None:
                     helper = slirp.start(proc.pid, exit_fd=slirp_r, userns_fd=proc.ns_fds["user"],
@@ -544,14 +540,11 @@ class Container:
         if st.get("userns"):
             ns |= {"user"}
         cg = self.cgroups()
-        tasks = cg.tasks_files() if cg is not None else ()
-        proc = spawn.join(pid, process=process, stdio=stdio, namespaces=ns, cgroup_tasks=tasks or (),
+        proc = spawn.join(pid, process=process, stdio=stdio, namespaces=ns,
                           seccomp_filter=seccomp.filter_for(st.get("seccomp", "default"),
-                                                            capabilities=process.capabilities, name=st["name"]))
+                                                            capabilities=process.capabilities, name=st["name"]),
+                          **(cg.spawn_args() if cg is not None else {}))
         try:
-            if tasks is None:    # v2: the relay cannot enter by itself
-                assert cg is not None
-                cg.attach(proc.pid)
             proc.release()
         except BaseException:
             proc.abort()

@@ -4,8 +4,8 @@ Owns: :class:`ProcessSpec` (what runs, as whom, with which limits and
 capabilities), :class:`SpawnConfig` (mount plan + namespaces + process +
 stdio), turning them into ``struct jc_config`` (:func:`build_config`), the
 two-phase :func:`spawn` (child blocked until :meth:`ContainerProcess.release`,
-so the caller can record it, attach its network - and on cgroup v2 its
-cgroup - in between; on v1 the child enters its cgroups itself), :func:`start` (both phases)
+so the caller can record it and attach its network in between; the child
+enters its cgroup v1 hierarchies itself, or is cloned into its v2 cgroup), :func:`start` (both phases)
 and :func:`join` (exec into a running container). Maps an execve failure to
 ``CommandNotFound`` / ``CommandNotExecutable``. Points the shim at the
 ``jc-init`` executable (PID 1), and hands out the container's pty master
@@ -186,9 +186,12 @@ class SpawnConfig:
     #: cgroup v1: the container's ``tasks`` file in each hierarchy; the child
     #: moves itself into them before anything else (cheap: see the shim)
     cgroup_tasks: tuple[Path, ...] = ()
+    #: cgroup v2: the container's cgroup directory; the child is cloned
+    #: straight into it (``CLONE_INTO_CGROUP``)
+    cgroup_dir: Path | None = None
     #: the caller moves the child into its cgroup between :func:`spawn` and
-    #: release (cgroup v2); the cgroup namespace and the mounts under
-    #: ``/sys/fs/cgroup`` wait for the release
+    #: release; the cgroup namespace and the mounts under ``/sys/fs/cgroup``
+    #: wait for the release (for callers that attach processes themselves)
     cgroup_by_caller: bool = False
 
     def __post_init__(self) -> None:
@@ -196,9 +199,9 @@ class SpawnConfig:
         object.__setattr__(self, "cgroup_tasks", tuple(Path(p) for p in self.cgroup_tasks))
         if len(self.cgroup_tasks) > native.MAX_CGROUP_TASKS:
             raise errors.InvalidSpec(f"at most {native.MAX_CGROUP_TASKS} cgroup hierarchies")
-        if self.cgroup_tasks and self.cgroup_by_caller:
-            raise errors.InvalidSpec("a container's cgroup is entered by the child or attached by the caller, "
-                                     "not both")
+        if sum((bool(self.cgroup_tasks), self.cgroup_dir is not None, self.cgroup_by_caller)) > 1:
+            raise errors.InvalidSpec("a container's cgroup is entered by the child (v1 tasks files), cloned into "
+                                     "(a v2 cgroup dir) or attached by the caller: one of them")
         if self.rootless and self.userns is None:
             raise errors.InvalidSpec("a rootless container needs a user namespace")
         if not self.mounts or not isinstance(self.mounts[0], OverlayMount):
@@ -375,10 +378,13 @@ def _needs_cgroupns(op: MountOp) -> bool:
     return target == "/sys/fs/cgroup" or target.startswith("/sys/fs/cgroup/")
 
 
-def _fill_cgroup(arena: _Arena, cfg: Any, tasks: tuple[Path, ...], *, by_caller: bool) -> None:
+def _fill_cgroup(arena: _Arena, cfg: Any, tasks: tuple[Path, ...], cgroup_dir: Path | None, *,
+                 by_caller: bool) -> None:
     if tasks:
         cfg.cgroup_tasks = arena.strv(tasks, terminate=False)
         cfg.n_cgroup_tasks = len(tasks)
+    if cgroup_dir is not None:
+        cfg.cgroup_dir = arena.str(cgroup_dir)
     cfg.cgroup_by_caller = int(by_caller)
 
 
@@ -399,7 +405,7 @@ def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
     # the cgroup namespace is made once the child is in its cgroup, so that
     # the container sees that cgroup as /
     cfg.new_cgroupns = int("cgroup" in config.namespaces)
-    _fill_cgroup(arena, cfg, config.cgroup_tasks, by_caller=config.cgroup_by_caller)
+    _fill_cgroup(arena, cfg, config.cgroup_tasks, config.cgroup_dir, by_caller=config.cgroup_by_caller)
     mounts = arena.new("struct jc_mount[]", len(config.mounts))
     for i, op in enumerate(config.mounts):
         _fill_mount(arena, mounts[i], op)
@@ -559,25 +565,27 @@ def start(config: SpawnConfig) -> ContainerProcess:
 
 def join(pid: int, *, process: ProcessSpec, stdio: tuple[int, int, int],
          namespaces: frozenset[str] = NAMESPACES, seccomp_filter: bytes = b"",
-         cgroup_tasks: Sequence[Path] = ()) -> ContainerProcess:
+         cgroup_tasks: Sequence[Path] = (), cgroup_dir: Path | None = None) -> ContainerProcess:
     """Run ``process`` inside the running container whose init is ``pid`` (two-phase).
 
     Joins ``namespaces`` of ``pid`` (root and cwd come with the mount
     namespace; add ``"user"`` for a container with a user namespace, whose
     ids ``process`` then names); the returned pid is a relay in the host's
     pid namespace that forwards signals and exits with the process's status.
-    ``cgroup_tasks``: as :attr:`SpawnConfig.cgroup_tasks` (the container's
-    cgroup v1 hierarchies; on v2 the caller attaches the relay before release).
+    ``cgroup_tasks`` / ``cgroup_dir``: as in :class:`SpawnConfig` (the
+    container's cgroup v1 hierarchies, or its v2 cgroup).
     """
     if len(cgroup_tasks) > native.MAX_CGROUP_TASKS:
         raise errors.InvalidSpec(f"at most {native.MAX_CGROUP_TASKS} cgroup hierarchies")
+    if cgroup_tasks and cgroup_dir is not None:
+        raise errors.InvalidSpec("v1 tasks files or a v2 cgroup dir, not both")
     unknown = frozenset(namespaces) - frozenset(_JOIN_FLAGS)
     if unknown:
         raise errors.InvalidSpec(f"unknown namespaces {sorted(unknown)}")
     arena = _Arena()
     cfg = arena.new("struct jc_config *")
     _fill_process(arena, cfg, process, tuple(int(fd) for fd in stdio), seccomp_filter)  # type: ignore[arg-type]
-    _fill_cgroup(arena, cfg, tuple(Path(p) for p in cgroup_tasks), by_caller=False)
+    _fill_cgroup(arena, cfg, tuple(Path(p) for p in cgroup_tasks), cgroup_dir, by_caller=False)
     flags = 0
     for name in namespaces:
         flags |= _JOIN_FLAGS[name]
