@@ -241,7 +241,7 @@ def test_bad_cgroupfs_rejected(version, hierarchies) -> None:
 @pytest.mark.parametrize("namespaces", ["with-cgroupns", "without"])
 @pytest.mark.parametrize("by_caller", [True, False])
 def test_child_mounts_everything_before_the_cgroup_mounts_early(namespaces, by_caller) -> None:
-    # cgroup_by_caller (v2): the native child makes mounts[:n_early_mounts]
+    # cgroup_by_caller: the native child makes mounts[:n_early_mounts]
     # while the parent attaches its cgroup; the cgroup mounts need the cgroup
     # namespace made after that. A child that enters its cgroups itself (v1)
     # makes every mount before the release.

@@ -364,8 +364,9 @@ def plan(
         ops.append(RemountReadonly("/"))
     if cgroupfs is not None:
         # last: these need the container's cgroup namespace, which the child
-        # makes only once it is in its cgroup; everything before them it
-        # mounts while a cgroup v2 caller attaches it (see spawn.build_config)
+        # makes only once it is in its cgroup; when a caller moves it there
+        # (cgroup_by_caller), it mounts everything before them meanwhile
+        # (see spawn.build_config)
         ops += _cgroup_ops(cgroupfs)
     return ops
 

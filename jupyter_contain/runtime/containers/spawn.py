@@ -533,7 +533,7 @@ def spawn(config: SpawnConfig) -> ContainerProcess:
     """Clone the container; it waits until :meth:`ContainerProcess.release`.
 
     In between, the caller records the returned ``pid``, attaches its network
-    and, with ``cgroup_by_caller`` (v2), moves it into the container's cgroup.
+    and, with ``cgroup_by_caller``, moves it into the container's cgroup.
     Call ``abort()`` if that fails.
     """
     cfg, arena = build_config(config)
