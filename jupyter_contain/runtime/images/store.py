@@ -28,12 +28,13 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable, Iterator, Sequence
 
-from ..fsutil import atomic_write, file_lock, fsync_dir
+from ..fsutil import atomic_write, file_lock, fsync_dir, read_small
 from .rootless import remove_tree   # fsutil's, with the rootless fallback
 from ...errors import DigestMismatch, ImageInUse, ImageNotFound, ManifestError, StoreError
 from ..spec import (
@@ -264,12 +265,11 @@ class Store:
         self.pins_dir = self.root / "pins"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
-        # parsed documents, to spare every container create and start from
-        # reading and hashing them again: index.json by its stat signature (it
-        # is only ever replaced by a rename), images by manifest digest (blobs
-        # are content-addressed: a digest's document never changes)
-        self._index_cache: tuple[tuple[int, int, int], list[dict[str, Any]]] | None = None
+        # parsed images by manifest digest, to spare every container create and
+        # start from reading and hashing them again (blobs are content-addressed:
+        # a digest's document never changes)
         self._records: dict[tuple[str, str, Platform | None], tuple[Descriptor, Manifest, ImageConfig]] = {}
+        self._records_lock = threading.Lock()
         self._ensure_layout()
 
     # --- layout and locks ------------------------------------------------------
@@ -362,30 +362,16 @@ class Store:
     # --- index -------------------------------------------------------------------
 
     def _read_index(self) -> list[dict[str, Any]]:
-        """The index's entries (a fresh list: callers may change it and write it back)."""
         path = self.root / "index.json"
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            doc = json.loads(read_small(path))
         except FileNotFoundError:
             return []
-        try:
-            st = os.fstat(fd)
-            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-            cached = self._index_cache
-            if cached is not None and cached[0] == sig:
-                return [dict(e) for e in cached[1]]
-            with os.fdopen(os.dup(fd), "rb") as f:
-                data = f.read()
-        finally:
-            os.close(fd)
-        try:
-            doc = json.loads(data)
         except ValueError as exc:
             raise StoreError(f"{path} is not valid JSON: {exc}") from None
         entries = doc.get("manifests") if isinstance(doc, dict) else None
         if not isinstance(entries, list):
             raise StoreError(f"{path} has no manifests list")
-        self._index_cache = (sig, [dict(e) if isinstance(e, dict) else e for e in entries])
         return entries
 
     def _write_index(self, entries: list[dict[str, Any]]) -> None:
@@ -436,9 +422,10 @@ class Store:
         if hit is not None:
             return ImageRecord(name=name, descriptor=hit[0], manifest=hit[1], config=hit[2])
         rec = self._read_record(name, desc, platform=platform)
-        if len(self._records) >= 64:
-            self._records.pop(next(iter(self._records)))
-        self._records[key] = (rec.descriptor, rec.manifest, rec.config)
+        with self._records_lock:   # a server starts kernels from several threads
+            if len(self._records) >= 64:
+                self._records.pop(next(iter(self._records)))
+            self._records[key] = (rec.descriptor, rec.manifest, rec.config)
         return rec
 
     def _read_record(self, name: str, desc: Descriptor, *, platform: Platform | None = None) -> ImageRecord:
