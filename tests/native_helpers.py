@@ -64,9 +64,6 @@ class Box:
     def make(self) -> Box:
         for d in (self.upper, self.work, self.merged, self.state):
             d.mkdir(parents=True, exist_ok=True)
-        (self.state / "hostname").write_text("box\n")
-        (self.state / "hosts").write_text("127.0.0.1 localhost\n")
-        (self.state / "resolv.conf").write_text("")
         return self
 
     def config(
@@ -90,7 +87,7 @@ class Box:
             work=self.work,
             target=self.merged,
             binds=binds,
-            etc_files={n: self.state / n for n in ("hostname", "hosts", "resolv.conf")},
+            etc_files={"hostname": "box\n", "hosts": "127.0.0.1 localhost\n", "resolv.conf": ""},
             readonly_rootfs=readonly_rootfs,
             cgroupfs=cgroupfs,
         )

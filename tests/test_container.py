@@ -98,6 +98,28 @@ def test_bind_source_gone_at_start_names_the_mount(runtime, tmp_path):
         c.remove()
 
 
+def test_etc_files_are_the_containers_own(runtime, tmp_path):
+    """/etc/hostname, hosts and resolv.conf: root-owned 0644 files on a small tmpfs
+    of the container's own, made afresh at each start; nothing of them on the host."""
+    c = runtime.create(ContainerSpec(image="busybox:test", hostname="etcbox", command=(
+        "sh", "-c", "stat -c '%n %u %a' /etc/hostname /etc/hosts /etc/resolv.conf; cat /etc/hostname; "
+                    "grep -c etcbox /etc/hosts; echo changed >> /etc/hosts && echo appended; "
+                    "head -c 2000000 /dev/zero > /etc/hosts; echo big=$?")))
+    try:
+        out = tmp_path / "out"
+        for _ in range(2):   # the second start begins from fresh files again
+            with open(out, "wb") as f, open(os.devnull, "rb") as null:
+                c.start(stdio=(null.fileno(), f.fileno(), f.fileno()))
+                assert c.wait(20).code == 0
+            lines = out.read_text().splitlines()
+            assert lines[:3] == ["/etc/hostname 0 644", "/etc/hosts 0 644", "/etc/resolv.conf 0 644"], lines
+            assert lines[3:6] == ["etcbox", "1", "appended"], lines
+            assert lines[6] != "big=0", lines   # the tmpfs is small: no filling memory through it
+        assert sorted(p.name for p in c.dir.iterdir() if p.is_dir()) == ["rootfs", "upper", "work"]
+    finally:
+        c.remove()
+
+
 def test_env_workdir_user(runtime, tmp_path):
     code, out = run_capture(runtime, tmp_path, "echo $FOO; pwd; id -u; id -g", env={"FOO": "bar"},
                             workdir="/tmp", user="nobody")

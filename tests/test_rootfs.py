@@ -100,20 +100,22 @@ def test_masked_and_readonly_paths_follow_docker() -> None:
     assert _targets(ops, ReadonlyPath) == ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
 
-def test_etc_files_are_bound_from_the_state_dir() -> None:
-    state = Path("/c/state")
-    ops = _plan(etc_files={"resolv.conf": state / "resolv.conf", "hosts": state / "hosts",
-                           "hostname": state / "hostname"})
-    binds = {op.target: op for op in ops if isinstance(op, BindMount) and op.target.startswith("/etc/")}
-    assert set(binds) == {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
-    assert binds["/etc/hosts"].source == state / "hosts"
-    assert not binds["/etc/hosts"].recursive
+def test_etc_files_are_made_from_their_content() -> None:
+    ops = _plan(etc_files={"resolv.conf": "nameserver 10.0.2.3\n", "hosts": "127.0.0.1 localhost\n",
+                           "hostname": "box\n"})
+    files = {op.target: op for op in ops if isinstance(op, rootfs.FileMount)}
+    assert set(files) == {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
+    assert files["/etc/resolv.conf"].content == "nameserver 10.0.2.3\n"
+    # nothing of the host is bound there
+    assert not [op for op in ops if isinstance(op, BindMount) and op.target.startswith("/etc/")]
+    with pytest.raises(errors.InvalidSpec, match="NUL"):
+        _plan(etc_files={"hosts": "a\0b"})
 
 
 @pytest.mark.parametrize("name", ["", "../passwd", "a/b", ".", ".."])
 def test_etc_file_names_are_plain(name: str) -> None:
     with pytest.raises(errors.InvalidSpec):
-        _plan(etc_files={name: Path("/c/state/x")})
+        _plan(etc_files={name: "x\n"})
 
 
 def test_user_binds_parents_first_and_readonly() -> None:
@@ -148,7 +150,7 @@ def test_duplicate_targets_rejected() -> None:
     with pytest.raises(errors.InvalidSpec, match="two mounts"):
         _plan(binds=[Bind(Path("/a"), "/d"), Bind(Path("/b"), "/d/")])
     with pytest.raises(errors.InvalidSpec, match="two mounts"):
-        _plan(etc_files={"hosts": Path("/s/hosts")}, binds=[Bind(Path("/b"), "/etc/hosts")])
+        _plan(etc_files={"hosts": ""}, binds=[Bind(Path("/b"), "/etc/hosts")])
 
 
 def test_relative_host_paths_rejected() -> None:

@@ -115,9 +115,9 @@ def test_spec_validation():
         spawn.SpawnConfig(mounts=tuple(ops), process=spawn.ProcessSpec(argv=("true",), uid=70000),
                           stdio=(0, 1, 2), userns=idmap.IdMapping.single(BASE, BASE, 65536))
     etc = rootfs.plan(rootfs_layers=[Path("/l")], upper=Path("/c/upper"), work=Path("/c/work"), target=Path("/c/r"),
-                      etc_files={"hosts": Path("/c/etc/hosts")}, binds=[rootfs.Bind(Path("/src"), "/data")])
+                      binds=[rootfs.Bind(Path("/src"), "/data"), rootfs.Bind(Path("/k"), "/k", idmap=True)])
     binds = {op.target: op for op in etc if isinstance(op, rootfs.BindMount)}
-    assert binds["/etc/hosts"].idmap and not binds["/data"].idmap   # user binds are never idmapped
+    assert binds["/k"].idmap and not binds["/data"].idmap   # user binds are idmapped only when asked
 
 
 # --- real containers -----------------------------------------------------------------------

@@ -124,6 +124,8 @@ struct jc_ctx {
     const int *prep; /* the parent's detached mounts, in plan order */
     int n_prep;
     int next_prep;
+    int files_fd;  /* JC_MOUNT_FILE: the detached tmpfs holding those files */
+    int n_files;
 };
 
 /* ---- helpers safe in the child ------------------------------------------ */
@@ -571,6 +573,60 @@ static void jc_do_mount(struct jc_ctx *c, const struct jc_mount *m)
         close(sfd);
         close(tfd);
         return;
+
+    case JC_MOUNT_FILE: {
+        /* the tmpfs has no mount point: it lives as long as a bind of it */
+        if (c->files_fd < 0) {
+            /* small: the container may write these files, not fill memory */
+            static const char *const opts[] = {"size", "1m", "nr_inodes", "64", "mode", "0755"};
+            struct jc_mount t = {0};
+            t.fstype = "tmpfs";
+            t.target = m->target;
+            t.options = opts;
+            t.n_options = 3;
+            t.attrs = JC_ATTR_NOSUID | JC_ATTR_NODEV | JC_ATTR_NOEXEC;
+            c->files_fd = jc_new_fs(c, "file-mount", &t);
+        }
+        char name[16] = "f";
+        size_t nl = 1;
+        unsigned v = (unsigned)c->n_files++;
+        char digits[12];
+        size_t d = 0;
+        do {
+            digits[d++] = (char)('0' + v % 10);
+            v /= 10;
+        } while (v);
+        while (d)
+            name[nl++] = digits[--d];
+        name[nl] = 0;
+        int ffd = openat(c->files_fd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (ffd < 0)
+            jc_fail(c, "file-mount", errno, m->target);
+        /* the umask must not narrow it */
+        if (fchmod(ffd, 0644) < 0)
+            jc_fail(c, "file-mount", errno, m->target);
+        const char *text = m->source ? m->source : "";
+        for (size_t off = 0, len = strlen(text); off < len;) {
+            ssize_t w = write(ffd, text + off, len - off);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                jc_fail(c, "file-mount", w < 0 ? errno : EIO, m->target);
+            off += (size_t)w;
+        }
+        close(ffd);
+        sfd = open_tree(c->files_fd, name, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+        if (sfd < 0)
+            jc_fail(c, "file-mount", errno, m->target);
+        tfd = jc_resolve(c->rootfd, m->target, 2);
+        if (tfd < 0)
+            jc_fail(c, "file-mount", errno, m->target);
+        if (jc_move_to(sfd, tfd) < 0)
+            jc_fail(c, "file-mount", errno, m->target);
+        close(sfd);
+        close(tfd);
+        return;
+    }
 
     case JC_MOUNT_REMOUNT_RO:
         tfd = jc_open_in_root(c->rootfd, m->target, 0);
@@ -1055,6 +1111,10 @@ static void jc_enter_cgroups(struct jc_ctx *c, const int *cg_fds)
 static void jc_enter_rootfs(struct jc_ctx *c)
 {
     const struct jc_config *cfg = c->cfg;
+    if (c->files_fd >= 0) { /* its files are bound where they belong */
+        close(c->files_fd);
+        c->files_fd = -1;
+    }
     if (cfg->rootfs)
         jc_pivot(c);
     if (c->rootfd >= 0) {
@@ -1071,7 +1131,7 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
                                                const int *cg_fds)
 {
     int prep[JC_MAX_PREPARED];
-    struct jc_ctx ctx = {cfg, sync_fd, -1, -1, -1, 0, prep, 0, 0};
+    struct jc_ctx ctx = {cfg, sync_fd, -1, -1, -1, 0, prep, 0, 0, -1, 0};
     struct jc_ctx *c = &ctx;
     char b = 0;
     ssize_t n;

@@ -11,6 +11,9 @@
 #define JC_MOUNT_MASK 5        /* hide target: /dev/null over files, ro tmpfs over dirs */
 #define JC_MOUNT_READONLY 6    /* bind target onto itself, read-only, recursively */
 #define JC_MOUNT_REMOUNT_RO 7  /* make the mount at target read-only (not recursive) */
+#define JC_MOUNT_FILE 8        /* a new 0644 file holding source (text), on a tmpfs of the
+                                * container's own, bound at target: /etc/hosts and the like
+                                * need no file on the host */
 
 /* struct jc_mount.flags */
 #define JC_MF_RECURSIVE 1      /* bind: whole subtree (AT_RECURSIVE) */

@@ -289,7 +289,7 @@ class Container:
             "rootfs_layers": lowers, "upper": self.upper, "work": self.dir / "work", "target": self.dir / "rootfs",
             "binds": [rootfs.Bind(Path(b["source"]), b["target"], b["readonly"], idmap=b.get("idmap", False))
                       for b in st["binds"]],
-            "etc_files": {n: self.dir / "etc" / n for n in _ETC_FILES},
+            "etc_files": _etc_files(st),
             "readonly_rootfs": st.get("readonly_rootfs", False),
         }
         userns = idmap.IdMapping.from_json(st["userns"]) if st.get("userns") else None
@@ -775,18 +775,12 @@ class Runtime:
                 if userns.host_uid(uid) is None or any(userns.host_gid(g) is None for g in (gid, *groups)):
                     raise errors.InvalidSpec(f"user {uid}:{gid} is outside the container's user namespace "
                                              f"(ids 0-{idmap.RANGE_SIZE - 1})")
-            for sub in ("upper", "work", "rootfs", "etc"):
+            for sub in ("upper", "work", "rootfs"):
                 (d / sub).mkdir(parents=True, mode=0o755 if sub != "work" else 0o700)
             if userns is not None:
                 # the writable layer keeps container ids on disk (idmapped):
                 # a setuid-root file made inside must stay out of host users' reach
                 d.chmod(0o700)
-            (d / "etc" / "hostname").write_text(hostname + "\n")
-            (d / "etc" / "hosts").write_text(
-                f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")
-            (d / "etc" / "resolv.conf").write_text(slirp.RESOLV_CONF if self.rootless and spec.network == "bridge"
-                                                   else netmod.resolv_conf() if spec.network == "bridge"
-                                                   else _resolv_conf(spec.network))
             process = {
                 "argv": list(argv), "env": env, "cwd": spec.workdir or cfg.working_dir, "uid": uid, "gid": gid,
                 "additional_gids": list(groups), "hostname": hostname, "tty": spec.tty,
@@ -810,7 +804,7 @@ class Runtime:
             }
             if spec.binds:   # the plan validates them (targets, clashes) now rather than at start
                 rootfs.plan(rootfs_layers=lowers_needed, upper=d / "upper", work=d / "work", target=d / "rootfs",
-                            binds=spec.binds, etc_files={n: d / "etc" / n for n in _ETC_FILES})
+                            binds=spec.binds, etc_files=dict.fromkeys(_ETC_FILES, ""))
             atomic_write(d / "config.json", json.dumps(oci_config(state, image)).encode(),
                          durable=False)
             atomic_write(d / "state.json", json.dumps(state, separators=(",", ":")).encode(), durable=False)
@@ -941,6 +935,25 @@ def _env_dict(env: Sequence[str]) -> dict[str, str]:
         if k and sep:
             out[k] = v
     return out
+
+
+def _etc_files(st: Mapping[str, Any]) -> dict[str, str]:
+    """The container's ``/etc/hostname``, ``hosts`` and ``resolv.conf``, made afresh at every start.
+
+    Like Docker's, they follow the container's current settings (and the
+    host's resolver) rather than what the image ships.
+    """
+    hostname = st["process"]["hostname"]
+    network = st["network"]
+    if network == "bridge":
+        resolv = slirp.RESOLV_CONF if st.get("rootless") else netmod.resolv_conf()
+    else:
+        resolv = _resolv_conf(network)
+    return {
+        "hostname": hostname + "\n",
+        "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n",
+        "resolv.conf": resolv,
+    }
 
 
 def _resolv_conf(network: Network) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "BindMount",
     "CgroupFs",
     "DEVICES",
+    "FileMount",
     "FsMount",
     "MASKED_PATHS",
     "MaskPath",
@@ -154,6 +155,25 @@ class ReadonlyPath:
 
 
 @dataclass(frozen=True)
+class FileMount:
+    """A new file holding ``content`` at container path ``target`` (``/etc/hosts`` and the like).
+
+    The file lives on a small tmpfs of the container's own, made by the child:
+    nothing on the host to write, bind or remove, and the container's root
+    owns it (as Docker's are, root-owned 0644).
+    """
+
+    target: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if "\0" in self.content:
+            raise errors.InvalidSpec(f"the content of {self.target} holds a NUL byte")
+        if len(self.content.encode()) > 256 * 1024:
+            raise errors.InvalidSpec(f"the content of {self.target} is larger than 256 KiB")
+
+
+@dataclass(frozen=True)
 class RemountReadonly:
     """Make the mount at ``path`` read-only (not recursive), once what lies on it is in place.
 
@@ -198,7 +218,7 @@ class CgroupFs:
         object.__setattr__(self, "hierarchies", hs)
 
 
-MountOp = Union[OverlayMount, BindMount, FsMount, Symlink, MaskPath, ReadonlyPath, RemountReadonly]
+MountOp = Union[OverlayMount, BindMount, FileMount, FsMount, Symlink, MaskPath, ReadonlyPath, RemountReadonly]
 
 _ATTRS = frozenset({"ro", "nosuid", "nodev", "noexec", "noatime", "strictatime"})
 
@@ -293,7 +313,7 @@ def plan(
     work: Path,
     target: Path,
     binds: Sequence[Bind] = (),
-    etc_files: Mapping[str, Path] | None = None,
+    etc_files: Mapping[str, str] | None = None,
     readonly_rootfs: bool = False,
     cgroupfs: CgroupFs | None = None,
     bind_sysfs: bool = False,
@@ -306,7 +326,7 @@ def plan(
     and ``work`` the container's writable layer; ``target`` the host directory
     the rootfs is assembled at (the executor pivots into it). ``etc_files``
     maps names under ``/etc`` (``hosts``, ``hostname``, ``resolv.conf``) to
-    files prepared in the container's state dir. ``binds`` go last among the
+    their content (:class:`FileMount`). ``binds`` go last among the
     mounts, parents before children. ``cgroupfs``: the cgroup filesystems
     mounted over ``/sys/fs/cgroup`` (None: sysfs's empty directory stays;
     only meaningful with a cgroup namespace). ``bind_sysfs``: a read-only
@@ -337,12 +357,12 @@ def plan(
         ops.append(FsMount("sysfs", "/sys", source="sysfs", attrs=frozenset({"ro", "nosuid", "nodev", "noexec"})))
 
     taken: set[str] = set()
-    for name, source in sorted((etc_files or {}).items()):
+    for name, content in sorted((etc_files or {}).items()):
         if not name or "/" in name or name in (".", ".."):
             raise errors.InvalidSpec(f"etc file name {name!r} must be a plain file name under /etc")
         dest = f"/etc/{name}"
         taken.add(dest)
-        ops.append(BindMount(_host_path(source, what=f"source of {dest}"), dest, recursive=False, idmap=True))
+        ops.append(FileMount(dest, content))
 
     user: list[BindMount] = []
     for b in binds:

@@ -39,6 +39,7 @@ from jupyter_contain import errors, native
 from jupyter_contain.runtime.containers.idmap import IdMapping, write_maps
 from jupyter_contain.runtime.containers.rootfs import (
     BindMount,
+    FileMount,
     FsMount,
     MaskPath,
     MountOp,
@@ -302,6 +303,10 @@ def _fill_mount(arena: _Arena, m: Any, op: MountOp) -> None:
         m.source = arena.str(op.source)
         m.target = arena.str(op.target)
         m.flags = (lib.JC_MF_RECURSIVE if op.recursive else 0) | (lib.JC_MF_IDMAP if op.idmap else 0)
+    elif isinstance(op, FileMount):
+        m.kind = lib.JC_MOUNT_FILE
+        m.source = arena.str(op.content)
+        m.target = arena.str(op.target)
     elif isinstance(op, FsMount):
         m.kind = lib.JC_MOUNT_FS
         m.fstype = arena.str(op.fstype)
