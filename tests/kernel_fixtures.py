@@ -115,8 +115,14 @@ def kernel_runtime(kernel_env):
     assert not left, f"test left containers behind: {[c.id[:12] for c in left]}"
 
 
-def run_cell(kc, code: str, *, timeout: float = 60) -> dict:
-    """Execute ``code`` with a blocking client; returns {'reply', 'stdout', 'stderr', 'error', 'result'}."""
+def run_cell(kc, code: str, *, timeout: float = 60, stop_on_error: bool = False) -> dict:
+    """Execute ``code`` with a blocking client; returns {'reply', 'stdout', 'stderr', 'error', 'result'}.
+
+    ``stop_on_error`` is off by default: with it, a cell that fails makes
+    ipykernel abort every execute request that arrives until it has flushed
+    its queue, and a test's next cell, sent the moment the failure's reply
+    came back, sometimes arrives inside that window ("aborted", no output).
+    """
     out: dict = {"stdout": "", "stderr": "", "error": None, "result": None}
 
     def hook(msg: dict) -> None:
@@ -128,7 +134,7 @@ def run_cell(kc, code: str, *, timeout: float = 60) -> dict:
         elif t == "execute_result":
             out["result"] = c["data"].get("text/plain")
 
-    out["reply"] = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    out["reply"] = kc.execute_interactive(code, timeout=timeout, output_hook=hook, stop_on_error=stop_on_error)
     return out
 
 

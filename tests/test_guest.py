@@ -301,7 +301,7 @@ def test_container_cell_magic(kernel, kernel_env, kernel_runtime, caplog):
     assert "out of memory" in r["error"]["evalue"] and "limit 64 MiB" in r["error"]["evalue"], r["error"]
     # output arrives while the cell runs, not at its end
     r = run_cell(kernel.kc, "%%container --shell\nfor i in 1 2 3; do echo $i; sleep 0.3; done")
-    assert r["stdout"].split() == ["1", "2", "3"]
+    assert r["stdout"].split() == ["1", "2", "3"], (r, caplog.text)
     # straight to the socket: output events, the final answer, and the connection still serves
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(60)
