@@ -108,7 +108,9 @@ def start_registry(
     if auth not in ("none", "basic", "token"):
         raise ValueError(f"auth must be none, basic or token, not {auth!r}")
     if users is None or (not users and auth != "none"):
-        users = {} if auth == "none" else {"tester": secrets.token_urlsafe(12)}
+        # "p" first: a token_urlsafe password may start with "-", which a
+        # command line's "-p PASSWORD" would take for an option
+        users = {} if auth == "none" else {"tester": "p" + secrets.token_urlsafe(12)}
     users = dict(users)
 
     Path(tmp).mkdir(parents=True, exist_ok=True)
