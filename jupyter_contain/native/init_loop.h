@@ -34,22 +34,31 @@ static int jc_is_forwarded(int sig)
  * fsync: readers go through the page cache, and after a crash of the
  * machine the container is gone anyway (recorded then as ended unknown).
  * Best effort: nothing to report a failure to. */
-static void jc_write_exit(int fd, int status)
+/* Append v in decimal at dst, NUL-terminated (at most 11 bytes); returns
+ * the number of digits. No stdio: safe in a child after clone. */
+static size_t jc_utoa(char *dst, unsigned v)
 {
-    char buf[32];
-    const char *word = WIFEXITED(status) ? "code " : "signal ";
-    unsigned v = WIFEXITED(status) ? (unsigned)WEXITSTATUS(status) : (unsigned)WTERMSIG(status);
     char digits[12];
-    size_t n = 0, d = 0, wl = strlen(word);
-
-    memcpy(buf, word, wl);
-    n = wl;
+    size_t n = 0, d = 0;
     do {
         digits[d++] = (char)('0' + v % 10);
         v /= 10;
     } while (v);
     while (d)
-        buf[n++] = digits[--d];
+        dst[n++] = digits[--d];
+    dst[n] = 0;
+    return n;
+}
+
+static void jc_write_exit(int fd, int status)
+{
+    char buf[32];
+    const char *word = WIFEXITED(status) ? "code " : "signal ";
+    unsigned v = WIFEXITED(status) ? (unsigned)WEXITSTATUS(status) : (unsigned)WTERMSIG(status);
+    size_t n = strlen(word);
+
+    memcpy(buf, word, n);
+    n += jc_utoa(buf + n, v);
     buf[n++] = '\n';
     for (size_t off = 0; off < n;) {
         ssize_t w = write(fd, buf + off, n - off);

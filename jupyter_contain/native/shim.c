@@ -588,17 +588,7 @@ static void jc_do_mount(struct jc_ctx *c, const struct jc_mount *m)
             c->files_fd = jc_new_fs(c, "file-mount", &t);
         }
         char name[16] = "f";
-        size_t nl = 1;
-        unsigned v = (unsigned)c->n_files++;
-        char digits[12];
-        size_t d = 0;
-        do {
-            digits[d++] = (char)('0' + v % 10);
-            v /= 10;
-        } while (v);
-        while (d)
-            name[nl++] = digits[--d];
-        name[nl] = 0;
+        jc_utoa(name + 1, (unsigned)c->n_files++);
         int ffd = openat(c->files_fd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
         if (ffd < 0)
             jc_fail(c, "file-mount", errno, m->target);
@@ -976,7 +966,6 @@ __attribute__((noreturn)) static void jc_exec_init(struct jc_ctx *c, int init_fd
 {
     const struct jc_config *cfg = c->cfg;
     char env0[32] = "JC_PAYLOAD=";
-    char digits[12];
     char *argv[] = {(char *)"jc-init", NULL};
     char *envp[] = {env0, NULL};
     int src[6] = {c->sync_fd, init_fd, go_w, cfg->exit_fd, -1, cfg->hold_fd};
@@ -1027,17 +1016,7 @@ __attribute__((noreturn)) static void jc_exec_init(struct jc_ctx *c, int init_fd
         goto fail;
     }
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-    {
-        unsigned v = (unsigned)payload;
-        size_t d = 0, n = strlen(env0);
-        do {
-            digits[d++] = (char)('0' + v % 10);
-            v /= 10;
-        } while (v);
-        while (d)
-            env0[n++] = digits[--d];
-        env0[n] = 0;
-    }
+    jc_utoa(env0 + strlen(env0), (unsigned)payload);
     syscall(SYS_execveat, fd[1], "", argv, envp, AT_EMPTY_PATH);
     e = errno;
 fail:

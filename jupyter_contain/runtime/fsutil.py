@@ -40,43 +40,13 @@ def _open_tmp(path: Path, flags: int) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path | str, *, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
-    """Write a file so readers see the old or the new content, never half of it.
-
-    Yields a binary file in the same folder; on success it is given ``mode``
-    and renamed over ``path``; on any error it is removed. ``durable`` also
-    fsyncs the file and its folder, so the new content survives a power cut:
-    the store's documents need that; a container's transient state does not
-    (gc recognises a container that lost its state), and skips the cost.
-    """
-    path = Path(path)
-    fd, tmp = _open_tmp(path, os.O_RDWR)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
-def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
-    """:func:`atomic_writer` for bytes in hand (written with plain syscalls: no buffered file)."""
-    path = Path(path)
-    fd, tmp = _open_tmp(path, os.O_WRONLY)
+def _replacing(path: Path, flags: int, *, mode: int, durable: bool) -> Iterator[int]:
+    """A temporary fd beside ``path``: renamed over it when the block ends well, removed otherwise."""
+    fd, tmp = _open_tmp(path, flags)
     try:
         try:
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            yield fd
             if durable:
                 os.fsync(fd)
         finally:
@@ -88,6 +58,29 @@ def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, durable: b
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path | str, *, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
+    """Write a file so readers see the old or the new content, never half of it.
+
+    Yields a binary file in the same folder; on success it is given ``mode``
+    and renamed over ``path``; on any error it is removed. ``durable`` also
+    fsyncs the file and its folder, so the new content survives a power cut:
+    the store's documents need that; a container's transient state does not
+    (gc recognises a container that lost its state), and skips the cost.
+    """
+    with _replacing(Path(path), os.O_RDWR, mode=mode, durable=durable) as fd:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            yield f
+
+
+def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
+    """:func:`atomic_writer` for bytes in hand (written with plain syscalls: no buffered file)."""
+    with _replacing(Path(path), os.O_WRONLY, mode=mode, durable=durable) as fd:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def read_small(path: Path | str) -> bytes:
