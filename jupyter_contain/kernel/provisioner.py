@@ -94,6 +94,15 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def has_process(self) -> bool:
         return self._container is not None and self._container.attached
 
+    @property
+    def container(self) -> Any:
+        """This kernel's container (None before the first launch and after shutdown): for the server extension."""
+        return self._container
+
+    def request_reset(self) -> None:
+        """Give the next restart of this kernel a fresh writable layer (as ``%container reset`` does)."""
+        self._reset_requested = True
+
     def options(self) -> KernelOptions:
         """The provisioner's options, validated (a bad kernelspec fails here, before any work)."""
         names = containers.OPTION_NAMES - {"shutdown_wait"}
