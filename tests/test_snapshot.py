@@ -201,6 +201,109 @@ def test_diff_preview(runtime, edited):
     assert summary["/etc"].count == 4   # /etc, /etc/passwd, /etc/group, /etc/group/x
 
 
+def test_diff_summary_is_the_diff_bounded(runtime, edited):
+    full = snap.diff(edited)
+    for limit in (0, 1, 5, len(full) + 10):
+        s = snap.diff_summary(edited, limit=limit)
+        assert s.total == len(full) and s.bytes == sum(c.size for c in full)
+        assert list(s.changes) == full[:limit] and s.truncated == (limit < len(full))
+        assert list(s.folders) == snap.summarize(full)
+
+
+def _renameat2_exchange():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def exchange(dirfd: int, a: bytes, b: bytes) -> None:
+        if libc.renameat2(dirfd, a, dirfd, b, 2) != 0:   # RENAME_EXCHANGE
+            raise OSError(ctypes.get_errno(), "renameat2")
+    return exchange
+
+
+def test_diff_and_snapshot_never_follow_a_swapped_symlink(runtime, tmp_path):
+    """A directory and a symlink to a host folder swapped in a loop (as a running container can do).
+
+    The walk opens every directory beneath a held fd without following
+    symlinks: whichever the host meets, it never lists the host folder.
+    """
+    import threading
+
+    secret = tmp_path / "host-secret"
+    secret.mkdir()
+    for i in range(50):
+        (secret / f"SECRET-{i}").write_bytes(b"s" * (1000 + i))
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("true",)))
+    (c.upper / "w/d").mkdir(parents=True)
+    for i in range(50):
+        (c.upper / f"w/d/mine-{i}").write_text("m")
+    os.symlink(str(secret), c.upper / "w/l")
+    os.symlink("../../../../../../../../../../" + str(secret).lstrip("/"), c.upper / "w/rel")
+    exchange = _renameat2_exchange()
+    stop = threading.Event()
+    swaps = [0]
+
+    def swapper() -> None:
+        fd = os.open(c.upper / "w", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            while not stop.is_set():
+                exchange(fd, b"d", b"l")
+                exchange(fd, b"d", b"rel")
+                swaps[0] += 2
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=swapper)
+    t.start()
+    seen: set[str] = set()
+    try:
+        deadline = time.monotonic() + 1.5
+        rounds = 0
+        while time.monotonic() < deadline:
+            for ch in snap.diff(c):
+                seen.add(ch.path)
+            seen.update(ch.path for ch in snap.diff_summary(c, limit=1000).changes)
+            rounds += 1
+    finally:
+        stop.set()
+        t.join()
+    assert rounds >= 3 and swaps[0] > 100
+    assert not [p for p in seen if "SECRET" in p], sorted(seen)[:20]
+    assert any("mine-" in p for p in seen)   # the real directory was walked, wherever it was
+    # the snapshot's walk (the container is not running: nothing moves) archives the symlinks as symlinks
+    rec = snap.snapshot(runtime, c, "snap-swap:1")
+    names = {m.name: m for m in layer_members(runtime.store, rec)}
+    assert not any("SECRET" in n for n in names)
+    links = [m for m in names.values() if m.issym()]
+    assert {m.linkname for m in links} >= {str(secret)}
+
+
+def test_walk_of_a_deep_layer(runtime):
+    """Deeper than Python's recursion limit and than the fds the walk may hold: walked all the same."""
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("true",)))
+    depth = 1500
+    fd = os.open(c.upper, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):   # relative steps: the whole path is longer than PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+            f.write("deep")
+        fd = -1
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    s = snap.diff_summary(c, limit=3)
+    assert s.total == depth + 1 and [ch.path for ch in s.changes] == ["/d", "/d/d", "/d/d/d"]
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    # removal of a deep upper is the runtime's business: it must still work
+    c.remove(force=True)
+    assert not c.dir.exists()
+
+
 def test_same_content_same_diff_id(runtime, edited):
     a = snap.snapshot(runtime, edited, "snap-twice:a")
     b = snap.snapshot(runtime, edited, "snap-twice:b")
