@@ -60,5 +60,12 @@ class BuildExtWithInit(build_ext):
         return [*super().get_outputs(), self._init_paths()[1]]
 
 
+#: installed under sys.prefix by `pip install .` and `pip install -e .` alike: the file
+#: that enables the Jupyter Server extension (jupyter_contain.server) in every server
+DATA_FILES = [
+    ("etc/jupyter/jupyter_server_config.d", ["jupyter-config/jupyter_server_config.d/jupyter_contain.json"]),
+]
+
 setup(cmdclass={"build_ext": BuildExtWithInit},
-      cffi_modules=["jupyter_contain/native/build.py:ffibuilder"])
+      cffi_modules=["jupyter_contain/native/build.py:ffibuilder"],
+      data_files=DATA_FILES)
