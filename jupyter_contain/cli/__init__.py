@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image and container store (default: $JUPYTER_CONTAIN_ROOT, "
                              "/var/lib/jupyter-contain for root, else $XDG_DATA_HOME/jupyter-contain)")
     parser.add_argument("--debug", action="store_true", help="log everything and show tracebacks")
+    parser.add_argument("--url", default=os.environ.get("JUPYTER_CONTAIN_URL") or None, metavar="URL",
+                        help="talk to a Jupyter Server's jupyter-contain API at URL instead of the local store "
+                             "(default: $JUPYTER_CONTAIN_URL), like docker -H")
+    parser.add_argument("--token", default=os.environ.get("JUPYTER_CONTAIN_TOKEN") or None, metavar="TOKEN",
+                        help="that server's token (default: $JUPYTER_CONTAIN_TOKEN)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for module in (images, containers, registry, kernels, snapshot):
@@ -47,7 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        rc = args.func(args)
+        if args.url:
+            from . import remote   # the remote verbs (and requests) only when a server is named
+
+            rc = remote.run(args)
+        else:
+            rc = args.func(args)
     except ContainError as exc:
         if args.debug:
             log.exception("failed")
