@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -92,6 +93,18 @@ def kernel_json(*, image: ImageRecord, display_name: str, config: Mapping[str, A
     }
 
 
+#: the contained-kernel logo, shipped in the package (kernel/resources) and copied into every
+#: kernelspec folder this module writes, so launchers show it instead of a letter
+_LOGOS = ("logo-64x64.png", "logo-svg.svg")
+
+
+def write_logos(folder: Path) -> None:
+    """Copy the logo files into a kernelspec folder (Jupyter serves them as the kernel's icon)."""
+    resources = Path(__file__).with_name("resources")
+    for logo in _LOGOS:
+        shutil.copyfile(resources / logo, folder / logo)
+
+
 def install(*, store: Store, image_name: str, name: str | None = None, display_name: str | None = None,
             memory: str | None = None, cpus: str | None = None, pids: int | None = None,
             network: str | None = None, user: bool = False, prefix: str | None = None,
@@ -131,6 +144,7 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
     spec = kernel_json(image=image, display_name=display_name or default_display_name(image), config=config)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "kernel.json").write_text(json.dumps(spec, indent=1))
+        write_logos(Path(d))
         path = KernelSpecManager().install_kernel_spec(d, name, user=user, prefix=prefix)
     return name, path
 
