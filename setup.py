@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sysconfig
+import warnings
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -65,6 +66,29 @@ class BuildExtWithInit(build_ext):
 DATA_FILES = [
     ("etc/jupyter/jupyter_server_config.d", ["jupyter-config/jupyter_server_config.d/jupyter_contain.json"]),
 ]
+
+
+def _labextension_data_files() -> list[tuple[str, list[str]]]:
+    """The prebuilt JupyterLab extension, where JupyterLab looks for it.
+
+    scripts/setup builds labextension/ into jupyter_contain/labextension/ (Node
+    is needed only there: a wheel built from that tree installs with no Node).
+    Not built: nothing, with a warning (the server extension works without it).
+    """
+    src = os.path.join("jupyter_contain", "labextension")
+    if not os.path.isfile(os.path.join(src, "package.json")):
+        warnings.warn("jupyter_contain/labextension is not built (scripts/setup builds it); "
+                      "installing without the JupyterLab extension", stacklevel=1)
+        return []
+    out = []
+    for dirpath, _dirs, names in sorted(os.walk(src)):
+        rel = os.path.relpath(dirpath, src)
+        dest = os.path.normpath(os.path.join("share", "jupyter", "labextensions", "jupyter-contain", rel))
+        out.append((dest, sorted(os.path.join(dirpath, n) for n in names)))
+    return out
+
+
+DATA_FILES += _labextension_data_files()
 
 setup(cmdclass={"build_ext": BuildExtWithInit},
       cffi_modules=["jupyter_contain/native/build.py:ffibuilder"],
