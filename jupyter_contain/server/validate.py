@@ -159,21 +159,21 @@ def path_inside(root: Path, value: str, *, must_exist: bool) -> Path:
         raise BadRequest("invalid path", "invalid_path")
     base = root.resolve()
     candidate = Path(value) if os.path.isabs(value) else base / value
-    if must_exist:
-        resolved = candidate.resolve()
-        if not resolved.exists():
-            raise BadRequest(f"{value}: no such file or directory", "path_not_found")
-    else:
-        if candidate.is_symlink():
-            raise BadRequest(f"{value}: is a symbolic link", "invalid_path")
-        parent = candidate.parent.resolve()
-        if not parent.is_dir():
-            raise BadRequest(f"{value}: the folder does not exist", "path_not_found")
-        resolved = parent / candidate.name
+    if not must_exist:
         if candidate.name in ("", ".", ".."):
             raise BadRequest(f"{value}: not a file name", "invalid_path")
+        if candidate.is_symlink():
+            raise BadRequest(f"{value}: is a symbolic link", "invalid_path")
+        resolved = candidate.parent.resolve() / candidate.name
+    else:
+        resolved = candidate.resolve()
+    # inside the root first: whether a path outside it exists is none of the client's business
     if resolved != base and base not in resolved.parents:
         raise BadRequest(f"{value}: outside the allowed root", "path_outside_root")
+    if must_exist and not resolved.exists():
+        raise BadRequest(f"{value}: no such file or directory", "path_not_found")
+    if not must_exist and not resolved.parent.is_dir():
+        raise BadRequest(f"{value}: the folder does not exist", "path_not_found")
     return resolved
 
 

@@ -1,0 +1,811 @@
+"""The jupyter-contain server extension: a real ``jupyter server`` on 127.0.0.1 serving /jupyter-contain/api/v1/.
+
+One server per module (started by PID, ended by PID), over the session's kernel
+store and test kernelspecs, with a real local registry (``docker-registry``) for
+pulls; kernels are real contained kernels started through ``/api/kernels`` and
+every test shuts down the kernels it starts. The auth matrix runs every route of
+the OpenAPI file against the live server without a token, with a wrong one,
+with the right one (the route exists and checks its body before dispatch) and
+against a second server whose authorizer denies resource ``contain``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from kernel_fixtures import *  # noqa: F403
+from kernel_fixtures import KERNEL_NAME, make_spec
+
+from jupyter_contain.runtime import Runtime, Store
+
+requests = pytest.importorskip("requests")
+websocket = pytest.importorskip("websocket", reason="websocket-client is needed to talk to the server")
+yaml = pytest.importorskip("yaml")
+pytest.importorskip("jupyter_server")
+
+pytestmark = pytest.mark.slow
+
+API = "/jupyter-contain/api/v1"
+OPENAPI = Path(__file__).parent.parent / "jupyter_contain" / "server" / "openapi.yaml"
+
+DENY_AUTHORIZER = '''
+from jupyter_server.auth.authorizer import Authorizer
+
+
+class DenyContain(Authorizer):
+    """Allows everything but jupyter-contain's resource."""
+
+    def is_authorized(self, handler, user, action, resource):
+        return resource != "contain"
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_session(token: str | None = None) -> Iterator[Any]:
+    """A requests session whose sockets are closed at the end (urllib3 2.8's clear() leaves them to the GC)."""
+    s = requests.Session()
+    if token:
+        s.headers["Authorization"] = f"token {token}"
+    try:
+        yield s
+    finally:
+        for adapter in s.adapters.values():
+            manager = getattr(adapter, "poolmanager", None)
+            for key in list(manager.pools.keys()) if manager is not None else ():
+                with contextlib.suppress(KeyError):
+                    manager.pools[key].close()
+        s.close()
+
+
+def request(method: str, url: str, **kw: Any) -> Any:
+    with http_session() as s:
+        resp = s.request(method, url, timeout=120, **kw)
+        resp.content   # noqa: B018 - read it all before the connection closes
+        return resp
+
+
+class ApiServer:
+    """``python -m jupyter_server`` with the extension, on 127.0.0.1, a token and temp dirs; ended by PID."""
+
+    def __init__(self, base: Path, kernel_env: Any, *, store: Store, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.token = uuid.uuid4().hex
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base = base
+        self.root = base / "root"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.data = base / "data"
+        self.log_path = base / f"server-{self.port}.log"
+        environ = dict(os.environ)
+        environ.update({
+            "JUPYTER_PATH": str(kernel_env.data_dir),
+            "JUPYTER_CONFIG_DIR": str(base / "config"),
+            "JUPYTER_DATA_DIR": str(self.data),
+            "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
+            "JUPYTER_PLATFORM_DIRS": "1",
+            **(env or {}),
+        })
+        environ.pop("JUPYTER_CONFIG_PATH", None)
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}",
+             "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}", "--ServerApp.open_browser=False",
+             f"--ServerApp.root_dir={self.root}", "--KernelSpecManager.ensure_native_kernel=False", "--allow-root",
+             # enabled by the installed config file too (test_extension_enabled_by_installed_config)
+             "--ServerApp.jpserver_extensions=jupyter_contain.server=True",
+             f"--ContainApp.store_root={store.root}", *extra],
+            env=environ, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if request("GET", self.url + "/api/status",
+                           headers={"Authorization": f"token {self.token}"}).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"jupyter server did not start:\n{self.log_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def http(self, method: str, url: str, *, token: bool = True, **kw: Any) -> Any:
+        """One request on a connection of its own (closed after it: no socket outlives a test)."""
+        with http_session(self.token if token else None) as s:
+            resp = s.request(method, url, timeout=120, **kw)
+            resp.content   # noqa: B018 - read it all before the connection closes
+            return resp
+
+    def api(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (), **kw: Any) -> Any:
+        resp = self.http(method, self.url + API + "/" + path, json=body, **kw)
+        if ok:
+            assert resp.status_code in ok, (method, path, resp.status_code, resp.text[:500])
+        return resp.status_code, (resp.json() if resp.content else None)
+
+    def jupyter(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        resp = self.http(method, self.url + path, json=body)
+        return resp.status_code, (resp.json() if resp.content else None)
+
+    def events(self, op_id: str, **params: str) -> Iterator[dict[str, Any]]:
+        with http_session(self.token) as s:
+            with s.get(f"{self.url}{API}/operations/{op_id}/events", params=params, stream=True,
+                       timeout=120) as resp:
+                assert resp.status_code == 200, resp.text
+                assert resp.headers["Content-Type"].startswith("text/event-stream")
+                for line in resp.iter_lines(decode_unicode=True):
+                    if line and line.startswith("data: "):
+                        yield json.loads(line[6:])
+
+    def wait_operation(self, op_id: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            _, body = self.api("GET", f"operations/{op_id}", ok=(200,))
+            if body["operation"]["state"] != "running":
+                return body["operation"]
+            assert time.monotonic() < deadline, body
+            time.sleep(0.1)
+
+    def start_kernel(self, name: str = KERNEL_NAME) -> str:
+        code, kernel = self.jupyter("POST", "/api/kernels", {"name": name})
+        assert code == 201, (kernel, self.log_text()[-2000:])
+        return kernel["id"]
+
+    def shutdown_kernel(self, kid: str) -> None:
+        code, _ = self.jupyter("DELETE", f"/api/kernels/{kid}")
+        assert code in (204, 404), code
+
+    def channels(self, kid: str) -> Any:
+        return websocket.create_connection(
+            f"ws://127.0.0.1:{self.port}/api/kernels/{kid}/channels?session_id={uuid.uuid4().hex}",
+            header=[f"Authorization: token {self.token}"], timeout=120)
+
+    def execute(self, kid: str, code: str, timeout: float = 120) -> dict[str, Any]:
+        ws = self.channels(kid)
+        try:
+            return execute(ws, code, timeout)
+        finally:
+            ws.close()
+
+    def log_text(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def execute(ws: Any, code: str, timeout: float = 120) -> dict[str, Any]:
+    msg_id = uuid.uuid4().hex
+    ws.send(json.dumps({
+        "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex, "msg_type": "execute_request",
+                   "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell",
+        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": False},
+    }))
+    out: dict[str, Any] = {"stdout": "", "stderr": "", "reply": None, "idle": False}
+    deadline = time.monotonic() + timeout
+    while not (out["reply"] and out["idle"]):
+        assert time.monotonic() < deadline, f"no reply in {timeout} s: {out}"
+        msg = json.loads(ws.recv())
+        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out[msg["content"]["name"]] += msg["content"]["text"]
+        elif msg["msg_type"] == "execute_reply":
+            out["reply"] = msg["content"]
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            out["idle"] = True
+    return out
+
+
+class EventListener:
+    """Jupyter Server's event stream (``/api/events/subscribe``), collected by a thread."""
+
+    def __init__(self, srv: ApiServer) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{srv.port}/api/events/subscribe",
+                                              header=[f"Authorization: token {srv.token}"], timeout=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.events.append(json.loads(self.ws.recv()))
+            except websocket.WebSocketTimeoutException:
+                continue
+            except Exception:
+                return
+
+    def ours(self, kid: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("__schema__") == "https://jupyter-contain.org/events/kernel-container/v1"
+                and e.get("kernel_id") == kid]
+
+    def wait_for(self, kid: str, event: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = [e for e in self.ours(kid) if e["event"] == event]
+            if got:
+                return got[0]
+            assert time.monotonic() < deadline, f"no {event} event for {kid}: {self.events[-10:]}"
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.ws.close()
+
+
+# --- images in the registry ---------------------------------------------------------------
+
+
+def make_payload_image(store: Store, tmp: Path, name: str, size: int) -> None:
+    """A one-layer image holding ``size`` random bytes (incompressible: the pull moves all of it)."""
+    import tarfile
+
+    from jupyter_contain.runtime.images import archive
+
+    tar_path = tmp / f"{name.replace(':', '-').replace('/', '-')}.tar"
+    data = tmp / "payload.bin"
+    with open(data, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    with tarfile.open(tar_path, "w") as tf:
+        tf.add(data, arcname="payload.bin")
+    data.unlink()
+    archive.import_rootfs(store, tar_path, name)
+    tar_path.unlink()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, image_store):
+    """A local registry holding busybox:1 and payload:1 (8 MB of random bytes)."""
+    from registry_fixture import start_registry
+
+    from jupyter_contain.runtime.images import registry as client
+
+    tmp = tmp_path_factory.mktemp("srv-registry")
+    src = Store(tmp / "src-store")
+    make_payload_image(src, tmp, "payload:1", 8 << 20)
+    with start_registry(tmp) as reg:
+        client.push(image_store, "busybox:test", f"{reg.address}/busybox:1")
+        client.push(src, "payload:1", f"{reg.address}/payload:1")
+        yield reg
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, kernel_env):
+    make_spec(kernel_env, "srv-limited", memory="256m", cpus="1", pids=64)
+    make_spec(kernel_env, "srv-oom", memory="96m")
+    s = ApiServer(tmp_path_factory.mktemp("srv"), kernel_env, store=kernel_env.store,
+                  extra=("--ContainApp.max_memory=1g", "--ContainApp.max_pids=1000"))
+    yield s
+    s.stop()
+    assert s.proc.returncode is not None
+
+
+@pytest.fixture
+def kernels(srv, kernel_runtime):
+    """Kernels a test starts through the server; all shut down after it (kernel_runtime: no container left)."""
+    started: list[str] = []
+
+    def start(name: str = KERNEL_NAME) -> str:
+        kid = srv.start_kernel(name)
+        started.append(kid)
+        return kid
+
+    yield start
+    for kid in started:
+        srv.shutdown_kernel(kid)
+
+
+def store_state(store: Store) -> dict[str, Any]:
+    root = store.root
+    return {
+        "index": (root / "index.json").read_bytes(),
+        "blobs": sorted(p.name for p in (root / "blobs" / "sha256").iterdir()),
+        "layers": sorted(p.name for p in (root / "layers").iterdir()),
+        "tmp": sorted(p.name for p in (root / "tmp").iterdir()),
+    }
+
+
+# --- packaging and the route table ---------------------------------------------------------------
+
+
+def test_extension_enabled_by_installed_config(tmp_path):
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg")}
+    env.pop("JUPYTER_CONFIG_PATH", None)
+    jupyter = Path(sys.executable).parent / "jupyter"
+    out = subprocess.run([str(jupyter), "server", "extension", "list"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)
+    assert re.search(r"jupyter_contain\.server\s+enabled", text), text
+    assert re.search(r"jupyter_contain\.server\s+0\.1\.0 OK", text) or "jupyter_contain.server  OK" in text, text
+    # from the file pip installs under sys.prefix (setup.py's data_files)
+    assert (Path(sys.prefix) / "etc/jupyter/jupyter_server_config.d/jupyter_contain.json").is_file()
+
+
+def _openapi_routes() -> dict[str, set[str]]:
+    spec = yaml.safe_load(OPENAPI.read_text())
+    return {path: {m for m in ops if m in ("get", "post", "delete", "put", "patch")}
+            for path, ops in spec["paths"].items()}
+
+
+def _code_routes() -> dict[str, set[str]]:
+    from jupyter_contain.server import handlers
+
+    out = {}
+    for path, cls in handlers.ROUTES:
+        names = iter(re.findall(r"\{(\w+)\}", _spec_path_for(path)))
+        out["/" + re.sub(r"\(\[\^/\]\+\)", lambda _m: "{" + next(names) + "}", path)] = {
+            m for m in ("get", "post", "delete") if m in cls.__dict__}
+    return out
+
+
+def _spec_path_for(code_path: str) -> str:
+    """The OpenAPI path whose shape matches a route pattern (parameter names differ only in the spec)."""
+    pattern = "^/" + code_path.replace("([^/]+)", r"\{\w+\}") + "$"
+    hits = [p for p in _openapi_routes() if re.match(pattern, p)]
+    assert len(hits) == 1, (code_path, hits)
+    return hits[0]
+
+
+def test_openapi_describes_exactly_the_routes():
+    assert _code_routes() == _openapi_routes()
+
+
+DUMMY = {"name": "no-such-image:0", "op_id": "0" * 32, "container": "no-such-container",
+         "kernel_id": "00000000-0000-0000-0000-000000000000", "kernelspec": "no-such-kernelspec"}
+
+
+def _live_routes() -> list[tuple[str, str, bool]]:
+    """(method, path with dummy arguments, whether the path has arguments) for every route of the spec."""
+    out = []
+    for path, methods in sorted(_openapi_routes().items()):
+        concrete = re.sub(r"\{(\w+)\}", lambda m: requests.utils.quote(DUMMY[m.group(1)], safe=""), path)
+        out += [(m.upper(), concrete.lstrip("/"), "{" in path) for m in sorted(methods)]
+    return out
+
+
+def test_auth_matrix_every_route(srv, kernel_env, tmp_path):
+    routes = _live_routes()
+    assert len(routes) >= 30
+    store_before = store_state(kernel_env.store)
+    for method, path, has_args in routes:
+        url = srv.url + API + "/" + path
+        none = request(method, url, json={})
+        assert none.status_code == 403, (method, path, none.status_code)
+        assert none.json()["error"]["code"] == "forbidden"
+        wrong = request(method, url, json={}, headers={"Authorization": "token nope"})
+        assert wrong.status_code == 403, (method, path, wrong.status_code)
+        # the right token: the route exists (no 404 no_route, no 405) and a body field nobody allows is
+        # refused before any dispatch; GET and DELETE of dummy names answer 200, 404 or 409
+        right = srv.http(method, url, json={"__bogus": 1} if method == "POST" else None)
+        err = (right.json() if right.content else {}).get("error") if right.status_code >= 400 else None
+        assert right.status_code not in (403, 405, 500), (method, path, right.status_code, right.text)
+        assert not err or err["code"] != "no_route", (method, path)
+        if method == "POST":
+            assert right.status_code == 400 and err["code"] == "unknown_field", (method, path, right.text)
+        elif has_args:
+            assert right.status_code in (200, 404, 409), (method, path, right.status_code, right.text)
+        else:
+            assert right.status_code == 200, (method, path, right.status_code, right.text)
+    assert store_state(kernel_env.store) == store_before   # nothing of that touched the store
+
+    # XSRF as the server does it: a cookie-authenticated write without the _xsrf token is refused
+    with http_session() as s:
+        s.get(srv.url + f"/login?token={srv.token}", timeout=30)   # sets the login cookie and _xsrf
+        assert s.get(srv.url + API + "/images", timeout=30).status_code == 200
+        r = s.post(srv.url + API + "/images/gc", timeout=30)
+        assert r.status_code == 403 and "xsrf" in r.json()["error"]["message"].lower(), r.text
+
+    # an authorizer that denies resource "contain": every route 403, the rest of the server still works
+    (tmp_path / "authz").mkdir()
+    (tmp_path / "authz" / "deny_contain.py").write_text(DENY_AUTHORIZER)
+    deny = ApiServer(tmp_path / "deny", kernel_env, store=kernel_env.store,
+                     extra=("--ServerApp.authorizer_class=deny_contain.DenyContain",),
+                     env={"PYTHONPATH": str(tmp_path / "authz")})
+    try:
+        for method, path, _ in routes:
+            r = deny.http(method, deny.url + API + "/" + path, json={})
+            assert r.status_code == 403, (method, path, r.status_code)
+            assert r.json()["error"]["code"] == "forbidden"
+            assert "resource: contain" in r.json()["error"]["message"]
+        code, specs = deny.jupyter("GET", "/api/kernelspecs")
+        assert code == 200 and KERNEL_NAME in specs["kernelspecs"]
+    finally:
+        deny.stop()
+
+
+def test_bad_input_is_refused_and_changes_nothing(srv, kernel_env, tmp_path):
+    before = store_state(kernel_env.store)
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes(b"x")
+    (srv.root / "escape").unlink(missing_ok=True)
+    (srv.root / "escape").symlink_to(tmp_path)
+    cases = [
+        ("POST", "images/pull", {"reference": "Not A Reference!"}, 400, "invalid_reference"),
+        ("POST", "images/pull", {}, 400, "missing_field"),
+        ("POST", "images/pull", {"reference": 5}, 400, "invalid_field"),
+        ("POST", "images/pull", ["not", "an", "object"], 400, "invalid_body"),
+        ("POST", "images/import", {"path": str(outside)}, 400, "path_outside_root"),
+        ("POST", "images/import", {"path": "escape/outside.tar"}, 400, "path_outside_root"),
+        ("POST", "images/import", {"path": "../outside.tar"}, 400, "path_outside_root"),
+        ("POST", f"images/{requests.utils.quote('localhost/debian:bookworm', safe='')}/save",
+         {"path": "escape/x.tar"}, 400, "path_outside_root"),
+        ("POST", f"images/{requests.utils.quote('localhost/debian:bookworm', safe='')}/tag",
+         {"target": "x@sha256:" + "0" * 64}, 400, "invalid_reference"),
+        ("POST", "kernelspecs", {"image": "localhost/debian:bookworm", "memory": "2g"}, 400, "limit_exceeded"),
+        ("POST", "kernelspecs", {"image": "localhost/debian:bookworm", "memory": "lots"}, 400, "invalid_field"),
+        ("POST", "kernelspecs", {"image": "localhost/debian:bookworm", "network": "host"}, 400, "limit_exceeded"),
+        ("POST", "kernelspecs", {"image": "localhost/debian:bookworm", "pids": 0}, 400, "limit_exceeded"),
+        ("POST", "kernelspecs", {"image": "localhost/debian:bookworm", "name": "Bad Name"}, 400,
+         "invalid_kernel_name"),
+        ("POST", "containers/..%2F..%2Fetc/stop", {}, 400, "invalid_container"),
+        ("GET", "operations/not-an-id", None, 400, "invalid_operation_id"),
+        ("DELETE", f"images/{requests.utils.quote('localhost/debian:bookworm', safe='')}", None, None, None),
+    ]
+    for method, path, body, status, code in cases[:-1]:
+        got, reply = srv.api(method, path, body)
+        assert (got, reply["error"]["code"]) == (status, code), (method, path, reply)
+    # too large a body
+    got = srv.http("POST", srv.url + API + "/images/pull", data=b"{" + b" " * (70 << 10) + b"}")
+    assert got.status_code == 400 and got.json()["error"]["code"] == "body_too_large"
+    assert store_state(kernel_env.store) == before
+    (srv.root / "escape").unlink()
+
+
+# --- images --------------------------------------------------------------------------------
+
+
+def test_pull_streams_progress_then_lists_inspects_and_removes(srv, registry, kernel_env):
+    ref = f"{registry.address}/busybox:1"
+    code, body = srv.api("POST", "images/pull", {"reference": ref})
+    assert code == 202, body
+    op = body["operation"]
+    assert op["kind"] == "pull" and op["state"] == "running" and op["target"] == ref
+    events = list(srv.events(op["id"]))
+    assert events[-1]["state"] == "succeeded", events[-1]
+    assert all(e["state"] == "running" for e in events[:-1])
+    versions = [e["version"] for e in events]
+    assert versions == sorted(set(versions))
+    final = events[-1]
+    (layer,) = [i for i in final["progress"]["items"] if i["index"] >= 0]
+    assert layer["state"] == "done" and layer["done"] == layer["total"] > 0
+    assert final["progress"]["done"] == final["progress"]["total"] > 0
+    image = final["result"]["image"]
+    assert image["name"] == ref
+
+    code, listing = srv.api("GET", "images")
+    assert code == 200
+    (listed,) = [i for i in listing["images"] if i["name"] == ref]
+    assert listed == image
+    rec = kernel_env.store.resolve(ref)
+    assert (listed["digest"], listed["id"], listed["size"]) == (rec.digest, rec.id, rec.size)
+    quoted = requests.utils.quote(ref, safe="")
+    code, detail = srv.api("GET", f"images/{quoted}")
+    assert code == 200 and detail["image"]["layers"][0]["digest"] == rec.manifest.layers[0].digest
+    assert detail["image"]["diff_ids"] == list(rec.config.diff_ids)
+    code, tagged = srv.api("POST", f"images/{quoted}/tag", {"target": "srvtest/busy:2"})
+    assert code == 201 and tagged["image"]["digest"] == rec.digest
+    code, _ = srv.api("DELETE", f"images/{requests.utils.quote('srvtest/busy:2', safe='')}")
+    assert code == 204
+    code, _ = srv.api("DELETE", f"images/{quoted}")
+    assert code == 204
+    code, err = srv.api("GET", f"images/{quoted}")
+    assert code == 404 and err["error"]["code"] == "image_not_found"
+    code, ops = srv.api("GET", "operations")
+    assert op["id"] in [o["id"] for o in ops["operations"]]
+
+
+class SlowProxy:
+    """A TCP relay to the registry that sends its answers at ``rate`` bytes/s (so a pull can be caught midway)."""
+
+    def __init__(self, target: tuple[str, int], rate: int) -> None:
+        self.target = target
+        self.rate = rate
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            upstream = socket.create_connection(self.target)
+            self._conns += [client, upstream]
+            for src, dst, slow in ((client, upstream, False), (upstream, client, True)):
+                t = threading.Thread(target=self._pump, args=(src, dst, slow), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, slow: bool) -> None:
+        chunk = 16 << 10
+        try:
+            while not self._stop.is_set():
+                data = src.recv(chunk)
+                if not data:
+                    break
+                dst.sendall(data)
+                if slow:
+                    time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._stop.set()
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+        self.sock.close()
+        for t in self._threads:
+            t.join(5)
+
+
+def test_cancelled_pull_leaves_the_store_unchanged(srv, registry, kernel_env):
+    proxy = SlowProxy((registry.host, registry.port), rate=2 << 20)   # 8 MB at 2 MB/s: 4 s
+    try:
+        before = store_state(kernel_env.store)
+        code, body = srv.api("POST", "images/pull", {"reference": f"127.0.0.1:{proxy.port}/payload:1"})
+        assert code == 202, body
+        op_id = body["operation"]["id"]
+        seen = []
+        for ev in srv.events(op_id):
+            seen.append(ev)
+            moving = [i for i in ev["progress"]["items"] if i["index"] >= 0 and 0 < i["done"] < (i["total"] or 0)]
+            if moving and len(seen) == len([e for e in seen if e["state"] == "running"]) and not any(
+                    e.get("cancel_requested") for e in seen):
+                code, cancelled = srv.api("DELETE", f"operations/{op_id}")
+                assert code == 202 and cancelled["operation"]["cancel_requested"] is True
+        final = seen[-1]
+        assert final["state"] == "cancelled", final
+        assert final["error"]["code"] == "cancelled"
+        assert any(0 < i["done"] < (i["total"] or 0) for e in seen for i in e["progress"]["items"])
+        assert store_state(kernel_env.store) == before   # no blob, no layer, no tag, no debris in tmp/
+    finally:
+        proxy.close()
+
+
+def test_import_and_save_stay_inside_the_root(srv):
+    name = requests.utils.quote("localhost/debian:bookworm", safe="")
+    code, saved = srv.api("POST", f"images/{name}/save", {"path": "debian.tar", "format": "oci-archive"})
+    assert code == 200, saved
+    assert saved["path"] == "debian.tar" and (srv.root / "debian.tar").stat().st_size == saved["size"] > 0
+    code, imported = srv.api("POST", "images/import", {"path": "debian.tar", "name": "srvtest/reimported:1"})
+    assert code == 201, imported
+    assert imported["image"]["id"] == saved["image"]["id"]
+    assert srv.api("DELETE", f"images/{requests.utils.quote('srvtest/reimported:1', safe='')}")[0] == 204
+    (srv.root / "debian.tar").unlink()
+
+
+# --- kernels' containers ---------------------------------------------------------------------
+
+
+def _cgroup_file(paths: dict[str, str], controller: str, name: str) -> Path:
+    for key, p in paths.items():
+        if controller in key.split(",") or key == "unified":
+            f = Path(p) / name
+            if f.exists():
+                return f
+    raise AssertionError(f"no {name} in {paths}")
+
+
+def test_kernel_container_stats_match_its_cgroup(srv, kernels, kernel_env):
+    kid = kernels("srv-limited")
+    code, info = srv.api("GET", f"kernels/{kid}/container")
+    assert code == 200 and info["contained"] is True, info
+    c = Runtime(kernel_env.store).get(info["container"]["id"])
+    assert c.state["labels"]["jupyter-contain.kernel-id"] == kid
+    assert info["container"]["kernel_id"] == kid and info["container"]["kernel_of_this_server"] is True
+    assert info["container"]["limits"] == {"memory": 256 << 20, "cpus": 1.0, "pids": 64}
+    assert info["image"]["name"] == "localhost/debian:bookworm" and info["death"] is None
+    srv.execute(kid, "x = 1")   # the kernel is up
+    paths = c.state["cgroup"]
+    v2 = "unified" in paths and len(paths) == 1
+    cpu_file = _cgroup_file(paths, "cpu" if v2 else "cpuacct", "cpu.stat" if v2 else "cpuacct.usage")
+
+    def cpu_ns() -> int:
+        text = cpu_file.read_text()
+        return int(text.split("usage_usec")[1].split()[0]) * 1000 if v2 else int(text)
+
+    cpu_before = cpu_ns()
+    code, body = srv.api("GET", f"kernels/{kid}/container/stats")
+    cpu_after = cpu_ns()
+    assert code == 200
+    st = body["stats"]
+    mem_limit = int(_cgroup_file(paths, "memory", "memory.max" if v2 else "memory.limit_in_bytes").read_text())
+    pids_limit = int(_cgroup_file(paths, "pids", "pids.max").read_text())
+    pids_now = int(_cgroup_file(paths, "pids", "pids.current").read_text())
+    mem_now = int(_cgroup_file(paths, "memory", "memory.current" if v2 else "memory.usage_in_bytes").read_text())
+    assert st["memory"]["limit"] == mem_limit == 256 << 20
+    assert st["pids"]["limit"] == pids_limit == 64
+    assert abs(st["pids"]["current"] - pids_now) <= 2 and st["pids"]["current"] >= 2
+    assert cpu_before <= st["cpu"]["usage_ns"] <= cpu_after
+    assert 0.5 * mem_now <= st["memory"]["current"] <= 2 * mem_now
+    assert st["cpu"]["limit"] == 1.0
+    code, again = srv.api("GET", f"containers/{c.id}/stats")
+    assert code == 200 and again["stats"]["cpu"]["percent"] is not None   # a second sample: a percentage
+    code, listing = srv.api("GET", "containers")
+    (row,) = [r for r in listing["containers"] if r["id"] == c.id]
+    assert row["kernel_id"] == kid and row["status"] == "running"
+    # a kernel's container is the kernel manager's: not stopped or removed behind its back
+    code, err = srv.api("DELETE", f"containers/{c.id}", params={"force": "1"})
+    assert code == 409 and err["error"]["code"] == "kernel_container"
+    code, err = srv.api("POST", f"containers/{c.id}/stop", {})
+    assert code == 409
+    assert c.status() == "running"
+    code, err = srv.api("GET", "kernels/00000000-0000-0000-0000-000000000000/container")
+    assert code == 404 and err["error"]["code"] == "kernel_not_found"
+
+
+def test_commit_kernel_container_then_start_a_kernel_from_it(srv, kernels, kernel_env):
+    listener = EventListener(srv)
+    made: list[str] = []
+    try:
+        kid = kernels()
+        started = listener.wait_for(kid, "started")
+        r = srv.execute(kid, "import os; os.makedirs('/opt/srvtest', exist_ok=True); "
+                             "open('/opt/srvtest/marker', 'w').write('from kernel ' + os.environ['JUPYTER_CONTAIN_KERNEL_ID'])")
+        assert r["reply"]["status"] == "ok", r
+        code, d = srv.api("GET", f"kernels/{kid}/container/diff")
+        assert code == 200
+        assert {"kind": "A", "path": "/opt/srvtest/marker", "size": len("from kernel " + kid)} in d["changes"]
+        assert any(s["path"] == "/opt" and s["added"] >= 2 for s in d["summary"])
+        code, body = srv.api("POST", f"kernels/{kid}/container/commit",
+                             {"tag": "srvtest/snap:1", "message": "marker", "install_kernelspec": True,
+                              "display_name": "Snapshot of a test kernel"})
+        assert code == 202, body
+        op = srv.wait_operation(body["operation"]["id"])
+        assert op["state"] == "succeeded", op
+        assert op["kind"] == "commit" and op["target"] == started["container_id"]
+        image = op["result"]["image"]
+        made.append(image["name"])
+        assert image["name"] == "localhost/srvtest/snap:1"
+        assert image["labels"]["io.jupyter-contain.kernel-id"] == kid
+        spec = op["result"]["kernelspec"]
+        snap_event = listener.wait_for(kid, "snapshot")
+        assert snap_event["image"] == image["name"] and snap_event["container_id"] == started["container_id"]
+        code, specs = srv.api("GET", "kernelspecs")
+        (listed,) = [s for s in specs["kernelspecs"] if s["name"] == spec]
+        assert listed["image"] == image["name"] and listed["display_name"] == "Snapshot of a test kernel"
+
+        kid2 = kernels(spec)
+        r2 = srv.execute(kid2, "print(open('/opt/srvtest/marker').read())")
+        assert r2["stdout"].strip() == f"from kernel {kid}", r2
+        code, info2 = srv.api("GET", f"kernels/{kid2}/container")
+        assert info2["image"]["name"] == image["name"]
+        srv.shutdown_kernel(kid2)
+        assert srv.api("DELETE", f"kernelspecs/{spec}")[0] == 204
+        assert srv.api("DELETE", f"kernelspecs/{spec}")[0] == 404
+    finally:
+        listener.close()
+        for name in made:
+            srv.api("DELETE", f"images/{requests.utils.quote(name, safe='')}")
+
+
+def test_death_reason_after_an_oom_kill(srv, kernels):
+    listener = EventListener(srv)
+    try:
+        kid = kernels("srv-oom")
+        srv.execute(kid, "x = 1")
+        ws = srv.channels(kid)
+        try:
+            msg_id = uuid.uuid4().hex
+            ws.send(json.dumps({
+                "header": {"msg_id": msg_id, "username": "t", "session": uuid.uuid4().hex,
+                           "msg_type": "execute_request", "version": "5.3", "date": ""},
+                "parent_header": {}, "metadata": {}, "channel": "shell",
+                "content": {"code": "b = bytearray(400 << 20)", "silent": False, "store_history": False,
+                            "user_expressions": {}, "allow_stdin": False, "stop_on_error": False}}))
+            event = listener.wait_for(kid, "oom_killed", timeout=90)
+        finally:
+            ws.close()
+        assert event["memory_limit"] == 96 << 20
+        assert event["reason"].startswith("killed: out of memory (limit 96 MiB")
+        deadline = time.monotonic() + 60
+        while True:
+            code, info = srv.api("GET", f"kernels/{kid}/container")
+            if code == 200 and info.get("death"):
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.2)
+        death = info["death"]
+        assert death["oom_killed"] is True and death["memory_limit"] == 96 << 20
+        assert death["memory_peak"] and death["memory_peak"] >= 80 << 20
+        assert death["reason"] == event["reason"]
+        listener.wait_for(kid, "restarted", timeout=60)   # restarted in place, same container
+        assert srv.execute(kid, "print('back')")["stdout"].strip() == "back"
+        assert srv.api("GET", f"kernels/{kid}/container")[1]["container"]["id"] == event["container_id"]
+    finally:
+        listener.close()
+
+
+def test_kernel_reset_request_and_its_event(srv, kernels):
+    listener = EventListener(srv)
+    try:
+        kid = kernels()
+        srv.execute(kid, "open('/root/scratch', 'w').write('x')")
+        code, body = srv.api("POST", f"kernels/{kid}/container/reset", {})
+        assert code == 202, body
+        listener.wait_for(kid, "reset")
+        code, _ = srv.jupyter("POST", f"/api/kernels/{kid}/restart")
+        assert code == 200
+        r = srv.execute(kid, "import os; print(os.path.exists('/root/scratch'))")
+        assert r["stdout"].strip() == "False", r
+    finally:
+        listener.close()
+
+
+def test_kernel_cannot_reach_the_servers_api(srv, kernels):
+    kid = kernels()
+    r = srv.execute(kid, f"""
+import os, socket
+try:
+    socket.create_connection(("127.0.0.1", {srv.port}), timeout=3)
+    print("REACHED")
+except OSError as e:
+    print("refused", type(e).__name__)
+print("token" if {srv.token!r} in repr(dict(os.environ)) + open('/proc/1/environ', 'rb').read().decode('latin-1') else "no-token")
+print("url" if any("{srv.port}" in v for v in os.environ.values()) else "no-url")
+""")
+    assert r["stdout"].split() == ["refused", "ConnectionRefusedError", "no-token", "no-url"], r
+
+
+# --- the server's own life -------------------------------------------------------------------
+
+
+def test_stopping_the_server_leaves_no_containers(tmp_path, kernel_env, kernel_runtime):
+    s = ApiServer(tmp_path, kernel_env, store=kernel_env.store)
+    try:
+        kid = s.start_kernel()
+        assert s.execute(kid, "print(1)")["stdout"].strip() == "1"
+        (c,) = [c for c in kernel_runtime.containers()
+                if c.state.get("labels", {}).get("jupyter-contain.kernel-id") == kid]
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0, s.log_text()[-2000:]
+    assert not c.dir.exists()
+    assert "jupyter-contain: shutting down 1 contained kernel(s)" in s.log_text()
