@@ -127,8 +127,12 @@ def test_user_binds_parents_first_and_readonly() -> None:
     user = [op for op in ops if isinstance(op, BindMount) and not op.target.startswith(("/dev/", "/etc/"))]
     assert [op.target for op in user] == ["/data", "/other", "/data/sub/deep"]
     data = user[0]
-    assert data.readonly and rootfs.attrs_of(data) == {"ro"}
+    assert data.readonly and rootfs.attrs_of(data) == {"ro", "nosuid", "nodev"}
     assert not user[1].recursive
+    # every host folder is nosuid,nodev; the runtime's own device binds cannot be nodev
+    assert all({"nosuid", "nodev"} <= rootfs.attrs_of(op) for op in user)
+    devs = [op for op in ops if isinstance(op, BindMount) and op.target.startswith("/dev/")]
+    assert devs and not any("nodev" in rootfs.attrs_of(op) for op in devs)
     # user binds come after the runtime's own mounts and before the masks
     i_user = ops.index(user[0])
     assert all(not isinstance(op, MaskPath) for op in ops[:i_user])

@@ -18,8 +18,11 @@
 /* struct jc_mount.flags */
 #define JC_MF_RECURSIVE 1      /* bind: whole subtree (AT_RECURSIVE) */
 #define JC_MF_OPTIONAL 2       /* skip silently when the target does not exist */
-#define JC_MF_IDMAP 4          /* bind, user namespace only: idmapped with the container's
-                                * namespace, so container root owns what host root owns */
+#define JC_MF_IDMAP 4          /* bind: idmapped so that container root is the host folder's
+                                * owner on it, and no other id is mapped (its files of other
+                                * owners show as the overflow id, read-only; a chown to any
+                                * other id fails). With a user namespace made by root and with
+                                * the host's ids; ignored rootless */
 
 /* at most this many cgroup v1 hierarchies (cgroup_tasks) */
 #define JC_MAX_CGROUP_TASKS 16

@@ -30,6 +30,7 @@ __all__ = [
     "DEVICES",
     "FileMount",
     "FsMount",
+    "HOST_FOLDER_ATTRS",
     "MASKED_PATHS",
     "MaskPath",
     "MountOp",
@@ -70,6 +71,11 @@ READONLY_PATHS: tuple[str, ...] = (
 #: which keeps working once containers get a user namespace)
 DEVICES: tuple[str, ...] = ("null", "zero", "full", "random", "urandom", "tty")
 
+#: the mount attributes of every bind of a host path a user asks for (-v, a
+#: kernel's folders, kernelspec mounts): no setuid/setgid or file-capability
+#: exec, no device nodes, inside the container
+HOST_FOLDER_ATTRS: frozenset[str] = frozenset({"nosuid", "nodev"})
+
 #: where a user bind may not go: the runtime owns these mounts
 _RESERVED = ("/proc", "/sys")
 
@@ -87,9 +93,10 @@ class Bind:
     target: str
     readonly: bool = False
     recursive: bool = True
-    #: with a user namespace made by root: an idmapped bind, so that container
-    #: root acts as the host's owner on it (a kernel's own folder, the
-    #: notebook folder a user shares with it). Ignored without one.
+    #: a root server: an idmapped bind, so that container root acts as the
+    #: folder's host owner on it (a kernel's own folder, the notebook folder a
+    #: user shares with it), and no other container id is mapped there.
+    #: Ignored rootless.
     idmap: bool = False
 
 
@@ -113,10 +120,12 @@ class BindMount:
     readonly: bool = False
     recursive: bool = True
     attrs: frozenset[str] = frozenset()
-    #: with a user namespace only: an idmapped bind, so that what host root
-    #: owns, container root owns (the runtime's own /etc files, and the
-    #: folders a kernel is given: its own, the notebook's). Other user binds
-    #: are not idmapped: host files stay out of container root's reach.
+    #: a root server only (with a user namespace or the host's ids; rootless
+    #: cannot idmap): an idmapped bind whose mapping covers ONE id, container
+    #: root <-> the owner of ``source`` (uid and gid of the folder itself): what
+    #: it writes there is the owner's, a chown to any other id fails, files of
+    #: other owners show as the overflow id, read-only (the folders a kernel
+    #: is given: its own, the notebook's, kernelspec mounts)
     idmap: bool = False
 
 
@@ -372,8 +381,12 @@ def plan(
         if dest in taken:
             raise errors.InvalidSpec(f"two mounts target {dest!r}")
         taken.add(dest)
+        # host folders never carry setuid or device semantics into the
+        # container (the seccomp filter keeps setuid/setgid files from being
+        # made there: nosuid does not protect the host's own path to them)
         user.append(BindMount(_host_path(b.source, what="bind source"), dest,
-                              readonly=b.readonly, recursive=b.recursive, idmap=b.idmap))
+                              readonly=b.readonly, recursive=b.recursive, idmap=b.idmap,
+                              attrs=HOST_FOLDER_ATTRS))
     # parents before children, otherwise a later parent would hide a child
     user.sort(key=lambda m: m.target.rstrip("/").count("/"))
     ops += user

@@ -16,6 +16,16 @@ Like runc does for Docker, a short stub goes in front of libseccomp's
 program: a syscall number above the newest one the profile names (per
 architecture) fails with ENOSYS rather than EPERM, so that a libc newer than the
 profile falls back to an older syscall instead of failing.
+
+Stricter than Docker in one respect (:data:`HOST_FILE_GUARD`): a container
+cannot make a setuid or setgid file, a device node, or a file capability,
+anywhere. Host folders are bound in ``nosuid,nodev``, but that only holds
+inside: the host reaches the same file by its own path, where a setuid-root
+file or a ``security.capability`` xattr is a host privilege. A seccomp rule
+cannot tell which mount a path or fd is on, so the refusal is container-wide;
+inside, such files are worthless anyway (no_new_privs: neither setuid bits
+nor file capabilities raise privileges at exec). The cost: a package whose
+files are setuid (``sudo``, ``passwd``) does not install inside a container.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ __all__ = [
     "compile_profile",
     "default_filter",
     "filter_for",
+    "HOST_FILE_GUARD",
     "load_profile",
     "oci_section",
     "resolve_profile",
@@ -55,9 +66,10 @@ PROFILE_PATH = Path(__file__).with_name("seccomp_default.json")
 # Docker's capability defaults, repeated here rather than imported from
 # spawn (which imports native): this module stays importable without the
 # compiled extension. Kept equal to spawn.DEFAULT_CAPABILITIES (a test checks).
+# (Docker's minus CAP_FSETID and CAP_SETFCAP: see spawn)
 _DOCKER_DEFAULT_CAPS: frozenset[str] = frozenset({
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
-    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_MKNOD",
+    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
     "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 })
 
@@ -114,6 +126,73 @@ _GOARCH = MappingProxyType({
     "SCMP_ARCH_RISCV64": "riscv64", "SCMP_ARCH_MIPS64": "mips64", "SCMP_ARCH_MIPSEL64": "mips64le",
 })
 _X32_SYSCALL_BIT = 0x40000000
+
+# --- the host-file guard ---------------------------------------------------------------
+
+_S_ISUID, _S_ISGID = 0o4000, 0o2000
+_S_IFMT, _S_IFREG, _S_IFIFO, _S_IFSOCK = 0o170000, 0o100000, 0o010000, 0o140000
+_EOPNOTSUPP = 95
+
+
+def _allow_when(index: int, mask: int, value: int = 0) -> dict[str, Any]:
+    return {"index": index, "value": mask, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}
+
+
+def _guard_rules() -> list[dict[str, Any]]:
+    """The guard as OCI rules: conditional allows (the profile's default refuses the rest) and refusals.
+
+    A mode argument counts only when the call creates (``O_CREAT``, or
+    ``O_TMPFILE``, whose nameless file ``linkat`` can give a name later);
+    otherwise it is whatever the caller's register held. The masks test low
+    bits only, so junk in a register's upper half changes nothing. Flag
+    values are this machine's (``os``), which its compat architectures share.
+    """
+    suid = _S_ISUID | _S_ISGID
+    creating = os.O_CREAT | (getattr(os, "O_TMPFILE", 0) & ~os.O_DIRECTORY)
+    allow = "SCMP_ACT_ALLOW"
+    rules: list[dict[str, Any]] = []
+    # chmod family (path, fd, dirfd+path, dirfd+path+flags) and creat: never a setuid/setgid bit
+    for names, idx in ((("chmod", "fchmod", "creat"), 1), (("fchmodat", "fchmodat2"), 2)):
+        rules.append({"names": list(names), "action": allow, "args": [_allow_when(idx, suid)]})
+    # open(path, flags, mode) / openat(dirfd, path, flags, mode): not creating, or no such bit
+    for name, flags in (("open", 1), ("openat", 2)):
+        rules.append({"names": [name], "action": allow, "args": [_allow_when(flags, creating)]})
+        rules.append({"names": [name], "action": allow, "args": [_allow_when(flags + 1, suid)]})
+    # mknod: regular files, FIFOs and sockets only (no device node, whiteouts included), never setuid/setgid
+    for name, idx in (("mknod", 1), ("mknodat", 2)):
+        for kind in (0, _S_IFREG, _S_IFIFO, _S_IFSOCK):
+            rules.append({"names": [name], "action": allow, "args": [_allow_when(idx, _S_IFMT | suid, kind)]})
+    rules += [
+        # the mode sits in a struct (open_how) seccomp cannot read: ENOSYS, and libc uses openat
+        {"names": ["openat2"], "action": "SCMP_ACT_ERRNO", "errnoRet": _ENOSYS},
+        # io_uring's own opcodes (openat, setxattr) never pass through this filter: as if
+        # the kernel had no io_uring (programs fall back to plain syscalls; Docker >= 25 drops it too)
+        {"names": ["io_uring_setup", "io_uring_enter", "io_uring_register"], "action": "SCMP_ACT_ERRNO",
+         "errnoRet": _ENOSYS},
+        # seccomp cannot read an xattr's name: every setxattr is refused as a filesystem
+        # without xattrs would refuse it (cp -a, shutil.copy2 and tar skip them quietly), so
+        # that no security.capability reaches a host file (written through a mount that
+        # maps container root to host root, a v3 capability is valid on the host)
+        {"names": ["setxattr", "lsetxattr", "fsetxattr", "setxattrat"], "action": "SCMP_ACT_ERRNO",
+         "errnoRet": _EOPNOTSUPP},
+    ]
+    return rules
+
+
+#: what the guard governs: these names are taken out of every rule of the
+#: profile and decided by the guard's rules alone
+HOST_FILE_GUARD: frozenset[str] = frozenset(
+    name for rule in _guard_rules() for name in rule["names"])
+
+
+def _with_guard(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for rule in rules:
+        names = [n for n in rule["names"] if n not in HOST_FILE_GUARD]
+        if names:
+            out.append({**rule, "names": names})
+    return out + _guard_rules()
+
 
 _lib_lock = threading.Lock()
 _lib_pair: tuple[Any, Any] | None = None
@@ -227,11 +306,15 @@ def resolve_profile(profile: Mapping[str, Any], *, capabilities: Iterable[str],
             out["args"] = [{"index": int(a["index"]), "value": int(a["value"]),
                             "valueTwo": int(a.get("valueTwo", 0)), "op": a["op"]} for a in rule["args"]]
         rules.append(out)
+    default_action = profile.get("defaultAction", "SCMP_ACT_ERRNO")
+    if default_action != "SCMP_ACT_ERRNO":
+        # the guard's conditional allows rely on the default refusing the rest
+        raise errors.InvalidSpec(f"a seccomp profile here must refuse by default, not {default_action!r}")
     return {
-        "defaultAction": profile.get("defaultAction", "SCMP_ACT_ERRNO"),
+        "defaultAction": default_action,
         "defaultErrnoRet": int(profile.get("defaultErrnoRet", _EPERM)),
         "architectures": arches,
-        "syscalls": rules,
+        "syscalls": _with_guard(rules),
     }
 
 

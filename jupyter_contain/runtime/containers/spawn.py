@@ -66,10 +66,16 @@ __all__ = [
     "start",
 ]
 
-#: Docker's default capability set (moby oci/caps/defaults.go)
+#: Docker's default capability set (moby oci/caps/defaults.go) without
+#: CAP_FSETID and CAP_SETFCAP, whose only use is keeping or making setuid bits
+#: and file capabilities, worthless under no_new_privs and a host privilege
+#: in a host folder: without CAP_FSETID (of the initial namespace: with the
+#: host's ids) the kernel clears setuid/setgid on every write to such a file,
+#: as it does for a user namespace's root; without CAP_SETFCAP no
+#: security.capability is ever written, seccomp filter or not
 DEFAULT_CAPABILITIES: frozenset[str] = frozenset({
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
-    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_MKNOD",
+    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
     "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 })
 
@@ -173,7 +179,9 @@ class SpawnConfig:
     #: a user namespace with these id maps (None: the host's ids). The rootfs
     #: layers and the writable layer are idmapped mounts made in the initial
     #: namespace: on disk, files keep the container's ids (uid 0, not the
-    #: mapped host id); ``BindMount.idmap`` binds likewise, other binds not.
+    #: mapped host id). ``BindMount.idmap`` binds are idmapped with one id
+    #: only (container root <-> the folder's owner, see the shim); other
+    #: binds are not idmapped (host files stay out of container root's reach).
     userns: IdMapping | None = None
     #: the caller is not root (``userns`` required): the maps are written with
     #: ``newuidmap``/``newgidmap`` and the child, root of its user namespace,
