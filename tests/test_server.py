@@ -87,7 +87,9 @@ class ApiServer:
     """``python -m jupyter_server`` with the extension, on 127.0.0.1, a token and temp dirs; ended by PID."""
 
     def __init__(self, base: Path, kernel_env: Any, *, store: Store, extra: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, netns: str | None = None) -> None:
+        #: a network namespace to run the server in (its 127.0.0.1 is that namespace's loopback)
+        self.netns = netns
         self.port = free_port()
         self.token = uuid.uuid4().hex
         self.url = f"http://127.0.0.1:{self.port}"
@@ -108,7 +110,7 @@ class ApiServer:
         environ.pop("JUPYTER_CONFIG_PATH", None)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}",
+            [*(["nsenter", f"--net={netns}"] if netns else []), sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}",
              "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}", "--ServerApp.open_browser=False",
              f"--ServerApp.root_dir={self.root}", "--KernelSpecManager.ensure_native_kernel=False", "--allow-root",
              # enabled by the installed config file too (test_extension_enabled_by_installed_config)
@@ -118,8 +120,7 @@ class ApiServer:
         deadline = time.monotonic() + 90
         while True:
             try:
-                if request("GET", self.url + "/api/status",
-                           headers={"Authorization": f"token {self.token}"}).status_code == 200:
+                if self.http("GET", self.url + "/api/status", timeout=5).status_code == 200:
                     break
             except requests.RequestException:
                 pass
@@ -128,12 +129,22 @@ class ApiServer:
                 raise AssertionError(f"jupyter server did not start:\n{self.log_text()[-3000:]}")
             time.sleep(0.2)
 
+    def _in_netns(self, fn: Any) -> Any:
+        if self.netns is None:
+            return fn()
+        from jupyter_contain.runtime.containers import network
+
+        return network.run_in_netns(self.netns, fn)
+
     def http(self, method: str, url: str, *, token: bool = True, **kw: Any) -> Any:
         """One request on a connection of its own (closed after it: no socket outlives a test)."""
-        with http_session(self.token if token else None) as s:
-            resp = s.request(method, url, timeout=120, **kw)
-            resp.content   # noqa: B018 - read it all before the connection closes
-            return resp
+        def go() -> Any:
+            with http_session(self.token if token else None) as s:
+                resp = s.request(method, url, **{"timeout": 120, **kw})
+                resp.content   # noqa: B018 - read it all before the connection closes
+                return resp
+
+        return self._in_netns(go)
 
     def api(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (), **kw: Any) -> Any:
         resp = self.http(method, self.url + API + "/" + path, json=body, **kw)
@@ -174,9 +185,9 @@ class ApiServer:
         assert code in (204, 404), code
 
     def channels(self, kid: str) -> Any:
-        return websocket.create_connection(
+        return self._in_netns(lambda: websocket.create_connection(
             f"ws://127.0.0.1:{self.port}/api/kernels/{kid}/channels?session_id={uuid.uuid4().hex}",
-            header=[f"Authorization: token {self.token}"], timeout=120)
+            header=[f"Authorization: token {self.token}"], timeout=120))
 
     def execute(self, kid: str, code: str, timeout: float = 120) -> dict[str, Any]:
         ws = self.channels(kid)
@@ -799,6 +810,85 @@ print("token" if {srv.token!r} in seen else "no-token")
 print("url" if any("{srv.port}" in v for v in os.environ.values()) else "no-url")
 """)
     assert r["stdout"].split() == ["refused", "ConnectionRefusedError", "no-token", "no-url"], r
+
+
+def _netns_holder() -> subprocess.Popen:
+    """A process in a network namespace of its own (loopback up), ended by PID."""
+    proc = subprocess.Popen(["unshare", "--net", "sh", "-c", "ip link set lo up && exec sleep infinity"])
+    deadline = time.monotonic() + 10
+    me = os.readlink("/proc/self/ns/net")
+    while True:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{proc.pid}/ns/net") != me and "sleep" in Path(
+                    f"/proc/{proc.pid}/cmdline").read_text():
+                return proc
+        assert time.monotonic() < deadline and proc.poll() is None, "unshare did not make a namespace"
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not any(Path(d, "libnftables.so.1").exists() for d in
+                            ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")),
+                    reason="libnftables is not installed (the bridge network needs it)")
+def test_bridge_kernel_cannot_reach_the_server_on_its_loopback(tmp_path, kernel_env, kernel_runtime):
+    """The server in a namespace the test made, as on a host: its bridge, and the API on its 127.0.0.1."""
+    make_spec(kernel_env, "srv-bridge", network="bridge")
+    holder = _netns_holder()
+    ns = f"/proc/{holder.pid}/ns/net"
+    listener = None
+    s = None
+    try:
+        from jupyter_contain.runtime.containers import network
+
+        s = ApiServer(tmp_path / "srv", kernel_env, store=kernel_env.store, netns=ns,
+                      env={"JUPYTER_CONTAIN_NET_DIR": str(tmp_path / "net")})
+        # a control: something listening on every address of the server's namespace is reachable
+        listener = network.run_in_netns(ns, lambda: socket.create_server(("0.0.0.0", 0)))
+        ctl_port = listener.getsockname()[1]
+        accepted: list[str] = []
+
+        def accept() -> None:
+            listener.settimeout(60)
+            with contextlib.suppress(OSError):
+                conn, addr = listener.accept()
+                accepted.append(addr[0])
+                conn.close()
+
+        t = threading.Thread(target=accept, daemon=True)
+        t.start()
+        kid = s.start_kernel("srv-bridge")
+        try:
+            r = s.execute(kid, f"""
+import socket
+gw = None
+for line in open('/proc/net/route').read().splitlines()[1:]:
+    f = line.split()
+    if f[1] == '00000000':
+        gw = socket.inet_ntoa(bytes.fromhex(f[2])[::-1])
+print("gateway", gw)
+for host, port in (("127.0.0.1", {s.port}), (gw, {s.port}), (gw, {ctl_port})):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        print("reached", host, port)
+    except OSError as e:
+        print("refused", host, port, type(e).__name__)
+""")
+        finally:
+            s.shutdown_kernel(kid)
+        t.join(10)
+        lines = r["stdout"].splitlines()
+        assert lines[0].startswith("gateway 10."), r
+        gw = lines[0].split()[1]
+        assert lines[1:] == [f"refused 127.0.0.1 {s.port} ConnectionRefusedError",
+                             f"refused {gw} {s.port} ConnectionRefusedError",
+                             f"reached {gw} {ctl_port}"], r
+        assert len(accepted) == 1
+    finally:
+        if listener is not None:
+            listener.close()
+        if s is not None:
+            s.stop()
+        holder.kill()
+        holder.wait()
 
 
 # --- the server's own life -------------------------------------------------------------------
