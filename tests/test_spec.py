@@ -78,7 +78,7 @@ def test_parse_manifest_and_index():
 
 @pytest.mark.parametrize("data,msg", [
     (b"not json", "not valid JSON"),
-    (json.dumps({"schemaVersion": 1, "fsLayers": []}).encode(), "schema1"),
+    (json.dumps({"schemaVersion": 1, "fsLayers": []}).encode(), "Docker schema1"),
     (_manifest(layers="x"), "no layers"),
     (_manifest(config={"mediaType": "x", "digest": "sha256:zz", "size": 1}), "invalid digest"),
     (_manifest(layers=[{"mediaType": "text/plain", "digest": D, "size": 1}]), "unsupported media type"),
@@ -90,7 +90,7 @@ def test_parse_rejects(data, msg):
 
 
 def test_schema1_media_type_rejected():
-    with pytest.raises(ManifestError, match="schema1"):
+    with pytest.raises(ManifestError, match="Docker schema1 .*not supported"):
         spec.parse_document(b"{}", media_type=spec.DOCKER_SCHEMA1[1])
 
 
@@ -103,3 +103,60 @@ def test_image_config():
     assert cfg.working_dir == "/w" and cfg.user == "1000" and str(cfg.platform) == "linux/amd64"
     with pytest.raises(ManifestError, match="diff_ids"):
         spec.ImageConfig.parse(b'{"rootfs": {"type": "layers"}}')
+
+
+def _docker_manifest(layers):
+    return json.dumps({"schemaVersion": 2, "mediaType": spec.DOCKER_MANIFEST,
+                       "config": {"mediaType": spec.DOCKER_CONFIG, "digest": D, "size": 10},
+                       "layers": [{"mediaType": mt, "digest": D, "size": 5} for mt in layers]}).encode()
+
+
+def test_docker_manifest_and_its_oci_form():
+    m = spec.parse_document(_docker_manifest([spec.DOCKER_LAYER_GZIP, spec.DOCKER_LAYER, spec.DOCKER_LAYER_ZSTD,
+                                              spec.DOCKER_FOREIGN_LAYER_GZIP]))
+    assert isinstance(m, Manifest) and m.media_type == spec.DOCKER_MANIFEST and not m.is_oci
+    oci = m.oci_form()
+    assert oci.media_type == spec.OCI_MANIFEST and oci.config.media_type == spec.OCI_CONFIG
+    assert [d.media_type for d in oci.layers] == [spec.OCI_LAYER_GZIP, spec.OCI_LAYER, spec.OCI_LAYER_ZSTD,
+                                                  spec.OCI_LAYER_ND_GZIP]
+    assert [(d.digest, d.size) for d in oci.layers] == [(d.digest, d.size) for d in m.layers]   # the same blobs
+    assert oci.oci_form() is oci
+    assert [spec.layer_compression(d.media_type) for d in m.layers] == ["gzip", "tar", "zstd", "gzip"]
+
+
+def test_source_media_type_must_agree_with_the_document():
+    data = _docker_manifest([spec.DOCKER_LAYER_GZIP])
+    assert spec.parse_document(data, media_type=spec.DOCKER_MANIFEST).media_type == spec.DOCKER_MANIFEST
+    assert spec.parse_document(data, media_type="application/json").media_type == spec.DOCKER_MANIFEST
+    with pytest.raises(ManifestError, match="differs from"):
+        spec.parse_document(data, media_type=spec.OCI_MANIFEST)
+
+
+def test_artifacts_are_not_images():
+    art = json.dumps({"schemaVersion": 2, "mediaType": spec.OCI_MANIFEST,
+                      "config": {"mediaType": "application/vnd.cncf.helm.config.v1+json", "digest": D, "size": 1},
+                      "layers": []}).encode()
+    with pytest.raises(ManifestError, match="not a container image"):
+        spec.parse_document(art)
+
+
+def test_select_ranks_entries_not_their_order():
+    e = lambda c, plat=None, **kw: {"mediaType": spec.DOCKER_MANIFEST, "digest": "sha256:" + c * 64, "size": 1,
+                                    **({"platform": plat} if plat else {}), **kw}
+    idx = spec.parse_document(json.dumps({"schemaVersion": 2, "mediaType": spec.DOCKER_MANIFEST_LIST, "manifests": [
+        e("a", {"os": "unknown", "architecture": "unknown"}),
+        e("b", {"os": "linux", "architecture": "arm64", "variant": "v8"}),
+        e("c"),                                              # no platform: a last resort
+        e("d", {"os": "linux", "architecture": "amd64"}),
+        e("f", {"os": "linux", "architecture": "arm", "variant": "v6"}),
+        e("9", {"os": "linux", "architecture": "arm", "variant": "v7"}),
+    ]}).encode())
+    assert idx.select(Platform("linux", "amd64")).digest == "sha256:" + "d" * 64
+    assert idx.select(Platform("linux", "arm64", "v8")).digest == "sha256:" + "b" * 64
+    assert idx.select(Platform("linux", "arm", "v7")).digest == "sha256:" + "9" * 64
+    assert idx.select(Platform("linux", "s390x")).digest == "sha256:" + "c" * 64
+
+
+def test_descriptor_urls_must_be_strings():
+    with pytest.raises(ManifestError, match="invalid urls"):
+        spec.Descriptor.from_json({"mediaType": spec.DOCKER_FOREIGN_LAYER_GZIP, "digest": D, "size": 1, "urls": "x"})

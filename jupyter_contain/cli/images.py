@@ -28,6 +28,8 @@ def _image_json(rec: ImageRecord) -> dict:
     return {
         "name": rec.name,
         "digest": rec.digest,
+        "media_type": rec.descriptor.media_type,
+        "index_digest": rec.index_digest,
         "id": rec.id,
         "size": rec.size,
         "created": rec.config.created,
@@ -63,7 +65,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_tag(args: argparse.Namespace) -> int:
     store = _store(args)
     rec = store.resolve(args.source)
-    store.tag(args.target, rec.descriptor)
+    store.tag(args.target, rec.descriptor, index_digest=rec.index_digest)
     return 0
 
 

@@ -32,19 +32,44 @@ OCI_LAYER_ND_ZSTD = "application/vnd.oci.image.layer.nondistributable.v1.tar+zst
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+#: not in Docker's schema2 text, but what containerd (and so Docker 23+) writes for zstd layers
+DOCKER_LAYER_ZSTD = "application/vnd.docker.image.rootfs.diff.tar.zstd"
+DOCKER_FOREIGN_LAYER = "application/vnd.docker.image.rootfs.foreign.diff.tar"
 DOCKER_FOREIGN_LAYER_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 DOCKER_SCHEMA1 = (
     "application/vnd.docker.distribution.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
 )
+SCHEMA1_ERROR = ("Docker schema1 manifests (application/vnd.docker.distribution.manifest.v1, schemaVersion 1) "
+                 "are not supported: the image is too old (schema1 is deprecated since Docker 1.10, 2016); "
+                 "re-push it with a current Docker, podman or skopeo (they write schema 2 or OCI)")
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-LAYER_TYPES = frozenset({
-    OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_LAYER_ND, OCI_LAYER_ND_GZIP,
-    OCI_LAYER_ND_ZSTD, DOCKER_LAYER_GZIP, DOCKER_FOREIGN_LAYER_GZIP,
-})
+CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
+
+#: every layer media type we unpack -> (compression, OCI equivalent). The OCI
+#: equivalent names the same bytes in an OCI manifest (a blob's digest does not
+#: depend on the media type a manifest gives it), as ``skopeo copy`` converts them.
+LAYER_MEDIA_TYPES: Mapping[str, tuple[str, str]] = {
+    OCI_LAYER: ("tar", OCI_LAYER),
+    OCI_LAYER_GZIP: ("gzip", OCI_LAYER_GZIP),
+    OCI_LAYER_ZSTD: ("zstd", OCI_LAYER_ZSTD),
+    OCI_LAYER_ND: ("tar", OCI_LAYER_ND),
+    OCI_LAYER_ND_GZIP: ("gzip", OCI_LAYER_ND_GZIP),
+    OCI_LAYER_ND_ZSTD: ("zstd", OCI_LAYER_ND_ZSTD),
+    DOCKER_LAYER: ("tar", OCI_LAYER),
+    DOCKER_LAYER_GZIP: ("gzip", OCI_LAYER_GZIP),
+    DOCKER_LAYER_ZSTD: ("zstd", OCI_LAYER_ZSTD),
+    DOCKER_FOREIGN_LAYER: ("tar", OCI_LAYER_ND),
+    DOCKER_FOREIGN_LAYER_GZIP: ("gzip", OCI_LAYER_ND_GZIP),
+}
+LAYER_TYPES = frozenset(LAYER_MEDIA_TYPES)
+#: layers a registry need not serve (Windows base layers, licensed content): ``urls`` say where they are
+FOREIGN_LAYER_TYPES = frozenset({OCI_LAYER_ND, OCI_LAYER_ND_GZIP, OCI_LAYER_ND_ZSTD, DOCKER_FOREIGN_LAYER,
+                                 DOCKER_FOREIGN_LAYER_GZIP})
 
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_CREATED = "org.opencontainers.image.created"
@@ -252,7 +277,9 @@ class Descriptor:
             if not isinstance(p.get("os"), str) or not isinstance(p.get("architecture"), str):
                 raise ManifestError(f"{where}: invalid platform")
             plat = Platform(p["os"], normalize_arch(p["architecture"]), p.get("variant") or None)
-        urls = d.get("urls") or ()
+        urls = d.get("urls") or []
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ManifestError(f"{where}: invalid urls")
         return cls(mt, digest, size, dict(ann), plat, tuple(urls))
 
     def to_json(self) -> dict[str, Any]:
@@ -278,6 +305,23 @@ class Manifest:
     layers: tuple[Descriptor, ...]
     annotations: Mapping[str, str] = field(default_factory=dict)
 
+    @property
+    def is_oci(self) -> bool:
+        return self.media_type == OCI_MANIFEST
+
+    def oci_form(self) -> "Manifest":
+        """The same image as an OCI manifest: the same config and layer blobs, OCI media types.
+
+        What ``skopeo copy --format oci`` makes of a Docker schema2 manifest; peers that
+        read only OCI layouts (umoci, skopeo's ``oci:`` transport) need it.
+        """
+        if self.is_oci:
+            return self
+        config = Descriptor(OCI_CONFIG, self.config.digest, self.config.size, self.config.annotations)
+        layers = tuple(Descriptor(oci_layer_type(d.media_type), d.digest, d.size, d.annotations, None, d.urls)
+                       for d in self.layers)
+        return Manifest(OCI_MANIFEST, config, layers, self.annotations)
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "schemaVersion": 2,
@@ -288,6 +332,22 @@ class Manifest:
         if self.annotations:
             d["annotations"] = dict(self.annotations)
         return d
+
+
+def oci_layer_type(media_type: str) -> str:
+    """The OCI media type for a layer of either family (same compression, same bytes)."""
+    try:
+        return LAYER_MEDIA_TYPES[media_type][1]
+    except KeyError:
+        raise ManifestError(f"unsupported layer media type {media_type!r}") from None
+
+
+def layer_compression(media_type: str) -> str:
+    """``tar``, ``gzip`` or ``zstd`` for a layer media type of either family."""
+    try:
+        return LAYER_MEDIA_TYPES[media_type][0]
+    except KeyError:
+        raise ManifestError(f"unsupported layer media type {media_type!r}") from None
 
 
 @dataclass(frozen=True)
@@ -308,42 +368,55 @@ class Index:
         )
 
     def select(self, platform: Platform) -> Descriptor:
-        """The entry for ``platform``; a clear error naming what is offered otherwise."""
-        candidates = [m for m in self.runnable() if m.platform is None or m.platform.matches(platform)]
-        # prefer an exact variant match, then any
-        for m in candidates:
-            if m.platform and m.platform.variant == platform.variant:
-                return m
-        if candidates:
-            return candidates[0]
-        offered = ", ".join(sorted({str(m.platform) for m in self.runnable() if m.platform})) or "none"
+        """The entry for ``platform``; a clear error naming what is offered otherwise.
+
+        Entries are ranked, not taken in order: an index may list other platforms or
+        attestations first. An entry naming this platform and variant wins, then one
+        naming the platform with another or no variant, then one naming no platform.
+        """
+        runnable = self.runnable()
+        ranked = sorted(
+            (m for m in runnable if m.platform is None or m.platform.matches(platform)),
+            key=lambda m: 2 if m.platform is None else 0 if m.platform.variant == platform.variant else 1,
+        )
+        if ranked:
+            return ranked[0]
+        offered = ", ".join(sorted({str(m.platform) for m in runnable if m.platform})) or "none"
         raise ManifestError(f"no image for platform {platform} (offered: {offered})")
 
 
 def parse_document(data: bytes, *, media_type: str | None = None) -> Manifest | Index:
-    """Parse a manifest or index; reject schema1 and anything malformed with a clear error."""
+    """Parse a manifest or index; reject schema1 and anything malformed with a clear error.
+
+    ``media_type`` is what the source announced (a registry's Content-Type, a
+    descriptor); when the document names its own type, the two must agree.
+    """
     if media_type in DOCKER_SCHEMA1:
-        raise ManifestError("Docker schema1 manifests are not supported (the image is too old: "
-                            "re-push it with a current Docker or skopeo)")
+        raise ManifestError(SCHEMA1_ERROR)
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ManifestError("manifest is not a JSON object")
-    if doc.get("schemaVersion") == 1:
-        raise ManifestError("Docker schema1 manifests are not supported (the image is too old: "
-                            "re-push it with a current Docker or skopeo)")
+    if doc.get("schemaVersion") == 1 or doc.get("mediaType") in DOCKER_SCHEMA1:
+        raise ManifestError(SCHEMA1_ERROR)
     if doc.get("schemaVersion") != 2:
         raise ManifestError(f"unsupported manifest schemaVersion {doc.get('schemaVersion')!r}")
-    mt = doc.get("mediaType") or media_type
+    if media_type in ("application/json", "application/octet-stream", "text/plain"):
+        media_type = None
+    own = doc.get("mediaType")
+    if own is not None and not isinstance(own, str):
+        raise ManifestError("manifest mediaType is not a string")
+    if media_type and own and media_type != own:
+        raise ManifestError(f"the document's mediaType {own!r} differs from the {media_type!r} its source "
+                            "announced")
+    mt = own or media_type
     if mt is None:  # OCI allows omitting mediaType: tell by shape
         mt = OCI_INDEX if "manifests" in doc else OCI_MANIFEST
-    if media_type and doc.get("mediaType") and media_type != doc["mediaType"] and media_type not in (
-        "application/json", "application/octet-stream"
-    ):
-        raise ManifestError(f"manifest mediaType {doc['mediaType']!r} differs from {media_type!r}")
     ann = doc.get("annotations") or {}
+    if not isinstance(ann, dict):
+        raise ManifestError("manifest annotations are not an object")
     if mt in INDEX_TYPES:
         entries = doc.get("manifests")
         if not isinstance(entries, list):
@@ -355,6 +428,9 @@ def parse_document(data: bytes, *, media_type: str | None = None) -> Manifest | 
         if not isinstance(layers, list):
             raise ManifestError("manifest has no layers list")
         config = Descriptor.from_json(doc.get("config"), where="manifest config")
+        if config.media_type not in CONFIG_TYPES:
+            raise ManifestError(f"not a container image: its config has media type {config.media_type!r} "
+                                f"(an artifact, signature or attestation?)")
         descs = tuple(Descriptor.from_json(e, where=f"layer {i}") for i, e in enumerate(layers))
         for i, d in enumerate(descs):
             if d.media_type not in LAYER_TYPES:

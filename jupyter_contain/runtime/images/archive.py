@@ -26,6 +26,8 @@ from typing import Any, BinaryIO, Callable, Mapping, Sequence
 from ...errors import DigestMismatch, ImageError, ManifestError
 from ..spec import (
     ANNOTATION_REF_NAME,
+    DOCKER_MANIFEST,
+    FOREIGN_LAYER_TYPES,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER,
@@ -47,7 +49,7 @@ from ..spec import (
 )
 from ..fsutil import atomic_writer
 from . import deflate
-from .store import ImageRecord, Staging, Store, now_rfc3339
+from .store import ANNOTATION_MANIFEST, MAX_DOCUMENT_SIZE, ImageRecord, Staging, Store, now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +197,17 @@ def _pick_entry(entries: list[Descriptor], ref: str | None, *, source: str) -> D
 
 
 def _copy_image_blobs(store: Store, top: Descriptor, *, read_doc: Callable[[Descriptor], bytes],
-                      put_blob: Callable[[Descriptor], None], platform: Platform | None) -> Descriptor:
-    """Store a manifest (choosing from an index) and every blob it names; returns its descriptor.
+                      put_blob: Callable[[Descriptor], None], source_size: Callable[[str], int | None],
+                      platform: Platform | None) -> tuple[Descriptor, str | None]:
+    """Store a manifest (choosing from an index) and every blob it names.
 
-    ``read_doc`` returns a document's bytes; ``put_blob`` moves a blob into the
-    store, verifying its size and digest.
+    Returns the descriptor of the manifest as its source served it and the digest
+    of the (stored) index it was chosen from, if any. ``read_doc`` returns a
+    document's bytes; ``put_blob`` moves a blob into the store, verifying its size
+    and digest; ``source_size`` gives a blob's size in the source (None: absent). An entry
+    that is the OCI form of a Docker manifest (as our store and our oci-archives
+    keep them, see ``store.ANNOTATION_MANIFEST``) gives back the Docker manifest
+    when the source holds it and it names the same blobs.
     """
     docs: list[tuple[Descriptor, bytes]] = []
 
@@ -213,17 +221,42 @@ def _copy_image_blobs(store: Store, top: Descriptor, *, read_doc: Callable[[Desc
         return data
 
     desc = top
+    index_digest = None
     doc = parse_document(fetch_doc(desc), media_type=desc.media_type)
     while isinstance(doc, Index):
+        index_digest = desc.digest
         desc = doc.select(platform or Platform.host())
         doc = parse_document(fetch_doc(desc), media_type=desc.media_type)
+    served = top.annotations.get(ANNOTATION_MANIFEST)
+    served_size = source_size(served) if served and desc is top and served != desc.digest else None
+    if served and served_size is not None and served_size <= MAX_DOCUMENT_SIZE:
+        data = read_doc(Descriptor(DOCKER_MANIFEST, served, served_size))
+        original = parse_document(data) if sha256_digest(data) == served else None
+        if isinstance(original, Manifest) and original.oci_form() == doc.oci_form():
+            desc = Descriptor(original.media_type, served, len(data))
+            docs.append((desc, data))
+        else:
+            log.warning("%s: the manifest %s its entry names as served does not match it; importing the "
+                        "OCI form", top.digest, served)
     for blob in (doc.config, *doc.layers):
         if not store.has_blob(blob.digest):
+            if blob.media_type in FOREIGN_LAYER_TYPES and source_size(blob.digest) is None:
+                where = f" (the image says it is at {', '.join(blob.urls)})" if blob.urls else ""
+                raise ImageError(f"layer {blob.digest} is a non-distributable (foreign) layer ({blob.media_type}) "
+                                 f"that this archive does not include{where}: jupyter-contain does not fetch "
+                                 "layers from URLs; save the image with its foreign layers included")
             put_blob(blob)
     ImageConfig.parse(store.read_blob(doc.config.digest))
     for d, data in docs:  # the documents go in last: nothing names a blob that is not there
         store.write_blob(data, expected_digest=d.digest, what=f"manifest {d.digest}")
-    return Descriptor(desc.media_type, desc.digest, desc.size)
+    return Descriptor(desc.media_type, desc.digest, desc.size), index_digest
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
 
 
 def import_oci_layout(store: Store, layout: Path, *, ref: str | None = None, name: str | None = None,
@@ -250,8 +283,10 @@ def import_oci_layout(store: Store, layout: Path, *, ref: str | None = None, nam
 
     target = _target_name(name, ref or top.annotations.get(ANNOTATION_REF_NAME), source=str(layout))
     with store.writing():
-        desc = _copy_image_blobs(store, top, read_doc=read_doc, put_blob=put_blob, platform=platform)
-        store.tag(target, desc)
+        desc, index_digest = _copy_image_blobs(
+            store, top, read_doc=read_doc, put_blob=put_blob, platform=platform,
+            source_size=lambda d: _size_of(layout / "blobs" / "sha256" / digest_hex(d)))
+        store.tag(target, desc, index_digest=index_digest)
     rec = store.resolve(str(target))
     if unpack:
         store.ensure_unpacked(rec)
@@ -308,9 +343,9 @@ def import_oci_archive(store: Store, archive: Path, *, ref: str | None = None, n
                 raise ImageError(f"{archive}: blob {desc.digest} is missing")
             return staging.read(desc.digest)
 
-        desc = _copy_image_blobs(store, top, read_doc=read_doc, put_blob=_staged_put(staging, archive),
-                                 platform=platform)
-        store.tag(target, desc)
+        desc, index_digest = _copy_image_blobs(store, top, read_doc=read_doc, put_blob=_staged_put(staging, archive),
+                                               source_size=staging.size, platform=platform)
+        store.tag(target, desc, index_digest=index_digest)
     rec = store.resolve(str(target))
     if unpack:
         store.ensure_unpacked(rec)
@@ -414,19 +449,29 @@ def _add_blob(tar: tarfile.TarFile, store: Store, name: str, digest: str) -> Non
 
 
 def save_oci_archive(store: Store, image: ImageRecord, dest: Path) -> None:
-    """Write ``image`` as an oci-archive (read by ``podman load``, ``skopeo``, ``docker load``)."""
+    """Write ``image`` as an oci-archive (read by ``podman load``, ``skopeo``, ``docker load``).
+
+    The archive's ``index.json`` names an OCI manifest, as peers need (skopeo's
+    ``oci:`` transport skips other entries): for a Docker schema2 image its OCI
+    form, with the Docker manifest beside it and named by an annotation, so that
+    importing the archive here gives back the image with its registry digest.
+    """
     ref = Reference.parse(image.name)
+    entry = store.oci_form(image.digest, image.manifest)
+    annotations = {ANNOTATION_REF_NAME: str(ref)}
+    if entry.digest != image.digest:
+        annotations[ANNOTATION_MANIFEST] = image.digest
     index = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
-        "manifests": [image.descriptor.with_annotations({ANNOTATION_REF_NAME: str(ref)}).to_json()],
+        "manifests": [entry.with_annotations(annotations).to_json()],
     }
 
     def write(f: BinaryIO) -> None:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             _add_bytes(tar, "oci-layout", json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode())
             _add_bytes(tar, "index.json", json.dumps(index).encode())
-            for d in dict.fromkeys([image.digest, image.manifest.config.digest,
+            for d in dict.fromkeys([entry.digest, image.digest, image.manifest.config.digest,
                                     *(layer.digest for layer in image.manifest.layers)]):
                 _add_blob(tar, store, f"blobs/sha256/{digest_hex(d)}", d)
 

@@ -39,6 +39,7 @@ from urllib.parse import unquote_to_bytes
 import zstandard
 
 from ... import errors
+from .. import spec as _spec
 from ..fsutil import remove_tree
 from . import deflate, rootless
 
@@ -58,18 +59,8 @@ AUFS_META_PREFIX = ".wh..wh."
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
-#: layer media type -> compression of the blob
-LAYER_MEDIA_TYPES: dict[str, str] = {
-    "application/vnd.oci.image.layer.v1.tar": "tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar": "tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
-    "application/vnd.docker.image.rootfs.diff.tar": "tar",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
-}
+#: layer media type -> compression of the blob (both families: the table lives in ``spec``)
+LAYER_MEDIA_TYPES: dict[str, str] = {mt: comp for mt, (comp, _oci) in _spec.LAYER_MEDIA_TYPES.items()}
 
 # kinds of what this layer created, in the extractor's map
 _DIR, _FILE, _SYMLINK, _FIFO, _WHITEOUT = 1, 2, 3, 4, 5

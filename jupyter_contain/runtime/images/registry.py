@@ -58,6 +58,7 @@ from ..spec import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     DOCKER_SCHEMA1,
+    FOREIGN_LAYER_TYPES,
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
@@ -612,6 +613,8 @@ def _download_blob(client: Client, repo: str, t: _Transfer, *, scope: str, track
                         log.info("%s: registry ignored Range; starting over", what)
                 elif resp.status_code == 416 and w.size >= desc.size:
                     break
+                elif resp.status_code == 404 and desc.media_type in FOREIGN_LAYER_TYPES:
+                    raise _foreign_layer_error(desc, client.registry)
                 else:
                     raise _status_error(resp, what, client.registry)
                 for chunk in resp.raw.stream(_READ_CHUNK, decode_content=False):
@@ -642,6 +645,16 @@ def _download_blob(client: Client, repo: str, t: _Transfer, *, scope: str, track
             time.sleep(client.config.backoff * 2 ** (failures - 1))
             tracker.status(desc.digest, _progress.DOWNLOADING)
     w.verify()
+
+
+def _foreign_layer_error(desc: Descriptor, registry: str) -> ManifestError:
+    # a non-distributable layer's urls lead outside the registry (Windows base layers,
+    # licensed content); a pull follows the registry only, as it must verify what it trusts
+    where = f" (the image says it is at {', '.join(desc.urls)})" if desc.urls else ""
+    return ManifestError(f"layer {desc.digest} is a non-distributable (foreign) layer ({desc.media_type}) "
+                         f"that registry {registry} does not serve{where}: jupyter-contain takes layers from "
+                         f"the registry only; push the image with its foreign layers included (e.g. "
+                         f"`skopeo copy` from a copy that has them) or use an image without them")
 
 
 def _enospc(exc: OSError, store: Store, what: str) -> StoreError:
@@ -689,11 +702,16 @@ def _pull_from(client: Client, store: Store, ref: Reference, *, platform: Platfo
         # 1. the manifest (through an index if need be), verified
         body, media_type, doc = _fetch_manifest(client, repo, ref.digest or ref.tag or "latest", scope=scope)
         top_digest = sha256_digest(body)
+        index_body: bytes | None = None
         if isinstance(doc, Index):
             chosen = doc.select(platform)
+            index_body = body   # kept as served: NAME@<its digest> must find the image again
             body, media_type, doc = _fetch_manifest(client, repo, chosen.digest, scope=scope, expected=chosen)
             if isinstance(doc, Index):
                 raise ManifestError(f"{ref}: an index inside an index is not supported")
+            if doc.media_type != chosen.media_type:
+                raise ManifestError(f"{ref}: the index says {chosen.digest} is a {chosen.media_type}, "
+                                    f"the registry served a {doc.media_type}")
         manifest: Manifest = doc
         manifest_desc = Descriptor(media_type, sha256_digest(body), len(body))
 
@@ -715,12 +733,14 @@ def _pull_from(client: Client, store: Store, ref: Reference, *, platform: Platfo
             if not store.has_blob(manifest.config.digest):
                 store.write_blob(config_bytes, expected_digest=manifest.config.digest, what="image config")
             store.write_blob(body, expected_digest=manifest_desc.digest, what="manifest")
+            if index_body is not None:
+                store.write_blob(index_body, expected_digest=top_digest, what="index")
             record_sources(store, [manifest.config.digest, *(d.digest for d in manifest.layers),
                                    manifest_desc.digest], f"{ref.registry}/{repo}")
             # pulled by digest only: a tag derived from the digest keeps it from gc
             tag = ref.tag or "sha256-" + digest_hex(ref.digest or top_digest)
             name = Reference(ref.registry, repo, tag)
-            store.tag(name, manifest_desc)
+            store.tag(name, manifest_desc, index_digest=top_digest if index_body is not None else None)
     except _NETWORK_ERRORS as exc:
         raise RegistryError(f"pulling {ref}: connection to registry {client.registry} lost: {_why(exc)}") from None
     except OSError as exc:
@@ -728,7 +748,8 @@ def _pull_from(client: Client, store: Store, ref: Reference, *, platform: Platfo
             raise _enospc(exc, store, f"pulling {ref}") from None
         raise StoreError(f"pulling {ref}: {exc}") from None
     tracker.finished()
-    return ImageRecord(name=str(name), descriptor=manifest_desc, manifest=manifest, config=image_config)
+    return ImageRecord(name=str(name), descriptor=manifest_desc, manifest=manifest, config=image_config,
+                       index_digest=top_digest if index_body is not None else None)
 
 
 def _fetch_small_blob(client: Client, repo: str, desc: Descriptor, *, scope: str, store: Store) -> bytes:

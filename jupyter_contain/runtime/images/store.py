@@ -7,6 +7,17 @@ every container); pins (``pins/<owner>.json``: which image a container holds);
 and the locks and temp space that keep it consistent. Must not start
 containers, talk to registries or know about Jupyter.
 
+Images keep the documents their source served, byte for byte (a Docker schema2
+manifest, the index or manifest list a platform was chosen from), so that their
+digests stay the registry's: ``NAME@sha256:...`` keeps matching and a push of an
+unchanged image gives the registry the same digest. ``index.json`` must still be
+readable by peers that know OCI manifests only (skopeo's ``oci:`` transport
+skips other entries, umoci refuses them), so a tag of a Docker manifest points
+at its OCI form (same config and layer blobs, OCI media types, written here),
+and the entry's annotations name what was served (``ANNOTATION_MANIFEST``,
+``ANNOTATION_INDEX``). Stores written before this kept Docker manifests in
+``index.json`` directly: they are read as they are and upgraded on open.
+
 Consistency rules, so that a crash at any point leaves a store that opens and
 lists correctly:
 - a blob is written to ``tmp/``, verified (size, sha256), fsynced, then renamed
@@ -39,6 +50,7 @@ from .rootless import remove_tree   # fsutil's, with the rootless fallback
 from ...errors import DigestMismatch, ImageInUse, ImageNotFound, ManifestError, StoreError
 from ..spec import (
     ANNOTATION_REF_NAME,
+    DOCKER_MANIFEST,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYOUT_VERSION,
@@ -55,9 +67,16 @@ from ..spec import (
     local_alternative,
     local_name,
     parse_document,
+    sha256_digest,
 )
 
 log = logging.getLogger(__name__)
+
+#: index.json entry annotations: the manifest as served, when the entry is its OCI form
+ANNOTATION_MANIFEST = "io.jupyter-contain.manifest.digest"
+#: ... and the index (or manifest list) the manifest was chosen from, stored as served
+ANNOTATION_INDEX = "io.jupyter-contain.index.digest"
+_OWN_ANNOTATIONS = (ANNOTATION_MANIFEST, ANNOTATION_INDEX)
 
 #: largest manifest/config/index we read into memory
 MAX_DOCUMENT_SIZE = 8 << 20
@@ -80,9 +99,11 @@ class ImageRecord:
     """One tagged image in the store."""
 
     name: str                  # full reference, e.g. "docker.io/library/debian:bookworm"
-    descriptor: Descriptor     # of the manifest
+    descriptor: Descriptor     # of the manifest as served (OCI or Docker schema2)
     manifest: Manifest
     config: ImageConfig
+    #: the index or manifest list the manifest was chosen from (stored as served), if any
+    index_digest: str | None = None
 
     @property
     def digest(self) -> str:
@@ -233,6 +254,13 @@ class Staging:
     def open(self, digest: str) -> BinaryIO:
         return open(self.dir / digest_hex(digest), "rb")
 
+    def size(self, digest: str) -> int | None:
+        """The staged blob's size, None if it is not staged."""
+        try:
+            return (self.dir / digest_hex(digest)).stat().st_size
+        except FileNotFoundError:
+            return None
+
     def read(self, digest: str, *, max_size: int = MAX_DOCUMENT_SIZE) -> bytes:
         path = self.dir / digest_hex(digest)
         if path.stat().st_size > max_size:
@@ -268,9 +296,12 @@ class Store:
         # parsed images by manifest digest, to spare every container create and
         # start from reading and hashing them again (blobs are content-addressed:
         # a digest's document never changes)
-        self._records: dict[tuple[str, str, Platform | None], tuple[Descriptor, Manifest, ImageConfig]] = {}
+        # (descriptor, manifest, config, the document's media type, index digest)
+        self._records: dict[tuple[str, Platform | None],
+                            tuple[Descriptor, Manifest, ImageConfig, str, str | None]] = {}
         self._records_lock = threading.Lock()
         self._ensure_layout()
+        self._upgrade_index()
 
     # --- layout and locks ------------------------------------------------------
 
@@ -378,11 +409,14 @@ class Store:
         doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
         atomic_write(self.root / "index.json", json.dumps(doc, indent=2).encode() + b"\n")
 
-    def tag(self, name: str | Reference, descriptor: Descriptor) -> str:
+    def tag(self, name: str | Reference, descriptor: Descriptor, *, index_digest: str | None = None) -> str:
         """Point tag ``name`` at the manifest ``descriptor`` (whose blob must be stored).
 
         A plain string without a registry names a local image (``localhost/``),
         as Podman does; pass a :class:`Reference` to store a name exactly.
+        ``descriptor`` names the manifest as served (OCI or Docker schema2); a
+        Docker one is entered as its OCI form (see the module text).
+        ``index_digest`` names the stored index it was chosen from.
         """
         ref = name if isinstance(name, Reference) else local_name(name)
         if ref.tag is None:
@@ -390,7 +424,10 @@ class Store:
         ref_name = str(ref)
         if not self.has_blob(descriptor.digest):
             raise StoreError(f"cannot tag {ref_name}: manifest {descriptor.digest} is not stored")
-        entry = descriptor.with_annotations({**descriptor.annotations, ANNOTATION_REF_NAME: ref_name}).to_json()
+        if index_digest is not None and not self.has_blob(index_digest):
+            raise StoreError(f"cannot tag {ref_name}: index {index_digest} is not stored")
+        entry = self._entry(descriptor, index_digest=index_digest)
+        entry = entry.with_annotations({**entry.annotations, ANNOTATION_REF_NAME: ref_name}).to_json()
         with self._lock("index", exclusive=True):
             entries = [e for e in self._read_index() if _ref_name(e) != ref_name]
             entries.append(entry)
@@ -398,12 +435,81 @@ class Store:
         log.info("tagged %s -> %s", ref_name, descriptor.digest)
         return ref_name
 
+    def _entry(self, descriptor: Descriptor, *, index_digest: str | None) -> Descriptor:
+        """The ``index.json`` descriptor for a manifest as served (its OCI form for a Docker one)."""
+        kept = {k: v for k, v in descriptor.annotations.items() if k not in _OWN_ANNOTATIONS}
+        own: dict[str, str] = {ANNOTATION_INDEX: index_digest} if index_digest else {}
+        doc = parse_document(self.read_blob(descriptor.digest))
+        if doc.media_type != descriptor.media_type:
+            raise ManifestError(f"manifest {descriptor.digest} is a {doc.media_type}, "
+                                f"not the {descriptor.media_type} its descriptor says")
+        if isinstance(doc, Manifest) and not doc.is_oci:
+            view = self.oci_form(descriptor.digest, doc)
+            return Descriptor(view.media_type, view.digest, view.size, {**kept, ANNOTATION_MANIFEST:
+                                                                        descriptor.digest, **own})
+        return Descriptor(descriptor.media_type, descriptor.digest, descriptor.size, {**kept, **own},
+                          descriptor.platform)
+
+    def oci_form(self, digest: str, doc: Manifest | None = None) -> Descriptor:
+        """The descriptor of manifest ``digest`` as OCI peers read it: itself, or its stored OCI form.
+
+        The OCI form of a Docker manifest is written on first need; its bytes are
+        canonical JSON, so the same manifest always gets the same OCI form.
+        """
+        if doc is None:
+            parsed = parse_document(self.read_blob(digest))
+            if not isinstance(parsed, Manifest):
+                raise ManifestError(f"{digest} is an index, not an image manifest")
+            doc = parsed
+        if doc.is_oci:
+            return Descriptor(OCI_MANIFEST, digest, self.blob_path(digest).stat().st_size)
+        data = canonical_json(doc.oci_form().to_json())
+        view = sha256_digest(data)
+        if not self.has_blob(view):
+            with self.writing():
+                self.write_blob(data, expected_digest=view, what=f"OCI form of manifest {digest}")
+        return Descriptor(OCI_MANIFEST, view, len(data))
+
     def untag(self, name: str) -> Descriptor:
         rec = self.resolve(name)
         with self._lock("index", exclusive=True):
             entries = [e for e in self._read_index() if _ref_name(e) != rec.name]
             self._write_index(entries)
         return rec.descriptor
+
+    def _upgrade_index(self) -> None:
+        """Give Docker manifests that an earlier version tagged directly their OCI form.
+
+        Nothing is lost: the entries keep their names, and the Docker manifests stay
+        (named by the entries' annotations), so digests and pins are unchanged.
+        Without write access the store is read as it is (peers then miss those images).
+        """
+        if not any(e.get("mediaType") == DOCKER_MANIFEST for e in self._read_index()):
+            return
+        upgraded: list[str] = []
+        try:
+            with self.writing(), self._lock("index", exclusive=True):
+                entries = []
+                for e in self._read_index():
+                    name = _ref_name(e)
+                    if e.get("mediaType") == DOCKER_MANIFEST and name:
+                        try:
+                            entry = self._entry(Descriptor.from_json(e), index_digest=None)
+                        except (ManifestError, StoreError, DigestMismatch) as exc:
+                            log.warning("image %s: cannot write the OCI form of its Docker manifest: %s", name, exc)
+                        else:
+                            e = entry.with_annotations({**entry.annotations, ANNOTATION_REF_NAME: name}).to_json()
+                            upgraded.append(name)
+                    entries.append(e)
+                self._write_index(entries)
+        except OSError as exc:
+            log.warning("image store %s holds Docker manifests tagged by an earlier version, and cannot be "
+                        "upgraded now (%s): jupyter-contain reads them as they are; for skopeo's oci: "
+                        "transport and umoci to see them, run `jupyter contain images` once as a user who "
+                        "may write the store", self.root, exc)
+            return
+        log.info("image store %s: %d Docker manifests tagged by an earlier version now have their OCI form "
+                 "(%s)", self.root, len(upgraded), ", ".join(upgraded))
 
     # --- reading images ------------------------------------------------------------
 
@@ -416,34 +522,55 @@ class Store:
     def config(self, digest: str) -> ImageConfig:
         return ImageConfig.parse(self.read_blob(digest))
 
-    def _record(self, name: str, desc: Descriptor, *, platform: Platform | None = None) -> ImageRecord:
-        key = (desc.digest, desc.media_type, platform)
+    def _record(self, name: str, digest: str, *, media_type: str | None = None, platform: Platform | None = None,
+                index_digest: str | None = None) -> ImageRecord:
+        """The image of manifest (or index) ``digest``; ``media_type``, if given, must be the document's."""
+        key = (digest, platform)
         hit = self._records.get(key)
-        if hit is not None:
-            return ImageRecord(name=name, descriptor=hit[0], manifest=hit[1], config=hit[2])
-        rec = self._read_record(name, desc, platform=platform)
-        with self._records_lock:   # a server starts kernels from several threads
-            if len(self._records) >= 64:
-                self._records.pop(next(iter(self._records)))
-            self._records[key] = (rec.descriptor, rec.manifest, rec.config)
-        return rec
+        if hit is None:
+            hit = self._read_record(name, digest, media_type=media_type, platform=platform)
+            with self._records_lock:   # a server starts kernels from several threads
+                if len(self._records) >= 64:
+                    self._records.pop(next(iter(self._records)))
+                self._records[key] = hit
+        elif media_type and hit[3] != media_type:
+            raise ManifestError(f"{digest} is a {hit[3]}, not the {media_type} its descriptor says")
+        return ImageRecord(name=name, descriptor=hit[0], manifest=hit[1], config=hit[2],
+                           index_digest=index_digest or hit[4])
 
-    def _read_record(self, name: str, desc: Descriptor, *, platform: Platform | None = None) -> ImageRecord:
-        doc = parse_document(self.read_blob(desc.digest), media_type=desc.media_type)
+    def _read_record(self, name: str, digest: str, *, media_type: str | None, platform: Platform | None
+                     ) -> tuple[Descriptor, Manifest, ImageConfig, str, str | None]:
+        """(descriptor, manifest, config, the document's media type, index digest), read and verified."""
+        data = self.read_blob(digest)
+        doc = parse_document(data, media_type=media_type)
         if isinstance(doc, Index):
             # an index stored whole (e.g. from an oci layout): pick this machine's entry
-            desc = doc.select(platform or Platform.host())
-            return self._record(name, desc, platform=platform)
+            chosen = doc.select(platform or Platform.host())
+            rec = self._record(name, chosen.digest, media_type=chosen.media_type, platform=platform)
+            return rec.descriptor, rec.manifest, rec.config, doc.media_type, digest
         config = self.config(doc.config.digest)
         if len(config.diff_ids) != len(doc.layers):
             raise ManifestError(f"image {name}: {len(doc.layers)} layers but {len(config.diff_ids)} diff_ids")
-        return ImageRecord(name=name, descriptor=desc, manifest=doc, config=config)
+        return Descriptor(doc.media_type, digest, len(data)), doc, config, doc.media_type, None
+
+    def _entry_record(self, name: str, entry: dict[str, Any], *, fresh: bool = False) -> ImageRecord:
+        """The image an ``index.json`` entry names: the manifest as served, where the entry is its OCI form."""
+        desc = Descriptor.from_json(entry)
+        served = desc.annotations.get(ANNOTATION_MANIFEST)
+        index = desc.annotations.get(ANNOTATION_INDEX)
+        digest, media_type = (check_digest(served), None) if served else (desc.digest, desc.media_type)
+        if index is not None:
+            check_digest(index)
+        if fresh:   # read and verified again (not the cache): a listing shows what is on disk
+            d, m, c, _, idx = self._read_record(name, digest, media_type=media_type, platform=None)
+            return ImageRecord(name=name, descriptor=d, manifest=m, config=c, index_digest=index or idx)
+        return self._record(name, digest, media_type=media_type, index_digest=index)
 
     def record(self, name: str, digest: str) -> ImageRecord:
         """The image with manifest ``digest`` (tagged or not), reported under ``name``."""
         if not self.has_blob(digest):
             raise ImageNotFound(f"image {name} ({digest}) is no longer in the store")
-        return self._record(name, Descriptor(OCI_MANIFEST, digest, self.blob_path(digest).stat().st_size))
+        return self._record(name, digest)
 
     def images(self) -> list[ImageRecord]:
         """Every tagged image; an entry whose blobs are damaged is logged and skipped."""
@@ -453,14 +580,17 @@ class Store:
             if not name:
                 continue
             try:
-                # read and verified again (not the cache): a listing shows what is on disk
-                out.append(self._read_record(name, Descriptor.from_json(e)))
+                out.append(self._entry_record(name, e, fresh=True))
             except (ManifestError, StoreError, DigestMismatch) as exc:
                 log.warning("skipping damaged image %s: %s", name, exc)
         return out
 
     def resolve(self, text: str) -> ImageRecord:
-        """Find an image by name (Docker rules, ``localhost/`` fallback), digest or id prefix."""
+        """Find an image by name (Docker rules, ``localhost/`` fallback), digest or id prefix.
+
+        ``NAME@DIGEST`` matches the digest of the manifest as served, or of the
+        index it was chosen from.
+        """
         entries = [(n, e) for e in self._read_index() if (n := _ref_name(e))]
         wanted: list[str] = []
         try:
@@ -470,11 +600,12 @@ class Store:
         if ref is not None:
             if ref.digest and not ref.tag and "@" in text:
                 for n, e in entries:
-                    if e.get("digest") == ref.digest and n.startswith(ref.name + ":"):
-                        return self._record(n, Descriptor.from_json(e))
+                    ann = e.get("annotations") or {}
+                    if ref.digest in (e.get("digest"), ann.get(ANNOTATION_MANIFEST), ann.get(ANNOTATION_INDEX)) \
+                            and n.startswith(ref.name + ":"):
+                        return self._entry_record(n, e)
                 if self.has_blob(ref.digest):
-                    return self._record(str(ref), Descriptor(OCI_MANIFEST, ref.digest,
-                                                             self.blob_path(ref.digest).stat().st_size))
+                    return self._record(str(ref), ref.digest)
             wanted.append(str(Reference(ref.registry, ref.repository, ref.tag)))
             alt = local_alternative(text)
             if alt is not None:
@@ -482,9 +613,9 @@ class Store:
         by_name = dict(entries)
         for w in wanted:
             if w in by_name:
-                return self._record(w, Descriptor.from_json(by_name[w]))
+                return self._entry_record(w, by_name[w])
         if text in by_name:  # a name written by another tool, taken literally
-            return self._record(text, Descriptor.from_json(by_name[text]))
+            return self._entry_record(text, by_name[text])
         # an image id or manifest digest (prefix of at least 12 hex digits, like Docker)
         short = text.removeprefix("sha256:")
         if len(short) >= 12 and all(c in "0123456789abcdef" for c in short):
@@ -619,9 +750,12 @@ class Store:
                 diff_ids.update(self.config(doc.config.digest).diff_ids)
 
         for e in self._read_index():
-            if isinstance(e.get("digest"), str):
-                with contextlib.suppress(ManifestError):
-                    walk(check_digest(e["digest"]))
+            ann = e.get("annotations") if isinstance(e.get("annotations"), dict) else {}
+            # the entry's manifest, and what was served: the Docker manifest, the index
+            for d in (e.get("digest"), ann.get(ANNOTATION_MANIFEST), ann.get(ANNOTATION_INDEX)):
+                if isinstance(d, str):
+                    with contextlib.suppress(ManifestError):
+                        walk(check_digest(d))
         for pin in self.pins().values():
             with contextlib.suppress(ManifestError):
                 walk(check_digest(pin.get("manifest", "")))
