@@ -533,10 +533,26 @@ def test_pull_streams_progress_then_lists_inspects_and_removes(srv, registry, ke
     assert code == 201 and tagged["image"]["digest"] == rec.digest
     code, _ = srv.api("DELETE", f"images/{requests.utils.quote('srvtest/busy:2', safe='')}")
     assert code == 204
+    # push it back under another name (an operation too), then read it from the registry with skopeo
+    from registry_fixture import inspect_with_skopeo
+
+    code, body = srv.api("POST", f"images/{quoted}/push", {"target": f"{registry.address}/pushed:7"})
+    assert code == 202, body
+    pushed = srv.wait_operation(body["operation"]["id"])
+    assert pushed["state"] == "succeeded" and pushed["kind"] == "push", pushed
+    assert pushed["result"]["digest"] == rec.digest
+    assert inspect_with_skopeo(f"{registry.address}/pushed:7", raw=True)["layers"][0]["digest"] == \
+        rec.manifest.layers[0].digest
     code, _ = srv.api("DELETE", f"images/{quoted}")
     assert code == 204
     code, err = srv.api("GET", f"images/{quoted}")
     assert code == 404 and err["error"]["code"] == "image_not_found"
+    # nothing refers to its blobs now: gc frees them (and leaves every other image alone)
+    names = sorted(i["name"] for i in srv.api("GET", "images")[1]["images"])
+    code, gc = srv.api("POST", "images/gc")
+    assert code == 200 and gc["removed"]["blobs"] >= 3 and gc["removed"]["bytes"] > 0, gc
+    assert not kernel_env.store.has_blob(rec.manifest.layers[0].digest)
+    assert sorted(i["name"] for i in srv.api("GET", "images")[1]["images"]) == names
     code, ops = srv.api("GET", "operations")
     assert op["id"] in [o["id"] for o in ops["operations"]]
 
