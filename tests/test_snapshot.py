@@ -91,7 +91,7 @@ EDITS = (
     "chmod 700 /sbin; chmod 600 /etc/hostname; "         # metadata only (hostname is a stub: stays out)
     "mkdir -p /opt/app && echo data > /opt/app/f && ln /opt/app/f /opt/app/hard; "
     "ln -s ../app/f /opt/app/sym; mkfifo /opt/app/fifo; "
-    "echo x > /opt/app/suid && chmod 4755 /opt/app/suid; echo o > /opt/app/old; "
+    "echo x > /opt/app/suid && chmod 755 /opt/app/suid; echo o > /opt/app/old; "
     "head -c 300000 /dev/urandom > /opt/app/big; "
     f"mkdir -p /opt/{'d' * 60} && echo long > /opt/{'d' * 60}/{'f' * 70}; "
     "echo u > /opt/app/caf\u00e9; "
@@ -108,6 +108,9 @@ def edited(runtime, tmp_path):
     share = tmp_path / "share"
     share.mkdir()
     c = run_in(runtime, EDITS, binds=(parse_bind(f"{share}:/data/x"),))
+    # setuid from the host side: containers cannot make setuid files any more (issue #23 item 1), but
+    # a layer may hold them (an image's own), and a snapshot must keep the mode
+    os.chmod(c.upper / "opt/app/suid", 0o4755)
     os.setxattr(c.upper / "opt/app/suid", "security.capability", CAP_NET_BIND)
     os.setxattr(c.upper / "opt/app/f", "user.note", b"\xff\x00binary")
     os.utime(c.upper / "opt/app/old", (1600000000, 1600000000))
