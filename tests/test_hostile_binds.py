@@ -291,7 +291,10 @@ def assert_no_privilege_left(folder: Path, *, owners: set[tuple[int, int]], unto
         if stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IXOTH and st.st_size:
             res = subprocess.run(["runuser", "-u", "nobody", "--", str(folder / name), "euid"],
                                  capture_output=True, text=True, timeout=30, check=False)
-            assert f"euid={NOBODY} " in res.stdout, (name, res.stdout, res.stderr)
+            # the probe's copies say whom they run as; anything else (the kernel test's `id`,
+            # checked there) must at least not claim root
+            assert "euid=0" not in res.stdout and (res.returncode or f"euid={NOBODY} " in res.stdout), \
+                (name, res.stdout, res.stderr)
 
 
 def assert_refused(f: dict[str, str], *, host_files: bool = True) -> None:
@@ -360,4 +363,106 @@ def test_plain_bind_in_a_user_namespace(runtime, probe_dir, subids):
                                                  (BASE + 1000, BASE), (BASE, BASE + 1000)},
                                  untouched=("hostsuid", "hostsuid2"))
     finally:
+        remove_tree(folder.parent)
+
+
+# --- a rootless server ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("who", ["lone_user", "subid_user"])
+def test_rootless_server_folder(request, probe_dir, who):
+    """A user's own folder, bound into the user's rootless container: the same refusals.
+
+    No idmapped mount here (that takes CAP_SYS_ADMIN over the folder's
+    filesystem): container root is the user itself. A lone uid has no other
+    id to hand a file to; a user with subordinate ids can chown to them
+    (ids delegated to that user alone, as with rootless Podman), never to
+    host root or another user.
+    """
+    user = request.getfixturevalue(who)
+    folder = make_folder(probe_dir, user.uid, user.gid)
+    try:
+        r = user.container(SCRIPT, binds=[f"{folder}:/nb", f"{probe_dir}:/probe:ro"])
+        assert r.get("code") == 0, r
+        f = _fields(r["out"])
+        assert_refused(f)
+        opts = f["mountinfo"].split()[5].split(",")
+        assert "nosuid" in opts and "nodev" in opts
+        assert int(f["chown0"]) == 0
+        owners = {(user.uid, user.gid)}
+        if who == "lone_user":
+            assert {int(f[k]) for k in ("chown1000", "chown1000_uid", "chown1000_gid")} == {EINVAL}
+        else:
+            with open("/etc/subuid") as su, open("/etc/subgid") as sg:
+                uid0 = next(int(ln.split(":")[1]) for ln in su if ln.startswith(f"{SUBID_USER}:"))
+                gid0 = next(int(ln.split(":")[1]) for ln in sg if ln.startswith(f"{SUBID_USER}:"))
+            assert int(f["chown1000"]) == 0
+            st = os.lstat(folder / "own1000")
+            assert (st.st_uid, st.st_gid) == (uid0 + 999, gid0 + 999)     # container 1000 = subordinate id 1000
+            owners |= {(uid0 + 999, gid0 + 999), (uid0 + 999, user.gid), (user.uid, gid0 + 999)}
+        assert f["other_owner"] == f"{NOBODY}:{NOBODY}"
+        assert_user_files_work(folder, f, (user.uid, user.gid))
+        assert_no_privilege_left(folder, owners=owners)
+    finally:
+        remove_tree(folder.parent)
+
+
+# --- a real contained kernel: the issue's own cell ---------------------------------------------
+
+KERNEL_CELL = """
+import errno, os, shutil
+def attempt(fn):
+    try:
+        fn()
+        return 0
+    except OSError as exc:
+        return exc.errno
+shutil.copy("/usr/bin/id", "suid-id")
+cap = (0x02000001).to_bytes(4, "little") + bytes([0x80]) + bytes(15)
+print({
+    "chown0": attempt(lambda: os.chown("suid-id", 0, 0)),
+    "chmod": attempt(lambda: os.chmod("suid-id", 0o4755)),
+    "chown1000": attempt(lambda: os.chown("suid-id", 1000, 1000)),
+    "setcap": attempt(lambda: os.setxattr("suid-id", "security.capability", cap)),
+    "open": attempt(lambda: os.close(os.open("made", os.O_CREAT | os.O_WRONLY, 0o6755))),
+})
+open("notes.txt", "w").write("kept")
+print(open("mine.txt").read().strip(), os.stat("other.txt").st_uid)
+"""
+
+
+@pytest.mark.parametrize("owner", [(0, 0), (4242, 4244)], ids=["root-folder", "user-folder"])
+def test_kernel_notebook_folder(ksm, kernel_env, kernel_runtime, probe_dir, owner):
+    """The default kernelspec (userns auto where the machine has subordinate ids), cwd = the notebook folder."""
+    from jupyter_client.manager import KernelManager
+
+    folder = make_folder(probe_dir, *owner)
+    km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ksm)
+    try:
+        km.start_kernel(cwd=str(folder))
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            r = run_cell(kc, KERNEL_CELL)
+        finally:
+            kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        assert r["error"] is None, r
+        first, second = r["stdout"].splitlines()[:2]
+        assert eval(first) == {"chown0": 0, "chmod": EPERM, "chown1000": EOVERFLOW, "setcap": EOPNOTSUPP,  # noqa: S307
+                               "open": EPERM}
+        assert second == f"mine {NOBODY}"
+        st = os.lstat(folder / "suid-id")
+        assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID) and (st.st_uid, st.st_gid) == owner
+        res = subprocess.run(["runuser", "-u", "nobody", "--", str(folder / "suid-id")],
+                             capture_output=True, text=True, timeout=30, check=False)
+        assert res.stdout.startswith(f"uid={NOBODY}(nobody)") and "euid" not in res.stdout, res
+        notes = folder / "notes.txt"
+        assert notes.read_text() == "kept" and (notes.stat().st_uid, notes.stat().st_gid) == owner
+        assert not (folder / "made").exists()
+        assert_no_privilege_left(folder, owners={owner}, untouched=("hostsuid", "hostsuid2"))
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
         remove_tree(folder.parent)
