@@ -146,6 +146,61 @@ def test_program_decisions_x86_64(prog):
     assert run(0, AUDIT_ARCH_AARCH64) == RET_KILL_THREAD
 
 
+@pytest.mark.skipif(not X86_64, reason="syscall numbers below are x86_64's")
+def test_host_file_guard_decisions_x86_64(prog):
+    """No setuid/setgid file, device node or xattr from inside (see seccomp.HOST_FILE_GUARD)."""
+    run = lambda nr, *args, arch=AUDIT_ARCH_X86_64: run_bpf(prog, nr=nr, arch=arch, args=args)
+    EOPNOTSUPP, O_CREAT, O_TMPFILE = 95, 0o100, 0o20200000
+    junk = 0xFFFFFFFF_00000000
+    for nr, idx in ((90, 1), (91, 1), (85, 1), (268, 2), (452, 2)):     # chmod fchmod creat fchmodat fchmodat2
+        args = [3, 0x1000, 0, 0]
+        for mode, want in ((0o755, RET_ALLOW), (0o1777, RET_ALLOW), (junk | 0o644, RET_ALLOW),
+                           (0o4755, RET_ERRNO | EPERM), (0o2755, RET_ERRNO | EPERM), (junk | 0o6000, RET_ERRNO | EPERM)):
+            args[idx] = mode
+            assert run(nr, *args) == want, (nr, oct(mode))
+    for nr, flags in ((2, 1), (257, 2)):                                   # open(path, flags, mode), openat
+        def call(fl: int, mode: int, nr: int = nr, flags: int = flags) -> int:
+            args = [3, 0x1000, 0, 0]
+            args[flags], args[flags + 1] = fl, mode
+            return run(nr, *args)
+        assert call(0, 0o4755) == RET_ALLOW                  # not creating: the mode register is junk
+        assert call(O_CREAT, 0o644) == RET_ALLOW and call(O_TMPFILE, 0o600) == RET_ALLOW
+        assert call(O_CREAT | 1, 0o4755) == RET_ERRNO | EPERM and call(O_CREAT, 0o2700) == RET_ERRNO | EPERM
+        assert call(O_TMPFILE | 1, 0o4755) == RET_ERRNO | EPERM
+    for nr, idx in ((133, 1), (259, 2)):                                   # mknod, mknodat
+        args = [3, 0x1000, 0, 0]
+        for mode, want in ((0o100644, RET_ALLOW), (0o010644, RET_ALLOW), (0o140755, RET_ALLOW), (0o644, RET_ALLOW),
+                           (0o020666, RET_ERRNO | EPERM), (0o060666, RET_ERRNO | EPERM),
+                           (0o104755, RET_ERRNO | EPERM), (0o012644, RET_ERRNO | EPERM)):
+            args[idx] = mode
+            assert run(nr, *args) == want, (nr, oct(mode))
+    assert run(437) == RET_ERRNO | ENOSYS                                  # openat2: its mode is out of reach
+    assert {run(n) for n in (425, 426, 427)} == {RET_ERRNO | ENOSYS}       # io_uring
+    assert {run(n) for n in (188, 189, 190)} == {RET_ERRNO | EOPNOTSUPP}   # setxattr lsetxattr fsetxattr
+    assert run(193) == RET_ALLOW                                           # getxattr is fine
+    # the 32-bit entry points get the same: i386 chmod(15), open(5), mknod(14)
+    assert run(15, 0x1000, 0o4755, arch=AUDIT_ARCH_I386) == RET_ERRNO | EPERM
+    assert run(15, 0x1000, 0o755, arch=AUDIT_ARCH_I386) == RET_ALLOW
+    assert run(5, 0x1000, O_CREAT, 0o4755, arch=AUDIT_ARCH_I386) == RET_ERRNO | EPERM
+    assert run(14, 0x1000, 0o020666, arch=AUDIT_ARCH_I386) == RET_ERRNO | EPERM
+
+
+def test_host_file_guard_in_the_oci_section():
+    """runc/crun get the same guard: the names leave Docker's unconditional allow list."""
+    sec = seccomp.oci_section("default", capabilities=spawn.DEFAULT_CAPABILITIES)
+    assert sec is not None
+    unconditional = {n for r in sec["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" and not r.get("args")
+                     for n in r["names"]}
+    assert {"chmod", "open", "openat", "mknod", "setxattr", "openat2", "io_uring_setup"} <= seccomp.HOST_FILE_GUARD
+    assert not unconditional & seccomp.HOST_FILE_GUARD
+    chmod = [r for r in sec["syscalls"] if "chmod" in r["names"]]
+    assert chmod == [{"names": ["chmod", "fchmod", "creat"], "action": "SCMP_ACT_ALLOW",
+                      "args": [{"index": 1, "value": 0o6000, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]}]
+    with pytest.raises(errors.InvalidSpec, match="refuse by default"):
+        seccomp.resolve_profile({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []},
+                                capabilities=spawn.DEFAULT_CAPABILITIES, arch="SCMP_ARCH_X86_64")
+
+
 def test_resolution_follows_capabilities():
     profile = seccomp.load_profile()
 
