@@ -34,8 +34,11 @@ from jupyter_contain.runtime.images import bootstrap
 from jupyter_contain.runtime.images.bootstrap import (
     BUSYBOX,
     DEBIAN_KERNEL,
+    WIDGET_WHEELS,
+    Wheel,
     build_rootfs_tar,
     cached_rootfs_tar,
+    cached_wheels,
     host_apt_sources,
 )
 
@@ -149,6 +152,65 @@ def test_recipe_key_tracks_content():
     assert BUSYBOX.cache_key() != dataclasses.replace(BUSYBOX, suite="trixie").cache_key()
     more = dataclasses.replace(DEBIAN_KERNEL, packages=DEBIAN_KERNEL.packages + ("curl",))
     assert more.cache_key() != DEBIAN_KERNEL.cache_key()
+    # another wheel file (a new release or a re-upload with another hash) is another rootfs
+    other = Wheel("ipywidgets", "8.1.9", "ipywidgets-8.1.9-py3-none-any.whl", "0" * 64)
+    swapped = dataclasses.replace(DEBIAN_KERNEL, wheels=(other,) + DEBIAN_KERNEL.wheels[1:])
+    assert swapped.cache_key() != DEBIAN_KERNEL.cache_key()
+    # the order the pins are written in is not content
+    reordered = dataclasses.replace(DEBIAN_KERNEL, wheels=tuple(reversed(DEBIAN_KERNEL.wheels)))
+    assert reordered.cache_key() == DEBIAN_KERNEL.cache_key()
+
+
+def test_widget_wheels_pin_ipywidgets_8_with_what_it_requires():
+    pins = {w.project: w.version for w in WIDGET_WHEELS}
+    assert int(pins["ipywidgets"].split(".")[0]) == 8
+    assert set(pins) == {"ipywidgets", "comm", "widgetsnbextension", "jupyterlab_widgets"}
+    assert DEBIAN_KERNEL.wheels == WIDGET_WHEELS
+    # bookworm's ipywidgets 6 stays out: one ipywidgets in the image
+    assert "python3-ipywidgets" not in DEBIAN_KERNEL.packages
+
+
+@pytest.mark.parametrize("filename, sha", [
+    ("../evil-1.0-py3-none-any.whl", "0" * 64),
+    ("native-1.0-cp311-cp311-linux_x86_64.whl", "0" * 64),
+    ("ok-1.0-py3-none-any.whl", "abc"),
+    ("ok-1.0-py3-none-any.whl", "A" * 64),
+])
+def test_wheel_pins_are_checked_when_made(filename, sha):
+    with pytest.raises(ImageError, match="wheel"):
+        Wheel("ok", "1.0", filename, sha)
+
+
+def _local_wheel(d: Path, name: str = "jc_test_pkg", content: bytes = b"not really a zip") -> Wheel:
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}-1.0-py3-none-any.whl"
+    path.write_bytes(content)
+    return Wheel(name, "1.0", path.name, _sha256(path))
+
+
+def test_cached_wheels_are_used_without_pip(tmp_path):
+    w = _local_wheel(tmp_path / "wheels")
+    # a python that does not exist: any attempt to run pip would fail
+    assert cached_wheels([w], wheel_dir=tmp_path / "wheels", python=str(tmp_path / "no-python")) == \
+        [tmp_path / "wheels" / w.filename]
+
+
+def test_a_cached_wheel_with_another_hash_is_fetched_again_and_a_failed_fetch_says_what_to_do(
+        tmp_path, monkeypatch):
+    w = _local_wheel(tmp_path / "wheels", name="jc_no_such_project")
+    (tmp_path / "wheels" / w.filename).write_bytes(b"tampered")
+    # pip talks only to a closed port on loopback: no traffic leaves the machine
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    with pytest.raises(ImageError, match=r"pip could not fetch jc_no_such_project-1\.0-py3-none-any\.whl(.|\n)*"
+                                         + re.escape(str(tmp_path / "wheels"))):
+        cached_wheels([w], wheel_dir=tmp_path / "wheels")
+    # the tampered file is not passed off as the pinned one, and no temp folder is left
+    assert (tmp_path / "wheels" / w.filename).read_bytes() == b"tampered"
+    assert sorted(p.name for p in (tmp_path / "wheels").iterdir()) == [".wheels.lock", w.filename]
 
 
 def test_missing_busybox_is_a_clear_error(tmp_path, monkeypatch):
@@ -217,8 +279,23 @@ def test_debian_kernel_rootfs_is_cached_and_complete():
     assert tar_path.parent == bootstrap.default_cache_dir()
     m = _members(tar_path)
     assert "usr/bin/python3" in m
-    for pkg in ("ipykernel", "ipywidgets", "IPython", "pip"):
+    for pkg in ("ipykernel", "IPython", "pip"):
         assert f"usr/lib/python3/dist-packages/{pkg}/__init__.py" in m, pkg
+    # ipywidgets 8 and comm from the pinned wheels, installed by the image's pip (so pip
+    # manages them later), not Debian's ipywidgets 6
+    assert "usr/lib/python3/dist-packages/ipywidgets/__init__.py" not in m
+    site = "usr/local/lib/python3.11/dist-packages"
+    for w in WIDGET_WHEELS:
+        info = f"{site}/{w.project}-{w.version}.dist-info"
+        assert f"{info}/RECORD" in m and f"{site}/{w.project}/__init__.py" in m, w
+        # by name from local files: no direct_url.json (pip freeze would show a file:// URL)
+        assert f"{info}/direct_url.json" not in m, w
+    with tarfile.open(tar_path) as tar:
+        assert tar.extractfile(f"./{site}/ipywidgets-8.1.9.dist-info/INSTALLER").read() == b"pip\n"
+        # bytecode is there and hash-checked (flags 3 in the header): reproducible, and a
+        # first import writes nothing into a container's writable layer
+        pyc = tar.extractfile(f"./{site}/ipywidgets/__pycache__/__init__.cpython-311.pyc").read(16)
+        assert int.from_bytes(pyc[4:8], "little") == 3
     assert "usr/lib/python3.11/venv/__init__.py" in m
     assert "etc/ssl/certs/ca-certificates.crt" in m
     assert not any(x.ischr() or x.isblk() or x.isfifo() for x in m.values())
@@ -235,6 +312,17 @@ def test_debian_kernel_rootfs_is_cached_and_complete():
     meta = json.loads(tar_path.with_suffix(".json").read_text())
     assert meta["size"] == tar_path.stat().st_size
     assert meta["key"] == DEBIAN_KERNEL.cache_key()
+    assert [w["sha256"] for w in meta["recipe"]["wheels"]] == [w.sha256 for w in WIDGET_WHEELS]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("mmdebstrap"), reason="mmdebstrap not installed")
+def test_debian_kernel_rootfs_is_reproducible(tmp_path):
+    # The same recipe (packages from the mirror's current snapshot, the same wheels) built
+    # again gives the same bytes: the same DiffID, so the same image digest. ~40 s.
+    cached = cached_rootfs_tar(DEBIAN_KERNEL)
+    again = build_rootfs_tar(DEBIAN_KERNEL, tmp_path / "again.tar")
+    assert _sha256(again) == json.loads(cached.with_suffix(".json").read_text())["diff_id"].split(":")[1]
 
 
 # ----------------------------------------------------------------- registry

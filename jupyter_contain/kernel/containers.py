@@ -36,6 +36,8 @@ GUEST_DIR = "/.jupyter-contain"
 #: kernel boot: the guest module goes LAST on sys.path (the image's own packages win)
 BOOT = (
     "import sys; sys.path.append(%r); "
+    # which ipywidgets: the image's, or the one the host lends (guest_files.lent_widgets)
+    "from jupyter_contain_guest.boot import choose_widgets; choose_widgets(); "
     "from ipykernel.kernelapp import launch_new_instance; launch_new_instance()" % GUEST_DIR
 )
 #: environment variables of the server that a kernel may see; nothing else leaks in
@@ -240,6 +242,8 @@ def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, ker
     # server's folder, and the notebook folder, as their host owner would
     binds = [Bind(Path(kernel_dir), str(kernel_dir), idmap=True),
              Bind(guest_files.guest_path(), GUEST_DIR, readonly=True)]
+    lent = guest_files.lent_widgets()
+    binds += [Bind(src, dst, readonly=True) for src, dst in (lent.binds if lent else ())]
     workdir = None
     if options.mount_cwd and cwd and Path(cwd).is_dir():
         cwd = str(Path(cwd).resolve())

@@ -4,7 +4,10 @@ Owns: turning a :class:`RootfsRecipe` into one uncompressed, reproducible
 root-filesystem tar (the future image's single layer) and caching it once per
 machine, keyed by a hash of the recipe. The busybox tarball is assembled in pure
 Python from the host's ``busybox-static``; the Debian tarball comes from
-``mmdebstrap`` talking only to the Debian mirror the host's apt already uses.
+``mmdebstrap`` talking only to the Debian mirror the host's apt already uses,
+plus pinned wheels (:data:`WIDGET_WHEELS`: ipywidgets 8 and what it requires)
+fetched once from the package index the host's pip uses, checked against their
+sha256 and cached beside the tarballs (:func:`cached_wheels`).
 
 Must not: touch the image store (another module imports these tarballs and
 computes the DiffID itself), contact any registry, or leave a half-written file
@@ -21,8 +24,10 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -39,7 +44,7 @@ Progress = Callable[[str], None]
 
 #: Bump whenever the build steps change what ends up in a tarball, so every
 #: machine's cache rebuilds instead of serving a stale rootfs under a new recipe.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 #: mtime for every entry (busybox) and upper clamp for mmdebstrap output;
 #: fixed (2024-01-01T00:00:00Z) so the same inputs give the same DiffID.
@@ -69,18 +74,65 @@ disable-pip-version-check = true
 """
 
 
+_WHEEL_NAME_RE = re.compile(r"^[A-Za-z0-9_.]+-[A-Za-z0-9_.!+]+-py3-none-any\.whl$")
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """One pinned, pure-Python wheel: a project, its version, its file name and the file's sha256."""
+
+    project: str
+    version: str
+    filename: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if not _WHEEL_NAME_RE.match(self.filename) or "/" in self.filename:
+            raise ImageError(f"wheel {self.filename!r}: not a pure-Python wheel file name (*-py3-none-any.whl)")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ImageError(f"wheel {self.filename}: sha256 must be 64 lowercase hex digits")
+
+    @property
+    def requirement(self) -> str:
+        """The line for a ``--require-hashes`` requirements file."""
+        return f"{self.project}=={self.version} --hash=sha256:{self.sha256}"
+
+
+#: ipywidgets 8 for the Debian kernel image. JupyterLab 4 and Notebook 7 speak widget
+#: protocol 2 (ipywidgets 8); bookworm's python3-ipywidgets is 6.0 and renders nowhere
+#: there. ipywidgets 8.1 carries a shim for ipykernel < 6.18 (bookworm has 6.17), so it
+#: works with Debian's ipykernel. widgetsnbextension and jupyterlab_widgets are only
+#: front-end files the kernel never serves, but ipywidgets requires them: with them,
+#: ``pip check`` and a user's later ``pip install`` see a consistent environment.
+#: The same versions as the test extra's host ipywidgets (pyproject.toml), so the
+#: browser tests run the kernel and the front-end of one release.
+WIDGET_WHEELS: tuple[Wheel, ...] = (
+    Wheel("ipywidgets", "8.1.9", "ipywidgets-8.1.9-py3-none-any.whl",
+          "f2b8cbcaae10252b809fbe4d7470db75c09b769a32cbf816d20e5ca6d3c5a79d"),
+    Wheel("comm", "0.2.3", "comm-0.2.3-py3-none-any.whl",
+          "c615d91d75f7f04f095b30d1c1711babd43bdc6419c1be9886a85f2f4e489417"),
+    Wheel("widgetsnbextension", "4.0.16", "widgetsnbextension-4.0.16-py3-none-any.whl",
+          "a31a8774885b96fe825462f5d6496166f0c7cae111195b6465c801d230eb5a4e"),
+    Wheel("jupyterlab_widgets", "3.0.17", "jupyterlab_widgets-3.0.17-py3-none-any.whl",
+          "40ac1e9955acf116c4d995d9bfa082d86ad9ec6d91c4f134827cf5e0a5eb75e0"),
+)
+
+
 @dataclass(frozen=True)
 class RootfsRecipe:
     """What a base root filesystem is made of.
 
     ``config`` is the ``config`` section (Env, Cmd, WorkingDir, ...) of the OCI
-    image config the importer should write next to the tarball.
+    image config the importer should write next to the tarball. ``wheels`` are
+    installed (Debian only) with the image's own pip, from local files, after
+    the packages.
     """
 
     name: str  # "busybox" | "debian"
     suite: str = "bookworm"
     packages: tuple[str, ...] = ()
     config: Mapping = field(default_factory=dict)
+    wheels: tuple[Wheel, ...] = ()
 
     def cache_key(self) -> str:
         """Hex sha256 over everything that changes the tarball's content."""
@@ -91,6 +143,8 @@ class RootfsRecipe:
             "suite": self.suite,
             "packages": sorted(self.packages),
             "config": _jsonable(self.config),
+            # the file hashes pin the content; the names say where it goes
+            "wheels": sorted([w.filename, w.sha256] for w in self.wheels),
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -100,13 +154,14 @@ BUSYBOX = RootfsRecipe(
     config={"Env": [f"PATH={_PATH}"], "Cmd": ["sh"], "WorkingDir": "/"},
 )
 
+#: The default kernel image: Debian's Python and ipykernel, ipywidgets 8 from pinned wheels
+#: (bookworm's python3-ipywidgets is 6.0: see WIDGET_WHEELS).
 DEBIAN_KERNEL = RootfsRecipe(
     name="debian",
     suite="bookworm",
     packages=(
         "python3",
         "python3-ipykernel",
-        "python3-ipywidgets",
         "python3-pip",
         # `python -m venv` is what users reach for after pip; without it venv
         # fails with a message telling them to apt-get install this package.
@@ -119,6 +174,7 @@ DEBIAN_KERNEL = RootfsRecipe(
         "Cmd": ["python3"],
         "WorkingDir": "/root",
     },
+    wheels=WIDGET_WHEELS,
 )
 
 
@@ -143,13 +199,16 @@ def build_rootfs_tar(
     *,
     mirror: str | None = None,
     progress: Progress | None = None,
+    wheel_dir: Path | None = None,
 ) -> Path:
     """Build ``recipe`` into an uncompressed tar at ``dest`` and return ``dest``.
 
     ``dest`` appears atomically (written beside it, then renamed); on any
     failure no file is left at or beside it. ``mirror`` overrides the host's apt
     sources for Debian builds: a URI (``http://deb.debian.org/debian``) or one
-    or more full ``deb ...`` lines separated by newlines.
+    or more full ``deb ...`` lines separated by newlines. The recipe's wheels
+    come from ``wheel_dir`` (default: ``wheels`` in the machine's cache), fetched
+    there first if missing (:func:`cached_wheels`).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +219,9 @@ def build_rootfs_tar(
         if recipe.name == "busybox":
             _build_busybox(recipe, tmp, say)
         elif recipe.name == "debian":
-            _build_debian(recipe, tmp, mirror=mirror, say=say)
+            wheels = cached_wheels(recipe.wheels, wheel_dir=wheel_dir if wheel_dir is not None
+                                   else default_cache_dir() / "wheels", progress=progress)
+            _build_debian(recipe, tmp, mirror=mirror, say=say, wheels=wheels)
         else:
             raise ImageError(f"unknown rootfs recipe {recipe.name!r} (known: busybox, debian)")
         with open(tmp, "rb") as f:
@@ -205,11 +266,13 @@ def cached_rootfs_tar(
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         start = time.monotonic()
-        build_rootfs_tar(recipe, final, mirror=mirror, progress=progress)
+        build_rootfs_tar(recipe, final, mirror=mirror, progress=progress, wheel_dir=cache_dir / "wheels")
         seconds = time.monotonic() - start
         meta = {
             "recipe": {"name": recipe.name, "suite": recipe.suite,
-                       "packages": list(recipe.packages), "config": _jsonable(recipe.config)},
+                       "packages": list(recipe.packages), "config": _jsonable(recipe.config),
+                       "wheels": [{"project": w.project, "version": w.version, "filename": w.filename,
+                                   "sha256": w.sha256} for w in recipe.wheels]},
             "key": key,
             "builder_version": BUILDER_VERSION,
             "diff_id": "sha256:" + _sha256_file(final),
@@ -250,6 +313,74 @@ def host_apt_sources(suite: str, *, etc_apt: Path = Path("/etc/apt")) -> list[st
             if line not in lines:
                 lines.append(line)
     return lines
+
+
+def cached_wheels(
+    wheels: tuple[Wheel, ...] | list[Wheel],
+    *,
+    wheel_dir: Path | None = None,
+    progress: Progress | None = None,
+    python: str | None = None,
+) -> list[Path]:
+    """The files of ``wheels`` in ``wheel_dir``, fetched with pip where missing.
+
+    A cached file is used only if its sha256 is the pinned one (a bad one is
+    fetched again). The missing ones come from the package index the host's
+    pip is configured for (``pip download --require-hashes --no-deps``, so a
+    local mirror or devpi works; nothing is fetched when all are cached), into a
+    temp folder first: only checked files are renamed into the cache.
+    """
+    if not wheels:
+        return []
+    wheel_dir = Path(wheel_dir) if wheel_dir is not None else default_cache_dir() / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    say = _reporter(progress)
+
+    def good(w: Wheel) -> bool:
+        path = wheel_dir / w.filename
+        return path.is_file() and _sha256_file(path) == w.sha256
+
+    missing = [w for w in wheels if not good(w)]
+    if missing:
+        with _locked(wheel_dir / ".wheels.lock", say):
+            missing = [w for w in wheels if not good(w)]
+            if missing:
+                _download_wheels(missing, wheel_dir, say=say, python=python or sys.executable)
+    return [wheel_dir / w.filename for w in wheels]
+
+
+def _download_wheels(wheels: list[Wheel], wheel_dir: Path, *, say: Progress, python: str) -> None:
+    tmp = wheel_dir / f".download.{os.getpid()}.{threading.get_ident()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        req = tmp / "requirements.txt"
+        req.write_text("".join(w.requirement + "\n" for w in wheels))
+        argv = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+                "--disable-pip-version-check", "--no-input", "-q", "-d", str(tmp), "-r", str(req)]
+        say("pip download " + " ".join(f"{w.project}=={w.version}" for w in wheels))
+        try:
+            out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ImageError(f"could not run pip to fetch {', '.join(w.filename for w in wheels)}: {exc}") from exc
+        if out.returncode != 0:
+            detail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-15:])
+            raise ImageError(
+                f"pip could not fetch {', '.join(w.filename for w in wheels)} (exit {out.returncode}); "
+                f"with no access to the package index, put these files in {wheel_dir} "
+                f"(e.g. `pip download --no-deps {' '.join(f'{w.project}=={w.version}' for w in wheels)}` "
+                f"on a machine that has it). pip said:\n{detail}")
+        for w in wheels:
+            got = tmp / w.filename
+            if not got.is_file():
+                raise ImageError(f"pip download did not produce {w.filename} in {tmp}")
+            digest = _sha256_file(got)
+            if digest != w.sha256:   # pip checks too; this guards the rename
+                raise ImageError(f"{w.filename}: sha256 {digest}, expected {w.sha256}")
+            os.replace(got, wheel_dir / w.filename)
+        fsync_dir(wheel_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ busybox
@@ -314,7 +445,41 @@ def _build_busybox(recipe: RootfsRecipe, dest: Path, say: Progress) -> None:
 
 # ------------------------------------------------------------------- debian
 
-def _build_debian(recipe: RootfsRecipe, dest: Path, *, mirror: str | None, say: Progress) -> None:
+#: where the wheels sit inside the chroot while its pip installs them (removed after)
+_CHROOT_WHEELS = "/tmp/jupyter-contain-wheels"
+
+
+def _wheel_hooks(recipe: RootfsRecipe, wheels: list[Path]) -> list[str]:
+    """mmdebstrap hooks that install ``wheels`` with the image's own pip, offline.
+
+    The image's pip (not files unpacked by us) so the result is what a user's
+    ``pip install`` makes: a RECORD that ``pip uninstall`` follows, INSTALLER,
+    data files under /usr/local, bytecode. Requirements by name from
+    ``--find-links`` (not wheel paths, which pip would record as a direct URL
+    that ``pip freeze`` shows) and with dependencies resolved, so a pin that
+    misses a dependency fails the build instead of shipping a broken set.
+    SOURCE_DATE_EPOCH makes py_compile write hash-checked .pyc files (no
+    mtimes inside: reproducible, and never stale after the tar clamps mtimes,
+    so a first import writes nothing to a container's writable layer).
+    """
+    for w in wheels:
+        if any(c.isspace() for c in str(w)):
+            # mmdebstrap splits a special hook's arguments at white space
+            raise ImageError(f"wheel path {w} holds white space: use a cache folder without any")
+    pins = " ".join(f"{w.project}=={w.version}" for w in recipe.wheels)
+    return [
+        f"--customize-hook=mkdir -p \"$1{_CHROOT_WHEELS}\"",
+        "--customize-hook=copy-in " + " ".join(str(w) for w in wheels) + " " + _CHROOT_WHEELS,
+        (f"--customize-hook=chroot \"$1\" env SOURCE_DATE_EPOCH={SOURCE_DATE_EPOCH} PYTHONHASHSEED=0 "
+         f"python3 -m pip install --no-index --find-links {_CHROOT_WHEELS} --no-cache-dir "
+         f"--break-system-packages --root-user-action=ignore --disable-pip-version-check "
+         f"--no-warn-script-location --progress-bar off {pins}"),
+        f"--customize-hook=rm -rf \"$1{_CHROOT_WHEELS}\"",
+    ]
+
+
+def _build_debian(recipe: RootfsRecipe, dest: Path, *, mirror: str | None, say: Progress,
+                  wheels: list[Path] | None = None) -> None:
     exe = shutil.which("mmdebstrap")
     if exe is None:
         raise ImageError("mmdebstrap not found: building the Debian base image needs it "
@@ -340,7 +505,7 @@ def _build_debian(recipe: RootfsRecipe, dest: Path, *, mirror: str | None, say: 
         # Kernel messages are English; gettext falls back silently. -30 MB.
         "--dpkgopt=path-exclude=/usr/share/locale/*",
         "--dpkgopt=path-include=/usr/share/locale/locale.alias",
-        # python3-ipywidgets drags in the classic notebook's JS (MathJax,
+        # Debian's Jupyter packages drag in the classic notebook's JS (MathJax,
         # CodeMirror, ...); the kernel never serves it, the host's Jupyter
         # server does. -55 MB, and dpkg's state stays consistent.
         "--dpkgopt=path-exclude=/usr/share/javascript/*",
@@ -354,6 +519,8 @@ def _build_debian(recipe: RootfsRecipe, dest: Path, *, mirror: str | None, say: 
         argv.append(f"--hook-dir={_MERGED_USR_HOOKS}")
     if recipe.packages:
         argv.append("--include=" + ",".join(recipe.packages))
+    if recipe.wheels:
+        argv += _wheel_hooks(recipe, wheels or [])
     argv += [
         f"--customize-hook=printf '{pip_conf}' > \"$1/etc/pip.conf\"",
         # The runtime provides these per container; keep the image's copies
@@ -365,7 +532,8 @@ def _build_debian(recipe: RootfsRecipe, dest: Path, *, mirror: str | None, say: 
         recipe.suite, "-", *sources,
     ]
     env = dict(os.environ, SOURCE_DATE_EPOCH=str(SOURCE_DATE_EPOCH), LC_ALL="C.UTF-8")
-    say("mmdebstrap: " + " ".join(recipe.packages) + " from " + ("; ".join(sources) or "default"))
+    say("mmdebstrap: " + " ".join(recipe.packages) + " from " + ("; ".join(sources) or "default")
+        + ("; then pip: " + " ".join(f"{w.project}=={w.version}" for w in recipe.wheels) if recipe.wheels else ""))
     log.debug("running %s", argv)
 
     tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -513,6 +681,7 @@ def _jsonable(value):
 
 
 __all__ = [
-    "BUSYBOX", "DEBIAN_KERNEL", "RootfsRecipe", "build_rootfs_tar", "cached_rootfs_tar",
+    "BUSYBOX", "DEBIAN_KERNEL", "RootfsRecipe", "WIDGET_WHEELS", "Wheel",
+    "build_rootfs_tar", "cached_rootfs_tar", "cached_wheels",
     "default_cache_dir", "host_apt_sources", "suggested_image_config",
 ]
