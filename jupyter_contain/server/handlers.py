@@ -206,11 +206,15 @@ class OperationEventsHandler(BaseHandler):
     the operation (the remote CLI's Ctrl-C).
     """
 
+    _watched: Operation | None = None
+
     @web.authenticated
     @authorized
     async def get(self, op_id: str) -> None:
         op = _op(self.service, op_id)
         cancel_on_close = self.get_query_argument("cancel_on_close", "0") in ("1", "true")
+        if cancel_on_close:
+            self._watched = op
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
@@ -243,6 +247,11 @@ class OperationEventsHandler(BaseHandler):
         self.finish()
 
     def on_connection_close(self) -> None:
+        # the client went away while we wait for the next change: cancel now, not at the next write
+        op = self._watched
+        if op is not None and op.state not in FINAL:
+            log.info("operation %s: its client went away: cancelling", op.id)
+            op.cancel()
         super().on_connection_close()
 
 

@@ -359,8 +359,9 @@ class Service:
         return self.operations.start("push", target or rec.name, work)
 
     async def import_image(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        path = validate.path_inside(self.allowed_root, validate.text(body, "path", required=True, limit=4096) or "",
-                                    must_exist=True)
+        # resolving walks the file system: off the loop like every other read
+        path = await self.run(lambda: validate.path_inside(
+            self.allowed_root, validate.text(body, "path", required=True, limit=4096) or "", must_exist=True))
         name = validate.text(body, "name")
         if name is not None:
             validate.reference(name, "name")
@@ -390,8 +391,8 @@ class Service:
         return {"image": await self.run(work)}
 
     async def save_image(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        path = validate.path_inside(self.allowed_root, validate.text(body, "path", required=True, limit=4096) or "",
-                                    must_exist=False)
+        path = await self.run(lambda: validate.path_inside(
+            self.allowed_root, validate.text(body, "path", required=True, limit=4096) or "", must_exist=False))
         fmt = body.get("format", "oci-archive")
         if fmt not in validate.SAVE_FORMATS:
             raise BadRequest(f"unknown format {str(fmt)[:30]!r} ({', '.join(validate.SAVE_FORMATS)})",
