@@ -152,9 +152,10 @@ export class ContainersPanel extends Widget {
       const p = op.progress;
       const done = op.state === 'succeeded';
       return h('li', { className: `jc-item jc-op jc-op-${op.state}`, 'data-id': op.id, 'data-kind': op.kind },
-        h('div', { className: 'jc-item-main' },
-          h('span', { className: 'jc-item-name' }, `${op.kind} ${op.target}`),
-          h('span', { className: 'jc-item-meta' }, op.state === 'running' ? p.stage : op.state),
+        h('div', { className: 'jc-op-head' },
+          h('div', { className: 'jc-item-main' },
+            h('span', { className: 'jc-item-name', title: op.target }, `${op.kind} ${op.target}`),
+            h('span', { className: 'jc-item-meta' }, op.state === 'running' ? p.stage : op.state)),
           op.state === 'running'
             ? h('button', { className: 'jp-mod-styled jc-cancel', onclick: () => void cancelOperation(op.id).then(() => this.refresh()) }, 'Cancel')
             : null),
