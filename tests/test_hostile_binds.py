@@ -183,6 +183,8 @@ SCRIPT = (
     "mkdir /nb/sub && echo x > /nb/sub/f; echo sub=$?; "
     "echo hack >> /nb/other.txt 2>/dev/null; echo write_other=$?; "
     "stat -c 'other_owner=%u:%g' /nb/other.txt; "
+    "touch /nb/shared/f 2>/dev/null; echo shared_create=$?; "
+    "touch /nb/team/f && mkdir /nb/team/d; echo team_create=$?; "
     "grep ' /nb ' /proc/self/mountinfo | sed 's/^/mountinfo=/'"
 )
 
@@ -226,7 +228,10 @@ def make_folder(probe_dir: Path, uid: int, gid: int) -> Path:
     """A notebook folder of host user ``uid``:``gid`` under a path ``nobody`` can walk.
 
     It holds ``mine.txt`` (the owner's), ``other.txt`` (another user's,
-    0666) and ``hostsuid``/``hostsuid2`` (setuid executables the owner made).
+    0666), ``hostsuid``/``hostsuid2`` (setuid executables the owner made),
+    and two setgid folders the owner made: ``team`` (the folder's group,
+    2775) and ``shared`` (another group, 2777), whose new files take that
+    group (the host's own rule for a setgid folder).
     """
     top = Path(tempfile.mkdtemp(prefix="jc-hostile-", dir="/tmp"))
     top.chmod(0o755)
@@ -238,8 +243,13 @@ def make_folder(probe_dir: Path, uid: int, gid: int) -> Path:
     os.chown(nb / "other.txt", OTHER_UID, OTHER_UID)
     for name in ("hostsuid", "hostsuid2"):
         shutil.copy(probe_dir / "hostile_probe", nb / name)
-    for p in (nb, nb / "mine.txt", nb / "hostsuid", nb / "hostsuid2"):
+    (nb / "team").mkdir()
+    (nb / "shared").mkdir()
+    for p in (nb, nb / "mine.txt", nb / "hostsuid", nb / "hostsuid2", nb / "team"):
         os.chown(p, uid, gid)
+    os.chown(nb / "shared", uid, OTHER_UID)
+    os.chmod(nb / "team", 0o2775)
+    os.chmod(nb / "shared", 0o2777)
     made = {}
     for name in ("hostsuid", "hostsuid2"):
         os.chmod(nb / name, 0o4755)      # after the chown, which would clear it
@@ -273,16 +283,23 @@ def assert_no_privilege_left(folder: Path, *, owners: set[tuple[int, int]], unto
     """What the host finds: no setuid/setgid, device, file capability or foreign owner; nothing runs as root.
 
     ``untouched``: the host's own setuid files, which the container could
-    not change: exactly as the host made them.
+    not change: exactly as the host made them. The host's setgid folders
+    (and a folder made in one, which inherits the bit: the host's rule) are
+    the only setgid entries, and folders.
     """
     made = json.loads((folder.parent / "made.json").read_text())
     for name, st in host_view(folder).items():
         if name in untouched:
             assert _identity(st) == made[name], name
             continue
-        assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID), (name, oct(st.st_mode))
+        if stat.S_ISDIR(st.st_mode) and name in ("team", "shared", "team/d"):
+            assert st.st_mode & 0o7777 in (0o2775, 0o2777, 0o2755), (name, oct(st.st_mode))
+        else:
+            assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID), (name, oct(st.st_mode))
         assert not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)), name
-        if name != "other.txt":
+        if name == "shared" or name.startswith("shared/"):
+            assert st.st_gid == OTHER_UID and (st.st_uid, 0) in {(u, 0) for u, _ in owners}, name
+        elif name != "other.txt":
             assert (st.st_uid, st.st_gid) in owners, (name, st.st_uid, st.st_gid)
         for attr in ("security.capability", "user.note"):
             with pytest.raises(OSError) as info:
@@ -339,6 +356,11 @@ def test_root_server_idmapped_folder(runtime, probe_dir, subids, userns, owner):
         assert f["other_owner"] == f"{NOBODY}:{NOBODY}" and f["write_other"] != "0"
         assert (folder / "other.txt").read_text() == "other\n"
         assert "idmapped" in f["mountinfo"].split()[5].split(",")
+        # a setgid folder of another group: that group is unmapped here, so nothing is made in it;
+        # one of the folder's own group works as on the host (new folders inherit the bit)
+        assert f["shared_create"] != "0" and not (folder / "shared" / "f").exists()
+        assert f["team_create"] == "0" and os.lstat(folder / "team" / "f").st_gid == owner[1]
+        assert os.lstat(folder / "team" / "d").st_mode & stat.S_ISGID
         assert_user_files_work(folder, f, owner)
         assert_no_privilege_left(folder, owners={owner})
     finally:
@@ -358,6 +380,9 @@ def test_plain_bind_in_a_user_namespace(runtime, probe_dir, subids):
         assert "nosuid" in opts and "nodev" in opts and "idmapped" not in opts
         made = os.lstat(folder / "new.txt")
         assert (made.st_uid, made.st_gid) == (BASE, BASE)   # container root's own host id
+        # the host's setgid folder open to anyone: its group, as for any host user
+        assert f["shared_create"] == "0" and os.lstat(folder / "shared" / "f").st_gid == OTHER_UID
+        assert f["team_create"] != "0"                       # host root's 2775 folder: not writable
         assert f["append_mine"] != "0" and (folder / "mine.txt").read_text() == "mine\n"
         assert_no_privilege_left(folder, owners={(0, 0), (BASE, BASE), (BASE + 1000, BASE + 1000),
                                                  (BASE + 1000, BASE), (BASE, BASE + 1000)},
@@ -401,6 +426,8 @@ def test_rootless_server_folder(request, probe_dir, who):
             assert (st.st_uid, st.st_gid) == (uid0 + 999, gid0 + 999)     # container 1000 = subordinate id 1000
             owners |= {(uid0 + 999, gid0 + 999), (uid0 + 999, user.gid), (user.uid, gid0 + 999)}
         assert f["other_owner"] == f"{NOBODY}:{NOBODY}"
+        assert f["shared_create"] == "0" and os.lstat(folder / "shared" / "f").st_gid == OTHER_UID
+        assert f["team_create"] == "0" and os.lstat(folder / "team" / "f").st_gid == user.gid
         assert_user_files_work(folder, f, (user.uid, user.gid))
         assert_no_privilege_left(folder, owners=owners)
     finally:
