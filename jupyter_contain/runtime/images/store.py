@@ -484,15 +484,19 @@ class Store:
         (named by the entries' annotations), so digests and pins are unchanged.
         Without write access the store is read as it is (peers then miss those images).
         """
-        if not any(e.get("mediaType") == DOCKER_MANIFEST for e in self._read_index()):
+        try:
+            entries = self._read_index()
+        except StoreError:   # a damaged index.json: the reads that need it say so
+            return
+        if not any(isinstance(e, dict) and e.get("mediaType") == DOCKER_MANIFEST for e in entries):
             return
         upgraded: list[str] = []
         try:
             with self.writing(), self._lock("index", exclusive=True):
                 entries = []
                 for e in self._read_index():
-                    name = _ref_name(e)
-                    if e.get("mediaType") == DOCKER_MANIFEST and name:
+                    name = _ref_name(e) if isinstance(e, dict) else None
+                    if name and e.get("mediaType") == DOCKER_MANIFEST:
                         try:
                             entry = self._entry(Descriptor.from_json(e), index_digest=None)
                         except (ManifestError, StoreError, DigestMismatch) as exc:
