@@ -134,9 +134,8 @@ def test_channel_refuses_malformed_oversized_unknown_and_bad_tags(kernel, kernel
         assert r["ok"] is False and why in r["error"], (tag, r)
     assert "compression" in ask1(sock, {"op": "snapshot", "tag": "x:1", "compress": "xz"})["error"]
     assert "too long" in ask1(sock, {"op": "snapshot", "tag": "x:1", "message": "m" * 5000})["error"]
-    # the kernel's own base image cannot be overwritten from the sandbox
-    r = ask1(sock, {"op": "snapshot", "tag": "debian:bookworm"})
-    assert r["ok"] is False and "already exists" in r["error"]
+    # (a snapshot tagged like the kernel's own image lands in the kernels' namespace instead of
+    # replacing it: tests/test_hostile_channel.py)
     # kernelspecs only for this kernel's snapshots
     r = ask1(sock, {"op": "install_kernelspec", "image": "debian:bookworm"})
     assert r["ok"] is False and "not a snapshot this kernel made" in r["error"]
@@ -211,10 +210,11 @@ def test_diff_and_snapshot_widget_then_install_as_kernel(kernel, kernel_env, ker
         "print(w.result.value)\n")
     lines = r["stdout"].splitlines()
     assert lines[0] == "True False" and lines[1] == "True True" and lines[2] == "False", r
-    assert lines[3] == "100 success localhost/t-guest-snap:v1", r
+    # a kernel's snapshots live in their own namespace (issue #23: no squatting of short names)
+    assert lines[3] == "100 success localhost/kernel-snapshot/t-guest-snap:v1", r
     assert "sha256:" in lines[4]
-    rec = store.resolve("localhost/t-guest-snap:v1")
-    spec_dir = kernel_env.kernels_dir / "contained-t-guest-snap-v1"
+    rec = store.resolve("localhost/kernel-snapshot/t-guest-snap:v1")
+    spec_dir = kernel_env.kernels_dir / "snapshot-t-guest-snap-v1"
     try:
         assert rec.digest in lines[4]
         assert rec.manifest.layers[-1].media_type.endswith("zstd")
@@ -227,22 +227,25 @@ def test_diff_and_snapshot_widget_then_install_as_kernel(kernel, kernel_env, ker
             assert info.code == 0 and f.read() == b"made in the kernel"
         # a second snapshot under the same tag (made by this kernel) may replace it
         r = kernel.run("print(w.snapshot()['image'])")
-        assert r["stdout"].strip() == "localhost/t-guest-snap:v1"
+        assert r["stdout"].strip() == "localhost/kernel-snapshot/t-guest-snap:v1"
         # "Install as kernel": beside the kernel's own kernelspec
         r = kernel.run("w.display_name.value = 'My env'\nw.install_button._click_handlers(w.install_button)\n"
                        "print(w.feedback.value)")
-        assert "installed kernel My env (contained-t-guest-snap-v1)" in r["stdout"], r
+        # the display name always says where it came from (kernel-made tiles cannot impersonate others)
+        shown = "My env (snapshot of Contained Python (debian))"
+        assert f"installed kernel {shown} (snapshot-t-guest-snap-v1)" in r["stdout"], r
         spec = json.loads((spec_dir / "kernel.json").read_text())
-        assert spec["display_name"] == "My env"
+        assert spec["display_name"] == shown
         cfg = spec["metadata"]["kernel_provisioner"]["config"]
         assert cfg["image"] == rec.name and cfg["store_root"] == str(store.root)
         # the magic form of a snapshot, with progress lines
         r = kernel.run("%container snapshot t-guest-snap:v2 -m 'by magic'")
-        assert "snapshot: commit 100%" in r["stdout"] and "localhost/t-guest-snap:v2 sha256:" in r["stdout"], r
-        assert store.resolve("localhost/t-guest-snap:v2").config.raw["history"][-1]["comment"] == "by magic"
+        assert "snapshot: commit 100%" in r["stdout"], r
+        assert "localhost/kernel-snapshot/t-guest-snap:v2 sha256:" in r["stdout"], r
+        assert store.resolve("kernel-snapshot/t-guest-snap:v2").config.raw["history"][-1]["comment"] == "by magic"
     finally:
         shutil.rmtree(spec_dir, ignore_errors=True)
-        for n in ("localhost/t-guest-snap:v1", "localhost/t-guest-snap:v2"):
+        for n in ("localhost/kernel-snapshot/t-guest-snap:v1", "localhost/kernel-snapshot/t-guest-snap:v2"):
             with contextlib.suppress(errors.ContainError):
                 store.rmi(n)
 

@@ -11,14 +11,30 @@ magics.
 Must not: accept anything from the sandbox that names another container, a
 host path or a command outside those requests (every field is validated; an
 unknown field is an error); hand host paths back; block the event loop it
-serves on (snapshots, diffs, container starts run in worker threads); run
-inside the container (the server freezes the container for a snapshot, the
-channel must keep running meanwhile, so it lives in the host process).
+serves on (every store, container and kernelspec read, snapshots, diffs and
+container starts run in worker threads); run inside the container (the
+server freezes the container for a snapshot, the channel must keep running
+meanwhile, so it lives in the host process).
 
-Protocol: newline-delimited JSON, one request per line (at most 64 KiB). An
-answer is zero or more event lines (``{"event": "progress", ...}`` while a
-snapshot runs, ``{"event": "output", ...}`` while a ``%%container`` cell runs)
-and then one final line ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+Scope (everything the kernel asks is hostile input, and about this kernel only):
+- images it makes land under ``localhost/kernel-snapshot/`` (:data:`SNAPSHOT_NAMESPACE`),
+  which no short name of another image resolves to (``debian:latest`` is
+  looked up as ``docker.io/library/debian:latest``, then
+  ``localhost/debian:latest``); a tag another made, or one a kernelspec
+  starts from, is never replaced;
+- ``install_kernelspec`` only creates kernelspecs, for images this kernel
+  made, named ``snapshot-...`` and displayed as "... (snapshot of <this kernel>)";
+- ``run_cell`` and ``images`` see only the images the policy allows: the
+  kernel's own image, the images it made, and what the kernelspec's
+  ``allowed_images`` option adds (:func:`image_allowed`).
+
+Protocol: newline-delimited JSON, one request per line (at most 64 KiB,
+nested at most :data:`MAX_DEPTH` deep, arriving within :data:`IDLE_TIMEOUT`
+seconds of the previous answer or of the connection; a client that reads no
+answer for :data:`WRITE_TIMEOUT` seconds is dropped). An answer is zero or
+more event lines (``{"event": "progress", ...}`` while a snapshot runs,
+``{"event": "output", ...}`` while a ``%%container`` cell runs) and then one
+final line ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
 """
 
 from __future__ import annotations
@@ -26,15 +42,17 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import fnmatch
 import json
 import logging
 import os
 import re
 import selectors
+import stat
 import threading
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,24 +67,34 @@ from ..runtime import (
     Limits,
     Reference,
     Runtime,
-    diff,
+    diff_summary,
+    local_alternative,
     parse_cpus,
     parse_memory,
     snapshot,
-    summarize,
 )
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MAX_LINE", "OPS", "SOCKET_NAME", "HostChannel", "KernelContext", "parse_display_name", "parse_snapshot_tag",
-    "run_code", "socket_path",
+    "MAX_DEPTH", "MAX_LINE", "OPS", "SNAPSHOT_NAMESPACE", "SOCKET_NAME", "HostChannel", "KernelContext",
+    "image_allowed", "parse_allowed_images", "parse_display_name", "parse_snapshot_tag", "run_code",
+    "socket_path",
 ]
 
 SOCKET_NAME = "host.sock"
 #: longest request line; longer ones are refused and the connection closed
 MAX_LINE = 64 * 1024
+#: deepest nesting of a request (all fields are scalars: one object is depth 1); checked before
+#: parsing, so ``[`` x 60000 is a clean refusal and never a RecursionError in the server's log
+MAX_DEPTH = 4
+#: connections of one kernel at a time (each kernel has its own channel: others are not affected)
 MAX_CONNECTIONS = 8
+#: seconds a connection may take to send a whole request line (from connecting, or from the last
+#: answer): an idle or trickling client is dropped, and frees its place among MAX_CONNECTIONS
+IDLE_TIMEOUT = 30.0
+#: seconds the host waits for a client to read an answer line (a %%container cell's output)
+WRITE_TIMEOUT = 60.0
 MAX_MESSAGE = 2000
 MAX_DISPLAY_NAME = 100
 MAX_TAG = 128
@@ -77,6 +105,11 @@ PROGRESS_INTERVAL = 0.25
 #: output chunks of a %%container cell in flight before the container's pipe waits
 OUTPUT_WINDOW = 256
 
+#: where a kernel's snapshots go: ``localhost/kernel-snapshot/<name>:<tag>``. Short names never
+#: resolve here (``name`` is looked up as ``docker.io/library/name``, then ``localhost/name``), so
+#: a kernel cannot change what ``jupyter contain run debian`` or a kernelspec's image means
+SNAPSHOT_NAMESPACE = "kernel-snapshot"
+_SNAPSHOT_PREFIX = f"localhost/{SNAPSHOT_NAMESPACE}/"
 #: the kernel label snapshots carry (set by the runtime from the container's label)
 IMAGE_KERNEL_LABEL = "io.jupyter-contain.kernel-id"
 #: the label of containers a kernel's ``%%container`` cells run in
@@ -105,10 +138,14 @@ def socket_path(kernel_dir: Path) -> Path:
 def parse_snapshot_tag(text: Any) -> Reference:
     """A snapshot tag from the sandbox: a plain local name (``myenv:v1``), never a registry or digest.
 
-    Returns the store name it gets (``localhost/myenv:v1``). Raises ChannelError.
+    Returns the store name it gets, in the kernels' namespace
+    (``localhost/kernel-snapshot/myenv:v1``); that name, or
+    ``kernel-snapshot/myenv:v1``, given back means the same. Raises ChannelError.
     """
     if not isinstance(text, str) or not text.strip():
         raise errors.ChannelError("a snapshot needs a tag, e.g. myenv:v1")
+    text = text.removeprefix("localhost/").removeprefix(SNAPSHOT_NAMESPACE + "/") \
+        if text.startswith((_SNAPSHOT_PREFIX, SNAPSHOT_NAMESPACE + "/")) else text
     if len(text) > MAX_TAG:
         raise errors.ChannelError(f"tag too long ({len(text)} characters, at most {MAX_TAG})")
     if "@" in text:
@@ -120,7 +157,85 @@ def parse_snapshot_tag(text: Any) -> Reference:
         parsed = Reference.parse(text)
     except errors.InvalidReference as exc:
         raise errors.ChannelError(f"invalid tag {text!r}: {exc}") from None
-    return Reference("localhost", parsed.repository.removeprefix("library/"), parsed.tag, None)
+    return Reference("localhost", f"{SNAPSHOT_NAMESPACE}/{parsed.repository.removeprefix('library/')}", parsed.tag,
+                     None)
+
+
+def in_snapshot_namespace(name: str) -> bool:
+    return name.startswith(_SNAPSHOT_PREFIX)
+
+
+_PATTERN_CHARS = re.compile(r"^[A-Za-z0-9._/:@*?\[\]-]+$")
+
+
+def parse_allowed_images(value: Any) -> tuple[str, ...]:
+    """Validate a kernelspec's ``allowed_images``: image references or glob patterns (``python:*``).
+
+    Raises InvalidSpec naming the bad entry. A string is one entry.
+    """
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise errors.InvalidSpec("a list of image names or patterns, e.g. [\"python:3.12-slim\", \"localhost/team/*\"]")
+    out = []
+    for v in value:
+        if not isinstance(v, str) or not v or len(v) > 256 or not _PATTERN_CHARS.match(v):
+            raise errors.InvalidSpec(f"{str(v)[:60]!r} is not an image name or pattern")
+        if not any(ch in v for ch in "*?["):
+            try:
+                Reference.parse(v)
+            except errors.InvalidReference as exc:
+                raise errors.InvalidSpec(str(exc)) from None
+        out.append(v)
+    return tuple(out)
+
+
+def image_allowed(name: str, patterns: Iterable[str]) -> bool:
+    """Whether store image ``name`` (a full name) is one ``patterns`` (from ``allowed_images``) allow.
+
+    A reference allows the image it names by Docker's rules or under
+    ``localhost/`` (``python:3.12`` allows ``docker.io/library/python:3.12``
+    and ``localhost/python:3.12``); a glob pattern is matched against the
+    full name and the short form (``python:*``, ``localhost/team/*``; ``*``
+    allows every image in the store).
+    """
+    short = name
+    with contextlib.suppress(errors.ContainError):
+        short = Reference.parse(name).familiar
+    for p in patterns:
+        if any(ch in p for ch in "*?["):
+            if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(short, p):
+                return True
+            continue
+        try:
+            names = {str(Reference.parse(p))}
+            alt = local_alternative(p)
+        except errors.ContainError:
+            continue
+        if alt is not None:
+            names.add(str(alt))
+        if name in names:
+            return True
+    return False
+
+
+_BRACKETS = re.compile(rb"[\[\]{}]")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _too_deep(line: bytes) -> bool:
+    """Whether the JSON ``line`` nests deeper than MAX_DEPTH (strings' contents do not count)."""
+    if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for m in _BRACKETS.finditer(_JSON_STRING.sub(b'""', line)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 def parse_display_name(text: Any) -> str:
@@ -146,6 +261,18 @@ def _str_field(req: Mapping[str, Any], name: str, *, default: str | None = None,
 
 
 _SAFE_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+
+
+_tag_locks_guard = threading.Lock()
+_tag_locks: dict[str, threading.Lock] = {}
+
+
+@contextlib.contextmanager
+def _tag_lock(name: str):
+    with _tag_locks_guard:
+        lock = _tag_locks.setdefault(name, threading.Lock())
+    with lock:
+        yield
 
 
 # --- running code in a fresh container (shared with the host-side magics) ---------------------
@@ -237,6 +364,9 @@ class KernelContext:
     #: must not run with more than the kernel it comes from (host root, no filter)
     userns: str = "host"
     seccomp: str = "default"
+    #: what ``run_cell`` and ``images`` may see besides the kernel's own image and its snapshots
+    #: (the kernelspec's ``allowed_images``: references or glob patterns, see :func:`image_allowed`)
+    allowed_images: tuple[str, ...] = ()
 
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -244,6 +374,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 class HostChannel:
     """One kernel's channel server: on the caller's event loop (:meth:`start`) or its own thread."""
+
+    #: per-instance overrides of the module's timeouts (tests use short ones)
+    idle_timeout: float = IDLE_TIMEOUT
+    write_timeout: float = WRITE_TIMEOUT
 
     def __init__(self, ctx: KernelContext, path: Path) -> None:
         self.ctx = ctx
@@ -256,6 +390,7 @@ class HostChannel:
         self._pool = ThreadPoolExecutor(3, thread_name_prefix=f"jc-channel-{ctx.kernel_id[:8]}")
         self._snapshot_lock: asyncio.Lock | None = None
         self._cell_running = False
+        self._diff_running = False
         self._cancels: set[threading.Event] = set()
         self._made: set[str] = set()   # images this channel made (install_kernelspec accepts these)
 
@@ -267,12 +402,34 @@ class HostChannel:
         self._snapshot_lock = asyncio.Lock()
         self.path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._handle, path=str(self.path), limit=MAX_LINE + 1)
-        os.chmod(self.path, 0o600)
-        # whoever owns the kernel folder (the kernel's user, if it is mapped to another) may connect
-        folder = self.path.parent.stat()
-        if (folder.st_uid, folder.st_gid) != (os.geteuid(), os.getegid()):
-            os.chown(self.path, folder.st_uid, folder.st_gid)
+        try:
+            self._own_socket_file()
+        except OSError:
+            self._server.close()
+            self._server = None
+            raise
         log.debug("kernel %s: host channel at %s", self.ctx.kernel_id, self.path)
+
+    def _own_socket_file(self) -> None:
+        """Make the socket file 0600 and the folder owner's, without following what the kernel put there.
+
+        The kernel folder is the kernel's too: between the bind and these
+        calls it may have swapped ``host.sock`` for a symlink to a host file.
+        So the file is opened ``O_PATH|O_NOFOLLOW``, must be a socket, and is
+        changed through that fd (its ``/proc/self/fd`` link), never by name.
+        """
+        fd = os.open(self.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise OSError(f"{self.path} was replaced by something that is not a socket")
+            via = f"/proc/self/fd/{fd}"
+            os.chmod(via, 0o600)
+            # whoever owns the kernel folder (the kernel's user, if it is mapped to another) may connect
+            folder = self.path.parent.stat()
+            if (folder.st_uid, folder.st_gid) != (os.geteuid(), os.getegid()):
+                os.chown(via, folder.st_uid, folder.st_gid)
+        finally:
+            os.close(fd)
 
     def start_thread(self) -> None:
         """Serve on an event loop of its own in a daemon thread (no event loop to borrow)."""
@@ -348,7 +505,10 @@ class HostChannel:
         async def send(msg: dict[str, Any], *, drain: bool = True) -> None:
             writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
             if drain:
-                await writer.drain()
+                try:
+                    await asyncio.wait_for(writer.drain(), self.write_timeout)
+                except asyncio.TimeoutError:
+                    raise ConnectionError("the client reads no answers") from None
 
         try:
             if len(self._tasks) > MAX_CONNECTIONS:
@@ -356,7 +516,13 @@ class HostChannel:
                 return
             while True:
                 try:
-                    line = await reader.readline()
+                    # the whole line within the timeout: an idle client, or one that never sends its
+                    # newline, is dropped (and frees its place among MAX_CONNECTIONS)
+                    line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
+                except asyncio.TimeoutError:
+                    await send({"ok": False, "error": f"no complete request in {self.idle_timeout:g} s: "
+                                                      "closing the connection"}, drain=False)
+                    return
                 except (ValueError, asyncio.LimitOverrunError):
                     await send({"ok": False, "error": f"request too long (at most {MAX_LINE} bytes a line)"})
                     return
@@ -378,9 +544,11 @@ class HostChannel:
 
     async def _answer(self, line: bytes, send: Callable[..., Awaitable[None]],
                       reader: asyncio.StreamReader) -> dict[str, Any]:
+        if _too_deep(line):
+            return {"ok": False, "error": f"malformed request: nested deeper than {MAX_DEPTH} levels"}
         try:
             req = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return {"ok": False, "error": "malformed request: not a JSON line"}
         if not isinstance(req, dict):
             return {"ok": False, "error": "malformed request: not a JSON object"}
@@ -412,8 +580,10 @@ class HostChannel:
 
     async def _op_stats(self, req: dict[str, Any], send: Send, reader: Any) -> dict[str, Any]:
         c = self._container()
-        st = await self._work(c.stats)
-        cpus = (c.state.get("limits") or {}).get("cpus")
+
+        def read() -> tuple[dict[str, Any], Any]:
+            return c.stats(), (c.state.get("limits") or {}).get("cpus")
+        st, cpus = await self._work(read)
         return {"ok": True, "stats": {**st, "cpus_limit": cpus, "cpu_count": os.cpu_count() or 1,
                                       "time": time.time()}}
 
@@ -422,18 +592,94 @@ class HostChannel:
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_DIFF_CHANGES:
             raise errors.ChannelError(f"diff: limit must be a number from 0 to {MAX_DIFF_CHANGES}")
         c = self._container()
-        changes = await self._work(diff, c)
-        return {"ok": True, "total": len(changes), "bytes": sum(ch.size for ch in changes),
-                "summary": [s.to_json() for s in summarize(changes)],
-                "changes": [ch.to_json() for ch in changes[:limit]], "truncated": len(changes) > limit}
+        # one walk of the layer at a time per kernel: a layer of 300,000 files takes seconds to walk
+        if self._diff_running:
+            raise errors.ChannelError("a diff of this kernel is already running")
+        self._diff_running = True
+        try:
+            d = await self._work(lambda: diff_summary(c, limit=limit))
+        finally:
+            self._diff_running = False
+        return {"ok": True, "total": d.total, "bytes": d.bytes, "summary": [f.to_json() for f in d.folders],
+                "changes": [ch.to_json() for ch in d.changes], "truncated": d.truncated}
+
+    # --- what this kernel may see and make (worker threads: they read the store and kernelspecs) ---
 
     def _own_image(self, name: str) -> ImageRecord | None:
         """The store's image named exactly ``name`` (no fallbacks), or None."""
         return next((r for r in self.ctx.runtime.store.images() if r.name == name), None)
 
     def _made_here(self, rec: ImageRecord) -> bool:
+        if not in_snapshot_namespace(rec.name):
+            return False
         labels = (rec.config.raw.get("config") or {}).get("Labels") or {}
         return rec.name in self._made or labels.get(IMAGE_KERNEL_LABEL) == self.ctx.kernel_id
+
+    def _allowed(self, rec: ImageRecord, own: str) -> bool:
+        """The image policy: the kernel's own image, its snapshots, and ``allowed_images``."""
+        return rec.name == own or self._made_here(rec) or image_allowed(rec.name, self.ctx.allowed_images)
+
+    def _policy(self) -> str:
+        extra = f", and {', '.join(self.ctx.allowed_images)[:200]}" if self.ctx.allowed_images else ""
+        return f"this kernel's own image and its snapshots{extra}"
+
+    def _own_image_name(self, c: Container) -> str:
+        return str(c.state.get("image_name") or "")
+
+    def _visible(self, c: Container) -> list[ImageRecord]:
+        own = self._own_image_name(c)
+        return [r for r in self.ctx.runtime.store.images() if self._allowed(r, own)]
+
+    def _cell_image(self, c: Container, text: str) -> ImageRecord:
+        """The image ``text`` names, if the policy allows it (the same refusal whether or not it exists)."""
+        own = self._own_image_name(c)
+        found: list[ImageRecord] = []
+        with contextlib.suppress(errors.ContainError):
+            found.append(self.ctx.runtime.store.resolve(text))
+        with contextlib.suppress(errors.ContainError):   # the kernel's own snapshot, by the tag it gave
+            rec = self._own_image(str(parse_snapshot_tag(text)))
+            if rec is not None:
+                found.append(rec)
+        for rec in found:
+            if self._allowed(rec, own):
+                return rec
+        raise errors.ChannelError(f"run_cell: image {text!r} is not one this kernel may use ({self._policy()}; "
+                                  "`%container images` lists them)")
+
+    def _kernel_dirs(self) -> list[str]:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        dirs = list(KernelSpecManager().kernel_dirs)
+        if self.ctx.kernelspec_dir is not None and str(self.ctx.kernelspec_dir.parent) not in dirs:
+            dirs.append(str(self.ctx.kernelspec_dir.parent))
+        return dirs
+
+    def _kernelspec_using(self, name: str) -> str | None:
+        """A kernelspec (anywhere Jupyter looks, and beside this kernel's) that starts image ``name``."""
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        ksm = KernelSpecManager(kernel_dirs=self._kernel_dirs())
+        for spec_name, spec_dir in ksm.find_kernel_specs().items():
+            try:
+                with open(os.path.join(spec_dir, "kernel.json"), "rb") as f:
+                    spec = json.loads(f.read(1 << 20))
+                image = spec["metadata"]["kernel_provisioner"]["config"]["image"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(image, str) and image_allowed(name, [image]):
+                return spec_name
+        return None
+
+    def _check_snapshot_target(self, ref: Reference) -> None:
+        existing = self._own_image(str(ref))
+        if existing is not None and not self._made_here(existing):
+            # never let a sandbox replace an image another kernel (or the user) made
+            raise errors.ChannelError(f"image {ref.familiar} already exists and was not made by this kernel: "
+                                      "choose another tag")
+        using = self._kernelspec_using(str(ref))
+        if using is not None:
+            raise errors.ChannelError(f"kernelspec {using} starts from {ref.familiar}: a kernel cannot replace "
+                                      "that image; choose another tag")
 
     async def _op_snapshot(self, req: dict[str, Any], send: Send, reader: Any) -> dict[str, Any]:
         ref = parse_snapshot_tag(req.get("tag"))
@@ -442,11 +688,6 @@ class HostChannel:
         if compress not in ("gzip", "zstd"):
             raise errors.ChannelError(f"snapshot: unknown compression {str(compress)[:20]!r} (gzip or zstd)")
         c = self._container()
-        existing = await self._work(self._own_image, str(ref))
-        if existing is not None and not self._made_here(existing):
-            # never let a sandbox replace an image that kernels (its own base, say) start from
-            raise errors.ChannelError(f"image {ref.familiar} already exists and was not made by this kernel: "
-                                      "choose another tag")
         assert self._snapshot_lock is not None
         if self._snapshot_lock.locked():
             raise errors.ChannelError("a snapshot of this kernel is already running")
@@ -467,8 +708,15 @@ class HostChannel:
                     wake.set()
                 loop.call_soon_threadsafe(post)
 
-            fut = loop.run_in_executor(self._pool, lambda: snapshot(
-                self.ctx.runtime, c, str(ref), message=message, compress=compress, progress=progress))
+            def make() -> ImageRecord:   # worker thread
+                # the check and the tag under one lock: two kernels asking for the same new tag at
+                # once cannot both find it free and the second replace the first's
+                with _tag_lock(str(ref)):
+                    self._check_snapshot_target(ref)
+                    return snapshot(self.ctx.runtime, c, str(ref), message=message, compress=compress,
+                                    progress=progress)
+
+            fut = loop.run_in_executor(self._pool, make)
             while True:
                 waiter = asyncio.ensure_future(wake.wait())
                 await asyncio.wait({fut, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -487,45 +735,50 @@ class HostChannel:
                 "size": rec.size}
 
     async def _op_install_kernelspec(self, req: dict[str, Any], send: Send, reader: Any) -> dict[str, Any]:
-        name = _str_field(req, "image", limit=MAX_TAG + 20)
+        name = _str_field(req, "image", limit=MAX_TAG + 40)
         if not name:
             raise errors.ChannelError("install_kernelspec: which image? (a snapshot this kernel made)")
-        ref = parse_snapshot_tag(name.removeprefix("localhost/"))
-        rec = await self._work(self._own_image, str(ref))
-        if rec is None or not self._made_here(rec):
-            raise errors.ChannelError(f"install_kernelspec: {ref.familiar} is not a snapshot this kernel made")
+        ref = parse_snapshot_tag(name)
         display = req.get("display_name")
         display = parse_display_name(display) if display is not None else None
-        kernel_name, shown = await self._work(self._install, rec, display)
+        kernel_name, shown = await self._work(self._install, ref, display)
         return {"ok": True, "kernel_name": kernel_name, "display_name": shown}
 
-    def _install(self, rec: ImageRecord, display: str | None) -> tuple[str, str]:
+    def _source_name(self) -> str:
+        """How this kernel shows in launchers (its kernelspec's display name), for a snapshot's name."""
+        if self.ctx.kernelspec_dir is not None:
+            try:
+                with open(self.ctx.kernelspec_dir / "kernel.json", "rb") as f:
+                    shown = json.loads(f.read(1 << 20)).get("display_name")
+                if isinstance(shown, str) and shown.strip():
+                    return shown.strip()[:MAX_DISPLAY_NAME]
+            except (OSError, ValueError, AttributeError):
+                pass
+        return f"kernel {self.ctx.kernel_id[:8]}"
+
+    def _install(self, ref: Reference, display: str | None) -> tuple[str, str]:
         from . import kernelspec
 
-        name = kernelspec.default_kernel_name(rec)
-        shown = display or kernelspec.default_display_name(rec)
+        rec = self._own_image(str(ref))
+        if rec is None or not self._made_here(rec):
+            raise errors.ChannelError(f"install_kernelspec: {ref.familiar} is not a snapshot this kernel made")
+        name = kernelspec.snapshot_kernel_name(rec)
+        base = ref.repository.removeprefix(SNAPSHOT_NAMESPACE + "/")
+        shown = kernelspec.snapshot_display_name(display or f"{base}:{ref.tag}", source=self._source_name())
         target: dict[str, Any] = {"user": True}
-        kernels_dir = None
         spec_dir = self.ctx.kernelspec_dir
         # beside the asking kernel's own kernelspec: the server that found that one finds this one
         if spec_dir is not None and spec_dir.parent.parts[-3:] == ("share", "jupyter", "kernels"):
-            kernels_dir = spec_dir.parent
-            target = {"prefix": str(kernels_dir.parents[2])}
-        if kernels_dir is not None:
-            existing = kernels_dir / name / "kernel.json"
-            if existing.exists():
-                try:
-                    old = json.loads(existing.read_text())
-                    same = old["metadata"]["kernel_provisioner"]["config"]["image"] == rec.name
-                except (OSError, ValueError, KeyError, TypeError):
-                    same = False
-                if not same:
-                    raise errors.ChannelError(f"a kernelspec named {name} already exists for another image")
+            target = {"prefix": str(spec_dir.parent.parents[2])}
         lim = self.ctx.limits
-        kernel_name, _path = kernelspec.install(
-            store=self.ctx.runtime.store, image_name=rec.name, name=name, display_name=shown,
-            memory=str(lim.memory) if lim.memory else None, cpus=str(lim.cpus) if lim.cpus else None,
-            pids=lim.pids or 0, network=self.ctx.network, probe=False, **target)
+        try:
+            kernel_name, _path = kernelspec.install(
+                store=self.ctx.runtime.store, image_name=rec.name, name=name, display_name=shown,
+                memory=str(lim.memory) if lim.memory else None, cpus=str(lim.cpus) if lim.cpus else None,
+                pids=lim.pids or 0, network=self.ctx.network, probe=False, create_only=True, **target)
+        except errors.KernelError as exc:
+            raise errors.ChannelError(f"install_kernelspec: {exc}; remove it on the host "
+                                      f"(jupyter kernelspec remove {name}) or snapshot under another tag") from None
         log.info("kernel %s: installed kernelspec %s for %s", self.ctx.kernel_id, kernel_name, rec.familiar)
         return kernel_name, shown
 
@@ -536,7 +789,8 @@ class HostChannel:
         return {"ok": True, "message": "the next restart of this kernel starts from a fresh writable layer"}
 
     async def _op_images(self, req: dict[str, Any], send: Send, reader: Any) -> dict[str, Any]:
-        recs = await self._work(self.ctx.runtime.store.images)
+        c = self._container()
+        recs = await self._work(self._visible, c)
         return {"ok": True, "images": sorted({r.familiar for r in recs})}
 
     async def _op_ps(self, req: dict[str, Any], send: Send, reader: Any) -> dict[str, Any]:
@@ -562,7 +816,7 @@ class HostChannel:
         if image_text:
             if not _SAFE_IMAGE.match(image_text):
                 raise errors.ChannelError(f"run_cell: invalid image name {image_text!r}")
-            image = await self._work(self.ctx.runtime.store.resolve, image_text)
+            image = await self._work(self._cell_image, c, image_text)
         else:
             image = await self._work(c.image)
         if self._cell_running:

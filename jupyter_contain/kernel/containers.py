@@ -27,7 +27,7 @@ from ..runtime import (
     Bind, Container, ContainerSpec, ImageRecord, Limits, Runtime, Store, parse_bind, parse_cpus, parse_memory,
 )
 from . import guest_files
-from .channel import KernelContext
+from .channel import KernelContext, parse_allowed_images
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ PASS_ENV = ("JPY_SESSION_NAME", "LANG", "LC_ALL", "TZ")
 #: provisioner options a kernelspec may set (anything else is a typo worth an error)
 OPTION_NAMES = frozenset({
     "image", "memory", "cpus", "pids", "network", "mounts", "env", "pull_policy", "mount_cwd", "reset",
-    "store_root", "python", "shutdown_wait", "userns", "seccomp",
+    "store_root", "python", "shutdown_wait", "userns", "seccomp", "allowed_images",
 })
 
 
@@ -89,6 +89,9 @@ class KernelOptions:
     userns: str = ""
     #: "default" (Docker's profile) or "unconfined" (logged as a warning at every start)
     seccomp: str = "default"
+    #: images the kernel's %%container cells and ``%container images`` may use besides its own
+    #: image and its snapshots: references or glob patterns (``channel.image_allowed``)
+    allowed_images: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, where: str = "kernelspec") -> "KernelOptions":
@@ -153,6 +156,10 @@ class KernelOptions:
         if sec not in ("default", "unconfined"):
             raise errors.InvalidSpec(f"{where}: option seccomp: {sec!r} (default or unconfined)")
         kw["seccomp"] = sec
+        try:
+            kw["allowed_images"] = parse_allowed_images(config.get("allowed_images") or ())
+        except errors.InvalidSpec as exc:
+            raise bad("allowed_images", exc) from None
         return cls(**kw)
 
     def limits(self) -> Limits:
@@ -277,7 +284,7 @@ def kernel_context(options: KernelOptions, *, kernel_id: str, runtime: Runtime,
     return KernelContext(kernel_id=kernel_id, runtime=runtime, container=container, python=options.python,
                          limits=options.limits(), network=options.network, kernelspec_dir=kernelspec_dir,
                          request_reset=request_reset, userns=resolve_userns(runtime, options.userns),
-                         seccomp=options.seccomp)
+                         seccomp=options.seccomp, allowed_images=options.allowed_images)
 
 
 def runtime_for(options: KernelOptions) -> Runtime:

@@ -52,6 +52,32 @@ def default_display_name(image: ImageRecord) -> str:
     return f"Contained Python ({shown})"
 
 
+#: kernelspecs a kernel installs for its snapshots are named ``snapshot-...``: never a name the
+#: user's own ``jupyter contain install`` gives (``contained-...``), nor a stock kernel's
+SNAPSHOT_PREFIX = "snapshot-"
+
+
+def snapshot_kernel_name(image: ImageRecord) -> str:
+    """``snapshot-myenv-v1`` for a kernel's snapshot ``localhost/kernel-snapshot/myenv:v1``."""
+    from ..runtime import Reference
+
+    ref = Reference.parse(image.name)
+    base = ref.repository.rsplit("/", 1)[-1]
+    tag = ref.tag or "latest"
+    name = SNAPSHOT_PREFIX + base + ("" if tag == "latest" else f"-{tag}")
+    return re.sub(r"[^a-z0-9._-]", "-", name.lower())[:100]
+
+
+def snapshot_display_name(shown: str, *, source: str) -> str:
+    """What a kernel-made kernelspec is called in launchers: always says it is a snapshot, and of what.
+
+    A kernel may choose ``shown``, never the suffix, so its tile cannot pass
+    for the normal kernel ("Python 3 (ipykernel)" becomes "Python 3
+    (ipykernel) (snapshot of Contained Python (debian))").
+    """
+    return f"{shown} (snapshot of {source})"
+
+
 def probe_image(runtime: Runtime, image: ImageRecord, *, python: str = "python3") -> str:
     """Check the image can run a kernel (python3 with ipykernel); returns ipykernel's version."""
     script = "import ipykernel, sys; print(ipykernel.__version__)"
@@ -108,8 +134,16 @@ def write_logos(folder: Path) -> None:
 def install(*, store: Store, image_name: str, name: str | None = None, display_name: str | None = None,
             memory: str | None = None, cpus: str | None = None, pids: int | None = None,
             network: str | None = None, user: bool = False, prefix: str | None = None,
-            probe: bool = True, userns: str | None = None, seccomp: str | None = None) -> tuple[str, str]:
-    """Install a kernelspec for ``image_name``; returns (kernel name, install path)."""
+            probe: bool = True, userns: str | None = None, seccomp: str | None = None,
+            create_only: bool = False) -> tuple[str, str]:
+    """Install a kernelspec for ``image_name``; returns (kernel name, install path).
+
+    ``create_only`` (a kernel's request through its host channel): the
+    kernelspec must be new. Refused (KernelError) when a kernelspec of that
+    name exists in any kernel folder Jupyter searches, and the folder is
+    created exclusively (``mkdir``), so nothing existing is ever replaced,
+    not even by a request racing this one.
+    """
     image = store.resolve(image_name)
     name = name or default_kernel_name(image)
     if not _NAME_RE.match(name):
@@ -142,11 +176,35 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
         version = probe_image(Runtime(store), image)
         log.info("image %s has ipykernel %s", image.familiar, version)
     spec = kernel_json(image=image, display_name=display_name or default_display_name(image), config=config)
+    if create_only:
+        return name, _create(spec, name, user=user, prefix=prefix)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "kernel.json").write_text(json.dumps(spec, indent=1))
         write_logos(Path(d))
         path = KernelSpecManager().install_kernel_spec(d, name, user=user, prefix=prefix)
     return name, path
+
+
+def _create(spec: dict[str, Any], name: str, *, user: bool, prefix: str | None) -> str:
+    ksm = KernelSpecManager()
+    if name in ksm.find_kernel_specs():
+        raise errors.KernelError(f"a kernelspec named {name} exists already (kernels cannot replace kernelspecs)")
+    dest = Path(ksm._get_destination_dir(name, user=user, prefix=prefix))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(dest, 0o755)
+    except FileExistsError:
+        raise errors.KernelError(f"a kernelspec named {name} exists already (kernels cannot replace kernelspecs)"
+                                 ) from None
+    try:
+        tmp = dest / ".kernel.json.tmp"
+        tmp.write_text(json.dumps(spec, indent=1))
+        write_logos(dest)
+        os.rename(tmp, dest / "kernel.json")
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return str(dest)
 
 
 def list_specs() -> list[dict[str, Any]]:

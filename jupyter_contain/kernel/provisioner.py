@@ -77,6 +77,9 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                         "host: the host's ids. A server that is not root always uses a user namespace.")
     seccomp = Unicode("default", config=True,
                     help="default: Docker's seccomp profile; unconfined: none (a warning at every start).")
+    allowed_images = List(Unicode(), [], config=True,
+                          help="Images %%container cells and %container images may use besides the kernel's own "
+                               "image and its snapshots: references or glob patterns ('python:*'; '*': all).")
 
     # --- state -----------------------------------------------------------------------
 
