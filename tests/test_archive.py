@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -143,3 +144,78 @@ def test_podman_loads_what_we_save(store: Store, image, tmp_path: Path, fmt: str
         assert "localhost/demo:1" in res.stdout
         listing = json.loads(run(*pm, "images", "--format", "json"))
         assert any("localhost/demo:1" in (i.get("Names") or []) for i in listing)
+
+
+def _docker_form(store: Store, image, layout: Path, tag: str) -> bytes:
+    """Write ``image`` as a Docker schema2 manifest in an OCI layout (as `docker save` of Docker 25+ does)."""
+    from jupyter_contain.runtime import spec
+
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    for d in (image.manifest.config.digest, *(layer.digest for layer in image.manifest.layers)):
+        shutil.copy(store.blob_path(d), blobs / d[7:])
+    doc = json.dumps({"schemaVersion": 2, "mediaType": spec.DOCKER_MANIFEST,
+                      "config": {"mediaType": spec.DOCKER_CONFIG, "digest": image.manifest.config.digest,
+                                 "size": image.manifest.config.size},
+                      "layers": [{"mediaType": spec.DOCKER_LAYER_GZIP, "digest": d.digest, "size": d.size}
+                                 for d in image.manifest.layers]}, indent=3).encode()
+    digest = spec.sha256_digest(doc)
+    (blobs / digest[7:]).write_bytes(doc)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": spec.DOCKER_MANIFEST, "digest": digest, "size": len(doc),
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+    return doc
+
+
+@needs_skopeo
+def test_docker_form_round_trips_through_both_archives(store: Store, image, tmp_path: Path):
+    from jupyter_contain.runtime import spec
+    from jupyter_contain.runtime.images.store import ANNOTATION_MANIFEST
+
+    doc = _docker_form(store, image, tmp_path / "layout", "docker-form:1")
+    other = Store(tmp_path / "other")
+    rec = archive.import_oci_layout(other, tmp_path / "layout", unpack=False)
+    assert rec.digest == spec.sha256_digest(doc) and rec.descriptor.media_type == spec.DOCKER_MANIFEST
+    assert other.blob_path(rec.digest).read_bytes() == doc   # as written, not re-serialised
+    for fmt, save in (("oci-archive", archive.save_oci_archive), ("docker-archive", archive.save_docker_archive)):
+        out = tmp_path / f"d.{fmt}.tar"
+        save(other, rec, out)
+        info = json.loads(run("skopeo", "inspect", f"{fmt}:{out}"))
+        assert info["Layers"][0] in (image.manifest.layers[0].digest, image.config.diff_ids[0])
+        assert "A=1" in info["Env"]
+    with tarfile.open(tmp_path / "d.oci-archive.tar") as tar:
+        index = json.load(tar.extractfile("index.json"))
+    entry = index["manifests"][0]
+    assert entry["mediaType"] == spec.OCI_MANIFEST and entry["annotations"][ANNOTATION_MANIFEST] == rec.digest
+    back = archive.import_oci_archive(Store(tmp_path / "third"), tmp_path / "d.oci-archive.tar", unpack=False)
+    assert back.digest == rec.digest and back.descriptor.media_type == spec.DOCKER_MANIFEST
+
+
+def test_oci_form_that_disagrees_with_the_served_manifest_is_imported_as_oci(store: Store, image, tmp_path: Path):
+    from jupyter_contain.runtime import spec
+    from jupyter_contain.runtime.images.store import ANNOTATION_MANIFEST
+
+    _docker_form(store, image, tmp_path / "layout", "x:1")
+    other = Store(tmp_path / "other")
+    rec = archive.import_oci_layout(other, tmp_path / "layout", unpack=False)
+    out = tmp_path / "a.tar"
+    archive.save_oci_archive(other, rec, out)
+    # an archive whose annotation names a Docker manifest of other blobs: that one is not trusted
+    bogus = json.dumps({"schemaVersion": 2, "mediaType": spec.DOCKER_MANIFEST,
+                        "config": {"mediaType": spec.DOCKER_CONFIG, "digest": "sha256:" + "1" * 64, "size": 2},
+                        "layers": []}).encode()
+    with tarfile.open(out) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    index = json.loads(members["index.json"])
+    index["manifests"][0]["annotations"][ANNOTATION_MANIFEST] = spec.sha256_digest(bogus)
+    members["index.json"] = json.dumps(index).encode()
+    members[f"blobs/sha256/{spec.sha256_digest(bogus)[7:]}"] = bogus
+    tampered = tmp_path / "t.tar"
+    with tarfile.open(tampered, "w") as tar:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    back = archive.import_oci_archive(Store(tmp_path / "third"), tampered, unpack=False)
+    assert back.descriptor.media_type == spec.OCI_MANIFEST and back.digest == index["manifests"][0]["digest"]
