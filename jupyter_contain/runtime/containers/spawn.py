@@ -78,6 +78,9 @@ DEFAULT_CAPABILITIES: frozenset[str] = frozenset({
     "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
     "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 })
+#: Docker's default set as it is, for the runtime's own tools (never a container's
+#: payload): restoring an image's owners keeps its setgid folders and files
+_TOOL_CAPABILITIES: frozenset[str] = DEFAULT_CAPABILITIES | {"CAP_FSETID", "CAP_SETFCAP"}
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -614,8 +617,9 @@ def run_in_userns(mapping: IdMapping, argv: Sequence[str], *, timeout: float = 1
     rootless caller needs its containers' root for: a writable layer holds
     files of the container's other users (subordinate ids), in folders the
     caller itself may not write, and only root of that mapping can remove
-    them. The process keeps Docker's default capabilities (inside the
-    namespace: over its mapped ids only) and no_new_privs.
+    them. The process keeps Docker's default capabilities, CAP_FSETID
+    included (inside the namespace: over its mapped ids only; an image's
+    setgid files keep their bit), and no_new_privs.
     """
     arena = _Arena()
     cfg = arena.new("struct jc_config *")
@@ -624,7 +628,8 @@ def run_in_userns(mapping: IdMapping, argv: Sequence[str], *, timeout: float = 1
     cfg.gid_map = arena.str(mapping.gid_map_text())
     rootless = os.geteuid() != 0
     cfg.caller_maps = int(rootless)
-    process = ProcessSpec(argv=tuple(argv), env={"PATH": DEFAULT_PATH, "LC_ALL": "C"})
+    process = ProcessSpec(argv=tuple(argv), env={"PATH": DEFAULT_PATH, "LC_ALL": "C"},
+                          capabilities=_TOOL_CAPABILITIES)
     with open(os.devnull, "rb") as null, tempfile.TemporaryFile() as err:
         _fill_process(arena, cfg, process, (null.fileno(), null.fileno(), err.fileno()), b"")
         proc = native.spawn(cfg)
