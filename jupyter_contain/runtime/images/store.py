@@ -484,9 +484,13 @@ class Store:
         (named by the entries' annotations), so digests and pins are unchanged.
         Without write access the store is read as it is (peers then miss those images).
         """
+        # every open pays this check: a substring test first (measured 30 us with 50 tags, most of
+        # it reading the file; parsing the JSON as well took 70 us)
         try:
+            if DOCKER_MANIFEST.encode() not in read_small(self.root / "index.json"):
+                return
             entries = self._read_index()
-        except StoreError:   # a damaged index.json: the reads that need it say so
+        except (OSError, StoreError):   # a damaged index.json: the reads that need it say so
             return
         if not any(isinstance(e, dict) and e.get("mediaType") == DOCKER_MANIFEST for e in entries):
             return
