@@ -359,6 +359,7 @@ def test_the_event_loop_stays_responsive_under_a_hammering(served, capsys):
 
 from kernel_fixtures import *  # noqa: E402,F401,F403 - the session kernel image and kernelspecs
 from kernel_fixtures import IMAGE, KERNEL_NAME, make_spec, run_cell  # noqa: E402
+from test_rootless import HERE, subid_user  # noqa: E402,F401 - the rootless user fixture
 
 READY = 120
 
@@ -449,6 +450,7 @@ t.start()
 '''
 
 
+@pytest.mark.slow
 def test_diff_race_from_inside_the_kernel_sees_no_host_file(kernel, tmp_path):
     secret = tmp_path / "root-only"
     secret.mkdir(mode=0o700)
@@ -469,6 +471,7 @@ def test_diff_race_from_inside_the_kernel_sees_no_host_file(kernel, tmp_path):
     assert any("mine-" in p for p in got["paths"])
 
 
+@pytest.mark.slow
 def test_snapshots_cannot_take_over_image_names(kernel, kernel_env, ksm):
     store = kernel_env.store
     before = host_view(kernel_env, ksm)
@@ -514,6 +517,7 @@ def test_snapshots_cannot_take_over_image_names(kernel, kernel_env, ksm):
     assert host_view(kernel_env, ksm) == before
 
 
+@pytest.mark.slow
 def test_install_kernelspec_only_creates_and_always_says_snapshot(kernel, kernel_env, ksm):
     store = kernel_env.store
     before = host_view(kernel_env, ksm)
@@ -562,6 +566,7 @@ def test_install_kernelspec_only_creates_and_always_says_snapshot(kernel, kernel
     assert host_view(kernel_env, ksm) == before
 
 
+@pytest.mark.slow
 def test_run_cell_and_images_see_only_what_the_policy_allows(ksm, kernel_env, kernel_runtime):
     store = kernel_env.store
     base = store.resolve(IMAGE)
@@ -617,6 +622,7 @@ def test_a_bad_allowed_images_option_is_a_clear_error():
             KernelOptions.from_config({"allowed_images": bad})
 
 
+@pytest.mark.slow
 def test_hostile_requests_from_inside_do_not_stall_the_server(ksm, kernel_env, kernel_runtime, capsys):
     """The channel on the server's own event loop (an async kernel manager); the kernel hammers it."""
     from jupyter_client.manager import AsyncKernelManager
@@ -698,3 +704,59 @@ print("RESULT" + json.dumps(out))
               f" ms; {result}")
     assert result["refused_conn"] == 1 and result["deep"] >= 3 and result["long"] >= 3 and result["diffs"] >= 1
     assert_responsive(p99, worst)
+
+
+ROOTLESS_ATTACKS = r"""
+import json, time
+from jupyter_contain_guest.channel import request, HostError
+def ask(op, **kw):
+    try:
+        return request(op, _timeout=120, **kw)
+    except HostError as e:
+        return {"refused": str(e)}
+paths = set(); n = 0; t0 = time.time()
+while time.time() - t0 < 2 or n < 3:
+    a = ask("diff", limit=1000); n += 1
+    paths.update(c["path"] for c in a.get("changes", []))
+stop.set(); t.join()
+out = {"leaked": sorted(p for p in paths if "SECRET" in p), "mine": any("mine-" in p for p in paths),
+       "n": n, "swaps": swaps[0]}
+out["snap"] = ask("snapshot", tag="debian:rootless")
+out["images"] = ask("images")
+out["cell"] = ask("run_cell", code="print(1)", image="busybox:latest")
+out["spec"] = ask("install_kernelspec", image="debian:rootless", display_name="Python 3 (ipykernel)")
+out["again"] = ask("install_kernelspec", image="debian:rootless")
+out["deep"] = ask("stats", x=[[[[[[1]]]]]])
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_rootless_servers_kernel_gets_the_same_refusals(subid_user):
+    """The same attacks from a kernel of a server that is not root (its own store, its own ids)."""
+    import subprocess
+
+    from jupyter_contain.runtime.images import bootstrap
+
+    secret = subid_user.home / "secret"   # what the server's user may read, the kernel may not
+    secret.mkdir(mode=0o700)
+    for i in range(20):
+        (secret / f"SECRET-{i}").write_text("s")
+    for p in (secret, *secret.iterdir()):
+        os.chown(p, subid_user.uid, subid_user.gid)
+    code = SWAP.replace("SECRET_DIR", repr(str(secret))) + ROOTLESS_ATTACKS
+    req = {"image_tar": str(bootstrap.cached_rootfs_tar(bootstrap.DEBIAN_KERNEL)),
+           "config": dict(bootstrap.DEBIAN_KERNEL.config), "code": code}
+    res = subprocess.run(subid_user.argv(subid_user.path(HERE / "rootless_kernel_driver.py"), json.dumps(req)),
+                         env=subid_user.env(), capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    driver = json.loads(res.stdout.strip().splitlines()[-1])
+    assert driver["error"] is None and driver["left"] == 0, driver
+    out = json.loads(driver["stdout"].split("RESULT", 1)[1])
+    assert out["leaked"] == [] and out["mine"] and out["n"] >= 3 and out["swaps"] > 100, out
+    assert out["snap"]["name"] == "localhost/kernel-snapshot/debian:rootless", out
+    assert out["images"]["images"] == ["localhost/debian:rootless", "localhost/kernel-snapshot/debian:rootless"]
+    assert "is not one this kernel may use" in out["cell"]["refused"]
+    assert out["spec"]["display_name"] == "Python 3 (ipykernel) (snapshot of Contained Python (debian:rootless))"
+    assert "exists already" in out["again"]["refused"]
+    assert "nested deeper" in out["deep"]["refused"]
