@@ -1061,7 +1061,7 @@ def oci_config(state: Mapping[str, Any], image: ImageRecord) -> dict[str, Any]:
     ]
     for b in state["binds"]:
         mounts.append({"destination": b["target"], "type": "bind", "source": b["source"],
-                       "options": ["rbind", "ro" if b["readonly"] else "rw"]})
+                       "options": ["rbind", "ro" if b["readonly"] else "rw", *sorted(rootfs.HOST_FOLDER_ATTRS)]})
     return {
         "ociVersion": "1.0.2",
         "process": {
