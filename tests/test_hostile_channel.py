@@ -169,6 +169,9 @@ def test_deep_nesting_is_a_clean_refusal(served, caplog):
     # brackets inside strings are text, not nesting: refused for the image, not the shape
     r = ask(served.path, json.dumps({"op": "run_cell", "code": "[" * 5000, "image": "nope:1"}).encode() + b"\n")
     assert "nested" not in r["error"] and "not one this kernel may use" in r["error"], r
+    # a snapshot message is shown on the host: no terminal escapes in it
+    r = ask(served.path, json.dumps({"op": "snapshot", "tag": "x:1", "message": "hi\x1b]0;owned\x07"}).encode() + b"\n")
+    assert "control characters" in r["error"], r
     assert "RecursionError" not in caplog.text and "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert ask(served.path, b'{"op": "ps"}\n')["ok"]

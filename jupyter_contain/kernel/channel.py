@@ -686,6 +686,9 @@ class HostChannel:
     async def _op_snapshot(self, req: dict[str, Any], send: Send, reader: Any) -> dict[str, Any]:
         ref = parse_snapshot_tag(req.get("tag"))
         message = _str_field(req, "message", default="", limit=MAX_MESSAGE) or ""
+        if any(unicodedata.category(ch).startswith("C") and ch not in "\n\t" for ch in message):
+            # it is shown on the host (`jupyter contain history`, the server's API): no terminal escapes
+            raise errors.ChannelError("snapshot: a message must not hold control characters")
         compress = req.get("compress", "gzip")
         if compress not in ("gzip", "zstd"):
             raise errors.ChannelError(f"snapshot: unknown compression {str(compress)[:20]!r} (gzip or zstd)")

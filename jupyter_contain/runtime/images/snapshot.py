@@ -296,11 +296,16 @@ def _open_beneath(root_fd: int, rel: str, flags: int) -> int:
     if not rel:
         return os.open(".", flags, dir_fd=root_fd)
     if openat2 is not None:
-        try:
-            return openat2(root_fd, rel, flags, _BENEATH)
-        except OSError as e:
-            if e.errno != errno.ENOSYS:
-                raise
+        for _ in range(3):   # EAGAIN: a rename elsewhere raced the check; the kernel asks for a retry
+            try:
+                return openat2(root_fd, rel, flags, _BENEATH)
+            except OSError as e:
+                if e.errno == errno.ENOSYS:
+                    break
+                if e.errno != errno.EAGAIN:
+                    raise
+        else:
+            raise OSError(errno.EAGAIN, "the layer kept changing", rel)
     # before Linux 5.6: one component at a time, each a real directory opened beneath the last
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
