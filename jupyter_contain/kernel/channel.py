@@ -144,8 +144,10 @@ def parse_snapshot_tag(text: Any) -> Reference:
     """
     if not isinstance(text, str) or not text.strip():
         raise errors.ChannelError("a snapshot needs a tag, e.g. myenv:v1")
-    text = text.removeprefix("localhost/").removeprefix(SNAPSHOT_NAMESPACE + "/") \
-        if text.startswith((_SNAPSHOT_PREFIX, SNAPSHOT_NAMESPACE + "/")) else text
+    for given in (_SNAPSHOT_PREFIX, SNAPSHOT_NAMESPACE + "/"):   # the name an answer gave back
+        if text.startswith(given):
+            text = text[len(given):]
+            break
     if len(text) > MAX_TAG:
         raise errors.ChannelError(f"tag too long ({len(text)} characters, at most {MAX_TAG})")
     if "@" in text:
