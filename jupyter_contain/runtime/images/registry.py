@@ -5,7 +5,8 @@ insecure registries speak plain HTTP), the auth flow (anonymous, Basic, Bearer
 tokens from the ``WWW-Authenticate`` challenge, cached per scope), retries with
 backoff and ``Retry-After``, ``Range`` resume of an interrupted blob, redirects
 to blob storage without the registry's ``Authorization``, manifest and index
-resolution with platform choice, verification of every byte that comes in, and
+resolution with platform choice (OCI and Docker schema2 forms, both kept as
+served: same bytes, same digests), verification of every byte that comes in, and
 the upload protocol (HEAD, cross-repository mount, monolithic PUT, chunked
 PATCH, manifest PUT).
 
