@@ -442,6 +442,8 @@ def test_index_forms_pick_this_platform(multi, dst, rt, form):
     assert rec.index_digest == top and dst.blob_path(top).read_bytes() == raw   # the index as served
     entry = index_entry(dst, ref)
     assert entry["mediaType"] == OCI_MANIFEST and entry["annotations"][ANNOTATION_INDEX] == top
+    if form != "docker":   # an OCI manifest is entered as itself
+        assert entry["digest"] == rec.digest and ANNOTATION_MANIFEST not in entry["annotations"]
     # NAME@<index digest> (what `docker pull NAME@...` users copy) and @<manifest digest> both find it
     repo = ref.rsplit(":", 1)[0]
     assert dst.resolve(f"{repo}@{top}").digest == rec.digest
