@@ -635,3 +635,19 @@ def test_kernel_on_a_v2s2_image(kernel_env, reg, tmp_path):
         kc.stop_channels()
         km.shutdown_kernel(now=True)
     store.rmi(ref)
+
+
+def test_peer_gc_of_the_store_loses_no_image(v2s2, tmp_path, caplog):
+    """umoci gc sees only the OCI forms in index.json: what was served may go, the image stays."""
+    _need("umoci")
+    ref, rec = v2s2
+    store = Store(tmp_path / "store")
+    registry.pull(store, ref)
+    oci = index_entry(store, ref)["digest"]
+    res = subprocess.run(["umoci", "gc", "--layout", str(store.root)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert not store.has_blob(rec.digest) and store.has_blob(oci)
+    again = Store(store.root).resolve(ref)
+    assert again.digest == oci and again.descriptor.media_type == OCI_MANIFEST
+    assert again.config.diff_ids == rec.config.diff_ids
+    assert "is gone from the store; using its OCI form" in caplog.text

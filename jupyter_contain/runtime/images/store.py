@@ -566,9 +566,15 @@ class Store:
         desc = Descriptor.from_json(entry)
         served = desc.annotations.get(ANNOTATION_MANIFEST)
         index = desc.annotations.get(ANNOTATION_INDEX)
-        digest, media_type = (check_digest(served), None) if served else (desc.digest, desc.media_type)
-        if index is not None:
-            check_digest(index)
+        if served is not None and not self.has_blob(check_digest(served)):
+            # a peer's gc (umoci gc) sees only the OCI form and may remove what was served:
+            # the image is still whole, under the OCI form's digest
+            log.warning("image %s: its manifest as served (%s) is gone from the store; using its OCI form %s",
+                        name, served, desc.digest)
+            served = None
+        if index is not None and not self.has_blob(check_digest(index)):
+            index = None
+        digest, media_type = (served, None) if served else (desc.digest, desc.media_type)
         if fresh:   # read and verified again (not the cache): a listing shows what is on disk
             d, m, c, _, idx = self._read_record(name, digest, media_type=media_type, platform=None)
             return ImageRecord(name=name, descriptor=d, manifest=m, config=c, index_digest=index or idx)
@@ -608,7 +614,7 @@ class Store:
         if ref is not None:
             if ref.digest and not ref.tag and "@" in text:
                 for n, e in entries:
-                    ann = e.get("annotations") or {}
+                    ann = e["annotations"]   # a dict: _ref_name found the name in it
                     if ref.digest in (e.get("digest"), ann.get(ANNOTATION_MANIFEST), ann.get(ANNOTATION_INDEX)) \
                             and n.startswith(ref.name + ":"):
                         return self._entry_record(n, e)
