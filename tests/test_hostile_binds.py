@@ -160,6 +160,8 @@ int main(int argc, char **argv) {
     mkdir("sgiddir", 0777);
     report("chmod_sgiddir", chmod("sgiddir", 02777));
     report("mkdir_sgid", mkdir("mkdir_sgid", 02777));
+    /* a new name for another user's file (0666): no file of a foreign owner made "ours" */
+    report("link_other", link("other.txt", "other_link"));
     /* a setuid file the host put there: a chown and a write must clear its bits */
     report("chown_hostsuid", chown("hostsuid", 0, 0));
     fd = open("hostsuid2", O_WRONLY | O_APPEND | O_CLOEXEC);
@@ -299,7 +301,7 @@ def assert_no_privilege_left(folder: Path, *, owners: set[tuple[int, int]], unto
         assert not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)), name
         if name == "shared" or name.startswith("shared/"):
             assert st.st_gid == OTHER_UID and (st.st_uid, 0) in {(u, 0) for u, _ in owners}, name
-        elif name != "other.txt":
+        elif name not in ("other.txt", "other_link"):   # a plain bind: the host lets anyone link a 0666 file
             assert (st.st_uid, st.st_gid) in owners, (name, st.st_uid, st.st_gid)
         for attr in ("security.capability", "user.note"):
             with pytest.raises(OSError) as info:
@@ -352,8 +354,9 @@ def test_root_server_idmapped_folder(runtime, probe_dir, subids, userns, owner):
         assert int(f["chown0"]) == 0
         for key in ("chown1000", "chown1000_uid", "chown1000_gid"):
             assert int(f[key]) == EOVERFLOW, (key, f[key])
-        # another user's file: the overflow id inside, and not writable even though it is 0666
+        # another user's file: the overflow id inside, and not writable (nor linkable) even though it is 0666
         assert f["other_owner"] == f"{NOBODY}:{NOBODY}" and f["write_other"] != "0"
+        assert int(f["link_other"]) == EOVERFLOW and not (folder / "other_link").exists()
         assert (folder / "other.txt").read_text() == "other\n"
         assert "idmapped" in f["mountinfo"].split()[5].split(",")
         # a setgid folder of another group: that group is unmapped here, so nothing is made in it;
