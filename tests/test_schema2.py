@@ -482,7 +482,7 @@ def test_gc_keeps_what_tags_name_and_drops_the_rest(multi, tmp_path):
 def test_layer_types_of_both_families(source, reg, dst, rt, tmp_path):
     """gzip, uncompressed and zstd layers under OCI and Docker media types, each pushed as written.
 
-    skopeo 1.9 refuses Docker's zstd type (containerd's, Docker 23+ writes it), so the Docker
+    skopeo 1.9 refuses Docker's zstd type (containerd's name; BuildKit writes it), so the Docker
     manifest goes in as a layout (as `docker save` of Docker 25+ writes them) and out by our push.
     """
     layer, diff_id, cfg = busybox_parts(source)
