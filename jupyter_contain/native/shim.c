@@ -1471,8 +1471,8 @@ struct jc_prep_ctx {
 };
 
 struct jc_ns_helper {
-    int wait_fd;   /* read end: EOF ends the helper */
-    int ready_fd;  /* write end: one byte once `pid` is filled in */
+    int wait[2];   /* EOF on wait[0] (the caller closes wait[1]) ends the helper */
+    int ready[2];  /* one byte on ready[1] once `pid` is filled in */
     char pid[16];  /* the helper's pid as this /proc names it */
 };
 
@@ -1480,15 +1480,19 @@ static int jc_ns_helper_main(void *arg)
 {
     struct jc_ns_helper *h = arg;
     char b = 0;
-    /* raw syscalls only: this CLONE_VM child shares the caller's memory.
+    /* raw syscalls only: this CLONE_VM child shares the caller's memory
+     * (not its fd table: its copies of the caller's ends are closed here, so
+     * that either side's end reads EOF when the other is gone).
      * Its pid as /proc shows it: a container's child, in a new pid
      * namespace but still on the host's /proc, gets another number back
      * from clone than the one /proc knows this helper by */
+    syscall(SYS_close, h->wait[1]);
+    syscall(SYS_close, h->ready[0]);
     long n = syscall(SYS_readlink, "/proc/self", h->pid, sizeof h->pid - 1);
     h->pid[n > 0 ? n : 0] = 0;
-    syscall(SYS_write, h->ready_fd, &b, 1);
-    while (syscall(SYS_read, h->wait_fd, &b, 1) < 0)
-        ;
+    syscall(SYS_write, h->ready[1], &b, 1);
+    for (int i = 0; i < 64 && syscall(SYS_read, h->wait[0], &b, 1) < 0; i++)
+        ; /* only EINTR can fail it */
     syscall(SYS_exit, 0);
     return 0;
 }
@@ -1540,32 +1544,34 @@ static int jc_one_id_userns(unsigned long uid_in, long uid_out, unsigned long gi
     char stack[16384] __attribute__((aligned(16)));
     char map[64];
     struct jc_ns_helper h;
-    int wait[2], ready[2], fd = -1, e = 0, st;
+    int fd = -1, e = 0, st;
     char b;
     pid_t pid;
 
-    if (pipe2(wait, O_CLOEXEC) < 0)
+    memset(&h, 0, sizeof h);
+    if (pipe2(h.wait, O_CLOEXEC) < 0)
         return -1;
-    if (pipe2(ready, O_CLOEXEC) < 0) {
+    if (pipe2(h.ready, O_CLOEXEC) < 0) {
         e = errno;
-        close(wait[0]);
-        close(wait[1]);
+        close(h.wait[0]);
+        close(h.wait[1]);
         errno = e;
         return -1;
     }
-    memset(&h, 0, sizeof h);
-    h.wait_fd = wait[0];
-    h.ready_fd = ready[1];
-    /* CLONE_FILES: the write end is closed for both at once (and no fd
-     * table is copied); no exit signal: only a waitpid(__WALL) for this pid
-     * reaps it, never another thread's waitpid(-1), and Python sees no SIGCHLD */
-    pid = clone(jc_ns_helper_main, stack + sizeof stack, CLONE_VM | CLONE_FILES | CLONE_NEWUSER, &h);
+    /* no exit signal: only a waitpid(__WALL) for this pid reaps it, never
+     * another thread's waitpid(-1), and Python sees no SIGCHLD */
+    pid = clone(jc_ns_helper_main, stack + sizeof stack, CLONE_VM | CLONE_NEWUSER, &h);
+    close(h.ready[1]); /* a helper gone before its byte: EOF, not a hang */
     if (pid < 0) {
         e = errno;
-        goto close_all;
+        close(h.wait[0]);
+        close(h.wait[1]);
+        close(h.ready[0]);
+        errno = e;
+        return -1;
     }
-    if (read(ready[0], &b, 1) != 1) {
-        e = errno ? errno : EIO;
+    if (read(h.ready[0], &b, 1) != 1) {
+        e = errno ? errno : ECHILD;
         goto out;
     }
     jc_one_line(map, uid_in, uid_out);
@@ -1588,16 +1594,11 @@ static int jc_one_id_userns(unsigned long uid_in, long uid_out, unsigned long gi
             e = errno;
     }
 out:
-    close(wait[1]); /* EOF: the helper exits */
-    wait[1] = -1;
+    close(h.wait[1]); /* EOF: the helper exits */
     while (waitpid(pid, &st, __WALL) < 0 && errno == EINTR)
         ;
-close_all:
-    close(wait[0]);
-    if (wait[1] >= 0)
-        close(wait[1]);
-    close(ready[0]);
-    close(ready[1]);
+    close(h.wait[0]);
+    close(h.ready[0]);
     errno = e;
     return fd;
 }
