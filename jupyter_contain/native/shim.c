@@ -55,6 +55,12 @@
  * in the initial user namespace, so overlayfs keeps trusted.* xattrs and
  * char 0:0 whiteouts exactly as without a user namespace. jc-init is opened
  * by the parent before the clone for the same reason.
+ *
+ * Host folders (JC_MF_IDMAP binds: a kernel's folder, the notebook folder)
+ * are idmapped with one id only, container root <-> the folder's owner,
+ * through a small user namespace of their own (jc_one_id_userns), never the
+ * container's: a chown inside cannot reach any other host id there. With the
+ * host's ids the child makes the same bind (container root = host root).
  */
 #define _GNU_SOURCE
 #include <errno.h>

@@ -16,8 +16,9 @@ such a mapping for a child between clone and release, through the setuid
 ``newuidmap``/``newgidmap`` (or directly, for the caller's one id).
 
 Must not: mount anything, write a map for root (the native spawn does,
-between clone and release), or edit ``/etc/subuid`` other than through
-``usermod``. No import-time side effects.
+between clone and release, and makes the one-id mappings of idmapped host
+folders there too: container root <-> the folder's owner, nothing else), or
+edit ``/etc/subuid`` other than through ``usermod``. No import-time side effects.
 
 Why distinct slices (Podman's ``--userns=auto``), not one range shared by all
 containers: a process of container A runs as host ids nobody else has, so it
