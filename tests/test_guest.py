@@ -59,7 +59,7 @@ class Kernel:
 
     @property
     def sock(self):
-        return channel.socket_path(containers.kernel_runtime_dir() / self.km.kernel_id)
+        return channel.socket_path(containers.kernel_runtime_dir() / self.km.kernel_id / "ch")
 
     def container(self, rt: Runtime):
         hits = [c for c in rt.containers()
@@ -398,7 +398,7 @@ def test_channel_on_the_event_loop_of_an_async_manager(ksm, kernel_env, kernel_r
                 if msg["msg_type"] == "stream":
                     out["stdout"] += msg["content"]["text"]
             await kc.execute_interactive("%container stats\n%container ps", timeout=60, output_hook=hook)
-            sock = channel.socket_path(containers.kernel_runtime_dir() / km.kernel_id)
+            sock = channel.socket_path(containers.kernel_runtime_dir() / km.kernel_id / "ch")
             return out["stdout"], str(sock), sock.exists()
         finally:
             kc.stop_channels()

@@ -63,8 +63,8 @@ def test_argv_launcher_serves_the_host_channel(ksm, kernel_env, kernel_runtime):
                          "os.environ['JUPYTER_CONTAIN_KERNEL_DIR'])")
         assert r["reply"]["content"]["status"] == "ok", r
         kernel_id, kernel_dir = r["stdout"].split()
-        sock = channel.socket_path(containers.kernel_runtime_dir() / kernel_id)
-        assert str(sock.parent) == kernel_dir and sock.is_socket()
+        sock = channel.socket_path(containers.kernel_runtime_dir() / kernel_id / "ch")
+        assert str(sock.parent.parent) == kernel_dir and sock.is_socket()   # ch/ is bound at the folder path inside
         assert (sock.stat().st_mode & 0o777) == 0o600
         [c] = _containers_of(kernel_runtime, kernel_id)
         assert c.status() == "running"
@@ -99,7 +99,7 @@ def test_reconnecting_provisioner_serves_the_channel_again(ksm, kernel_env, kern
     p2 = None
     try:
         kc.wait_for_ready(READY)
-        sock = channel.socket_path(containers.kernel_runtime_dir() / km.kernel_id)
+        sock = channel.socket_path(containers.kernel_runtime_dir() / km.kernel_id / "ch")
         assert _ask(sock, {"op": "stats"})["ok"]
         info = asyncio.run(km.provisioner.get_provisioner_info())
         # the old server's channel is gone (it died): leave a stale socket file as a dead server does

@@ -28,6 +28,7 @@ from ..runtime import (
 )
 from . import guest_files
 from .channel import KernelContext, parse_allowed_images
+from .folder import KernelFolder, kernel_runtime_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +48,6 @@ OPTION_NAMES = frozenset({
     "image", "memory", "cpus", "pids", "network", "mounts", "env", "pull_policy", "mount_cwd", "reset",
     "store_root", "python", "shutdown_wait", "userns", "seccomp", "allowed_images",
 })
-
-
-def kernel_runtime_dir() -> Path:
-    """Per-kernel folders live here (short paths: unix socket paths are limited to 107 bytes)."""
-    base = os.environ.get("JUPYTER_CONTAIN_RUN_DIR")
-    if base:
-        return Path(base)
-    if os.geteuid() == 0:
-        return Path("/run/jupyter-contain")
-    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/jupyter-contain-{os.geteuid()}"
-    return Path(xdg) / "jupyter-contain"
-
-
-def make_kernel_dir(kernel_id: str) -> Path:
-    d = kernel_runtime_dir() / kernel_id
-    d.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    d.mkdir(exist_ok=True, mode=0o700)
-    return d
 
 
 @dataclass(frozen=True)
@@ -166,13 +149,13 @@ class KernelOptions:
         return Limits(memory=self.memory, cpus=self.cpus, pids=self.pids)
 
 
-def kernel_command(options: KernelOptions, connection_file: Path, extra: Sequence[str] = ()) -> list[str]:
+def kernel_command(options: KernelOptions, connection_file: str, extra: Sequence[str] = ()) -> list[str]:
     """The kernel's argv inside the container."""
     return [*options.python, "-c", BOOT, "-f", str(connection_file),
             f"--IPKernelApp.extra_extensions={guest_files.EXTENSION}", *extra]
 
 
-def kernel_env(options: KernelOptions, *, kernel_id: str, kernel_dir: Path,
+def kernel_env(options: KernelOptions, *, kernel_id: str, folder: KernelFolder,
                launch_env: Mapping[str, str] | None = None, spec_env: Mapping[str, str] | None = None,
                previous_death: str | None = None) -> dict[str, str]:
     """The kernel's environment: a few of the server's, the kernelspec's, the options', ours."""
@@ -182,7 +165,7 @@ def kernel_env(options: KernelOptions, *, kernel_id: str, kernel_dir: Path,
         env[k] = launch_env.get(k, v)
     env.update(options.env)
     env["JUPYTER_CONTAIN_KERNEL_ID"] = kernel_id
-    env["JUPYTER_CONTAIN_KERNEL_DIR"] = str(kernel_dir)   # the guest's side of the per-kernel folder
+    env["JUPYTER_CONTAIN_KERNEL_DIR"] = folder.inside   # the guest's side of the per-kernel folder
     # the kernel's parent is the container's init (pid 1): tell ipykernel so, which also
     # keeps it from printing the "Ctrl-C will not work" banner meant for terminals
     env["JPY_PARENT_PID"] = "1"
@@ -240,15 +223,15 @@ def resolve_userns(rt: Runtime, mode: str) -> str:
     return "auto"
 
 
-def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, kernel_dir: Path,
+def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, folder: KernelFolder,
                      cmd: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
                      kernel_name: str = "", owner_pid: int | None = None) -> Container:
-    """Create (not start) the container of kernel ``kernel_id`` with its folder bind-mounted in place."""
+    """Create (not start) the container of kernel ``kernel_id`` with its folder mounted in place."""
     image = resolve_image(rt, options)
-    # idmapped (with userns=auto): the kernel's root writes its sockets into the
-    # server's folder, and the notebook folder, as their host owner would
-    binds = [Bind(Path(kernel_dir), str(kernel_dir), idmap=True),
-             Bind(guest_files.guest_path(), GUEST_DIR, readonly=True)]
+    # the kernel's folder: read-only, with a tmpfs of its own for the sockets (folder.py);
+    # idmapped (with userns=auto), the notebook folder: the kernel's root saves files there
+    # as their host owner would
+    binds = [*folder.binds(), Bind(guest_files.guest_path(), GUEST_DIR, readonly=True)]
     lent = guest_files.lent_widgets()
     binds += [Bind(src, dst, readonly=True) for src, dst in (lent.binds if lent else ())]
     workdir = None
@@ -265,6 +248,7 @@ def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, ker
         env=dict(env),
         workdir=workdir,
         binds=tuple(binds),
+        tmpfs=tuple(folder.tmpfs()),
         limits=options.limits(),
         network=options.network,  # type: ignore[arg-type]
         userns=resolve_userns(rt, options.userns),  # type: ignore[arg-type]
@@ -329,16 +313,3 @@ def gc_once(rt: Runtime, *, logger: logging.Logger | logging.LoggerAdapter | Non
         else:
             say.info("jupyter-contain: no containers left by dead servers in %s (%.0f ms)", rt.store.root, ms)
         return removed
-
-
-#: the file in a kernel's folder that says why the previous kernel died (read by the guest)
-PREVIOUS_DEATH_FILE = "previous-death"
-
-
-def write_previous_death(kernel_dir: Path, reason: str | None) -> None:
-    """Leave ``reason`` for the next kernel in ``kernel_dir`` (or clear an old one)."""
-    path = kernel_dir / PREVIOUS_DEATH_FILE
-    if reason:
-        path.write_text(reason + "\n")
-    else:
-        path.unlink(missing_ok=True)

@@ -4,8 +4,9 @@
 is the ``argv`` of every contained kernelspec. A client that launches argv
 (VS Code, old jupyter_client, nbclient with a custom manager) gets the same
 container the provisioner would make: this process reads the client's (tcp)
-connection file, starts the kernel in its container on ipc sockets in a
-per-kernel folder, and bridges each channel with ZMQ proxies (ROUTER<->DEALER
+connection file, starts the kernel in its container on ipc sockets in its
+socket tmpfs (reached through pinned fds, :mod:`jupyter_contain.kernel.folder`),
+and bridges each channel with ZMQ proxies (ROUTER<->DEALER
 for shell, control, stdin and heartbeat; XPUB<->XSUB for iopub). Messages pass
 through unchanged, so the HMAC key is the client's. SIGINT and SIGTERM go to
 the kernel; the launcher exits when the kernel does, removing the container.
@@ -26,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import uuid
@@ -39,6 +39,7 @@ from .. import errors
 from ..runtime import Container, Runtime
 from . import containers
 from .channel import HostChannel, socket_path
+from .folder import KernelFolder, SocketPins, write_connection_file
 
 log = logging.getLogger("jupyter_contain.kernel.launcher")
 
@@ -62,11 +63,13 @@ def _client_url(info: dict[str, Any], channel: str) -> str:
 class Bridge:
     """One process's worth of channel proxies between a client and a contained kernel."""
 
-    def __init__(self, client_info: dict[str, Any], kernel_dir: Path, *, context: zmq.Context | None = None) -> None:
+    def __init__(self, client_info: dict[str, Any], folder: KernelFolder, *,
+                 context: zmq.Context | None = None) -> None:
         self.ctx = context or zmq.Context()
-        self.kernel_dir = kernel_dir
+        self.folder = folder
+        #: the kernel's connection info (its own socket folder); the bridge connects to the pinned links
         self.kernel_info = {
-            "transport": "ipc", "ip": str(kernel_dir / "k"),
+            "transport": "ipc", "ip": folder.kernel_ip,
             "shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5,
             "key": client_info.get("key", ""), "signature_scheme": client_info.get("signature_scheme", "hmac-sha256"),
             "kernel_name": client_info.get("kernel_name", ""),
@@ -83,7 +86,7 @@ class Bridge:
             if front_type == zmq.ROUTER:
                 front.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting client keeps its identity
             front.bind(_client_url(client_info, channel))
-            back.connect(_client_url(self.kernel_info, channel))
+            back.connect(_client_url({**self.kernel_info, "ip": folder.host_ip}, channel))
             self.pairs.append((front, back))
         self.poller = zmq.Poller()
         self.peer: dict[zmq.Socket, zmq.Socket] = {}
@@ -92,12 +95,9 @@ class Bridge:
             self.poller.register(back, zmq.POLLIN)
             self.peer[front], self.peer[back] = back, front
 
-    def write_kernel_connection_file(self) -> Path:
-        path = self.kernel_dir / "connection.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.kernel_info, f)
-        return path
+    @property
+    def ports(self) -> list[int]:
+        return [int(self.kernel_info[f"{ch}_port"]) for ch in _BRIDGES]
 
     def pump(self, timeout_ms: int) -> None:
         """Forward whatever is ready, waiting up to ``timeout_ms`` for something."""
@@ -118,12 +118,14 @@ class Bridge:
         self.ctx.term()
 
 
-def _start_channel(options: containers.KernelOptions, *, kernel_id: str, rt: Runtime, container: Container,
-                   kernel_dir: Path, kernelspec_dir: Path | None) -> HostChannel | None:
+def _start_channel(options: containers.KernelOptions, *, kernel_id: str, rt: Runtime,
+                   container: list[Container], folder: KernelFolder,
+                   kernelspec_dir: Path | None) -> HostChannel | None:
     """Serve the kernel's host channel on a thread; None (and a warning) when it cannot start."""
-    ctx = containers.kernel_context(options, kernel_id=kernel_id, runtime=rt, container=lambda: container,
+    ctx = containers.kernel_context(options, kernel_id=kernel_id, runtime=rt,
+                                    container=lambda: container[0] if container else None,
                                     kernelspec_dir=kernelspec_dir)
-    ch = HostChannel(ctx, socket_path(kernel_dir))
+    ch = HostChannel(ctx, socket_path(folder.channel_dir))
     try:
         ch.start_thread()
     except OSError as exc:
@@ -142,29 +144,37 @@ def run(connection_file: str, config: dict[str, Any], *, extra: Sequence[str] = 
     kernel_id = str(uuid.uuid4())
     rt = containers.runtime_for(options)
     containers.gc_once(rt)
-    kernel_dir = containers.make_kernel_dir(kernel_id)
+    folder = KernelFolder.make(kernel_id)
     bridge: Bridge | None = None
+    pins: SocketPins | None = None
     c = None
+    made: list[Container] = []
     ch: HostChannel | None = None
     got: list[int] = []
     # signals only set a flag here; the bridge loop acts on them (no work in a handler)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda n, _f: got.append(n))
     try:
-        bridge = Bridge(client_info, kernel_dir)
-        conn = bridge.write_kernel_connection_file()
-        cmd = containers.kernel_command(options, conn, extra)
-        env = containers.kernel_env(options, kernel_id=kernel_id, kernel_dir=kernel_dir, launch_env=os.environ)
-        c = containers.create_container(rt, options, kernel_id=kernel_id, kernel_dir=kernel_dir, cmd=cmd, env=env,
-                                        cwd=os.getcwd(), kernel_name=client_info.get("kernel_name", ""))
-        # before the kernel starts: its first cell may already use a %container magic
-        ch = _start_channel(options, kernel_id=kernel_id, rt=rt, container=c, kernel_dir=kernel_dir,
+        bridge = Bridge(client_info, folder)
+        pins = SocketPins(folder.links_dir, bridge.ports)
+        cmd = containers.kernel_command(options, folder.connection_file_inside, extra)
+        env = containers.kernel_env(options, kernel_id=kernel_id, folder=folder, launch_env=os.environ)
+        # before the container exists (host.sock is bound into it at creation): its first cell
+        # may already use a %container magic
+        ch = _start_channel(options, kernel_id=kernel_id, rt=rt, container=made, folder=folder,
                             kernelspec_dir=kernelspec_dir)
+        c = containers.create_container(rt, options, kernel_id=kernel_id, folder=folder, cmd=cmd, env=env,
+                                        cwd=os.getcwd(), kernel_name=client_info.get("kernel_name", ""))
+        made.append(c)
+        kernel_info = bridge.kernel_info
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            c.start(stdio=(null, 1, 2))
+            c.start(stdio=(null, 1, 2), pin=[folder.sockets_inside],
+                    prepare=lambda pinned: write_connection_file(pinned[folder.sockets_inside], kernel_info,
+                                                                 owner=c.process_host_ids()))
         finally:
             os.close(null)
+        sockets_fd = c.pinned(folder.sockets_inside)
         log.info("kernel %s in container %s", kernel_id, c.id[:12])
         terminating = False
         while (code := c.poll()) is None:
@@ -174,7 +184,9 @@ def run(connection_file: str, config: dict[str, Any], *, extra: Sequence[str] = 
                 if n != signal.SIGINT and not terminating:
                     terminating = True
                     log.info("kernel %s: terminating", kernel_id)
-            bridge.pump(100)
+            if not pins.complete:
+                pins.pin(sockets_fd)   # a few syscalls: the kernel binds its sockets ~0.5 s in
+            bridge.pump(100 if pins.complete else 10)
         # hand over what the kernel said last (the shutdown reply, the final status)
         bridge.pump(0)
         info = c.wait(5)
@@ -195,7 +207,9 @@ def run(connection_file: str, config: dict[str, Any], *, extra: Sequence[str] = 
                 log.warning("removing container %s: %s", c.id[:12], exc)
         if bridge is not None:
             bridge.close()
-        shutil.rmtree(kernel_dir, ignore_errors=True)
+        if pins is not None:
+            pins.close()
+        folder.remove()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,19 +7,21 @@ still there), removed at shutdown. Must not talk to the runtime except through
 ``jupyter_contain.runtime``'s public names, and must never block the server's
 event loop: pulls, mounts and spawns run in a worker thread.
 
-Connection: ZMQ over ``ipc`` sockets in a per-kernel folder that is bind-mounted
-at the same path inside the container, so the kernel needs no network at all
-and kernels never collide on ports.
+Connection: ZMQ over ``ipc`` sockets in a small tmpfs of the container's own,
+which the server reaches only through fds pinned to the kernel's socket inodes
+(:mod:`jupyter_contain.kernel.folder`), so the kernel needs no network at all,
+kernels never collide on ports, and nothing the kernel writes can point the
+server at another socket or file.
 
 Death reasons: when a kernel dies by itself (OOM kill, a signal, a non-zero
-exit), the reason is written to ``previous-death`` in the kernel folder before
-the next start (the container's environment is fixed at creation, so a file is
-what reaches a restart in place); the guest extension shows it as the first
+exit), the reason is written to ``previous-death`` in the kernel folder's
+read-only part before the next start (the container's environment is fixed at
+creation, so a file is what reaches a restart in place); the guest extension shows it as the first
 output of the next cell. The container-making part is shared with the argv
 launcher in :mod:`jupyter_contain.kernel.containers`.
 
 Host channel: each kernel gets a :class:`~jupyter_contain.kernel.channel.HostChannel`
-on ``host.sock`` in its folder, started with the first launch and stopped at
+on ``host.sock`` in its folder's read-only part, started before the first launch and stopped at
 ``cleanup(restart=False)`` (and started again by ``load_provisioner_info`` when
 a server reconnects to a running kernel whose socket nobody serves); it serves
 on the server's event loop (an async kernel manager), or on a thread of its own
@@ -29,11 +31,12 @@ when the manager is a blocking one (whose event loop only runs during its calls)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
-import shutil
 import signal
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,8 @@ from .. import errors
 from ..runtime import NETWORK_MODES, ExitInfo, Runtime
 from . import containers
 from .channel import socket_path
-from .containers import KernelOptions, kernel_runtime_dir
+from .containers import KernelOptions
+from .folder import KernelFolder, SocketPins, kernel_runtime_dir, write_connection_file
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +88,9 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # --- state -----------------------------------------------------------------------
 
     container_id: str | None = None
-    kernel_dir: Path | None = None
+    folder: KernelFolder | None = None
+    _pins: SocketPins | None = None
+    _kernel_info: dict[str, Any] | None = None   # the kernel's side of the connection info
     _container: Any = None
     _shutdown_requested = False
     _previous_death: str | None = None
@@ -126,20 +132,32 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     # --- launch ---------------------------------------------------------------------
 
+    @property
+    def kernel_dir(self) -> Path | None:
+        """The kernel's folder on the host (see :mod:`jupyter_contain.kernel.folder`)."""
+        return self.folder.base if self.folder is not None else None
+
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         options = self.options()
         km = self.parent
+        if km is None:
+            raise errors.KernelError("a contained kernel needs a kernel manager (its connection file)")
         kernel_id = str(kwargs.get("kernel_id") or self.kernel_id)
-        self.kernel_dir = containers.make_kernel_dir(kernel_id)
-        if km is not None:
+        self.folder = KernelFolder.make(kernel_id)
+        if self._pins is None:
+            # the host's side: ipc paths in the host-only links folder, pinned to the kernel's sockets
             km.transport = "ipc"
-            km.ip = str(self.kernel_dir / "k")
+            km.ip = self.folder.host_ip
             km.write_connection_file()
             self.connection_info = km.get_connection_info()
-            shutil.copyfile(km.connection_file, self.kernel_dir / "connection.json")
+            self._pins = SocketPins(self.folder.links_dir, _ports(self.connection_info))
+            # the kernel's side: the same ports and key, its own socket folder
+            self._kernel_info = {**json.loads(Path(km.connection_file).read_text()), "ip": self.folder.kernel_ip}
         extra = kwargs.pop("extra_arguments", [])
-        cmd = containers.kernel_command(options, self.kernel_dir / "connection.json", extra)
+        cmd = containers.kernel_command(options, self.folder.connection_file_inside, extra)
         kwargs = await super().pre_launch(cmd=cmd, **kwargs)
+        # before the container exists: host.sock is bound into it at creation
+        await self._start_channel()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._prepare_container, options, kwargs)
         return kwargs
@@ -150,7 +168,8 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         containers.gc_once(rt, logger=self.log)
         # why the previous kernel died, for the guest to show on the first cell; a file in
         # the kernel folder, because a restart in place keeps the container's environment
-        containers.write_previous_death(Path(self.kernel_dir), self._previous_death)
+        assert self.folder is not None
+        self.folder.write_previous_death(self._previous_death)
         if self._container is not None and options.reset:
             self._container.remove(force=True)
             self._container = None
@@ -160,25 +179,24 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._reset_requested = False
         if self._container is not None:
             return  # a restart: same container, same writable layer
-        env = containers.kernel_env(options, kernel_id=str(self.kernel_id), kernel_dir=Path(self.kernel_dir),
+        env = containers.kernel_env(options, kernel_id=str(self.kernel_id), folder=self.folder,
                                     launch_env=kwargs.get("env") or {},
                                     spec_env=self.kernel_spec.env or {})
         self._container = containers.create_container(
-            rt, options, kernel_id=str(self.kernel_id), kernel_dir=Path(self.kernel_dir), cmd=kwargs["cmd"],
+            rt, options, kernel_id=str(self.kernel_id), folder=self.folder, cmd=kwargs["cmd"],
             env=env, cwd=kwargs.get("cwd"), kernel_name=getattr(self.parent, "kernel_name", "") or "")
         self.container_id = self._container.id
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._start)
-        await self._start_channel()
         self._shutdown_requested = False
         self._killed_by_us = False
         self._exit_recorded = False
         return self.connection_info
 
     async def _start_channel(self) -> None:
-        if self._channel is not None or self.kernel_dir is None:
+        if self._channel is not None or self.folder is None:
             return
         from jupyter_client.manager import AsyncKernelManager
 
@@ -193,7 +211,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                                         container=lambda: self._container,
                                         kernelspec_dir=Path(spec_dir) if spec_dir else None,
                                         request_reset=request_reset)
-        ch = HostChannel(ctx, socket_path(Path(self.kernel_dir)))
+        ch = HostChannel(ctx, socket_path(self.folder.channel_dir))
         try:
             if isinstance(self.parent, AsyncKernelManager):
                 await ch.start()
@@ -220,11 +238,20 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         try:
             # the kernel's own stdout/stderr (tracebacks at startup, C-level prints) go to the
-            # server's log like a local kernel's do
-            c.start(stdio=(null, 1, 2))
+            # server's log like a local kernel's do; its connection file goes into its fresh
+            # socket tmpfs before it runs anything
+            assert self.folder is not None and self._pins is not None
+            self._pins.unpin()
+            c.start(stdio=(null, 1, 2), pin=[self.folder.sockets_inside], prepare=self._write_connection_file)
+            self._pins.watch(c.pinned(self.folder.sockets_inside), alive=lambda: c.poll() is None)
         finally:
             os.close(null)
         self._previous_death = None
+
+    def _write_connection_file(self, pinned: Mapping[str, int]) -> None:
+        c, folder = self._container, self.folder
+        assert c is not None and folder is not None and self._kernel_info is not None
+        write_connection_file(pinned[folder.sockets_inside], self._kernel_info, owner=c.process_host_ids())
 
     # --- running ---------------------------------------------------------------------
 
@@ -277,20 +304,22 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     and (info.oom_killed or info.signal or info.code != 0)):
                 self._previous_death = f"the previous kernel was {info.describe()}"
                 log.warning("kernel %s: %s", self.kernel_id, self._previous_death)
+        if self._pins is not None:
+            # the dead kernel's sockets: let go, so the next kernel's are pinned at the same links
+            # and connected clients (the server's channels) reconnect to it by themselves
+            self._pins.unpin()
         if not restart:
             await self._stop_channel()
             if c is not None:
                 await loop.run_in_executor(None, lambda: c.remove(force=True))
             self._container = None
-            if self.kernel_dir is not None:
-                shutil.rmtree(self.kernel_dir, ignore_errors=True)
+            if self._pins is not None:
+                self._pins.close()
+                self._pins = None
+            if self.folder is not None:
+                self.folder.remove()
         elif c is not None:
             c.close()
-            if self.kernel_dir is not None:
-                # the dead kernel's ipc sockets: gone, so the next kernel binds the same paths and
-                # connected clients (the server's channels) reconnect to it by themselves
-                for sock in Path(self.kernel_dir).glob("k-*"):
-                    sock.unlink(missing_ok=True)
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, self.shutdown_wait)
@@ -301,28 +330,48 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
         info.update({"container_id": self.container_id,
-                     "kernel_dir": str(self.kernel_dir) if self.kernel_dir else None})
+                     "kernel_dir": str(self.kernel_dir) if self.kernel_dir else None,
+                     "kernel_info": self._kernel_info,
+                     "ports": self._pins.ports if self._pins is not None else None})
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
         await super().load_provisioner_info(provisioner_info)
         self.container_id = provisioner_info.get("container_id")
         kd = provisioner_info.get("kernel_dir")
-        self.kernel_dir = Path(kd) if kd else None
+        self.folder = KernelFolder.make(Path(kd).name) if kd else None
+        if self.folder is not None and self.folder.base != Path(kd):
+            raise errors.KernelError(f"kernel folder {kd} is not under {kernel_runtime_dir()}")
+        self._kernel_info = provisioner_info.get("kernel_info")
         if self.container_id:
             try:
                 self._container = self._runtime().get(self.container_id)
             except errors.ContainerNotFound:
                 self._container = None
-        # a server reconnecting to a running kernel: the previous server's channel died with it
-        # (the state file and the socket are looked at in a worker thread: never on the loop)
-        c, kd = self._container, self.kernel_dir
-        if c is not None and kd is not None and await asyncio.get_running_loop().run_in_executor(
-                None, lambda: c.status() == "running" and not _served(socket_path(kd))):
+        # a server reconnecting to a running kernel: the previous server's channel and its pinned
+        # sockets died with it (the state file and the socket are looked at in a worker thread)
+        c, folder = self._container, self.folder
+        if c is None or folder is None or not await asyncio.get_running_loop().run_in_executor(
+                None, lambda: c.status() == "running"):
+            return
+        ports = provisioner_info.get("ports") or []
+        if ports and self._pins is None:
+            self._pins = SocketPins(folder.links_dir, ports)
+            fd = await asyncio.get_running_loop().run_in_executor(None, c.pin, folder.sockets_inside)
+            try:
+                self._pins.pin(fd)
+            finally:
+                os.close(fd)
+        if not await asyncio.get_running_loop().run_in_executor(
+                None, lambda: _served(socket_path(folder.channel_dir))):
             await self._start_channel()
 
     def resolve_path(self, path_str: str) -> str | None:
         return None  # never reveal host paths to a client asking about a contained kernel
+
+
+def _ports(info: Mapping[str, Any]) -> list[int]:
+    return [int(info[f"{ch}_port"]) for ch in ("shell", "iopub", "stdin", "control", "hb")]
 
 
 def _served(path: Path) -> bool:

@@ -18,7 +18,7 @@ _WHERE = {
     "NETWORK_MODES": ".containers", "Container": ".containers.container",
     "ContainerSpec": ".containers.container", "ExitInfo": ".containers.container",
     "Runtime": ".containers.container", "parse_bind": ".containers.container",
-    "Bind": ".containers.rootfs",
+    "Bind": ".containers.rootfs", "Tmpfs": ".containers.rootfs",
     "Change": ".images.snapshot", "FolderSummary": ".images.snapshot", "diff": ".images.snapshot",
     "snapshot": ".images.snapshot", "summarize": ".images.snapshot",
     "DiffSummary": ".images.snapshot", "diff_summary": ".images.snapshot", "local_alternative": ".spec",
@@ -46,7 +46,7 @@ if TYPE_CHECKING:   # what type checkers and editors see
     from .containers.cgroups import Limits, Stats, parse_cpus, parse_memory
     from .containers import NETWORK_MODES
     from .containers.container import Container, ContainerSpec, ExitInfo, Runtime, parse_bind
-    from .containers.rootfs import Bind
+    from .containers.rootfs import Bind, Tmpfs
     from .images.snapshot import Change, DiffSummary, FolderSummary, diff, diff_summary, snapshot, summarize
     from .images.store import ImageRecord, Store, default_root
     from .spec import Platform, Reference, local_alternative

@@ -37,6 +37,7 @@ __all__ = [
     "OverlayMount",
     "READONLY_PATHS",
     "ReadonlyPath",
+    "Tmpfs",
     "RemountReadonly",
     "Symlink",
     "plan",
@@ -98,6 +99,29 @@ class Bind:
     #: user shares with it), and no other container id is mapped there.
     #: Ignored rootless.
     idmap: bool = False
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    """A small tmpfs of the container's own at ``target`` (Docker's ``--tmpfs``).
+
+    Bounded in bytes and inodes; its pages are charged to the container's
+    memory cgroup. A kernel's socket folder is one: what the kernel writes
+    there never reaches the host's disk, and it is new at every start.
+    """
+
+    target: str
+    size: int = 1024 * 1024
+    nr_inodes: int = 1024
+    mode: int = 0o1777
+
+    def __post_init__(self) -> None:
+        if not 4096 <= self.size <= 1 << 40:
+            raise errors.InvalidSpec(f"tmpfs {self.target}: size {self.size} out of range (4 KiB .. 1 TiB)")
+        if not 1 <= self.nr_inodes <= 1 << 24:
+            raise errors.InvalidSpec(f"tmpfs {self.target}: nr_inodes {self.nr_inodes} out of range")
+        if not 0 <= self.mode <= 0o7777:
+            raise errors.InvalidSpec(f"tmpfs {self.target}: mode {self.mode:o} out of range")
 
 
 @dataclass(frozen=True)
@@ -322,6 +346,7 @@ def plan(
     work: Path,
     target: Path,
     binds: Sequence[Bind] = (),
+    tmpfs: Sequence[Tmpfs] = (),
     etc_files: Mapping[str, str] | None = None,
     readonly_rootfs: bool = False,
     cgroupfs: CgroupFs | None = None,
@@ -335,8 +360,8 @@ def plan(
     and ``work`` the container's writable layer; ``target`` the host directory
     the rootfs is assembled at (the executor pivots into it). ``etc_files``
     maps names under ``/etc`` (``hosts``, ``hostname``, ``resolv.conf``) to
-    their content (:class:`FileMount`). ``binds`` go last among the
-    mounts, parents before children. ``cgroupfs``: the cgroup filesystems
+    their content (:class:`FileMount`). ``binds`` and ``tmpfs`` go last among the
+    mounts, parents before children (a tmpfs may sit on a folder of a bind). ``cgroupfs``: the cgroup filesystems
     mounted over ``/sys/fs/cgroup`` (None: sysfs's empty directory stays;
     only meaningful with a cgroup namespace). ``bind_sysfs``: a read-only
     recursive bind of the host's ``/sys`` instead of a new sysfs (a user
@@ -373,7 +398,7 @@ def plan(
         taken.add(dest)
         ops.append(FileMount(dest, content))
 
-    user: list[BindMount] = []
+    user: list[BindMount | FsMount] = []
     for b in binds:
         dest = container_path(b.target, what="bind target")
         if dest == "/" or any(_under(dest, top) for top in _RESERVED):
@@ -387,6 +412,17 @@ def plan(
         user.append(BindMount(_host_path(b.source, what="bind source"), dest,
                               readonly=b.readonly, recursive=b.recursive, idmap=b.idmap,
                               attrs=HOST_FOLDER_ATTRS))
+    for t in tmpfs:
+        dest = container_path(t.target, what="tmpfs target")
+        if dest == "/" or any(_under(dest, top) for top in _RESERVED):
+            raise errors.InvalidSpec(f"tmpfs target {dest!r} is reserved by the runtime")
+        if dest in taken:
+            raise errors.InvalidSpec(f"two mounts target {dest!r}")
+        taken.add(dest)
+        user.append(FsMount("tmpfs", dest, source="tmpfs",
+                            options=(("mode", f"{t.mode:o}"), ("size", f"{t.size // 1024}k"),
+                                     ("nr_inodes", str(t.nr_inodes))),
+                            attrs=frozenset({"nosuid", "nodev", "noexec"})))
     # parents before children, otherwise a later parent would hide a child
     user.sort(key=lambda m: m.target.rstrip("/").count("/"))
     ops += user
