@@ -307,6 +307,25 @@ def test_walk_of_a_deep_layer(runtime):
     assert not c.dir.exists()
 
 
+def test_skipped_entries_are_logged_once_per_walk(runtime, caplog):
+    """A layer full of sockets (a kernel can make them freely) is not a log line per socket."""
+    import logging
+
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("true",)))
+    (c.upper / "s").mkdir()
+    for i in range(2000):
+        os.mknod(c.upper / f"s/sock{i:04}", stat.S_IFSOCK | 0o600)
+    (c.upper / "s/.wh.looks-like-a-whiteout").write_text("x")
+    (c.upper / "s/kept").write_text("k")
+    caplog.set_level(logging.WARNING, logger=snap.__name__)
+    assert [ch.path for ch in snap.diff(c)] == ["/s", "/s/kept"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert any(m.startswith("snapshot: skipping 2000 entries (/s/sock0000, /s/sock0001, /s/sock0002, ...)")
+               for m in lines), lines
+    c.remove(force=True)
+
+
 def test_same_content_same_diff_id(runtime, edited):
     a = snap.snapshot(runtime, edited, "snap-twice:a")
     b = snap.snapshot(runtime, edited, "snap-twice:b")

@@ -395,6 +395,16 @@ def _walk(root_fd: int, view: _LowerView, excl: _Excludes, *, tolerant: bool = F
     stack: list[_Frame] = [_Frame("", root_fd, listing(root_fd), None)]
     # mount-point parents held back until something beneath them is kept (else they were made by the runtime)
     held: list[_Item] = []
+    # entries left out, by reason: said once per walk (a layer can hold 100,000 sockets: not as many log lines)
+    skipped: dict[str, list[str]] = {}
+
+    def skip(why: str, r: str) -> None:
+        got = skipped.setdefault(why, [])
+        if len(got) < 3:
+            got.append("/" + r)
+        else:
+            got.append("")
+
     try:
         while stack:
             top = stack[-1]
@@ -431,7 +441,7 @@ def _walk(root_fd: int, view: _LowerView, excl: _Excludes, *, tolerant: bool = F
                 if _is_whiteout(st):
                     item = _Item(r, _WHITEOUT, st)
                 elif name.startswith(_WHITEOUT_PREFIX):
-                    log.warning("snapshot: skipping /%s: its name would read as a whiteout in a layer", r)
+                    skip("their names would read as whiteouts in a layer", r)
                     continue
                 elif stat.S_ISDIR(mode):
                     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top.fd)
@@ -459,7 +469,7 @@ def _walk(root_fd: int, view: _LowerView, excl: _Excludes, *, tolerant: bool = F
                         shallow.fd = -1
                     continue
                 elif not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISFIFO(mode)):
-                    log.warning("snapshot: skipping /%s: device nodes and sockets do not go into layers", r)
+                    skip("device nodes and sockets do not go into layers", r)
                     continue
                 else:
                     xattrs, xwhiteout = _layer_xattrs(f"/proc/self/fd/{top.fd}/{name}", r)
@@ -480,6 +490,9 @@ def _walk(root_fd: int, view: _LowerView, excl: _Excludes, *, tolerant: bool = F
         for f in stack:
             if f.fd >= 0 and f.fd != root_fd:
                 os.close(f.fd)
+        for why, paths in skipped.items():
+            log.warning("snapshot: skipping %d entries (%s%s): %s", len(paths), ", ".join(p for p in paths if p),
+                        ", ..." if len(paths) > 3 else "", why)
 
 
 def _scan(upper: Path, view: _LowerView, excl: _Excludes, *, tolerant: bool = False) -> list[_Item]:
