@@ -22,7 +22,23 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from . import format as fmt
 from .channel import HostError, request
 
-USAGE = __doc__.split("\n\n", 2)[2].strip()
+#: what ``%container help`` prints (plain text: a notebook shows it as is, so no reST markup)
+USAGE = """\
+%container stats                  memory, CPU and processes of this kernel's container
+%container resources              the same, live (a widget)
+%container diff [-n N]            what changed against the image (lists N changes, default 50)
+%container snapshot               a form that makes an image of those changes (a widget)
+%container snapshot TAG [-m MSG] [--compress gzip|zstd]
+                                  make that image now, tagged TAG (e.g. myenv:v1)
+%container install IMAGE [--display-name NAME]
+                                  install a kernelspec for IMAGE (e.g. a snapshot)
+%container images                 the images this kernel may use
+%container ps                     this kernel's container: image, status, limits, network
+%container reset                  the next restart starts from a fresh writable layer
+%container help                   this text
+
+%%container [IMAGE] [--memory M] [--cpus C] [--network none] [--shell]
+                                  run the cell in a fresh container, its output streamed here"""
 
 
 class ContainerCellError(HostError):

@@ -1,8 +1,9 @@
 """The guest's widgets: a snapshot form and a live resources panel, from stock ipywidgets.
 
-Runs in the image's Python. Works with ipywidgets 6 (Debian bookworm's) as
-well as 7 and 8: only what all three share is used (``observe``,
-``on_click``, ``description``, ``bar_style``, ``layout``); ipywidgets is
+Runs in the image's Python. Works with ipywidgets 6 as well as 7 and 8 (only
+JupyterLab 4 needs 8, which kernels get from the image or the host: see
+``boot.py``): only what all three share is used (``observe``, ``on_click``,
+``description``, ``bar_style``, ``layout``; ``style`` where there); ipywidgets is
 imported on first use, so without it the magics still work and these
 functions raise a clear :class:`HostError`. Owns no host access of its own:
 every request goes through :mod:`.channel`.
@@ -20,6 +21,9 @@ __all__ = ["resources_widget", "snapshot_widget", "valid_tag"]
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _TAG_RE = re.compile(r"^%s(?:/%s)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$" % (_COMPONENT, _COMPONENT))
 _classes = {}
+#: the description column of the forms: wide enough for "Compression", "Kernel name" and
+#: "Processes" (ipywidgets' default, 80px, cut them to "Compress..." and "Kernel na...")
+DESCRIPTION_WIDTH = "7.5em"
 
 
 def valid_tag(text):
@@ -49,6 +53,13 @@ def _html_escape(text):
     return html.escape(str(text))
 
 
+def _described(W, cls, description, **kwargs):
+    """``cls(description=..., **kwargs)`` with the forms' description width (ipywidgets >= 7 has ``style``)."""
+    if "style" in getattr(W, cls).class_traits():
+        kwargs.setdefault("style", {"description_width": DESCRIPTION_WIDTH})
+    return getattr(W, cls)(description=description, **kwargs)
+
+
 def _class(name):
     """The widget classes, made on first use (they subclass ipywidgets.VBox)."""
     if name in _classes:
@@ -60,14 +71,14 @@ def _class(name):
 
         def __init__(self, **kwargs):
             self.summary = W.HTML(value="")
-            self.tag = W.Text(description="Tag", placeholder="myenv:v1")
+            self.tag = _described(W, "Text", "Tag", placeholder="myenv:v1")
             self.feedback = W.HTML(value="")
-            self.message = W.Textarea(description="Message", placeholder="what this environment holds")
-            self.compress = W.Dropdown(options=["gzip", "zstd"], value="gzip", description="Compression")
+            self.message = _described(W, "Textarea", "Message", placeholder="what this environment holds")
+            self.compress = _described(W, "Dropdown", "Compression", options=["gzip", "zstd"], value="gzip")
             self.button = W.Button(description="Snapshot", button_style="primary")
             self.progress = W.IntProgress(value=0, min=0, max=100, description="")
             self.result = W.HTML(value="")
-            self.display_name = W.Text(description="Kernel name", placeholder="(default)")
+            self.display_name = _described(W, "Text", "Kernel name", placeholder="(default)")
             self.install_button = W.Button(description="Install as kernel", disabled=True)
             self.image = None
             kwargs.setdefault("children", [
@@ -167,11 +178,11 @@ def _class(name):
 
         def __init__(self, interval=1.0, **kwargs):
             self.interval = float(interval)
-            self.memory_bar = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="Memory")
+            self.memory_bar = _described(W, "FloatProgress", "Memory", value=0.0, min=0.0, max=1.0)
             self.memory_label = W.Label(value="")
-            self.cpu_bar = W.FloatProgress(value=0.0, min=0.0, max=100.0, description="CPU")
+            self.cpu_bar = _described(W, "FloatProgress", "CPU", value=0.0, min=0.0, max=100.0)
             self.cpu_label = W.Label(value="")
-            self.pids_bar = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="Processes")
+            self.pids_bar = _described(W, "FloatProgress", "Processes", value=0.0, min=0.0, max=1.0)
             self.pids_label = W.Label(value="")
             self.stats = None
             self.updates = 0
