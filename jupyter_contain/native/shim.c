@@ -1164,9 +1164,6 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
      * before the payload exists: setting SIGCHLD to SIG_DFL later would
      * discard a SIGCHLD already pending (default action "ignore") */
     jc_reset_signals();
-    /* not dumpable: the container cannot read this copy of the parent's
-     * memory through /proc/1/{mem,environ,maps} (no CAP_SYS_PTRACE in it) */
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     jc_hide_origin();
     /* the init executable (init_fd) lives on the host: the parent opened it
      * before the clone, while it is reachable with the host's credentials */
@@ -1210,6 +1207,15 @@ __attribute__((noreturn)) static void jc_child(const struct jc_config *cfg, int 
         if (n != 1 || b != 'R')
             _exit(JC_EXIT_ABORTED);
     }
+    /* not dumpable from here on: the container cannot read this copy of the
+     * parent's memory through /proc/1/{mem,environ,maps} (no CAP_SYS_PTRACE
+     * in it). Not before: until the release nothing of the container runs, and
+     * the parent (rootless too: the same uid, the owner of our user namespace)
+     * opens folders of our new root through /proc/PID/root once we pivoted
+     * (Container.start's pin), which a non-dumpable child refuses it. With a
+     * user namespace of other host ids, becoming its root made us
+     * non-dumpable already; root's CAP_SYS_PTRACE reaches us anyway. */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
     if (cfg->join_pidfd >= 0) {
         if (setns(cfg->join_pidfd, cfg->join_flags) < 0)
