@@ -80,7 +80,18 @@ def snapshot_display_name(shown: str, *, source: str) -> str:
 
 def probe_image(runtime: Runtime, image: ImageRecord, *, python: str = "python3") -> str:
     """Check the image can run a kernel (python3 with ipykernel); returns ipykernel's version."""
-    script = "import ipykernel, sys; print(ipykernel.__version__)"
+    return probe_versions(runtime, image, python=python)["ipykernel"] or "?"
+
+
+#: what the probe prints: ``ipywidgets=<version or ->`` then ipykernel's version (last line)
+_PROBE = ("import ipykernel, sys\n"
+          "try:\n    import ipywidgets; w = ipywidgets.__version__\nexcept Exception:\n    w = '-'\n"
+          "print('ipywidgets=' + str(w)); print(ipykernel.__version__)")
+
+
+def probe_versions(runtime: Runtime, image: ImageRecord, *, python: str = "python3") -> dict[str, str | None]:
+    """Check the image can run a kernel; returns {"ipykernel": version, "ipywidgets": version or None}."""
+    script = _PROBE
     with tempfile.TemporaryFile() as out, open(os.devnull, "rb") as null:
         try:
             # the image's own code, run as a kernel would be: not as host root where avoidable
@@ -98,7 +109,9 @@ def probe_image(runtime: Runtime, image: ImageRecord, *, python: str = "python3"
         raise errors.KernelError(
             f"image {image.familiar} cannot run a kernel: its {python} has no ipykernel "
             f"(install it in the image: pip install ipykernel, or apt-get install python3-ipykernel)\n{text[-500:]}")
-    return text.splitlines()[-1] if text else "?"
+    lines = text.splitlines()
+    widgets = next((ln.split("=", 1)[1].strip() for ln in lines if ln.startswith("ipywidgets=")), "-")
+    return {"ipykernel": lines[-1] if lines else None, "ipywidgets": None if widgets in ("-", "") else widgets}
 
 
 def kernel_json(*, image: ImageRecord, display_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -173,8 +186,13 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
     if store.root != Store().root:
         config["store_root"] = str(store.root)
     if probe:
-        version = probe_image(Runtime(store), image)
-        log.info("image %s has ipykernel %s", image.familiar, version)
+        versions = probe_versions(Runtime(store), image)
+        log.info("image %s has ipykernel %s", image.familiar, versions["ipykernel"])
+        # widgets: the image's ipywidgets, the host's lent one (guest_files), or a warning saying what to do
+        from . import guest_files
+
+        fine, said = guest_files.widgets_plan(versions["ipywidgets"], image=image.familiar)
+        (log.info if fine else log.warning)("%s", said)
     spec = kernel_json(image=image, display_name=display_name or default_display_name(image), config=config)
     if create_only:
         return name, _create(spec, name, user=user, prefix=prefix)
