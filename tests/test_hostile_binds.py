@@ -22,6 +22,7 @@ issue's own cell.
 
 from __future__ import annotations
 
+import ast
 import errno
 import json
 import os
@@ -33,13 +34,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kernel_fixtures import *
+from kernel_fixtures import KERNEL_NAME, run_cell
+from test_rootless import SUBID_USER, lone_user, subid_user  # noqa: F401 (fixtures)
 
 from jupyter_contain.runtime.containers import rootfs
-from jupyter_contain.runtime.containers.container import ContainerSpec, Runtime, parse_bind
+from jupyter_contain.runtime.containers.container import (
+    ContainerSpec,
+    Runtime,
+    parse_bind,
+)
 from jupyter_contain.runtime.fsutil import remove_tree
-from kernel_fixtures import *  # noqa: F403
-from kernel_fixtures import KERNEL_NAME, run_cell
-from test_rootless import LONE_UID, SUBID_USER, lone_user, subid_user  # noqa: F401 (fixtures)
 
 EPERM, ENOSYS, EINVAL, EOVERFLOW, EOPNOTSUPP = errno.EPERM, errno.ENOSYS, errno.EINVAL, errno.EOVERFLOW, errno.EOPNOTSUPP
 X86_64 = os.uname().machine == "x86_64"
@@ -480,8 +485,8 @@ def test_kernel_notebook_folder(ksm, kernel_env, kernel_runtime, probe_dir, owne
         km.shutdown_kernel(now=True)
         assert r["error"] is None, r
         first, second = r["stdout"].splitlines()[:2]
-        assert eval(first) == {"chown0": 0, "chmod": EPERM, "chown1000": EOVERFLOW, "setcap": EOPNOTSUPP,  # noqa: S307
-                               "open": EPERM}
+        assert ast.literal_eval(first) == {"chown0": 0, "chmod": EPERM, "chown1000": EOVERFLOW,
+                                           "setcap": EOPNOTSUPP, "open": EPERM}
         assert second == f"mine {NOBODY}"
         st = os.lstat(folder / "suid-id")
         assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID) and (st.st_uid, st.st_gid) == owner

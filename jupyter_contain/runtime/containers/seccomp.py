@@ -45,6 +45,7 @@ from ... import errors
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "HOST_FILE_GUARD",
     "MODES",
     "PROFILE_PATH",
     "Mode",
@@ -52,7 +53,6 @@ __all__ = [
     "compile_profile",
     "default_filter",
     "filter_for",
-    "HOST_FILE_GUARD",
     "load_profile",
     "oci_section",
     "resolve_profile",
