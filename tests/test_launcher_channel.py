@@ -96,7 +96,7 @@ def test_reconnecting_provisioner_serves_the_channel_again(ksm, kernel_env, kern
     km.start_kernel()
     kc = km.client()
     kc.start_channels()
-    p2 = None
+    p2 = p3 = None
     try:
         kc.wait_for_ready(READY)
         sock = channel.socket_path(containers.kernel_runtime_dir() / km.kernel_id / "ch")
@@ -121,9 +121,20 @@ def test_reconnecting_provisioner_serves_the_channel_again(ksm, kernel_env, kern
         asyncio.run(p3.load_provisioner_info(info))
         assert p3._channel is None
         assert _ask(sock, {"op": "stats"})["ok"]
+        # the new server pinned the running kernel's sockets again: its client reaches the kernel
+        kc2 = km.client()
+        kc2.start_channels()
+        try:
+            kc2.wait_for_ready(READY)
+        finally:
+            kc2.stop_channels()
     finally:
-        if p2 is not None:
-            asyncio.run(p2._stop_channel())
+        # the same process plays three servers here: let go of what the two "new" ones hold
+        for p in (p2, p3):
+            if p is not None:
+                asyncio.run(p._stop_channel())
+                if p._pins is not None:
+                    p._pins.close()
         kc.stop_channels()
         km.shutdown_kernel(now=True)
     assert not sock.exists()
