@@ -651,3 +651,28 @@ def test_peer_gc_of_the_store_loses_no_image(v2s2, tmp_path, caplog):
     assert again.digest == oci and again.descriptor.media_type == OCI_MANIFEST
     assert again.config.diff_ids == rec.config.diff_ids
     assert "is gone from the store; using its OCI form" in caplog.text
+
+
+def test_read_only_store_of_an_earlier_version_is_read_and_says_what_to_do(v2s2, dst, tmp_path):
+    """A store the user cannot write (here: a read-only bind mount in a mount namespace of its own)."""
+    ref, rec = v2s2
+    old = Store(tmp_path / "old")
+    for d in (rec.digest, rec.manifest.config.digest, rec.manifest.layers[0].digest):
+        shutil.copy(dst.blob_path(d), old.blob_path(d))
+    entry = {"mediaType": DOCKER_MANIFEST, "digest": rec.digest, "size": rec.descriptor.size,
+             "annotations": {"org.opencontainers.image.ref.name": ref}}
+    (old.root / "index.json").write_text(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                                     "manifests": [entry]}))
+    before = (old.root / "index.json").read_bytes()
+    script = ("import logging, sys; logging.basicConfig(level=logging.WARNING); "
+              "from jupyter_contain.runtime.images.store import Store; s = Store(sys.argv[1]); "
+              "print(s.resolve(sys.argv[2]).digest, s.record('x', sys.argv[3]).descriptor.media_type)")
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          'mount --bind -o ro "$1" "$1" && exec "$2" -c "$3" "$1" "$4" "$5"', "sh",
+                          str(old.root), sys.executable, script, ref, rec.digest],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [rec.digest, DOCKER_MANIFEST]
+    assert "cannot be upgraded now" in res.stderr and "run `jupyter contain images` once as a user who may " \
+        "write the store" in res.stderr
+    assert (old.root / "index.json").read_bytes() == before
