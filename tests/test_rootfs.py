@@ -261,3 +261,27 @@ def test_child_mounts_everything_before_the_cgroup_mounts_early(namespaces, by_c
     assert cfg.cgroup_by_caller == by_caller
     assert cfg.n_early_mounts == (first_cgroup if namespaces == "with-cgroupns" and by_caller else len(ops))
     del arena
+
+
+def test_tmpfs_is_planned_bounded_after_the_bind_it_sits_on():
+    ops = _plan(binds=[Bind(Path("/srv/k"), "/run/k", readonly=True)],
+                tmpfs=[rootfs.Tmpfs("/run/k/s", size=64 * 1024, nr_inodes=128, mode=0o1777)])
+    names = [getattr(op, "target", None) for op in ops]
+    assert names.index("/run/k") < names.index("/run/k/s")
+    [t] = [op for op in ops if isinstance(op, FsMount) and op.target == "/run/k/s"]
+    assert t.fstype == "tmpfs"
+    assert dict(t.options) == {"mode": "1777", "size": "64k", "nr_inodes": "128"}
+    assert t.attrs == frozenset({"nosuid", "nodev", "noexec"})
+
+
+@pytest.mark.parametrize("kw", [{"size": 100}, {"nr_inodes": 0}, {"mode": 0o17777}])
+def test_tmpfs_out_of_range_is_refused_when_built(kw):
+    with pytest.raises(errors.InvalidSpec):
+        rootfs.Tmpfs("/t", **kw)
+
+
+def test_tmpfs_targets_are_checked_like_binds():
+    with pytest.raises(errors.InvalidSpec, match="reserved"):
+        _plan(tmpfs=[rootfs.Tmpfs("/proc/x")])
+    with pytest.raises(errors.InvalidSpec, match="two mounts"):
+        _plan(binds=[Bind(Path("/srv/k"), "/t")], tmpfs=[rootfs.Tmpfs("/t")])

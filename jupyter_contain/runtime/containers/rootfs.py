@@ -398,14 +398,19 @@ def plan(
         taken.add(dest)
         ops.append(FileMount(dest, content))
 
-    user: list[BindMount | FsMount] = []
-    for b in binds:
-        dest = container_path(b.target, what="bind target")
+    def claim(target: str, what: str) -> str:
+        """A user mount's target, normalised, checked and taken (one mount per target)."""
+        dest = container_path(target, what=f"{what} target")
         if dest == "/" or any(_under(dest, top) for top in _RESERVED):
-            raise errors.InvalidSpec(f"bind target {dest!r} is reserved by the runtime")
+            raise errors.InvalidSpec(f"{what} target {dest!r} is reserved by the runtime")
         if dest in taken:
             raise errors.InvalidSpec(f"two mounts target {dest!r}")
         taken.add(dest)
+        return dest
+
+    user: list[BindMount | FsMount] = []
+    for b in binds:
+        dest = claim(b.target, "bind")
         # host folders never carry setuid or device semantics into the
         # container (the seccomp filter keeps setuid/setgid files from being
         # made there: nosuid does not protect the host's own path to them)
@@ -413,13 +418,7 @@ def plan(
                               readonly=b.readonly, recursive=b.recursive, idmap=b.idmap,
                               attrs=HOST_FOLDER_ATTRS))
     for t in tmpfs:
-        dest = container_path(t.target, what="tmpfs target")
-        if dest == "/" or any(_under(dest, top) for top in _RESERVED):
-            raise errors.InvalidSpec(f"tmpfs target {dest!r} is reserved by the runtime")
-        if dest in taken:
-            raise errors.InvalidSpec(f"two mounts target {dest!r}")
-        taken.add(dest)
-        user.append(FsMount("tmpfs", dest, source="tmpfs",
+        user.append(FsMount("tmpfs", claim(t.target, "tmpfs"), source="tmpfs",
                             options=(("mode", f"{t.mode:o}"), ("size", f"{t.size // 1024}k"),
                                      ("nr_inodes", str(t.nr_inodes))),
                             attrs=frozenset({"nosuid", "nodev", "noexec"})))
