@@ -218,7 +218,9 @@ def lab(kernel_env, tmp_path_factory) -> Iterator[Lab]:  # noqa: F811 - kernel_e
             "--ServerApp.open_browser=False", "--allow-root", "--KernelSpecManager.ensure_native_kernel=False",
             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             # window.jupyterapp: the helpers ask the app itself whether a kernel is connected and idle
-            "--LabApp.expose_app_in_browser=True"]
+            "--LabApp.expose_app_in_browser=True",
+            # the REST API (jupyter_contain.server) works on the test store, never the machine's
+            f"--ContainApp.store_root={kernel_env.store.root}"]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(argv, cwd=nbdir, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
