@@ -24,7 +24,16 @@ from .output import emit_json, human_size, table
 if TYPE_CHECKING:
     from ..runtime import Container, Limits, Runtime
 
+#: the runtime's test hook (``container.FAULT_ENV``), also at this verb's own steps:
+#: "run:created" (created, not started) and "run:started" (started, id not yet printed)
+_FAULT_ENV = "JUPYTER_CONTAIN_FAULT"
+
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _fault(step: str) -> None:
+    if os.environ.get(_FAULT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _runtime(args: argparse.Namespace) -> Runtime:
@@ -144,6 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     c = rt.create(spec)
     try:
+        _fault("run:created")
         return _start_attached(c, args)
     finally:
         if args.rm:
@@ -158,6 +168,7 @@ def _start_attached(c: Container, args: argparse.Namespace) -> int:
         except BaseException:
             c.remove(force=True)
             raise
+        _fault("run:started")
         print(c.id)
         return 0
     with contextlib.ExitStack() as stack:

@@ -181,6 +181,16 @@ class CgroupRoot:
                 out[key] = h.own / self.parent_name
         return out
 
+    def paths_for(self, name: str) -> dict[str, Path]:
+        """Where :meth:`Cgroups.create` will make container ``name``'s folders (controller -> folder).
+
+        Known before anything exists, so a start can record them first: a
+        process killed between the mkdir and its own record leaves nothing
+        the record does not name.
+        """
+        _check_name(name)
+        return {k: p / name for k, p in self.parents().items()}
+
 
 def _unescape(field_: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo
@@ -581,6 +591,14 @@ class Cgroups:
         limit = _read_int(mem / "memory.limit_in_bytes")
         return (self.oom_killed(), None if limit is None or limit >= _V1_UNLIMITED else limit,
                 _read_int(mem / "memory.max_usage_in_bytes"))
+
+    def pids_outcome(self) -> tuple[int | None, int]:
+        """(pids limit, forks refused at that limit): did the container run out of processes?"""
+        d = self._dir("pids")
+        if d is None:
+            return None, 0
+        limit = _read_int(d / "pids.max")   # "max" (no limit) reads as None
+        return limit, _read_keyed(d / "pids.events").get("max", 0)
 
     def _oom_kills(self) -> int | None:
         d = self._dir("memory")

@@ -13,6 +13,19 @@ The container's init writes how the main process ended to ``exit`` in the
 container's directory, so that a process that did not start it (``ps`` after
 ``run -d``) can still tell the exit code.
 
+States on disk: ``creating`` from :meth:`Runtime.create` until the first
+start has released the payload (``creator_pid``/``creator_start`` name the
+process responsible; once it is provably gone the container is garbage and
+:meth:`Runtime.gc` removes it), ``created`` (a container whose start failed
+while its creator lives, or a restart in place under way: ``starter_pid``),
+``running`` and ``exited``. Crash rule: whatever a step makes, the state
+names before the step makes it (the container's directory holds
+``state.json`` before anything else, a start records its cgroup folders and
+its starter before it creates them and the init's pid before it releases
+it; veths and slirp4netns are found by their naming rule or end with the
+init), so a process killed at any step leaves nothing that ``rm -f`` and
+``gc`` do not find. The named steps are :data:`FAULT_STEPS`.
+
 The rootfs overlay is mounted inside the container's own mount namespace,
 never in the host's: when the last process of a container ends, its mounts
 go with it, so a killed server cannot leave overlay mounts behind.
@@ -61,6 +74,34 @@ Status = Literal["created", "running", "exited", "dead"]
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _ETC_FILES = ("hosts", "hostname", "resolv.conf")
+
+#: test hook: with ``JUPYTER_CONTAIN_FAULT=<step>`` in the environment, the
+#: process SIGKILLs itself at that step of a create or start (or, with
+#: ``JUPYTER_CONTAIN_FAULT_ACTION=raise``, raises ``ContainerError`` there), so
+#: tests can stop a start at each step deterministically (tests/test_faults.py)
+FAULT_ENV = "JUPYTER_CONTAIN_FAULT"
+#: the named steps of a container's create and start, in order
+FAULT_STEPS = (
+    "create:state",      # the directory holds state.json ("creating"), nothing else yet
+    "create:done",       # layer folders and config.json made
+    "start:recorded",    # the planned cgroup folders and the starter are recorded, none made
+    "start:cgroup",      # cgroup folders made
+    "start:spawned",     # init cloned, waiting for its release
+    "start:network",     # bridge veth / slirp4netns attached
+    "start:pid",         # init's pid recorded
+    "start:pinned",      # folders pinned and prepared (only with ``pin``)
+    "start:released",    # the payload runs; status not yet "running"
+    "start:running",     # status "running" recorded
+)
+
+
+def _fault(step: str) -> None:
+    """The :data:`FAULT_ENV` test hook at ``step`` (one environment lookup when unset)."""
+    if os.environ.get(FAULT_ENV) != step:
+        return
+    if os.environ.get(FAULT_ENV + "_ACTION") == "raise":
+        raise errors.ContainerError(f"fault injected at {step}")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -144,6 +185,10 @@ class ExitInfo:
     memory_limit: int | None = None
     memory_peak: int | None = None
     finished: str = ""
+    #: the process limit, and how many forks it refused (a payload that
+    #: failed for want of processes says so)
+    pids_limit: int | None = None
+    pids_refused: int = 0
 
     def describe(self) -> str:
         if self.oom_killed:
@@ -154,8 +199,12 @@ class ExitInfo:
                 name = signal.Signals(self.signal).name
             except ValueError:
                 name = f"signal {self.signal}"
-            return f"killed by {name}"
-        return f"exited with code {self.code}"
+            text = f"killed by {name}"
+        else:
+            text = f"exited with code {self.code}"
+        if self.pids_refused:
+            text += f" (process limit {self.pids_limit or '?'} reached: {self.pids_refused} forks refused)"
+        return text
 
 
 def _proc_start_time(pid: int) -> int | None:
@@ -292,51 +341,68 @@ class Container:
         status = self.status(st)
         if status not in ("created", "exited"):
             raise errors.ContainerError(f"container {st['name']} is {status}: it cannot be started")
+        # what the state says again if this start fails here: a fresh container
+        # stays its creator's ("creating"), a restart in place is "created"
+        before = "creating" if st["status"] == "creating" else "created"
+        # rootless without delegated cgroups: none (create() checked no limit was asked for)
+        cg_root = self.runtime.cgroups_here() if st.get("cgroups", True) else None
+        # recorded before they exist (crash rule): a process killed after the
+        # mkdir leaves only folders the record names, for rm -f and gc
+        planned = {k: str(v) for k, v in cg_root.paths_for(self.cgroup_name).items()} if cg_root else None
+        starter = {"starter_pid": os.getpid(), "starter_start": _own_start_time()}
         if status == "exited":
             # a restart in place: same writable layer, fresh process and cgroup
             self.close()
-            st = self._update(status="created", exit=None, pid=None, pid_start=None)
-        image = self.image(st)
-        lowers = self.runtime.store.ensure_unpacked(image)
-        process = spawn.ProcessSpec(**st["process"], rlimits={k: tuple(v) for k, v in st["rlimits"].items()})
-        plan_args: dict[str, Any] = {
-            "rootfs_layers": lowers, "upper": self.upper, "work": self.dir / "work", "target": self.dir / "rootfs",
-            "binds": [rootfs.Bind(Path(b["source"]), b["target"], b["readonly"], idmap=b.get("idmap", False))
-                      for b in st["binds"]],
-            "tmpfs": [rootfs.Tmpfs(**t) for t in st.get("tmpfs") or ()],
-            "etc_files": _etc_files(st),
-            "readonly_rootfs": st.get("readonly_rootfs", False),
-        }
-        userns = idmap.IdMapping.from_json(st["userns"]) if st.get("userns") else None
-        rootless = bool(st.get("rootless"))
-        if rootless:
-            plan_args["overlay_options"] = (("userxattr", None),)   # trusted.* xattrs need host root
-        if userns is not None and userns.host_gid(5) is None:
-            plan_args["tty_gid"] = None
-        if userns is not None and st["network"] == "host":
-            plan_args["bind_sysfs"] = True   # sysfs needs a network namespace of the user namespace's
-        with contextlib.ExitStack() as stack:
-            if stdio is None:
-                null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-                stack.callback(os.close, null)
-                out = os.open(self.dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-                stack.callback(os.close, out)
-                stdio = (null, out, out)
-            seccomp_filter = seccomp.filter_for(st.get("seccomp", "default"), capabilities=process.capabilities,
-                                                name=st["name"])
-            # truncated now: what is in it afterwards is this run's end
-            exit_fd = os.open(self.dir / "exit", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            stack.callback(os.close, exit_fd)
-            limits = Limits(**st["limits"])
-            slirp_r = hold_w = None
-            if rootless and st["network"] == "bridge":
-                # the container's init holds the write end: slirp4netns ends with it
-                slirp_r, hold_w = os.pipe2(os.O_CLOEXEC)
-                stack.callback(os.close, slirp_r)
-            # rootless without delegated cgroups: none (create() checked no limit was asked for)
-            cg = Cgroups.create(self.cgroup_name, limits, root=self.runtime.cgroups_here()) \
-                if st.get("cgroups", True) else None
-            try:
+            st = self._update(status="created", exit=None, pid=None, pid_start=None, cgroup=planned, **starter)
+        else:
+            st = self._update(cgroup=planned, **starter)
+        proc: spawn.ContainerProcess | None = None
+        cg: Cgroups | None = None
+        attached = False
+        pinned: dict[str, int] = {}
+        try:
+            _fault("start:recorded")
+            image = self.image(st)
+            lowers = self.runtime.store.ensure_unpacked(image)
+            process = spawn.ProcessSpec(**st["process"], rlimits={k: tuple(v) for k, v in st["rlimits"].items()})
+            plan_args: dict[str, Any] = {
+                "rootfs_layers": lowers, "upper": self.upper, "work": self.dir / "work",
+                "target": self.dir / "rootfs",
+                "binds": [rootfs.Bind(Path(b["source"]), b["target"], b["readonly"], idmap=b.get("idmap", False))
+                          for b in st["binds"]],
+                "tmpfs": [rootfs.Tmpfs(**t) for t in st.get("tmpfs") or ()],
+                "etc_files": _etc_files(st),
+                "readonly_rootfs": st.get("readonly_rootfs", False),
+            }
+            userns = idmap.IdMapping.from_json(st["userns"]) if st.get("userns") else None
+            rootless = bool(st.get("rootless"))
+            if rootless:
+                plan_args["overlay_options"] = (("userxattr", None),)   # trusted.* xattrs need host root
+            if userns is not None and userns.host_gid(5) is None:
+                plan_args["tty_gid"] = None
+            if userns is not None and st["network"] == "host":
+                plan_args["bind_sysfs"] = True   # sysfs needs a network namespace of the user namespace's
+            with contextlib.ExitStack() as stack:
+                if stdio is None:
+                    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+                    stack.callback(os.close, null)
+                    out = os.open(self.dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                    stack.callback(os.close, out)
+                    stdio = (null, out, out)
+                seccomp_filter = seccomp.filter_for(st.get("seccomp", "default"),
+                                                    capabilities=process.capabilities, name=st["name"])
+                # truncated now: what is in it afterwards is this run's end
+                exit_fd = os.open(self.dir / "exit", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                stack.callback(os.close, exit_fd)
+                limits = Limits(**st["limits"])
+                slirp_r = hold_w = None
+                if rootless and st["network"] == "bridge":
+                    # the container's init holds the write end: slirp4netns ends with it
+                    slirp_r, hold_w = os.pipe2(os.O_CLOEXEC)
+                    stack.callback(os.close, slirp_r)
+                    stack.callback(lambda: hold_w is not None and os.close(hold_w))
+                cg = Cgroups.create(self.cgroup_name, limits, root=cg_root) if cg_root is not None else None
+                _fault("start:cgroup")
                 # the plan includes the container's own cgroups at /sys/fs/cgroup: known only now
                 cfg = spawn.SpawnConfig(
                     mounts=tuple(rootfs.plan(**plan_args, cgroupfs=_cgroup_fs(cg) if cg else None)),
@@ -347,16 +413,10 @@ class Container:
                     # bridge: an own namespace like "none"; eth0 (tap0 rootless) comes before release
                     network="host" if st["network"] == "host" else "none")
                 proc = spawn.spawn(cfg)
-            except BaseException:
-                if cg is not None:
-                    cg.destroy()
-                raise
-            finally:
                 if hold_w is not None:
                     os.close(hold_w)   # the child has its own copy
-            attached = False
-            pinned: dict[str, int] = {}
-            try:
+                    hold_w = None
+                _fault("start:spawned")
                 net = None
                 if slirp_r is not None:
                     helper = slirp.start(proc.pid, exit_fd=slirp_r, userns_fd=proc.ns_fds["user"],
@@ -370,31 +430,40 @@ class Container:
                     attached = True
                     net = netmod.attach(self.runtime.network_settings, container_id=self.id, pid=proc.pid,
                                         publish=[netmod.parse_publish(p) for p in st.get("publish", ())]).to_json()
-                self._update(status="running", pid=proc.pid, pid_start=_proc_start_time(proc.pid),
-                             started=now_rfc3339(), cgroup={k: str(v) for k, v in cg.paths.items()} if cg else None,
-                             net=net)
+                _fault("start:network")
+                # the pid before the release: whoever finds the container after a crash can tell
+                # whether anything of it still runs
+                self._update(pid=proc.pid, pid_start=_proc_start_time(proc.pid), started=now_rfc3339(),
+                             cgroup={k: str(v) for k, v in cg.paths.items()} if cg else None, net=net)
+                _fault("start:pid")
                 if pin:
                     # the child mounts while we record it: pin once it has pivoted into its root
                     _await_pivot(proc)
                     pinned = _pin_paths(proc.pid, pin)
                     if prepare is not None:
                         prepare(pinned)
+                    _fault("start:pinned")
                 proc.release()
-            except BaseException as exc:
-                early = proc.early_failure() if isinstance(exc, errors.ContainError) else None
-                for fd in pinned.values():
-                    os.close(fd)
+                _fault("start:released")
+                self._update(status="running")
+                _fault("start:running")
+        except BaseException as exc:
+            early = proc.early_failure() if proc is not None and isinstance(exc, errors.ContainError) else None
+            for fd in pinned.values():
+                os.close(fd)
+            if proc is not None:
                 proc.abort()
                 proc.close()
-                if cg is not None:
-                    cg.destroy()
-                if attached:
-                    with contextlib.suppress(errors.ContainError):
-                        netmod.detach(self.runtime.network_settings, container_id=self.id)
-                self._update(status="created", pid=None, pid_start=None, cgroup=None)
-                if early is not None:
-                    raise early from exc
-                raise
+            if cg is not None:
+                cg.destroy()
+            if attached:
+                with contextlib.suppress(errors.ContainError):
+                    netmod.detach(self.runtime.network_settings, container_id=self.id)
+            self._update(status=before, pid=None, pid_start=None, cgroup=None, net=None,
+                         starter_pid=None, starter_start=None)
+            if early is not None:
+                raise early from exc
+            raise
         self._proc = proc
         self._pinned = pinned
         log.info("started container %s (pid %d)", st["name"], proc.pid)
@@ -420,7 +489,7 @@ class Container:
             st = self.state
         if st.get("exit"):
             return ExitInfo(**st["exit"])
-        if st["status"] == "created":
+        if st["status"] in ("created", "creating"):
             raise errors.ContainerError(f"container {st['name']} was not started")
         if self._proc is None:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -433,27 +502,42 @@ class Container:
         return self._record_exit(code, st if self._proc is not None else None)
 
     def _record_exit(self, code: int | None, st: dict[str, Any] | None = None) -> ExitInfo:
-        """Record how the main process ended; ``code`` None: not our child, read the exit file.
+        """Record how the main process ended.
 
-        ``st``: the state as just read by the caller.
+        ``code``: the init's exit code as its parent saw it (128+N: killed by
+        signal N); None when this process is not its parent. ``st``: the
+        state as just read by the caller.
         """
         st = st if st is not None else self.state
         if st.get("exit"):       # another process was first
             return ExitInfo(**st["exit"])
-        if code is None:
-            code = _read_exit_file(self.dir / "exit")
+        # the init's own word first: it tells the payload's exit code from its
+        # death by a signal, which its own exit code (128+N either way) cannot
+        reported = _read_exit_file(self.dir / "exit")
         cg = self.cgroups(st)
-        oom = limit = peak = None
+        oom = limit = peak = pids_limit = None
+        refused = 0
         if cg is not None:
             try:
                 oom, limit, peak = cg.memory_outcome()
+                pids_limit, refused = cg.pids_outcome()
             except errors.CgroupError:
                 pass
-        if code is None:
-            code = 137 if oom else 255   # init died without a word (killed): the code is unknown
-        sig = code - 128 if code > 128 else None
+        sig: int | None
+        if reported is not None:
+            code, sig = reported
+        elif code is not None:
+            # the init ended without writing its word: killed, and its parent (we) saw the signal
+            sig = code - 128 if code > 128 else None
+        else:
+            # not our child, and the init ended without a word. It blocks every
+            # signal and is PID 1 of its own pid namespace: only SIGKILL (an
+            # admin, the OOM killer, `kill -9`) ends it so; the wait status that
+            # would say it went to whoever reaped it
+            code, sig = 128 + signal.SIGKILL, signal.SIGKILL
         info = ExitInfo(code=code, signal=sig, oom_killed=bool(oom) and sig == signal.SIGKILL,
-                        memory_limit=limit, memory_peak=peak, finished=now_rfc3339())
+                        memory_limit=limit, memory_peak=peak, finished=now_rfc3339(),
+                        pids_limit=pids_limit, pids_refused=refused)
         if cg is not None:
             # kills whatever the payload left behind, then removes the folders
             # (another process recording the same exit may be at it too)
@@ -656,11 +740,7 @@ class Container:
             st = self.state
         elif status != st["status"]:
             st = self.state     # status() recorded the exit
-        cg = self.cgroups(st)
-        if cg is not None:
-            cg.destroy()
-        if st.get("network") == "bridge" and not st.get("rootless"):
-            netmod.detach(self.runtime.network_settings, container_id=self.id)
+        self._undo_start(st)
         self.runtime.store.unpin(self.id)
         if st.get("userns") and not st.get("rootless"):
             self.runtime.userns_allocator().release(self.id, idmap.IdMapping.from_json(st["userns"]))
@@ -668,6 +748,29 @@ class Container:
         self.close()
         self.runtime._handles.pop(self.id, None)
         log.info("removed container %s", self.id[:12])
+
+    def _undo_start(self, st: dict[str, Any]) -> None:
+        """Remove what a start made that the state ``st`` names: a left init, cgroups, the bridge's veth.
+
+        For :meth:`remove`, and for gc where a start died midway. An init the
+        record names that still runs without being ``running`` (its starter
+        died between the release and the record) is killed through a pidfd,
+        checked against its start time after the open, so a reused pid is safe.
+        """
+        pid = st.get("pid")
+        if pid and st.get("status") != "running" and _alive(pid, st.get("pid_start")):
+            with contextlib.suppress(OSError):
+                fd = os.pidfd_open(pid)
+                try:
+                    if _alive(pid, st.get("pid_start")):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                finally:
+                    os.close(fd)
+        cg = self.cgroups(st)
+        if cg is not None:
+            cg.destroy()
+        if st.get("network") == "bridge" and not st.get("rootless"):
+            netmod.detach(self.runtime.network_settings, container_id=self.id)
 
     def info(self) -> dict[str, Any]:
         status = self.status()   # first: it may record the exit
@@ -835,19 +938,15 @@ class Runtime:
                 if userns.host_uid(uid) is None or any(userns.host_gid(g) is None for g in (gid, *groups)):
                     raise errors.InvalidSpec(f"user {uid}:{gid} is outside the container's user namespace "
                                              f"(ids 0-{idmap.RANGE_SIZE - 1})")
-            for sub in ("upper", "work", "rootfs"):
-                (d / sub).mkdir(parents=True, mode=0o755 if sub != "work" else 0o700)
-            if userns is not None:
-                # the writable layer keeps container ids on disk (idmapped):
-                # a setuid-root file made inside must stay out of host users' reach
-                d.chmod(0o700)
             process = {
                 "argv": list(argv), "env": env, "cwd": spec.workdir or cfg.working_dir, "uid": uid, "gid": gid,
                 "additional_gids": list(groups), "hostname": hostname, "tty": spec.tty,
             }
             spawn.ProcessSpec(**process)  # validate now, not at start
             state = {
-                "id": cid, "name": name, "status": "created", "created": now_rfc3339(),
+                # "creating" until its first start released the payload: till then the
+                # container is its creator's, and garbage once the creator is gone
+                "id": cid, "name": name, "status": "creating", "created": now_rfc3339(),
                 "image_name": image.name, "image_digest": image.digest,
                 "process": process, "rlimits": {k: list(v) for k, v in spec.rlimits.items()},
                 "binds": [{"source": str(b.source), "target": b.target, "readonly": b.readonly, "idmap": b.idmap}
@@ -866,9 +965,18 @@ class Runtime:
             if spec.binds or spec.tmpfs:   # the plan validates them (targets, clashes) now rather than at start
                 rootfs.plan(rootfs_layers=lowers_needed, upper=d / "upper", work=d / "work", target=d / "rootfs",
                             binds=spec.binds, tmpfs=spec.tmpfs, etc_files=dict.fromkeys(_ETC_FILES, ""))
+            # the state first (crash rule): a folder with it is found by gc, one without it
+            # only after a minute (it may be another process's create, a moment before this line)
+            # with a user namespace the writable layer keeps container ids on disk
+            # (idmapped): a setuid-root file made inside must stay out of host users' reach
+            d.mkdir(parents=True, mode=0o700 if userns is not None else 0o777)
+            atomic_write(d / "state.json", json.dumps(state, separators=(",", ":")).encode(), durable=False)
+            _fault("create:state")
+            for sub in ("upper", "work", "rootfs"):
+                (d / sub).mkdir(mode=0o755 if sub != "work" else 0o700)
             atomic_write(d / "config.json", json.dumps(oci_config(state, image)).encode(),
                          durable=False)
-            atomic_write(d / "state.json", json.dumps(state, separators=(",", ":")).encode(), durable=False)
+            _fault("create:done")
         except BaseException:
             remove_tree(d)
             self.store.unpin(cid)
@@ -911,11 +1019,23 @@ class Runtime:
             known.add(c.id)
             try:
                 st = c.state
-                status = c.status()
+                status = c.status(st)
                 owner_gone = st.get("owner_pid") and not _alive(st["owner_pid"], st.get("owner_start"))
                 if status == "dead" or owner_gone:
+                    why = (f"its creator (pid {st.get('creator_pid')}) died before it ran" if status == "dead"
+                           else f"its owner (pid {st['owner_pid']}) is gone")
                     c.remove(force=True)
                     removed.append(c.id)
+                    log.info("gc: removed container %s (%s): %s", st["name"], c.id[:12], why)
+                elif (st["status"] in ("creating", "created") and (st.get("cgroup") or st.get("pid"))
+                      and not _alive(st.get("starter_pid"), st.get("starter_start"))):
+                    # a start (a restart in place, or one by another process than the
+                    # creator) died midway: the container stays, what the start made goes
+                    c._undo_start(st)
+                    c._update(pid=None, pid_start=None, cgroup=None, net=None, starter_pid=None, starter_start=None)
+                    removed.append(f"start:{c.id}")
+                    log.info("gc: undid the start of container %s (%s): its starter (pid %s) died midway",
+                             st["name"], c.id[:12], st.get("starter_pid"))
                 elif status == "exited" and not st.get("exit"):
                     c._record_exit(None)
             except errors.ContainerNotFound:
@@ -928,6 +1048,7 @@ class Runtime:
                     remove_tree(d)
                     self.store.unpin(d.name)
                     removed.append(d.name)
+                    log.info("gc: removed container folder %s without a state (a create died)", d.name[:12])
         live = {c.id for c in self.containers()}
         # only this store's cgroups (their names carry its tag): other stores' containers live on
         mine = {f"{self.store_tag}-{cid}" for cid in live}
@@ -937,6 +1058,7 @@ class Runtime:
             with contextlib.suppress(errors.CgroupError):
                 Cgroups.open(name, root=self.cgroups_here()).destroy()
                 removed.append(f"cgroup:{name}")
+                log.info("gc: removed cgroup %s of no container", name)
         if (self.network_settings.state_dir / "leases.json").exists():   # only stores that used a bridge
             starting_or_running = {c.id for c in self.containers()
                                    if c.state.get("status") in ("creating", "created", "running")}
@@ -1001,18 +1123,20 @@ def _pin_paths(pid: int, paths: Sequence[str]) -> dict[str, int]:
     return out
 
 
-def _read_exit_file(path: Path) -> int | None:
-    """The code in an init's exit file (``code N`` / ``signal N`` -> 128+N), None if absent."""
+def _read_exit_file(path: Path) -> tuple[int, int | None] | None:
+    """(exit code, signal) from an init's exit file: ``code N`` -> (N, None),
+    ``signal N`` -> (128+N, N); None if it is empty, absent or garbled."""
     try:
         with open(path, "rb") as f:
             first = f.read(64).split(b"\n", 1)[0].decode("ascii", "replace").split()
     except OSError:
         return None
-    if len(first) == 2 and first[1].isdigit():
-        if first[0] == "code":
-            return int(first[1])
-        if first[0] == "signal":
-            return 128 + int(first[1])
+    if len(first) == 2 and first[1].isdigit() and len(first[1]) <= 3:
+        n = int(first[1])
+        if first[0] == "code" and n <= 255:
+            return n, None
+        if first[0] == "signal" and 0 < n < 128:
+            return 128 + n, n
     return None
 
 
