@@ -172,7 +172,8 @@ def _render_transfer(render: Callable[[Any], None], snap: dict[str, Any], prog: 
 
 def _local_image_json(img: dict[str, Any]) -> dict[str, Any]:
     """``jupyter contain inspect``'s shape (cli/images.py) from the API's image detail."""
-    return {"name": img["name"], "digest": img["digest"], "id": img["id"], "size": img["size"],
+    return {"name": img["name"], "digest": img["digest"], "media_type": img.get("media_type"),
+            "index_digest": img.get("index_digest"), "id": img["id"], "size": img["size"],
             "created": img.get("created"),
             "layers": [{"mediaType": d["media_type"], "digest": d["digest"], "size": d["size"]}
                        for d in img.get("layers", [])],

@@ -116,7 +116,8 @@ def image_json(rec: ImageRecord) -> dict[str, Any]:
 
 
 def image_detail_json(rec: ImageRecord) -> dict[str, Any]:
-    return {**image_json(rec), "config": rec.config.raw.get("config", {}),
+    return {**image_json(rec), "media_type": rec.descriptor.media_type,
+            "index_digest": getattr(rec, "index_digest", None), "config": rec.config.raw.get("config", {}),
             "diff_ids": list(rec.config.diff_ids), "history": rec.config.raw.get("history", []),
             "layers": [{"digest": d.digest, "size": d.size, "media_type": d.media_type}
                        for d in rec.manifest.layers]}
