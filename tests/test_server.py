@@ -938,3 +938,6 @@ def test_stopping_the_server_leaves_no_containers(tmp_path, kernel_env, kernel_r
     assert s.proc.returncode == 0, s.log_text()[-2000:]
     assert not c.dir.exists()
     assert "jupyter-contain: shutting down 1 contained kernel(s)" in s.log_text()
+    # its cgroups too (in every hierarchy)
+    name = f"{kernel_runtime.store_tag}-{c.id}"
+    assert not [p for p in Path("/sys/fs/cgroup").glob(f"*/**/{name}")], name
