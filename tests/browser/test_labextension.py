@@ -10,10 +10,10 @@ snapshot dialog validates the tag while it is typed, makes an image and starts a
 from it; an OOM kill shows the death dialog; the image digest is recorded in the
 notebook and a notebook whose recorded digest differs says so.
 
-Owns: one JupyterLab server per module (the kernelspecs and store of ``kernel_env``,
-isolated Jupyter folders in a temp dir), one chromium, one registry. Must not: touch the
-user's Jupyter folders or kernelspecs (every Jupyter path points into the temp dir), or
-leave a server, browser, container or kernelspec behind.
+Runs in the browser lane (``tests/browser_fixtures.py``: ``lab``, ``page``, the helpers);
+adds a kernelspec with limits beside the lane's and one registry for the module. Must not:
+leave an image, a kernelspec or a container behind (what a test makes it removes, through
+the UI where the UI can).
 """
 
 from __future__ import annotations
@@ -21,285 +21,120 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 import urllib.error
-import urllib.request
+import urllib.parse
 import uuid
 from pathlib import Path
 
 import pytest
-from kernel_fixtures import *  # noqa: F403
-from kernel_fixtures import IMAGE
+from browser_fixtures import IMAGE, KERNEL_DISPLAY_NAME, cell, notebook_json, open_notebook, run_cell, screenshot, \
+    wait_kernel_idle
 
 from jupyter_contain.kernel import kernelspec
-from jupyter_contain.runtime import Runtime
-
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is needed for the browser tests")
-pytest.importorskip("jupyterlab", reason="JupyterLab is needed for the browser tests")
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-SHOTS = REPO / "out" / "browser"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LIMITED = "contained-limited"
 LIMITED_NAME = "Contained Python (debian, 256 MiB)"
+API = "/jupyter-contain/api/v1"
 MiB = 1024 * 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Lab:
-    """A JupyterLab server over the test store, with every Jupyter folder in ``base``."""
-
-    def __init__(self, base: Path, kernel_env) -> None:
-        self.base = base
-        self.port = _free_port()
-        self.token = uuid.uuid4().hex
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.root = base / "notebooks"
-        self.root.mkdir(parents=True)
-        self.data_dir = base / "data"
-        settings = base / "settings"
-        # no "Would you like news?" toast over the screenshots (and no fetch to the internet)
-        notif = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-        notif.parent.mkdir(parents=True)
-        notif.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-        self.log_path = base / "lab.log"
-        env = dict(os.environ)
-        env.update({
-            "JUPYTER_PATH": str(kernel_env.data_dir),
-            "JUPYTER_CONFIG_DIR": str(base / "config"),
-            "JUPYTER_DATA_DIR": str(self.data_dir),      # kernelspecs the API installs land here
-            "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
-            "JUPYTERLAB_SETTINGS_DIR": str(settings),
-            "JUPYTERLAB_WORKSPACES_DIR": str(base / "workspaces"),
-            "JUPYTER_PLATFORM_DIRS": "1",
-        })
-        env.pop("JUPYTER_CONFIG_PATH", None)
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
-             f"--ServerApp.port={self.port}", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={self.root}", f"--ContainApp.store_root={kernel_env.store.root}",
-             f"--ContainApp.allowed_root={base}", "--ContainApp.kernelspec_user=True",
-             "--LabApp.news_url=", "--ServerApp.open_browser=False"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=base)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.api("GET", "api/status")
-                break
-            except (OSError, urllib.error.URLError):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"JupyterLab did not start:\n{self.log_text()[-3000:]}") from None
-                time.sleep(0.2)
-
-    def api(self, method: str, path: str, body: dict | None = None) -> dict | None:
-        req = urllib.request.Request(f"{self.url}/{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"token {self.token}",
-                                              "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            data = resp.read()
-        return json.loads(data) if data else None
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # a clean stop shuts the kernels (and their containers) down
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
-def lab(kernel_env, tmp_path_factory):
-    base = tmp_path_factory.mktemp("lab")
-    # a second kernelspec for the test image, with limits (the launcher shows both)
-    image = kernel_env.store.resolve(IMAGE)
+def limited(lab):
+    """A second kernelspec for the test image with a 256 MiB memory and a 128 process limit."""
+    image = lab.store.resolve(IMAGE)
     spec = kernelspec.kernel_json(image=image, display_name=LIMITED_NAME,
-                                  config={"store_root": str(kernel_env.store.root), "memory": "256m", "pids": 128})
-    spec_dir = kernel_env.spec_dir(LIMITED)
-    spec_dir.mkdir(parents=True, exist_ok=True)
+                                  config={"store_root": str(lab.store.root), "memory": "256m", "pids": 128})
+    spec_dir = lab.kernels_dir / LIMITED
+    spec_dir.mkdir(parents=True)
     (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
     kernelspec.write_logos(spec_dir)
-    before = {c.id for c in Runtime(kernel_env.store).containers()}
-    server = Lab(base, kernel_env)
-    try:
-        yield server
-    finally:
-        server.stop()
-        for c in Runtime(kernel_env.store).containers():
-            if c.id not in before:
-                c.remove(force=True)
-        shutil.rmtree(spec_dir, ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
+    return LIMITED   # the lab's prefix, and this folder in it, go with the lab
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip("Debian's chromium is needed (apt-get install chromium)")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-class Page:
-    """A Lab page with its console errors collected and a screenshot helper."""
-
-    def __init__(self, browser, lab: Lab) -> None:
-        self.lab = lab
-        self.context = browser.new_context(viewport={"width": 1280, "height": 800})
-        self.page = self.context.new_page()
-        self.errors: list[str] = []
-        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
-
-    def open(self, path: str = "lab") -> None:
-        # ?reset: a fresh workspace, whatever an earlier test left open
-        sep = "&" if "?" in path else "?"
-        self.page.goto(f"{self.lab.url}/{path}{sep}reset&token={self.lab.token}")
-        self.page.wait_for_selector("#jp-main-dock-panel", timeout=60000)
-
-    def shot(self, name: str) -> Path:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        path = SHOTS / f"{name}.png"
-        self.page.screenshot(path=str(path))
-        return path
-
-    def new_notebook(self, display_name: str) -> None:
-        self.page.wait_for_selector(".jp-LauncherCard", timeout=30000)
-        self.page.locator(".jp-LauncherCard", has_text=display_name).first.click()
-        self.wait_idle()
-
-    def wait_idle(self, timeout: float = 120000) -> None:
-        self.page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook", timeout=timeout)
-        self.page.wait_for_function(
-            """() => { const s = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Toolbar-kernelStatus');
-                       return s && /Idle/i.test(s.getAttribute('title') || s.getAttribute('aria-label') || ''); }""",
-            timeout=timeout)
-
-    def run_cell(self, code: str) -> None:
-        """Types ``code`` into the last cell and runs it (Shift+Enter)."""
-        cell = self.page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell .cm-content").last
-        cell.click()
-        self.page.keyboard.insert_text(code)
-        self.page.keyboard.press("Shift+Enter")
-
-    def close(self) -> None:
-        self.context.close()
-
-
-@pytest.fixture
-def page(chromium, lab):
-    p = Page(chromium, lab)
-    try:
-        yield p
-    finally:
-        p.close()
-        # the kernels this test started go with it (their containers too)
-        for session in lab.api("GET", "api/sessions") or []:
-            lab.api("DELETE", f"api/sessions/{session['id']}")
-        for kernel in lab.api("GET", "api/kernels") or []:
-            lab.api("DELETE", f"api/kernels/{kernel['id']}")
-
-
-def _contained_kernel_id(lab: Lab) -> str:
-    kernels = lab.api("GET", "api/kernels") or []
-    for k in kernels:
-        info = lab.api("GET", f"jupyter-contain/api/v1/kernels/{k['id']}/container")
-        if info and info.get("contained"):
+def _contained_kernel_id(lab) -> str:
+    for k in lab.api("GET", "/api/kernels"):
+        if lab.api("GET", f"{API}/kernels/{k['id']}/container").get("contained"):
             return k["id"]
-    raise AssertionError(f"no contained kernel among {kernels}")
+    raise AssertionError("no contained kernel is running")
 
 
-def test_extension_installed_enabled_and_loads_clean(page, lab):
+def _save(page) -> None:
+    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty")
+
+
+def _type_and_run(page, index: int, code: str) -> None:
+    """Types ``code`` into cell ``index`` and runs it, without waiting for it to finish."""
+    c = cell(page, index)
+    c.locator(".cm-content").click()
+    page.keyboard.insert_text(code)
+    page.keyboard.press("Shift+Enter")
+
+
+def test_extension_installed_enabled_and_loads_clean(page, lab, limited):
     out = subprocess.run([sys.executable, "-m", "jupyterlab.labextensions", "list"], capture_output=True, text=True,
                          timeout=60)
     listing = out.stdout + out.stderr
-    assert "jupyter-contain v0.1.0" in listing and "enabled" in listing.split("jupyter-contain v0.1.0", 1)[1][:40], listing
+    assert "jupyter-contain v0.1.0" in listing, listing
+    assert "enabled" in listing.split("jupyter-contain v0.1.0", 1)[1][:40], listing
 
-    start = time.monotonic()
-    page.open()
-    page.page.wait_for_selector(".jp-LauncherCard", timeout=60000)
-    wall = time.monotonic() - start
-    activated = page.page.evaluate(
-        "() => performance.getEntriesByName('jupyter-contain:activated').map(e => e.startTime)")
+    page.wait_for_selector(".jp-Launcher .jp-LauncherCard", timeout=60000)
+    activated = page.evaluate("() => performance.getEntriesByName('jupyter-contain:activated').map(e => e.startTime)")
     assert activated, "the extension's plugin never activated"
-    remote = page.page.evaluate(
+    remote = page.evaluate(
         """() => performance.getEntriesByType('resource').filter(r => r.name.includes('/jupyter-contain/static/'))
-                 .map(r => ({name: r.name.split('/').pop(), ms: r.duration, bytes: r.transferSize || r.encodedBodySize}))""")
+                 .map(r => ({name: r.name.split('/').pop().split('?')[0], ms: Math.round(r.duration)}))""")
     assert any(r["name"].startswith("remoteEntry.") for r in remote), remote
+    app_ready = page.evaluate("() => performance.getEntriesByType('navigation')[0].domContentLoadedEventEnd")
     static = REPO / "jupyter_contain" / "labextension" / "static"
     bundle = sum(f.stat().st_size for f in static.glob("*.js"))
-    print(f"\nlabextension: bundle {bundle / 1024:.1f} KiB in {len(list(static.glob('*.js')))} files; "
-          f"activated {activated[0]:.0f} ms after navigation; launcher shown after {wall:.2f} s; "
-          f"its files took {sum(r['ms'] for r in remote):.0f} ms to fetch: {remote}")
+    print(f"\nlabextension: bundle {bundle / 1024:.1f} KiB in {len(list(static.glob('*.js')))} files; plugin "
+          f"activated {activated[0]:.0f} ms after navigation (DOMContentLoaded {app_ready:.0f} ms); "
+          f"fetching its files took {sum(r['ms'] for r in remote)} ms: {remote}")
 
-    # the launcher shows the contained kernels' logo (served from the kernelspec), loaded
-    card = page.page.locator(".jp-LauncherCard", has_text="Contained Python (debian)").first
-    logo = card.locator("img")
-    # Lab prefers the SVG when a kernelspec has both
-    assert "/kernelspecs/contained-debian/logo-svg.svg" in (logo.get_attribute("src") or "")
-    page.page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=logo.element_handle())
-    page.shot("01-launcher")
-    ours = [e for e in page.errors if "jupyter-contain" in e or "jupyter_contain" in e]
-    assert not ours, ours
-    assert not [e for e in page.errors if e.startswith("uncaught")], page.errors
+    # the launcher shows the contained kernels' logo, served from the kernelspec folder
+    for name in (KERNEL_DISPLAY_NAME, LIMITED_NAME):
+        logo = page.locator(".jp-Launcher .jp-LauncherCard", has_text=name).first.locator("img")
+        assert "/logo-svg.svg" in (logo.get_attribute("src") or ""), name  # Lab prefers the SVG
+        page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=logo.element_handle())
+    screenshot(page, "launcher-logo")
+    # no console error: the lane's page fixture fails the test on any
 
 
-def test_meter_shows_the_container_limit_and_colours_near_it(page, lab):
-    page.open()
-    page.new_notebook(LIMITED_NAME)
-    meter = page.page.locator(".jc-meter")
-    page.page.wait_for_selector(".jc-meter-memory:has-text('/ 256 MiB')", timeout=30000)
-    assert "Procs" in meter.inner_text() and "/ 128" in meter.inner_text()
+def test_meter_shows_the_container_limit_and_colours_near_it(page, lab, limited):
+    open_notebook(page, lab, "meter.ipynb", [
+        "block = bytearray(150 * 1024 * 1024)\nblock[::4096] = b'x' * len(block[::4096])"],
+        kernel=LIMITED, display_name=LIMITED_NAME)
+    meter = page.locator(".jc-meter")
+    page.wait_for_selector(".jc-meter-memory:has-text('/ 256 MiB')", timeout=30000)
+    assert "Procs" in meter.inner_text() and "/ 128" in meter.inner_text(), meter.inner_text()
     assert meter.get_attribute("data-level") == "ok"
-    page.shot("02-meter")
+    screenshot(page, "meter")
 
-    # the record of the image in the notebook's metadata: saved with the notebook
-    kernel_id = _contained_kernel_id(lab)
-    info = lab.api("GET", f"jupyter-contain/api/v1/kernels/{kernel_id}/container")
-    page.page.keyboard.press("Control+s")
-    page.page.wait_for_timeout(1500)
-    saved = sorted(lab.root.glob("*.ipynb"), key=lambda p: p.stat().st_mtime)[-1]
-    record = json.loads(saved.read_text())["metadata"].get("jupyter_contain")
-    assert record and record["digest"] == info["image"]["digest"] and record["image"] == info["image"]["name"], record
+    # the image the kernel runs is recorded in the notebook (saved with it)
+    info = lab.api("GET", f"{API}/kernels/{_contained_kernel_id(lab)}/container")
+    page.wait_for_function(
+        "() => !!window.jupyterapp.shell.currentWidget.context.model.getMetadata('jupyter_contain')")
+    _save(page)
+    record = json.loads((lab.notebook_dir / "meter.ipynb").read_text())["metadata"]["jupyter_contain"]
+    assert record["digest"] == info["image"]["digest"] and record["image"] == info["image"]["name"], record
 
-    # 200 MiB of 256: the meter turns to its warning colour
-    page.run_cell("block = bytearray(200 * 1024 * 1024); block[::4096] = b'x' * len(block[::4096])")
-    page.page.wait_for_function(
-        "() => ['warn', 'critical'].includes(document.querySelector('.jc-meter-memory')?.dataset.level)", timeout=30000)
-    page.shot("03-meter-near-limit")
+    # 150 MiB more (the idle kernel's cgroup holds ~60 MiB with its page cache): past 75% of 256 MiB,
+    # the meter takes its warning colour
+    run_cell(page, 0)
+    page.wait_for_function(
+        "() => ['warn', 'critical'].includes(document.querySelector('.jc-meter-memory')?.dataset.level)",
+        timeout=30000)
+    screenshot(page, "meter-near-limit")
 
-    # a kernel that is not contained: no meter
-    page.page.locator(".jp-NotebookPanel-toolbar .jp-Toolbar-kernelName").first.click()
-    page.page.wait_for_selector(".jp-Dialog")
-    page.page.locator(".jp-Dialog select").select_option(label="Python 3 (ipykernel)")
-    page.page.locator(".jp-Dialog .jp-mod-accept").click()
-    page.wait_idle()
-    page.page.wait_for_selector(".jc-meter", state="detached", timeout=15000)
+    # a kernel that is not contained: the meter goes away
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.changeKernel({name: 'python3'})")
+    wait_kernel_idle(page)
+    page.wait_for_selector(".jc-meter", state="hidden", timeout=15000)
 
 
 def _layer_tar(path: Path, name: str, size: int) -> Path:
@@ -314,130 +149,146 @@ def _layer_tar(path: Path, name: str, size: int) -> Path:
 
 @pytest.fixture(scope="module")
 def pushed_image(tmp_path_factory):
+    """``127.0.0.1:PORT/jc-lab/layers:v1`` in a registry of this module: three layers of 6, 10, 14 MiB."""
     from registry_fixture import make_oci_image, push_with_skopeo, start_registry
 
     base = tmp_path_factory.mktemp("registry")
-    with start_registry(base) as reg:
-        layout = base / "layout"
-        tars = [_layer_tar(base, f"layer{i}", (6 + 4 * i) * MiB) for i in range(3)]
-        make_oci_image(layout, "v1", tars)
-        ref = f"{reg.address}/jc-lab/layers:v1"
-        push_with_skopeo(layout, ref, tag="v1")
-        yield ref
-    shutil.rmtree(base, ignore_errors=True)
-
-
-def test_panel_lists_images_and_pull_shows_a_bar_per_layer(page, lab, pushed_image, kernel_env):
-    page.open()
-    page.page.locator(".jp-SideBar .lm-TabBar-tab[data-id='jupyter-contain-panel']").click()
-    page.page.wait_for_selector(f".jc-image[data-name='{IMAGE}']", timeout=15000)
-    page.shot("04-panel")
-
-    # the tag check while typing: an invalid reference disables Pull
-    field = page.page.locator(".jc-pull-input")
-    field.fill("Not A Ref")
-    assert page.page.locator(".jc-pull-button").is_disabled()
-    field.fill(pushed_image)
-    assert page.page.locator(".jc-pull-button").is_enabled()
-    page.page.locator(".jc-pull-button").click()
-    page.page.wait_for_selector(".jc-op[data-kind='pull']", timeout=15000)
-    page.shot("05-pull-progress")
-    page.page.wait_for_selector(".jc-op-succeeded[data-kind='pull']", timeout=120000)
-    bars = page.page.locator(".jc-op-succeeded .jc-op-items .jc-progress")
-    assert bars.count() >= 3, page.page.locator(".jc-op").inner_text()  # the layers (and the config blob)
-    page.page.wait_for_selector(f".jc-image[data-name='{pushed_image}']", timeout=15000)
-    page.shot("06-pull-done")
     try:
-        assert any(i["name"] == pushed_image for i in lab.api("GET", "jupyter-contain/api/v1/images")["images"])
+        with start_registry(base) as reg:
+            layout = base / "layout"
+            make_oci_image(layout, "v1", [_layer_tar(base, f"layer{i}", (6 + 4 * i) * MiB) for i in range(3)])
+            ref = f"{reg.address}/jc-lab/layers:v1"
+            push_with_skopeo(layout, ref, tag="v1")
+            yield ref
     finally:
-        # remove it through the panel's own button and dialog
-        page.page.locator(f".jc-image[data-name='{pushed_image}'] .jc-remove").click()
-        page.page.locator(".jp-Dialog .jp-mod-warn").click()
-        page.page.wait_for_selector(f".jc-image[data-name='{pushed_image}']", state="detached", timeout=15000)
-    assert not any(i["name"] == pushed_image for i in lab.api("GET", "jupyter-contain/api/v1/images")["images"])
+        shutil.rmtree(base, ignore_errors=True)
 
 
-def test_snapshot_dialog_makes_an_image_that_starts_a_kernel(page, lab, kernel_env):
+def _image_names(lab) -> set[str]:
+    return {i["name"] for i in lab.api("GET", f"{API}/images")["images"]}
+
+
+def _remove_image(lab, name: str) -> None:
+    try:
+        lab.api("DELETE", f"{API}/images/{urllib.parse.quote(name, safe='')}")
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise
+
+
+def _open_panel(page) -> None:
+    page.locator(".jp-SideBar .lm-TabBar-tab[data-id='jupyter-contain-panel']").click()
+    page.wait_for_selector(".jc-panel .jc-images-body", timeout=15000)
+
+
+def test_panel_lists_images_and_pull_shows_a_bar_per_layer(page, lab, pushed_image):
+    _open_panel(page)
+    page.wait_for_selector(f".jc-image[data-name='{IMAGE}']", timeout=15000)
+    try:
+        # the reference is checked while typed: an invalid one disables Pull
+        field = page.locator(".jc-pull-input")
+        field.fill("Not A Ref")
+        assert page.locator(".jc-pull-button").is_disabled()
+        assert "lowercase" in page.locator(".jc-pull + .jc-field-error").inner_text()
+        field.fill(pushed_image)
+        assert page.locator(".jc-pull-button").is_enabled()
+        page.locator(".jc-pull-button").click()
+        page.wait_for_selector(".jc-op[data-kind='pull']", timeout=15000)
+        screenshot(page, "pull-progress")
+        page.wait_for_selector(".jc-op-succeeded[data-kind='pull']", timeout=120000)
+        bars = page.locator(".jc-op-succeeded .jc-op-items .jc-progress")
+        assert bars.count() >= 3, page.locator(".jc-op").inner_text()  # one per layer (and the config)
+        page.wait_for_selector(f".jc-image[data-name='{pushed_image}']", timeout=15000)
+        screenshot(page, "panel-pulled")
+        assert pushed_image in _image_names(lab)
+        # removed through the panel's own button and its confirmation
+        page.locator(f".jc-image[data-name='{pushed_image}'] .jc-remove").click()
+        page.locator(".jp-Dialog .jp-mod-warn").click()
+        page.wait_for_selector(f".jc-image[data-name='{pushed_image}']", state="detached", timeout=15000)
+        assert pushed_image not in _image_names(lab)
+    finally:
+        _remove_image(lab, pushed_image)
+
+
+def test_snapshot_dialog_makes_an_image_that_starts_a_kernel(page, lab, limited):
     tag = f"jc-lab-snap:{uuid.uuid4().hex[:8]}"
-    page.open()
-    page.new_notebook(LIMITED_NAME)
-    page.run_cell("import os; os.makedirs('/opt/lab-data', exist_ok=True); "
-                  "open('/opt/lab-data/hello.txt', 'w').write('made in the lab test' * 1000)")
-    page.page.wait_for_timeout(1000)
-    page.wait_idle()
-    page.page.locator(".jc-snapshot-button").click()
-    dialog = page.page.locator(".jp-Dialog")
+    before = _image_names(lab)
+    open_notebook(page, lab, "snap.ipynb", [
+        "import os\nos.makedirs('/opt/lab-data', exist_ok=True)\n"
+        "open('/opt/lab-data/hello.txt', 'w').write('made in the lab test ' * 1000)"],
+        kernel=LIMITED, display_name=LIMITED_NAME)
+    run_cell(page, 0)
+    page.locator(".jc-snapshot-button").click()
+    dialog = page.locator(".jp-Dialog")
     dialog.locator(".jc-diff-table").wait_for(timeout=30000)
     assert "/opt" in dialog.locator(".jc-diff-table").inner_text()
     tag_field = dialog.locator(".jc-snapshot-tag")
     tag_field.fill("Bad Tag")
     assert dialog.locator(".jc-snapshot-tag-error").inner_text() != ""
     assert dialog.locator(".jp-mod-accept").is_disabled()
-    page.shot("07-snapshot-invalid-tag")
+    screenshot(page, "snapshot-invalid-tag")
     tag_field.fill(tag)
     assert dialog.locator(".jc-snapshot-tag-error").inner_text() == ""
     dialog.locator(".jc-snapshot-message").fill("hello.txt for the lab test")
-    page.shot("08-snapshot-dialog")
+    dialog.locator(".jc-snapshot-display").fill("Lab snapshot")
+    screenshot(page, "snapshot-dialog")
     dialog.locator(".jp-mod-accept").click()
-    page.page.wait_for_selector(".jc-result-name", timeout=120000)
-    page.shot("09-snapshot-done")
-    images = lab.api("GET", "jupyter-contain/api/v1/images")["images"]
-    made = [i for i in images if i["name"].endswith(tag)]
-    assert made, [i["name"] for i in images]
-    assert made[0]["digest"] in page.page.locator(".jc-result-digest").inner_text()
+    made: list[str] = []
     try:
+        page.wait_for_selector(".jc-result-name", timeout=120000)
+        screenshot(page, "snapshot-done")
+        made = sorted(_image_names(lab) - before)
+        assert len(made) == 1 and made[0].endswith(tag), made
+        image = lab.api("GET", f"{API}/images/{urllib.parse.quote(made[0], safe='')}")["image"]
+        assert image["digest"] in page.locator(".jc-result-digest").inner_text()
         # "New notebook with it": a kernel from the snapshot sees the file
-        page.page.locator(".jc-open-kernel").click()
-        page.page.wait_for_timeout(1000)
-        page.wait_idle()
-        page.run_cell("print(open('/opt/lab-data/hello.txt').read()[:20])")
-        page.page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output:has-text('made in the lab test')",
-                                    timeout=60000)
-        page.shot("10-snapshot-kernel")
+        page.locator(".jc-open-kernel").click()
+        page.wait_for_function("() => window.jupyterapp.shell.currentWidget?.context?.path !== 'snap.ipynb'")
+        wait_kernel_idle(page)
+        _type_and_run(page, 0, "print(open('/opt/lab-data/hello.txt').read()[:20])")
+        page.wait_for_selector(
+            ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output:has-text('made in the lab test')",
+            timeout=60000)
+        screenshot(page, "snapshot-kernel")
     finally:
-        for spec in (lab.api("GET", "jupyter-contain/api/v1/kernelspecs") or {}).get("kernelspecs", []):
+        from browser_fixtures import shutdown_kernels
+
+        shutdown_kernels(lab)
+        for spec in lab.api("GET", f"{API}/kernelspecs")["kernelspecs"]:
             if spec["image"].endswith(tag):
-                for session in lab.api("GET", "api/sessions") or []:
-                    lab.api("DELETE", f"api/sessions/{session['id']}")
-                lab.api("DELETE", f"jupyter-contain/api/v1/kernelspecs/{spec['name']}")
-        for image in made:
-            try:
-                lab.api("DELETE", f"jupyter-contain/api/v1/images/{urllib.request.quote(image['name'], safe='')}")
-            except urllib.error.HTTPError:
-                pass
+                lab.api("DELETE", f"{API}/kernelspecs/{spec['name']}")
+        for name in made or [n for n in _image_names(lab) - before]:
+            _remove_image(lab, name)
 
 
-def test_oom_kill_shows_the_death_dialog(page, lab):
-    page.open()
-    page.new_notebook(LIMITED_NAME)
-    page.run_cell("hog = [bytearray(32 * 1024 * 1024) for _ in range(64)]")
-    dialog = page.page.locator(".jp-Dialog", has_text="out of memory")
+def test_oom_kill_shows_the_death_dialog(page, lab, limited):
+    open_notebook(page, lab, "oom.ipynb", [""], kernel=LIMITED, display_name=LIMITED_NAME)
+    _type_and_run(page, 0, "hog = [bytearray(32 * 1024 * 1024) for _ in range(64)]")
+    dialog = page.locator(".jp-Dialog", has_text="out of memory")
     dialog.wait_for(timeout=90000)
     text = dialog.inner_text()
     assert "Kernel killed: out of memory" in text and "256 MiB" in text, text
-    page.shot("11-oom-dialog")
+    screenshot(page, "oom-dialog")
     dialog.locator("button", has_text="Restart kernel").click()
-    page.wait_idle()
+    wait_kernel_idle(page)
+    # the restarted kernel runs in the same container, with the limit
+    page.wait_for_selector(".jc-meter-memory:has-text('/ 256 MiB')", timeout=30000)
 
 
-def test_notebook_with_another_recorded_digest_warns(page, lab):
+def test_notebook_with_another_recorded_digest_warns(page, lab, limited):
     recorded = "sha256:" + "0" * 64
-    nb = {
-        "cells": [{"cell_type": "code", "execution_count": None, "id": "a1", "metadata": {}, "outputs": [],
-                   "source": "print('hi')"}],
-        "metadata": {"kernelspec": {"name": LIMITED, "display_name": LIMITED_NAME, "language": "python"},
-                     "jupyter_contain": {"image": IMAGE, "digest": recorded, "kernelspec": LIMITED}},
-        "nbformat": 4, "nbformat_minor": 5,
-    }
-    (lab.root / "pinned.ipynb").write_text(json.dumps(nb))
-    page.open("lab/tree/pinned.ipynb")
-    dialog = page.page.locator(".jp-Dialog", has_text="recorded a different image")
+    nb = notebook_json(["print('hi')"], LIMITED, LIMITED_NAME)
+    nb["metadata"]["jupyter_contain"] = {"image": IMAGE, "digest": recorded, "kernelspec": LIMITED}
+    lab.api("PUT", "/api/contents/pinned.ipynb", {"type": "notebook", "format": "json", "content": nb})
+    page.goto(f"{lab.url}/lab/workspaces/{page.workspace}/tree/pinned.ipynb?token={lab.token}")
+    dialog = page.locator(".jp-Dialog", has_text="recorded a different image")
     dialog.wait_for(timeout=120000)
     text = dialog.inner_text()
     assert "sha256:000000000000" in text and "not in the image store" in text, text
-    page.shot("12-digest-warning")
+    screenshot(page, "digest-warning")
     dialog.locator("button", has_text="Record new image").click()
-    page.page.keyboard.press("Control+s")
-    page.page.wait_for_timeout(1500)
-    saved = json.loads((lab.root / "pinned.ipynb").read_text())["metadata"]["jupyter_contain"]
-    assert saved["digest"] != recorded and saved["digest"].startswith("sha256:")
+    page.wait_for_function(
+        f"() => window.jupyterapp.shell.currentWidget.context.model.getMetadata('jupyter_contain')?.digest !== '{recorded}'")
+    _save(page)
+    saved = json.loads((lab.notebook_dir / "pinned.ipynb").read_text())["metadata"]["jupyter_contain"]
+    assert saved["digest"] != recorded and saved["digest"].startswith("sha256:"), saved
