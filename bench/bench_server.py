@@ -124,6 +124,8 @@ def main() -> int:
     ap.add_argument("--kernels", type=int, default=10)
     ap.add_argument("--requests", type=int, default=200, help="requests per route")
     ap.add_argument("--pull-mb", type=int, default=300)
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="ContainApp.switch_interval for the server (default: the extension's)")
     args = ap.parse_args()
 
     import requests
@@ -167,7 +169,9 @@ def main() -> int:
                 [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
                  f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False", "--allow-root",
                  f"--ServerApp.root_dir={work / 'root'}", "--KernelSpecManager.ensure_native_kernel=False",
-                 f"--ContainApp.store_root={store.root}"],
+                 f"--ContainApp.store_root={store.root}",
+                 *([f"--ContainApp.switch_interval={args.switch_interval}"] if args.switch_interval is not None
+                   else [])],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             base = f"http://127.0.0.1:{port}"
             s = requests.Session()

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Int, List, Unicode, default
+from traitlets import Bool, Float, Int, List, Unicode, default
 
 from .. import __version__, errors
 from . import events, handlers, validate
@@ -52,6 +53,9 @@ class ContainApp(ExtensionApp):  # type: ignore[misc]
     kernelspec_user = Bool(True, config=True,
                            help="Install kernelspecs made through the API for the server's user (else "
                                 "system-wide).")
+    switch_interval = Float(0.001, config=True,
+                            help="The interpreter's thread switch interval in seconds (sys.setswitchinterval) "
+                                 "while the extension runs; 0: leave Python's 0.005.")
     shutdown_kernels = Bool(True, config=True,
                             help="At stop, shut down this server's contained kernels and remove their containers.")
 
@@ -80,6 +84,11 @@ class ContainApp(ExtensionApp):  # type: ignore[misc]
 
         sa = self.serverapp
         store = Store(self.store_root or None)
+        if self.switch_interval > 0:
+            # a pull runs 4-5 threads that take the GIL in turns of the switch interval; the loop's
+            # thread waited several turns: 54-72 ms of lag at 5 ms during a 300 MB pull, see
+            # bench/bench_server.py and /work/notes/readme-server.md for the figures at 1 ms
+            sys.setswitchinterval(self.switch_interval)
         events.register(sa.event_logger)
         self.service = Service(
             store=store, allowed_root=Path(self.allowed_root).resolve(), limits=self._limits(),
