@@ -300,10 +300,12 @@ def page(browser, lab, request):
     pg.test_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)
 
     def on_console(msg) -> None:
-        text = f"[{msg.type}] {msg.text}"
-        pg.console_log.append(text)
+        # "Failed to load resource" names no URL in its text: the location does
+        where = (msg.location or {}).get("url") or ""
+        text = f"{msg.text} ({where})" if where and msg.text.startswith("Failed to load resource") else msg.text
+        pg.console_log.append(f"[{msg.type}] {text}")
         if msg.type == "error":
-            pg.console_errors.append(msg.text)
+            pg.console_errors.append(text)
 
     def on_error(exc) -> None:
         pg.console_log.append(f"[pageerror] {exc}")

@@ -169,10 +169,9 @@ def test_snapshot_widget_validates_the_tag_makes_an_image_and_installs_a_kernel(
         installed = [p for p in lab.kernels_dir.iterdir() if display in p.joinpath("kernel.json").read_text()]
         assert len(installed) == 1
         screenshot(page, "snapshot-installed")
-        # a fresh page asks the server for the kernelspecs again; the launcher shows the new tile
-        page.reload()
-        page.wait_for_selector("#jp-main-dock-panel")
-        page.keyboard.press("Control+Shift+L")   # a new launcher
+        # JupyterLab asks the server for kernelspecs every minute or so: ask now, then a new launcher
+        page.evaluate("() => window.jupyterapp.serviceManager.kernelspecs.refreshSpecs()")
+        page.evaluate("() => window.jupyterapp.commands.execute('launcher:create')")
         _launcher_card(page, display).first.wait_for(state="visible", timeout=30_000)
         screenshot(page, "snapshot-launcher")
     finally:
