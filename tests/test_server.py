@@ -941,3 +941,96 @@ def test_stopping_the_server_leaves_no_containers(tmp_path, kernel_env, kernel_r
     # its cgroups too (in every hierarchy)
     name = f"{kernel_runtime.store_tag}-{c.id}"
     assert not [p for p in Path("/sys/fs/cgroup").glob(f"*/**/{name}")], name
+
+
+# --- the pieces without a server (plain functions and threads) ---------------------------------------
+
+
+def test_path_inside_the_allowed_root(tmp_path):
+    from jupyter_contain.server.validate import BadRequest, path_inside
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.tar").write_bytes(b"x")
+    (tmp_path / "secret").write_bytes(b"s")
+    (root / "link").symlink_to(tmp_path / "secret")
+    (root / "dirlink").symlink_to(tmp_path)
+    assert path_inside(root, "sub/a.tar", must_exist=True) == (root / "sub" / "a.tar").resolve()
+    assert path_inside(root, str(root / "sub" / "new.tar"), must_exist=False) == (root / "sub" / "new.tar").resolve()
+    for value, must_exist, code in [
+        ("../secret", True, "path_outside_root"),
+        (str(tmp_path / "secret"), True, "path_outside_root"),
+        ("link", True, "path_outside_root"),            # a symlink inside that points out
+        ("dirlink/secret", True, "path_outside_root"),
+        ("dirlink/new.tar", False, "path_outside_root"),
+        ("link", False, "invalid_path"),                # never write through a symlink
+        ("sub/missing.tar", True, "path_not_found"),
+        ("nodir/new.tar", False, "path_not_found"),
+        ("sub/..", False, "invalid_path"),
+        ("a\x00b", True, "invalid_path"),
+    ]:
+        with pytest.raises(BadRequest) as exc:
+            path_inside(root, value, must_exist=must_exist)
+        assert exc.value.code == code, (value, exc.value)
+
+
+def test_a_cancelled_operation_stops_at_its_next_checkpoint_and_a_late_cancel_lets_it_finish():
+    import asyncio
+
+    from jupyter_contain.runtime.images import progress as p
+    from jupyter_contain.server.operations import Operations
+    from jupyter_contain.server.service import error_json, registry_progress
+
+    def ev(kind: str, status: str, done: int) -> p.ProgressEvent:
+        return p.ProgressEvent(operation="pull", reference="r", kind=kind, layer="sha256:" + "a" * 64,
+                               layer_index=0, layer_count=1, status=status, layer_bytes=done, layer_total=10,
+                               bytes_done=done, bytes_total=10, rate=1.0, eta=None, elapsed=1.0)
+
+    async def main() -> list[dict]:
+        ops = Operations(max_workers=2, error_json=error_json)
+        import threading
+        go = threading.Event()
+
+        def early(op):   # cancelled while downloading: Cancelled at the next running event
+            cb = registry_progress(op)
+            cb(ev(p.LAYER, p.DOWNLOADING, 5))
+            go.wait(10)
+            cb(ev(p.LAYER, p.DOWNLOADING, 6))
+            raise AssertionError("not reached")
+
+        def late(op):    # cancelled while committing: done events are no cancellation points
+            cb = registry_progress(op)
+            go.wait(10)
+            cb(ev(p.LAYER, p.DONE, 10))
+            cb(ev(p.FINISHED, p.DONE, 10))
+            return {"image": "ok"}
+
+        a, b = ops.start("pull", "a", early), ops.start("pull", "b", late)
+        await asyncio.sleep(0.2)
+        a.cancel()
+        b.cancel()
+        go.set()
+        seen = a.version
+        while a.state == "running" or b.state == "running":
+            await a.changed(seen, 1)
+            seen = a.version
+            await asyncio.sleep(0.01)
+        await ops.shutdown()
+        return [a.to_json(), b.to_json()]
+
+    a, b = asyncio.run(main())
+    assert a["state"] == "cancelled" and a["error"]["code"] == "cancelled"
+    # the event that found the cancel is still shown, then nothing more
+    assert a["progress"]["items"][0]["done"] == 6 and a["progress"]["items"][0]["status"] == "downloading"
+    assert b["state"] == "succeeded" and b["result"] == {"image": "ok"} and b["progress"]["stage"] == "done"
+
+
+def test_errors_map_to_status_and_code():
+    from jupyter_contain import errors
+    from jupyter_contain.server.service import error_status
+
+    assert error_status(errors.ImageInUse("x"))[0] == 409
+    assert error_status(errors.ImageInUse("x"))[1]["code"] == "image_in_use"
+    assert error_status(errors.ImageNotFound("x")) == (404, {"code": "image_not_found", "message": "x"})
+    assert error_status(errors.SpawnError("pivot-root", 13, "/x"))[1]["step"] == "pivot-root"
+    assert error_status(ValueError("boom"))[0] == 500
