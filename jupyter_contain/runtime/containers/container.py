@@ -203,7 +203,8 @@ class ExitInfo:
         else:
             text = f"exited with code {self.code}"
         if self.pids_refused:
-            text += f" (process limit {self.pids_limit or '?'} reached: {self.pids_refused} forks refused)"
+            n = self.pids_refused
+            text += f": process limit {self.pids_limit or '?'} reached ({n} fork{'s' if n != 1 else ''} refused)"
         return text
 
 
