@@ -16,7 +16,6 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, List, Unicode, default
