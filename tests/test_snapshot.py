@@ -566,6 +566,15 @@ def test_cli_diff_and_commit(runtime):
     assert res.returncode == 125 and "no such container" in res.stderr
 
 
+def test_cli_diff_shows_names_with_terminal_escapes_escaped(runtime):
+    # a container names files as it likes: an escape sequence or a newline must not reach the terminal raw
+    c = run_in(runtime, "touch \"$(printf '/x\\033]0;pwned\\007')\" \"$(printf '/y\\nD forged')\"")
+    res = _cli(runtime.store.root, "diff", c.name)
+    assert res.returncode == 0, res.stderr
+    assert "\x1b" not in res.stdout + res.stderr and "\x07" not in res.stdout
+    assert res.stdout.splitlines() == ["A /x\\x1b]0;pwned\\x07", "A /y\\nD forged"]
+
+
 RUN_PEER = Path("/work/shared/tools/run-peer")
 PODMAN_CONF = """\
 [containers]

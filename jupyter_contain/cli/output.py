@@ -27,3 +27,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 def emit_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def shown(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences, newlines) as ``\\xNN``.
+
+    For names a container chose (paths in its writable layer): printed raw, a
+    name could hold escape sequences that rewrite the user's terminal, or a
+    newline that forges another line of output.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

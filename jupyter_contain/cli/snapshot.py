@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .. import runtime   # lazy: diff, snapshot, summarize, Runtime, Store load on first use
-from .output import emit_json, human_size
+from .output import emit_json, human_size, shown
 
 if TYPE_CHECKING:
     from ..runtime import Change, Runtime
@@ -20,7 +20,7 @@ def _runtime(args: argparse.Namespace) -> Runtime:
 def _summary_line(changes: list[Change]) -> str:
     counts = {k: sum(1 for c in changes if c.kind == k) for k in "ACD"}
     total = sum(c.size for c in changes)
-    folders = ", ".join(f"{f.folder} {f.count} ({human_size(f.bytes)})" for f in runtime.summarize(changes))
+    folders = ", ".join(f"{shown(f.folder)} {f.count} ({human_size(f.bytes)})" for f in runtime.summarize(changes))
     return (f"{len(changes)} changes: {counts['A']} added, {counts['C']} changed, {counts['D']} deleted, "
             f"{human_size(total)}" + (f"; {folders}" if folders else ""))
 
@@ -33,7 +33,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
                    "summary": [f.to_json() for f in runtime.summarize(changes)]})
         return 0
     for c in changes:
-        print(f"{c.kind} {c.path}")
+        print(f"{c.kind} {shown(c.path)}")   # names the container chose
     # the summary goes to stderr: stdout stays what `docker diff` prints, for scripts
     print(_summary_line(changes), file=sys.stderr)
     return 0

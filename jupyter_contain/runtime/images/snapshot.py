@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ... import errors
+from ..fsutil import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
 from ..spec import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor, Reference, local_name
 from . import deflate
 from . import rootless as rootless_mod
@@ -243,12 +244,7 @@ class _LowerView:
 #: directories of the walk held open at once (a hostile layer may be thousands deep): beyond,
 #: the shallower ones are closed and opened again, beneath the root, when the walk comes back
 _MAX_OPEN_DIRS = 48
-try:   # the runtime's one binding of openat2(2)
-    from ..fsutil import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
-    _BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
-except ImportError:   # a tree without it yet: the component-by-component open below, just as safe
-    openat2 = None    # type: ignore[assignment]
-    _BENEATH = 0
+_BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 #: errors that mean "changed while we looked" for a tolerant walk (a running container)
 _RACES = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV, errno.EAGAIN, errno.ESTALE)
 
@@ -295,17 +291,16 @@ def _open_beneath(root_fd: int, rel: str, flags: int) -> int:
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC
     if not rel:
         return os.open(".", flags, dir_fd=root_fd)
-    if openat2 is not None:
-        for _ in range(3):   # EAGAIN: a rename elsewhere raced the check; the kernel asks for a retry
-            try:
-                return openat2(root_fd, rel, flags, _BENEATH)
-            except OSError as e:
-                if e.errno == errno.ENOSYS:
-                    break
-                if e.errno != errno.EAGAIN:
-                    raise
-        else:
-            raise OSError(errno.EAGAIN, "the layer kept changing", rel)
+    for _ in range(3):   # EAGAIN: a rename elsewhere raced the check; the kernel asks for a retry
+        try:
+            return openat2(root_fd, rel, flags, _BENEATH)
+        except OSError as e:
+            if e.errno == errno.ENOSYS:
+                break
+            if e.errno != errno.EAGAIN:
+                raise
+    else:
+        raise OSError(errno.EAGAIN, "the layer kept changing", rel)
     # before Linux 5.6: one component at a time, each a real directory opened beneath the last
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
