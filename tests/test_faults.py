@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 import pytest
+from kernel_fixtures import *  # noqa: F401,F403
+from kernel_fixtures import KERNEL_NAME
 
 from jupyter_contain import errors
 from jupyter_contain.runtime.containers import network
@@ -214,3 +216,226 @@ def test_bridged_run_d_killed_at_each_network_step_leaves_no_veth_or_lease(store
         assert c.id in removed, step
         assert veths() == set() and network.leases(settings) == {}, step
         _assert_nothing_left(rt, token)
+
+
+# --- the library failing at each step (one undo, fds closed) ---------------------------------
+
+
+def test_library_failing_at_each_step_undoes_it_and_can_start_again(store_rt, monkeypatch, tmp_path):
+    """A start that fails at any step leaves its container startable, its pins closed, nothing made."""
+    rt = store_rt
+    monkeypatch.setenv(FAULT_ENV + "_ACTION", "raise")
+    prepared: list[str] = []
+
+    def prepare(pinned):
+        # a file put into the fresh tmpfs through the pinned folder, before the container runs
+        fd = os.open("ready", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=pinned["/pinme"])
+        os.close(fd)
+        prepared.append("ready")
+
+    spec = ContainerSpec(image="busybox:test", command=("sh", "-c", "test -e /pinme/ready"),
+                         tmpfs=(Tmpfs("/pinme"),))
+    for step in FAULT_STEPS:
+        monkeypatch.setenv(FAULT_ENV, step)
+        if step.startswith("create:"):
+            with pytest.raises(errors.ContainerError, match=f"fault injected at {step}"):
+                rt.create(spec)
+            assert list(rt.store.containers_dir.iterdir()) == [] and rt.store.pins() == {}, step
+            continue
+        monkeypatch.delenv(FAULT_ENV)
+        c = rt.create(spec)
+        monkeypatch.setenv(FAULT_ENV, step)
+        with pytest.raises(errors.ContainerError, match=f"fault injected at {step}"):
+            c.start(pin=["/pinme"], prepare=prepare)
+        st = c.state
+        assert st["status"] == "creating" and c.status() == "created", step
+        assert st["pid"] is None and st["cgroup"] is None and st["starter_pid"] is None, step
+        with pytest.raises(errors.ContainerError):
+            c.pinned("/pinme")                     # nothing pinned is left open
+        assert not [n for n in find_orphans(root=rt.cgroups_here()) if n.startswith(rt.store_tag)], step
+        monkeypatch.delenv(FAULT_ENV)
+        prepared.clear()
+        c.start(pin=["/pinme"], prepare=prepare)   # the same container starts after all
+        assert prepared == ["ready"]
+        info = c.wait(30)
+        assert info is not None and info.code == 0, (step, info)
+        c.remove()
+    _assert_nothing_left(rt, "no-token")
+
+
+def test_restart_whose_process_died_midway_is_undone_not_removed(store_rt):
+    """A restart in place killed after its cgroups: gc removes what the start made, the container stays."""
+    rt = store_rt
+    c = rt.create(ContainerSpec(image="busybox:test", command=("sh", "-c", "echo kept > /kept")))
+    c.start()
+    assert c.wait(30).code == 0
+    driver = ("import sys\nfrom jupyter_contain.runtime import Runtime, Store\n"
+              "Runtime(Store(sys.argv[1])).get(sys.argv[2]).start()\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: "start:spawned"}
+    res = subprocess.run([sys.executable, "-c", driver, str(rt.store.root), c.id], env=env, timeout=60)
+    assert res.returncode == -signal.SIGKILL
+    st = c.state
+    assert st["status"] == "created" and st["cgroup"] and all(Path(p).is_dir() for p in st["cgroup"].values())
+    removed = rt.gc()
+    assert removed == [f"start:{c.id}"]
+    st = c.state
+    assert st["status"] == "created" and st["cgroup"] is None
+    assert not [n for n in find_orphans(root=rt.cgroups_here()) if n.startswith(rt.store_tag)]
+    assert (c.upper / "kept").read_text() == "kept\n"     # the writable layer is the user's
+    c.start()
+    assert c.wait(30).code == 0
+    c.remove()
+
+
+# --- how a container ended, as `ps -a` says it ------------------------------------------------
+
+
+def _row(root: Path, cid: str, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = next(r for r in _ps(root) if r["id"] == cid)
+        if row["status"] == "exited" or time.monotonic() > deadline:
+            return row
+        time.sleep(0.05)
+
+
+def test_sigkill_of_a_detached_init_is_killed_by_sigkill(store_rt):
+    """Not our child: no wait status, no word from the init; only SIGKILL ends it so."""
+    root = store_rt.store.root
+    cid = cli(root, "run", "-d", "busybox:test", "sleep", "60").stdout.strip()
+    init = store_rt.get(cid).pid
+    assert init is not None
+    os.kill(init, signal.SIGKILL)
+    row = _row(root, cid)
+    assert row["status"] == "exited"
+    assert row["reason"] == "killed by SIGKILL"                  # was "killed by signal 127"
+    assert (row["exit"]["code"], row["exit"]["signal"], row["exit"]["oom_killed"]) == (137, 9, False)
+    assert cli(root, "rm", cid).returncode == 0
+
+
+def test_sigkill_of_an_init_we_started_is_killed_by_sigkill(store_rt):
+    c = store_rt.create(ContainerSpec(image="busybox:test", command=("sleep", "60")))
+    c.start()
+    os.kill(c.pid, signal.SIGKILL)
+    info = c.wait(20)
+    assert info is not None and info.describe() == "killed by SIGKILL" and info.code == 137
+    assert _row(store_rt.store.root, c.id)["reason"] == "killed by SIGKILL"
+    c.remove()
+
+
+def test_payload_exit_code_137_is_not_a_signal(store_rt):
+    """The init's word tells ``exit 137`` from a SIGKILL (both are 137 to its parent)."""
+    root = store_rt.store.root
+    cid = cli(root, "run", "-d", "busybox:test", "sh", "-c", "exit 137").stdout.strip()
+    row = _row(root, cid)
+    assert row["reason"] == "exited with code 137" and row["exit"]["signal"] is None
+    assert cli(root, "rm", cid).returncode == 0
+
+
+def test_oom_kill_reason_names_limit_and_peak(store_rt):
+    root = store_rt.store.root
+    cid = cli(root, "run", "-d", "-m", "32m", "busybox:test", "sh", "-c",
+              "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo $x | wc -c").stdout.strip()
+    row = _row(root, cid, timeout=60)
+    e = row["exit"]
+    assert e["oom_killed"] and e["memory_limit"] == 32 << 20 and 24 << 20 <= e["memory_peak"] <= 33 << 20, e
+    assert row["reason"] == f"killed: out of memory (limit 32 MiB, peak {e['memory_peak'] / (1 << 20):.0f} MiB)"
+    assert cli(root, "rm", cid).returncode == 0
+
+
+def test_pids_limit_failure_says_so(store_rt):
+    """init and sh are 2 of 4 processes: two sleeps start, the third fork is refused and sh exits 2."""
+    root = store_rt.store.root
+    cid = cli(root, "run", "-d", "--pids-limit", "4", "busybox:test", "sh", "-c",
+              "sleep 30 & sleep 30 & sleep 30 & wait").stdout.strip()
+    row = _row(root, cid)
+    assert row["reason"] == "exited with code 2: process limit 4 reached (1 fork refused)", row
+    assert cli(root, "rm", cid).returncode == 0
+
+
+def test_failed_exec_is_126_or_127_and_leaves_nothing(store_rt):
+    root = store_rt.store.root
+    res = cli(root, "run", "busybox:test", "/no/such/command")
+    assert res.returncode == 127 and "command not found" in res.stderr
+    res = cli(root, "run", "-d", "busybox:test", "/etc")
+    assert res.returncode == 126 and "cannot be executed" in res.stderr
+    assert _ps(root) == []
+    _assert_nothing_left(store_rt, "no-token")
+
+
+# --- kernels: a provisioner's process killed at each step; kill -9 of a kernel ----------------
+
+_KERNEL_DRIVER = """
+import sys
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+km = KernelManager(kernel_name=sys.argv[2], kernel_spec_manager=KernelSpecManager(kernel_dirs=[sys.argv[1]]))
+km.start_kernel()
+sys.exit(3)   # a fault ends this process before
+"""
+
+
+@pytest.fixture
+def run_dir(monkeypatch):
+    """The kernels' folders (``JUPYTER_CONTAIN_RUN_DIR``), short for the socket paths."""
+    d = Path(tempfile.mkdtemp(prefix="jcf", dir="/tmp"))
+    monkeypatch.setenv("JUPYTER_CONTAIN_RUN_DIR", str(d))
+    yield d
+    d.rmdir()    # empty: a folder left in it fails the test
+
+
+@pytest.mark.slow
+def test_kernel_provisioner_killed_at_each_step_leaves_nothing_after_gc(kernel_env, kernel_runtime, run_dir):
+    from jupyter_contain.kernel import containers
+
+    rt = kernel_runtime
+    before = {c.id for c in rt.containers()}
+    for step in FAULT_STEPS:
+        env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: step}
+        res = subprocess.run([sys.executable, "-c", _KERNEL_DRIVER, str(kernel_env.kernels_dir), KERNEL_NAME],
+                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, timeout=120)
+        assert res.returncode == -signal.SIGKILL, step
+        new = [c for c in rt.containers() if c.id not in before]
+        assert len(new) == 1 and len(list(run_dir.iterdir())) == 1, step
+        containers._gc_done.clear()
+        removed = containers.gc_once(rt)
+        assert new[0].id in removed, step
+        assert {c.id for c in rt.containers()} == before, step
+        assert list(run_dir.iterdir()) == [], step          # the kernel's folder went with it
+        assert not [n for n in find_orphans(root=rt.cgroups_here()) if n == f"{rt.store_tag}-{new[0].id}"]
+        deadline = time.monotonic() + 5
+        while _processes_with(str(run_dir)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _processes_with(str(run_dir)), step
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_kernel_and_of_its_init_reads_killed_by_sigkill(ksm, kernel_env, kernel_runtime, run_dir):
+    from jupyter_client.manager import KernelManager
+
+    def kernel_container():
+        (c,) = [c for c in kernel_runtime.containers()
+                if c.state.get("labels", {}).get("jupyter-contain.kernel-id") == km.kernel_id]
+        return c
+
+    def ps_reason(cid: str) -> str:
+        row = _row(kernel_env.store.root, cid, timeout=30)
+        assert row["status"] == "exited", row
+        return row["reason"]
+
+    km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ksm)
+    km.start_kernel()
+    try:
+        c = kernel_container()
+        init = c.pid
+        (kernel,) = (int(p) for p in Path(f"/proc/{init}/task/{init}/children").read_text().split())
+        os.kill(kernel, signal.SIGKILL)           # the kernel itself: the init says how it ended
+        assert ps_reason(c.id) == "killed by SIGKILL"
+        km.restart_kernel(now=True)               # in place: the same container, a new init
+        c = kernel_container()
+        assert c.status() == "running" and c.pid != init
+        os.kill(c.pid, signal.SIGKILL)            # its init: no word, and `ps` is not its parent
+        assert ps_reason(c.id) == "killed by SIGKILL"
+    finally:
+        km.shutdown_kernel(now=True)
