@@ -83,6 +83,15 @@ def test_int_slider_renders_and_moving_it_changes_the_kernel_value(page, lab):
     shot = screenshot(page, "slider-7")
     out = run_cell(page, 1)
     assert "value is 7" in out, (out, shot)
+    # a saved notebook, reloaded, gets the live widget back from the kernel (the widget-control
+    # comm, which the guest answers from the kernel's start on), at its current value
+    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    page.reload()
+    restored = cell(page, 0).locator(".widget-readout")
+    restored.wait_for(state="visible", timeout=60_000)
+    assert restored.inner_text().strip() == "7"
+    screenshot(page, "slider-restored")
+    assert "No such comm target registered: jupyter.widget.control" not in lab.log_path.read_text()
 
 
 def _label_after(text: str, pattern: str) -> re.Match:

@@ -68,6 +68,11 @@ def load_ipython_extension(ip):
         register(ip)
     except Exception as exc:   # the death reason above must still work if the magics cannot load
         sys.stderr.write("jupyter-contain: the %%container magics are unavailable: %s\n" % exc)
+    try:
+        from .widgets import register_control_target
+        register_control_target(ip)
+    except Exception as exc:   # widgets restored after a page reload are a nicety, not a start blocker
+        sys.stderr.write("jupyter-contain: widget restore unavailable: %s\n" % exc)
 
 
 def unload_ipython_extension(ip):

@@ -16,7 +16,7 @@ import time
 from . import format as fmt
 from .channel import HostError, request
 
-__all__ = ["resources_widget", "snapshot_widget", "valid_tag"]
+__all__ = ["register_control_target", "resources_widget", "snapshot_widget", "valid_tag"]
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _TAG_RE = re.compile(r"^%s(?:/%s)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$" % (_COMPONENT, _COMPONENT))
@@ -262,6 +262,40 @@ def _class(name):
     _classes["snapshot"] = SnapshotWidget
     _classes["resources"] = ResourcesWidget
     return _classes[name]
+
+
+CONTROL_TARGET = "jupyter.widget.control"
+
+
+def register_control_target(ip):
+    """Answer JupyterLab's widget-control comm without importing ipywidgets at every kernel start.
+
+    JupyterLab 4's widget manager opens ``jupyter.widget.control`` as soon as it
+    connects, to restore the widgets of a page that was reloaded; ipywidgets
+    registers that target only once imported, so a kernel that has not
+    imported it yet logs "No such comm target registered" (an ERROR in the
+    server's log at every start) and the page falls back. Importing ipywidgets
+    in every kernel costs its start ~0.3 s; this stand-in imports it only
+    when the comm arrives (after the kernel is ready), then hands the comm to
+    ipywidgets, whose import registers its own targets in place of this one.
+    """
+    kernel = getattr(ip, "kernel", None)
+    manager = getattr(kernel, "comm_manager", None)
+    if manager is None or CONTROL_TARGET in getattr(manager, "targets", {}):
+        return False
+
+    def opened(comm, msg):
+        try:
+            import ipywidgets
+            from ipywidgets import Widget
+        except Exception:
+            return   # no ipywidgets: nothing to restore; the page carries on without
+        if int(str(getattr(ipywidgets, "__version__", "0")).split(".")[0] or 0) < 8:
+            return   # ipywidgets 7 and older have no control comm
+        Widget.handle_control_comm_opened(comm, msg)
+
+    manager.register_target(CONTROL_TARGET, opened)
+    return True
 
 
 def _host_memory_mib():
