@@ -158,3 +158,13 @@ def test_kernelspec_install_lends_or_warns_for_an_image_without_ipywidgets(
     [rec] = _install_messages(caplog, kernel_env, tmp_path / "b", no_widgets_image)
     assert rec.levelno == logging.WARNING
     assert "will not render" in rec.getMessage() and "pip install 'ipywidgets>=8'" in rec.getMessage()
+
+
+def test_a_lent_folder_gone_under_a_running_server_is_looked_up_again(monkeypatch, tmp_path):
+    # e.g. `pip install -U ipywidgets` beside a running server: the old dist-info folder is gone
+    stale = guest_files.LentWidgets(ipywidgets_version="8.0.0", comm_version="0.1.0",
+                                    binds=((tmp_path / "gone", f"{guest_files.WIDGETS_DIR}/first/ipywidgets"),))
+    monkeypatch.setattr(guest_files, "_lent", [stale])
+    fresh = guest_files.lent_widgets()
+    assert fresh is not None and fresh != stale
+    assert all(src.is_dir() for src, _ in fresh.binds)

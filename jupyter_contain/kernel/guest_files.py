@@ -60,13 +60,14 @@ _lent: list[LentWidgets | None] = []
 def lent_widgets() -> LentWidgets | None:
     """The host's ipywidgets >= 8 and comm to lend to kernels, or None (said once in the log).
 
-    Looked up once per process from package metadata (no import): about a
-    millisecond, then cached.
+    Looked up from package metadata (no import), a few milliseconds, then
+    cached; looked up again when a cached folder is gone (ipywidgets upgraded
+    under a running server: a bind of a missing folder would fail the start).
     """
-    if _lent:
+    if _lent and (_lent[0] is None or all(src.is_dir() for src, _ in _lent[0].binds)):
         return _lent[0]
     found = _find_lent_widgets()
-    _lent.append(found)
+    _lent[:] = [found]
     if found is None:
         log.info("this Python has no ipywidgets >= %d with comm to lend to kernels whose image cannot "
                  "render widgets (pip install 'ipywidgets>=8' beside jupyter-contain)", RENDERABLE_MAJOR)
