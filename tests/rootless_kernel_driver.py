@@ -5,7 +5,8 @@ image tarball (``image_tar``) into the user's own store, installs kernelspec
 ``contained-debian`` under ``$HOME/prefix`` the real way (with the image
 probe, itself a rootless container), starts the kernel through
 jupyter_client's KernelManager (our provisioner), runs ``code`` in it, shuts
-it down, and prints one JSON line: ``{"stdout": ..., "error": ..., "left": N}``
+it down (with ``after_restart``: first a second client and a restart in place, then that
+code too), and prints one JSON line: ``{"stdout": ..., "error": ..., "left": N}``
 (``left``: containers still in the store afterwards).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -50,6 +52,15 @@ def main() -> int:
                     out["error"] = msg["content"]["ename"] + ": " + msg["content"]["evalue"]
 
             kc.execute_interactive(req["code"], timeout=60, output_hook=hook)
+            if req.get("after_restart"):
+                # a second client connects (as a new browser tab does), then a restart in place
+                kc2 = km.client()
+                kc2.start_channels()
+                time.sleep(1.0)
+                kc2.stop_channels()
+                km.restart_kernel(now=True)
+                kc.wait_for_ready(timeout=60)
+                kc.execute_interactive(req["after_restart"], timeout=60, output_hook=hook)
         finally:
             kc.stop_channels()
     finally:

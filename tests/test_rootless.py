@@ -295,6 +295,58 @@ def test_rootless_kernel_runs_code(subid_user):
     assert out["left"] == 0
 
 
+def test_rootless_kernel_cannot_point_the_server_at_host_files_or_sockets(subid_user, tmp_path):
+    """The kernel-folder attacks of issue 23 from a rootless server's kernel (see test_hostile_kernel_dir)."""
+    import socket
+    import threading
+
+    from jupyter_contain.runtime.images import bootstrap
+    home = Path(subid_user.env()["HOME"])
+    canary = home / "canary.txt"
+    canary.write_text("the user's own file\n")
+    os.chown(canary, subid_user.uid, subid_user.gid)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    lpath = home / "listener.sock"
+    listener.bind(str(lpath))
+    os.chown(lpath, subid_user.uid, subid_user.gid)
+    listener.listen(16)
+    listener.settimeout(0.1)
+    hits: list[int] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            hits.append(1)
+            conn.close()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    attack = (f"import os, glob\ns = os.environ['JUPYTER_CONTAIN_KERNEL_DIR'] + '/s'\n"
+              f"os.unlink(s + '/connection.json'); os.symlink({str(canary)!r}, s + '/connection.json')\n"
+              f"for p in glob.glob(s + '/k-*'):\n    os.unlink(p); os.symlink({str(lpath)!r}, p)\n"
+              f"print('planted', len(glob.glob(s + '/k-*')))\n")
+    req = {"image_tar": str(bootstrap.cached_rootfs_tar(bootstrap.DEBIAN_KERNEL)),
+           "config": dict(bootstrap.DEBIAN_KERNEL.config), "code": attack, "after_restart": "print('alive', 6 * 7)"}
+    try:
+        res = subprocess.run(subid_user.argv(subid_user.path(HERE / "rootless_kernel_driver.py"), json.dumps(req)),
+                             env=subid_user.env(), capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        stop.set()
+        t.join()
+        listener.close()
+        lpath.unlink(missing_ok=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["error"] is None, out
+    assert "planted 5" in out["stdout"] and "alive 42" in out["stdout"], out
+    assert hits == [] and canary.read_text() == "the user's own file\n"
+    assert out["left"] == 0
+
+
 def test_network_modes_rootless(lone_user):
     r = lone_user.container("cat /proc/net/route | wc -l; ls /sys/class/net | wc -l", network="host")
     assert r["code"] == 0, r
