@@ -113,7 +113,8 @@ export interface Operation {
   created: number;
   finished: number | null;
   progress: Progress;
-  result: { image?: Image; kernelspec?: { name: string; display_name?: string } } | null;
+  /** pull/commit: the image; a commit with install_kernelspec: the kernelspec's name */
+  result: { image?: Image; kernelspec?: string | { name: string; display_name?: string } } | null;
   error: { code: string; message: string } | null;
 }
 

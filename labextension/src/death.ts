@@ -56,8 +56,23 @@ async function checkDeath(panel: NotebookPanel, kernelId: string, status: string
   await showDeathDialog(panel, death, status === 'dead');
 }
 
+/**
+ * Closes JupyterLab's own "Kernel Restarting ... appears to have died" dialog for this notebook:
+ * dialogs queue (one at a time), and this one says less than ours, which would wait behind it.
+ */
+function dismissGenericRestartDialog(panel: NotebookPanel): void {
+  const path = panel.sessionContext.session?.path ?? panel.context.path;
+  Dialog.tracker.forEach(dialog => {
+    const text = dialog.node.textContent ?? '';
+    if (!dialog.isDisposed && text.includes('appears to have died') && text.includes(path)) {
+      dialog.resolve();
+    }
+  });
+}
+
 export async function showDeathDialog(panel: NotebookPanel, death: Death, dead: boolean): Promise<void> {
   const text = deathText(death);
+  dismissGenericRestartDialog(panel);
   const body = h('div', { className: 'jc-death' },
     h('p', { className: 'jc-death-reason' }, text.body),
     h('p', { className: 'jc-death-hint' }, text.hint),

@@ -173,7 +173,8 @@ export async function snapshotNotebook(panel: NotebookPanel, app: { openKernel: 
       return;
     }
     const image = final.result?.image;
-    const spec = final.result?.kernelspec;
+    const installed = final.result?.kernelspec;
+    const spec = typeof installed === 'string' ? { name: installed, display_name: request.display_name } : installed;
     if (spec) {
       app.kernelspecsChanged();
     }
@@ -182,7 +183,7 @@ export async function snapshotNotebook(panel: NotebookPanel, app: { openKernel: 
       h('p', { className: 'jc-result-digest', title: image?.digest ?? '' }, `digest ${image?.digest ?? '?'}`),
       image ? h('p', {}, `size ${formatBytes(image.size)} (${shortDigest(image.id)})`) : null,
       spec
-        ? h('p', {}, `Kernel "${spec.display_name ?? spec.name}" installed. `,
+        ? h('p', { className: 'jc-result-kernel' }, `Kernel ${spec.display_name ? `"${spec.display_name}" (${spec.name})` : spec.name} installed. `,
             h('button', {
               className: 'jp-mod-styled jp-mod-accept jc-open-kernel',
               onclick: () => { dialog.resolve(0); app.openKernel(spec.name); }

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import uuid
@@ -34,6 +35,7 @@ from browser_fixtures import IMAGE, KERNEL_DISPLAY_NAME, cell, notebook_json, op
     wait_kernel_idle
 
 from jupyter_contain.kernel import kernelspec
+from jupyter_contain.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 LIMITED = "contained-limited"
@@ -254,6 +256,11 @@ def test_snapshot_dialog_makes_an_image_that_starts_a_kernel(page, lab, limited)
         from browser_fixtures import shutdown_kernels
 
         shutdown_kernels(lab)
+        # the snapshot's kernelspec is not in the lab's kernels folder: wait for its container here
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(str(c.state.get("image_name", "")).endswith(tag)
+                                                  for c in Runtime(lab.store).containers()):
+            time.sleep(0.2)
         for spec in lab.api("GET", f"{API}/kernelspecs")["kernelspecs"]:
             if spec["image"].endswith(tag):
                 lab.api("DELETE", f"{API}/kernelspecs/{spec['name']}")
@@ -262,6 +269,8 @@ def test_snapshot_dialog_makes_an_image_that_starts_a_kernel(page, lab, limited)
 
 
 def test_oom_kill_shows_the_death_dialog(page, lab, limited):
+    # JupyterLab's own, when the kernel it was asking for its info dies under it
+    page.expected_console_errors.append("Canceled future for kernel_info_request message before replies were done")
     open_notebook(page, lab, "oom.ipynb", [""], kernel=LIMITED, display_name=LIMITED_NAME)
     _type_and_run(page, 0, "hog = [bytearray(32 * 1024 * 1024) for _ in range(64)]")
     dialog = page.locator(".jp-Dialog", has_text="out of memory")
