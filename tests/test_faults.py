@@ -439,3 +439,16 @@ def test_kill_9_of_a_kernel_and_of_its_init_reads_killed_by_sigkill(ksm, kernel_
         assert ps_reason(c.id) == "killed by SIGKILL"
     finally:
         km.shutdown_kernel(now=True)
+
+
+def test_cli_gc_says_what_it_removed(store_rt):
+    root = store_rt.store.root
+    res = cli(root, "run", "-d", "busybox:test", "sleep", "30", fault="start:cgroup")
+    assert res.returncode == -signal.SIGKILL
+    (c,) = store_rt.containers()
+    assert _ps(root)[0]["status"] == "dead"
+    res = cli(root, "gc")
+    assert res.returncode == 0, res.stderr
+    assert f"cleaned 1 dead containers and stray cgroups:\n  {c.id}\n" in res.stdout
+    assert _ps(root) == []
+    _assert_nothing_left(store_rt, "no-token")

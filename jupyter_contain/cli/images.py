@@ -87,7 +87,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         emit_json({**report.__dict__, "containers_cleaned": cleaned})
     else:
         if cleaned:
-            print(f"cleaned {len(cleaned)} dead containers and stray cgroups")
+            print(f"cleaned {len(cleaned)} dead containers and stray cgroups:")
+            for item in cleaned:   # what gc removed, one a line (a container's full id, cgroup:NAME, ...)
+                print(f"  {item}")
         print(f"removed {report.blobs_removed} blobs and {report.layers_removed} unpacked layers, "
               f"freed {human_size(report.bytes_freed)}")
     return 0
