@@ -17,7 +17,11 @@
  *             payload exec (it only waits for EOF), so it never runs before
  *             we forward signals
  *   fd 4    = (optional) where the payload's status goes: "code N\n" or
- *             "signal N\n"
+ *             "signal N\n", written before we exit. An empty file after
+ *             we are gone means we were killed: every signal is blocked
+ *             and we are PID 1 of our namespace, so only SIGKILL ends us
+ *             without a word (the runtime records SIGKILL then; our
+ *             parent, if it is the runtime, sees it in the wait status)
  *   fd 5    = (optional) held open, unused, until we exit: a helper that
  *             serves the container (slirp4netns) watches the other end
  *   every signal blocked; signals sent before we ran are still pending.
