@@ -464,3 +464,24 @@ def _oci_config(layout: Path, tag: str) -> dict:
                 if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
     blob = lambda d: json.loads((layout / "blobs" / "sha256" / d.split(":")[1]).read_text())
     return blob(blob(desc["digest"])["config"]["digest"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("mmdebstrap"), reason="mmdebstrap not installed")
+def test_bootstrap_gives_the_same_image_digest_in_two_stores(tmp_path):
+    # the config's creation time is SOURCE_DATE_EPOCH, not the import's: two machines (two
+    # stores here) get the same digest for the same rootfs
+    import sys
+
+    exe = Path(sys.executable).with_name("jupyter-contain")
+    digests = []
+    for store in ("a", "b"):
+        out = subprocess.run([str(exe), "--root", str(tmp_path / store), "bootstrap", "--no-kernelspec"],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        m = re.search(r"^bootstrap: image \S+ (sha256:[0-9a-f]{64})$", out.stdout, re.M)
+        assert m, out.stdout
+        digests.append(m.group(1))
+    assert digests[0] == digests[1]
+    meta = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert meta["manifests"], meta

@@ -82,8 +82,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         say(f"image {rec.familiar} is up to date")
     else:
         say(f"importing {tar.name} as {BOOTSTRAP_IMAGE}")
+        # created at SOURCE_DATE_EPOCH: the same rootfs gives the same image digest on every machine
         rec = archive.import_rootfs(store, tar, BOOTSTRAP_IMAGE, env=cfg.get("Env", ()), cmd=cfg.get("Cmd", ()),
-                                    workdir=cfg.get("WorkingDir", ""),
+                                    workdir=cfg.get("WorkingDir", ""), created=bootstrap.created_rfc3339(),
                                     labels={"org.opencontainers.image.title": "jupyter-contain default kernel image"})
     say(f"image {rec.familiar} {rec.digest}")
     if not args.no_kernelspec:

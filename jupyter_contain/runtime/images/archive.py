@@ -111,10 +111,10 @@ def store_layer_from_tar(store: Store, src: BinaryIO, *, compress: bool = True,
 def image_config(*, diff_ids: Sequence[str], env: Sequence[str] = (), cmd: Sequence[str] = (),
                  entrypoint: Sequence[str] = (), workdir: str = "", user: str = "",
                  labels: Mapping[str, str] | None = None, created_by: str = "jupyter-contain import",
-                 comment: str = "", platform: Platform | None = None) -> dict[str, Any]:
-    """A fresh OCI image config."""
+                 comment: str = "", platform: Platform | None = None, created: str | None = None) -> dict[str, Any]:
+    """A fresh OCI image config, made now unless ``created`` (RFC 3339) says when (reproducible images)."""
     plat = platform or Platform.host()
-    created = now_rfc3339()
+    created = created or now_rfc3339()
     cfg: dict[str, Any] = {}
     if env:
         cfg["Env"] = list(env)
@@ -147,8 +147,12 @@ DEFAULT_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 def import_rootfs(store: Store, tarball: Path | BinaryIO, name: str, *, env: Sequence[str] = DEFAULT_ENV,
                   cmd: Sequence[str] = ("/bin/sh",), entrypoint: Sequence[str] = (), workdir: str = "",
                   user: str = "", labels: Mapping[str, str] | None = None, unpack: bool = True,
-                  progress: Callable[[int], None] | None = None) -> ImageRecord:
-    """Import a root filesystem tarball (plain, gzip or zstd) as a one-layer image tagged ``name``."""
+                  progress: Callable[[int], None] | None = None, created: str | None = None) -> ImageRecord:
+    """Import a root filesystem tarball (plain, gzip or zstd) as a one-layer image tagged ``name``.
+
+    ``created`` (RFC 3339, default: now) fixes the config's creation time: with it, the
+    same tarball gives the same image digest on every machine.
+    """
     local_name(name)  # a bad name fails before any work
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(open(tarball, "rb")) if isinstance(tarball, (str, Path)) else tarball
@@ -156,7 +160,7 @@ def import_rootfs(store: Store, tarball: Path | BinaryIO, name: str, *, env: Seq
         with store.writing():
             desc, diff_id = store_layer_from_tar(store, raw, progress=progress)
             cfg = image_config(diff_ids=[diff_id], env=env, cmd=cmd, entrypoint=entrypoint, workdir=workdir,
-                               user=user, labels=labels)
+                               user=user, labels=labels, created=created)
             rec = store.add_image(name=name, config=cfg, layers=[desc])
     if unpack:
         store.ensure_unpacked(rec)

@@ -178,6 +178,11 @@ DEBIAN_KERNEL = RootfsRecipe(
 )
 
 
+def created_rfc3339() -> str:
+    """SOURCE_DATE_EPOCH as the images' creation time: the same tarball, the same image digest."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(SOURCE_DATE_EPOCH))
+
+
 def suggested_image_config(recipe: RootfsRecipe, *, architecture: str = "amd64") -> dict:
     """The OCI image config (minus ``rootfs``/``history``) to import the tarball with."""
     return {"architecture": architecture, "os": "linux", "config": _jsonable(recipe.config)}
@@ -682,6 +687,6 @@ def _jsonable(value):
 
 __all__ = [
     "BUSYBOX", "DEBIAN_KERNEL", "RootfsRecipe", "WIDGET_WHEELS", "Wheel",
-    "build_rootfs_tar", "cached_rootfs_tar", "cached_wheels",
+    "build_rootfs_tar", "cached_rootfs_tar", "cached_wheels", "created_rfc3339",
     "default_cache_dir", "host_apt_sources", "suggested_image_config",
 ]
