@@ -844,6 +844,45 @@ print("url" if any("{srv.port}" in v for v in os.environ.values()) else "no-url"
     assert r["stdout"].split() == ["refused", "ConnectionRefusedError", "no-token", "no-url"], r
 
 
+def test_symlinks_a_kernel_plants_in_the_notebook_folder_lead_the_server_nowhere(srv, kernel_runtime, tmp_path):
+    host = tmp_path / "host-only"
+    host.mkdir()
+    (host / "secret.txt").write_text("host secret\n")
+    # started for a notebook in the server's root, as JupyterLab does: that folder is the kernel's
+    code, kernel = srv.jupyter("POST", "/api/kernels", {"name": KERNEL_NAME, "path": ""})
+    assert code == 201, kernel
+    kid = kernel["id"]
+    r = srv.execute(kid, f"""
+import os
+os.symlink({str(host / 'secret.txt')!r}, 'notes.txt')
+os.symlink({str(host)!r}, 'data')
+open('mine.txt', 'w').write('from the kernel')
+print(os.getcwd(), sorted(os.listdir('.')))
+""")
+    assert "'notes.txt'" in r["stdout"] and r["stdout"].split()[0] == str(srv.root), (r, srv.root)
+
+    def status(method: str, path: str, body: Any = None) -> int:
+        resp = srv.http(method, srv.url + "/api/contents/" + path, json=body)
+        return resp.status_code
+
+    try:
+        for path in ("notes.txt", "data/secret.txt"):
+            assert status("GET", path) == 403, path
+        assert status("PUT", "notes.txt", {"type": "file", "format": "text", "content": "pwned"}) == 403
+        assert status("PUT", "data/new.txt", {"type": "file", "format": "text", "content": "pwned"}) in (403, 404)
+        assert (host / "secret.txt").read_text() == "host secret\n" and sorted(os.listdir(host)) == ["secret.txt"]
+        # the folder still lists, without the planted entries; the kernel's own file reads as usual
+        code, body = srv.jupyter("GET", "/api/contents/")
+        names = {e["name"] for e in body["content"]}
+        assert code == 200 and "mine.txt" in names and not names & {"notes.txt", "data"}, body
+        code, body = srv.jupyter("GET", "/api/contents/mine.txt")
+        assert code == 200 and body["content"] == "from the kernel"
+    finally:
+        srv.shutdown_kernel(kid)
+        for name in ("notes.txt", "data", "mine.txt"):
+            (srv.root / name).unlink(missing_ok=True)
+
+
 def _netns_holder() -> subprocess.Popen:
     """A process in a network namespace of its own (loopback up), ended by PID."""
     proc = subprocess.Popen(["unshare", "--net", "sh", "-c", "ip link set lo up && exec sleep infinity"])

@@ -21,7 +21,7 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, List, Unicode, default
 
 from .. import __version__, errors
-from . import events, handlers, validate
+from . import contents, events, handlers, validate
 from .service import KERNEL_LABEL, Service
 
 
@@ -57,6 +57,9 @@ class ContainApp(ExtensionApp):  # type: ignore[misc]
                                  "while the extension runs; 0: leave Python's 0.005.")
     shutdown_kernels = Bool(True, config=True,
                             help="At stop, shut down this server's contained kernels and remove their containers.")
+    guard_contents = Bool(True, config=True,
+                          help="Refuse contents API paths that lead out of the server's root through a symlink "
+                               "(contained kernels write the notebook folder; Jupyter Server follows symlinks).")
 
     service: Service | None = None
     watcher: events.KernelWatcher | None = None
@@ -89,6 +92,9 @@ class ContainApp(ExtensionApp):  # type: ignore[misc]
             # bench/bench_server.py and /work/notes/readme-server.md for the figures at 1 ms
             sys.setswitchinterval(self.switch_interval)
         events.register(sa.event_logger)
+        if self.guard_contents and contents.guard(sa.contents_manager):
+            self.log.info("jupyter-contain: contents paths that leave %s through a symlink are refused",
+                          sa.contents_manager.root_dir)
         self.service = Service(
             store=store, allowed_root=Path(self.allowed_root).resolve(), limits=self._limits(),
             kernel_manager=sa.kernel_manager, session_manager=getattr(sa, "session_manager", None),
