@@ -20,7 +20,7 @@ import urllib.parse
 from typing import Any, Callable, Iterator
 
 from ..errors import ContainError
-from .output import emit_json, human_size, table
+from .output import emit_json, human_size, shown, table
 
 API = "jupyter-contain/api/v1/"
 
@@ -336,9 +336,9 @@ def v_diff(c: Client, args: argparse.Namespace) -> int:
             for s in d["summary"]], "truncated": d["truncated"]})
         return 0
     for ch in d["changes"]:
-        print(f"{ch['kind']} {ch['path']}")
+        print(f"{ch['kind']} {shown(ch['path'])}")   # names the container chose
     counts = {k: sum(s[k] for s in d["summary"]) for k in ("added", "changed", "deleted")}
-    folders = ", ".join(f"{s['path']} {s['added'] + s['changed'] + s['deleted']} ({human_size(s['bytes'])})"
+    folders = ", ".join(f"{shown(s['path'])} {s['added'] + s['changed'] + s['deleted']} ({human_size(s['bytes'])})"
                         for s in d["summary"])
     more = f" (the first {len(d['changes'])} listed)" if d["truncated"] else ""
     print(f"{d['total']} changes{more}: {counts['added']} added, {counts['changed']} changed, {counts['deleted']} "
