@@ -159,7 +159,7 @@ def test_rm_f_of_a_start_killed_after_its_cgroups_removes_them(store_rt):
     """The state names the cgroup folders before they exist: rm -f alone removes them."""
     rt = store_rt
     token = f"fault{os.getpid()}rm"
-    for step in ("start:cgroup", "start:spawned", "start:pid"):
+    for step in ("start:cgroup", "start:spawned", "start:network"):
         res = cli(rt.store.root, "run", "-d", "busybox:test", "sh", "-c", f"sleep 30; : {token}", fault=step)
         assert res.returncode == -signal.SIGKILL, res
         (c,) = rt.containers()
@@ -204,7 +204,7 @@ def test_bridged_run_d_killed_at_each_network_step_leaves_no_veth_or_lease(store
                 return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         return {n for n in network.run_in_netns(settings.host_netns, body) if n.startswith("jc") and n != "jcfault0"}
 
-    for i, step in enumerate(("start:network", "start:pid", "start:released")):
+    for i, step in enumerate(("start:network", "start:released")):
         token = f"fault{os.getpid()}br{i}"
         res = cli(rt.store.root, "run", "-d", "--network", "bridge", "busybox:test", "sh", "-c",
                   f"sleep 30; : {token}", fault=step)

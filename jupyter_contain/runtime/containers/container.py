@@ -20,11 +20,15 @@ process responsible; once it is provably gone the container is garbage and
 while its creator lives, or a restart in place under way: ``starter_pid``),
 ``running`` and ``exited``. Crash rule: whatever a step makes, the state
 names before the step makes it (the container's directory holds
-``state.json`` before anything else, a start records its cgroup folders and
-its starter before it creates them and the init's pid before it releases
-it; veths and slirp4netns are found by their naming rule or end with the
-init), so a process killed at any step leaves nothing that ``rm -f`` and
-``gc`` do not find. The named steps are :data:`FAULT_STEPS`.
+``state.json`` before anything else; its cgroup folders and its starter are
+recorded before they are made, by the create when the same process starts
+it; an unreleased init ends by itself when its starter dies, a released one
+is killed with its cgroup, or without cgroups through its pid, recorded
+before the release; veths end with the init's namespace and their leases
+are gc's, slirp4netns ends with the init), so a process killed at any step
+leaves nothing that ``rm -f`` and ``gc`` do not find. The named steps are
+:data:`FAULT_STEPS`. A start costs one state write in the common case (the
+``running`` record after the release), as before these rules.
 
 The rootfs overlay is mounted inside the container's own mount namespace,
 never in the host's: when the last process of a container ends, its mounts
@@ -88,7 +92,6 @@ FAULT_STEPS = (
     "start:cgroup",      # cgroup folders made
     "start:spawned",     # init cloned, waiting for its release
     "start:network",     # bridge veth / slirp4netns attached
-    "start:pid",         # init's pid recorded
     "start:pinned",      # folders pinned and prepared (only with ``pin``)
     "start:released",    # the payload runs; status not yet "running"
     "start:running",     # status "running" recorded
@@ -349,14 +352,14 @@ class Container:
         cg_root = self.runtime.cgroups_here() if st.get("cgroups", True) else None
         # recorded before they exist (crash rule): a process killed after the
         # mkdir leaves only folders the record names, for rm -f and gc
-        planned = {k: str(v) for k, v in cg_root.paths_for(self.cgroup_name).items()} if cg_root else None
+        planned = self.runtime._planned_cgroups(self.id) if cg_root else None
         starter = {"starter_pid": os.getpid(), "starter_start": _own_start_time()}
         if status == "exited":
             # a restart in place: same writable layer, fresh process and cgroup
             self.close()
             st = self._update(status="created", exit=None, pid=None, pid_start=None, cgroup=planned, **starter)
-        else:
-            st = self._update(cgroup=planned, **starter)
+        elif st.get("cgroup") != planned or any(st.get(k) != v for k, v in starter.items()):
+            st = self._update(cgroup=planned, **starter)   # else create() in this process recorded it
         proc: spawn.ContainerProcess | None = None
         cg: Cgroups | None = None
         attached = False
@@ -418,6 +421,11 @@ class Container:
                     os.close(hold_w)   # the child has its own copy
                     hold_w = None
                 _fault("start:spawned")
+                # read while the child waits: once released, it may end (a zombie has none)
+                pid_start = _proc_start_time(proc.pid)
+                if cg is None:
+                    # nothing else finds a released init then: its pid before the release
+                    self._update(pid=proc.pid, pid_start=pid_start)
                 net = None
                 if slirp_r is not None:
                     helper = slirp.start(proc.pid, exit_fd=slirp_r, userns_fd=proc.ns_fds["user"],
@@ -432,11 +440,6 @@ class Container:
                     net = netmod.attach(self.runtime.network_settings, container_id=self.id, pid=proc.pid,
                                         publish=[netmod.parse_publish(p) for p in st.get("publish", ())]).to_json()
                 _fault("start:network")
-                # the pid before the release: whoever finds the container after a crash can tell
-                # whether anything of it still runs
-                self._update(pid=proc.pid, pid_start=_proc_start_time(proc.pid), started=now_rfc3339(),
-                             cgroup={k: str(v) for k, v in cg.paths.items()} if cg else None, net=net)
-                _fault("start:pid")
                 if pin:
                     # the child mounts while we record it: pin once it has pivoted into its root
                     _await_pivot(proc)
@@ -446,7 +449,12 @@ class Container:
                     _fault("start:pinned")
                 proc.release()
                 _fault("start:released")
-                self._update(status="running")
+                # "running" only now: a starter killed before this line leaves a container
+                # that is garbage (its unreleased init ended with the starter; a released one
+                # dies with its cgroup or through its recorded pid)
+                self._update(status="running", pid=proc.pid, pid_start=pid_start,
+                             started=now_rfc3339(), cgroup={k: str(v) for k, v in cg.paths.items()} if cg else None,
+                             net=net)
                 _fault("start:running")
         except BaseException as exc:
             early = proc.early_failure() if proc is not None and isinstance(exc, errors.ContainError) else None
@@ -962,6 +970,10 @@ class Runtime:
                 "userns": userns.to_json() if userns is not None else None,
                 "owner_start": _proc_start_time(spec.owner_pid) if spec.owner_pid else None,
                 "creator_pid": os.getpid(), "creator_start": _own_start_time(),
+                # what a start by this process will make, recorded now (crash rule): a
+                # start in the creating process then has nothing to write before it begins
+                "cgroup": self._planned_cgroups(cid) if use_cgroups else None,
+                "starter_pid": os.getpid(), "starter_start": _own_start_time(),
             }
             if spec.binds or spec.tmpfs:   # the plan validates them (targets, clashes) now rather than at start
                 rootfs.plan(rootfs_layers=lowers_needed, upper=d / "upper", work=d / "work", target=d / "rootfs",
@@ -986,6 +998,10 @@ class Runtime:
             raise
         log.info("created container %s from %s", name, image.familiar)
         return self._handle(cid)
+
+    def _planned_cgroups(self, cid: str) -> dict[str, str]:
+        """The cgroup folders a start in this process will make for container ``cid``."""
+        return {k: str(v) for k, v in self.cgroups_here().paths_for(f"{self.store_tag}-{cid}").items()}
 
     def run(self, spec: ContainerSpec, *, stdio: tuple[int, int, int] | None = None,
             remove: bool = False) -> ExitInfo:
