@@ -329,6 +329,28 @@ def test_v1_pids_limit_stops_fork_bomb(v1root, make, spawn):
     assert c.pids() == []
 
 
+def test_v1_paths_for_names_the_folders_before_create_makes_them(v1root, make):
+    planned = v1root.paths_for("planned")
+    assert not any(d.exists() for d in planned.values())     # known before anything exists
+    c = make("planned", Limits(pids=8), v1root)
+    assert c.paths == planned
+    with pytest.raises(InvalidSpec):
+        v1root.paths_for("../escape")
+
+
+def test_v1_pids_outcome_counts_refused_forks(v1root, make, spawn):
+    c = make("refuse", Limits(pids=3), v1root)
+    assert c.pids_outcome() == (3, 0)
+    p = spawn("sleep 30 </dev/null >/dev/null 2>&1 & sleep 30 </dev/null >/dev/null 2>&1 & "
+              "sleep 30 </dev/null >/dev/null 2>&1 & echo done")
+    c.attach(p.pid)
+    release(p)
+    p.communicate(timeout=30)
+    limit, refused = c.pids_outcome()
+    assert limit == 3 and refused >= 1
+    c.kill_all()
+
+
 def test_v1_cpu_quota_holds(v1root, make, spawn):
     c = make("cpu", Limits(cpus=0.5), v1root)
     p = spawn("while :; do :; done")
@@ -612,6 +634,16 @@ def test_v2_fake_create_writes_where_expected(fake_v2):
     c2.destroy()
     assert not (own / "jupyter-contain").exists()
     assert find_orphans(root=root) == []
+
+
+def test_v2_fake_paths_for_and_pids_outcome(fake_v2):
+    kernel, root, own = fake_v2
+    assert root.paths_for("k9") == {"unified": own / "jupyter-contain" / "k9"}
+    c = Cgroups.create("k9", Limits(pids=5), root=root)
+    assert c.paths == root.paths_for("k9")
+    (c.paths["unified"] / "pids.events").write_text("max 4\n")
+    assert c.pids_outcome() == (5, 4)
+    c.destroy()
 
 
 def test_v2_fake_lifecycle(fake_v2):

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 from kernel_fixtures import *  # noqa: F401,F403
 from kernel_fixtures import KERNEL_NAME
+from test_rootless import lone_user  # noqa: F401  (a fixture)
 
 from jupyter_contain import errors
 from jupyter_contain.runtime.containers import network
@@ -452,3 +453,32 @@ def test_cli_gc_says_what_it_removed(store_rt):
     assert f"cleaned 1 dead containers and stray cgroups:\n  {c.id}\n" in res.stdout
     assert _ps(root) == []
     _assert_nothing_left(store_rt, "no-token")
+
+
+# --- rootless, without cgroups: the init's pid is what finds a released payload ---------------
+
+_GC_AS_USER = "import json; from jupyter_contain.runtime import Runtime, Store; print(json.dumps(Runtime(Store()).gc()))"
+
+
+def test_rootless_start_killed_after_the_release_is_removed_by_gc(lone_user):
+    """No cgroup holds the payload: the pid recorded before the release is how gc finds and kills it."""
+    from test_rootless import HERE
+
+    from jupyter_contain.runtime.images import bootstrap
+
+    token = f"fault{os.getpid()}rootless"
+    req = {"image_tar": str(bootstrap.cached_rootfs_tar(bootstrap.BUSYBOX)), "cmd": f"sleep 30; : {token}"}
+    res = subprocess.run(lone_user.argv(lone_user.path(HERE / "rootless_driver.py"), json.dumps(req)),
+                         env={**lone_user.env(), FAULT_ENV: "start:released"}, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180, check=False)
+    assert res.returncode == -signal.SIGKILL
+    assert _processes_with(token)                     # the payload runs, in no cgroup
+    res = subprocess.run(lone_user.argv("-c", _GC_AS_USER), env=lone_user.env(), capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(json.loads(res.stdout.strip().splitlines()[-1])) == 1
+    deadline = time.monotonic() + 5
+    while _processes_with(token) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _processes_with(token)
+    assert list((lone_user.home / ".local/share/jupyter-contain/containers").iterdir()) == []

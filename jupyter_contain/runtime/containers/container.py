@@ -1076,7 +1076,9 @@ class Runtime:
                 Cgroups.open(name, root=self.cgroups_here()).destroy()
                 removed.append(f"cgroup:{name}")
                 log.info("gc: removed cgroup %s of no container", name)
-        if (self.network_settings.state_dir / "leases.json").exists():   # only stores that used a bridge
+        # only stores that used a bridge; a rootless one never does (slirp4netns), and may not even
+        # look into the machine's lease folder (root's: PermissionError)
+        if not self.rootless and (self.network_settings.state_dir / "leases.json").exists():
             starting_or_running = {c.id for c in self.containers()
                                    if c.state.get("status") in ("creating", "created", "running")}
             removed += netmod.gc(self.network_settings, starting_or_running, sweep_unknown=sweep_unknown_network)
