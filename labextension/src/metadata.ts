@@ -75,8 +75,8 @@ async function record(panel: NotebookPanel, kernelId: string, onKernelspecsChang
   const body = h('div', { className: 'jc-digest-warning' },
     h('p', {}, mismatch),
     h('p', {}, inStore
-      ? `The recorded image ${wanted} is in the image store: install it as a kernel to run this notebook as it last ran.`
-      : `The recorded image ${wanted} is not in the image store: pull it to run this notebook as it last ran.`));
+      ? `The recorded image (${shortDigest(recorded!.digest)}) is in the image store: install it as a kernel to run this notebook as it last ran.`
+      : `The recorded image (${shortDigest(recorded!.digest)}) is not in the image store: pull ${wanted.split('@')[0]} at that digest to run this notebook as it last ran.`));
   const pinLabel = inStore ? 'Install recorded image as kernel' : 'Pull recorded image';
   const result = await showDialog({
     title: 'Notebook recorded a different image',

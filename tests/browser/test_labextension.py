@@ -133,6 +133,12 @@ def test_meter_shows_the_container_limit_and_colours_near_it(page, lab, limited)
         timeout=30000)
     screenshot(page, "meter-near-limit")
 
+    # the Containers panel shows the kernel's container with its figures against the limits
+    _open_panel(page)
+    page.wait_for_selector(".jc-container .jc-item-stats:has-text('/ 256 MiB')", timeout=15000)
+    assert page.locator(".jc-container .jc-item-stats").get_attribute("data-level") in ("warn", "critical")
+    screenshot(page, "panel-kernel")
+
     # a kernel that is not contained: the meter goes away
     page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.changeKernel({name: 'python3'})")
     wait_kernel_idle(page)
@@ -195,7 +201,7 @@ def test_panel_lists_images_and_pull_shows_a_bar_per_layer(page, lab, pushed_ima
         field.fill(pushed_image)
         assert page.locator(".jc-pull-button").is_enabled()
         page.locator(".jc-pull-button").click()
-        page.wait_for_selector(".jc-op[data-kind='pull']", timeout=15000)
+        page.wait_for_selector(".jc-op[data-kind='pull'] .jc-op-items .jc-progress", timeout=60000)
         screenshot(page, "pull-progress")
         page.wait_for_selector(".jc-op-succeeded[data-kind='pull']", timeout=120000)
         bars = page.locator(".jc-op-succeeded .jc-op-items .jc-progress")
