@@ -265,11 +265,12 @@ export class ContainersPanel extends Widget {
 }
 
 /** The "install as kernel" options: the server validates them again against its maxima. */
-class InstallForm extends Widget implements Dialog.IBodyWidget<{ image: string; display_name?: string; memory?: string; cpus?: string; network?: string }> {
+class InstallForm extends Widget implements Dialog.IBodyWidget<{ image: string; name?: string; display_name?: string; memory?: string; cpus?: string; network?: string }> {
   constructor(private readonly image: Image) {
     super();
     this.addClass('jc-install-form');
     this.node.append(
+      h('label', { className: 'jc-field' }, h('span', {}, 'Name'), this.name),
       h('label', { className: 'jc-field' }, h('span', {}, 'Display name'), this.displayName),
       h('label', { className: 'jc-field' }, h('span', {}, 'Memory'), this.memory),
       h('label', { className: 'jc-field' }, h('span', {}, 'CPUs'), this.cpus),
@@ -280,6 +281,7 @@ class InstallForm extends Widget implements Dialog.IBodyWidget<{ image: string; 
     const value = (input: HTMLInputElement | HTMLSelectElement) => input.value.trim() || undefined;
     return {
       image: this.image.name,
+      name: value(this.name),
       display_name: value(this.displayName),
       memory: value(this.memory),
       cpus: value(this.cpus),
@@ -287,10 +289,11 @@ class InstallForm extends Widget implements Dialog.IBodyWidget<{ image: string; 
     };
   }
 
-  private readonly displayName = h('input', { className: 'jp-mod-styled', type: 'text', placeholder: 'default: Contained Python (name)' });
-  private readonly memory = h('input', { className: 'jp-mod-styled', type: 'text', placeholder: 'e.g. 512m, 2g (default: none)' });
-  private readonly cpus = h('input', { className: 'jp-mod-styled', type: 'text', placeholder: 'e.g. 0.5, 2 (default: none)' });
-  private readonly network = h('select', { className: 'jp-mod-styled' },
+  private readonly name = h('input', { className: 'jp-mod-styled jc-install-name', type: 'text', placeholder: 'default: contained-<image name>' });
+  private readonly displayName = h('input', { className: 'jp-mod-styled jc-install-display', type: 'text', placeholder: 'default: Contained Python (name)' });
+  private readonly memory = h('input', { className: 'jp-mod-styled jc-install-memory', type: 'text', placeholder: 'e.g. 512m, 2g (default: none)' });
+  private readonly cpus = h('input', { className: 'jp-mod-styled jc-install-cpus', type: 'text', placeholder: 'e.g. 0.5, 2 (default: none)' });
+  private readonly network = h('select', { className: 'jp-mod-styled jc-install-network' },
     h('option', { value: '' }, 'none (loopback only)'),
     h('option', { value: 'bridge' }, 'bridge'),
     h('option', { value: 'host' }, 'host'));

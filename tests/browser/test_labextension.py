@@ -214,8 +214,30 @@ def test_panel_lists_images_and_pull_shows_a_bar_per_layer(page, lab, pushed_ima
         page.locator(".jp-Dialog .jp-mod-warn").click()
         page.wait_for_selector(f".jc-image[data-name='{pushed_image}']", state="detached", timeout=15000)
         assert pushed_image not in _image_names(lab)
+
+        # "Kernel": the debian image as a kernel with a memory limit, then in the launcher
+        page.locator(f".jc-image[data-name='{IMAGE}'] .jc-install").click()
+        form = page.locator(".jp-Dialog .jc-install-form")
+        form.locator(".jc-install-name").fill("panel-kernel")
+        form.locator(".jc-install-display").fill("Panel kernel (384 MiB)")
+        form.locator(".jc-install-memory").fill("384m")
+        screenshot(page, "install-kernel")
+        page.locator(".jp-Dialog .jp-mod-accept").click()
+        page.locator(".jp-Dialog", has_text="Kernel installed").wait_for(timeout=60000)
+        page.locator(".jp-Dialog .jp-mod-reject").click()
+        spec = [k for k in lab.api("GET", f"{API}/kernelspecs")["kernelspecs"] if k["name"] == "panel-kernel"]
+        assert spec and spec[0]["display_name"] == "Panel kernel (384 MiB)", spec
+        assert spec[0]["memory"] in (384 * MiB, "384m"), spec
+        page.locator(".jp-Launcher .jp-LauncherCard:visible", has_text="Panel kernel (384 MiB)").first.wait_for(
+            timeout=30000)
+        screenshot(page, "installed-kernel-in-launcher")
     finally:
         _remove_image(lab, pushed_image)
+        try:
+            lab.api("DELETE", f"{API}/kernelspecs/panel-kernel")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
 
 
 def test_snapshot_dialog_makes_an_image_that_starts_a_kernel(page, lab, limited):
