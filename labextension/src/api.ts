@@ -176,6 +176,11 @@ export async function startPull(reference: string): Promise<Operation> {
     { method: 'POST', body: JSON.stringify({ reference }) })).operation;
 }
 
+export async function startPush(name: string, target: string): Promise<Operation> {
+  return (await requestAPI<{ operation: Operation }>(`images/${seg(name)}/push`,
+    { method: 'POST', body: JSON.stringify(target ? { target } : {}) })).operation;
+}
+
 export async function listContainers(): Promise<Container[]> {
   return (await requestAPI<{ containers: Container[] }>('containers')).containers;
 }

@@ -15,7 +15,7 @@ import { INotebookModel, NotebookPanel } from '@jupyterlab/notebook';
 import { IDisposable } from '@lumino/disposable';
 import { Widget } from '@lumino/widgets';
 
-import { Diff, Operation, followOperation, kernelDiff, startCommit } from './api';
+import { Diff, Operation, followOperation, kernelDiff, startCommit, startPush } from './api';
 import { h, progressBar } from './dom';
 import { diffCounts, diffRows, formatBytes, shortDigest, validateTag } from './format';
 import { containerOf, kernelIdOf } from './kernels';
@@ -188,11 +188,47 @@ export async function snapshotNotebook(panel: NotebookPanel, app: { openKernel: 
               className: 'jp-mod-styled jp-mod-accept jc-open-kernel',
               onclick: () => { dialog.resolve(0); app.openKernel(spec.name); }
             }, 'New notebook with it'))
-        : null];
+        : null,
+      image ? pushRow(image.name) : null];
     status.replaceChildren(...children.filter((c): c is Node => c !== null));
   } catch (error) {
     status.replaceChildren(h('p', { className: 'jc-error' }, `Snapshot failed: ${(error as Error).message}`));
   }
+}
+
+/** "Push to": a reference (checked while typed), then the push's progress and result in place. */
+function pushRow(image: string): HTMLElement {
+  const input = h('input', { className: 'jp-mod-styled jc-push-target', type: 'text', spellcheck: 'false',
+    placeholder: 'registry/name:tag', 'aria-label': 'Push to' });
+  const button = h('button', { className: 'jp-mod-styled jp-mod-accept jc-push-button', disabled: true }, 'Push');
+  const error = h('div', { className: 'jc-field-error' });
+  const progress = h('div', { className: 'jc-push-progress' });
+  input.addEventListener('input', () => {
+    const why = input.value ? validateTag(input.value) : null;
+    error.textContent = why ?? '';
+    button.disabled = !input.value || why !== null;
+  });
+  button.addEventListener('click', async () => {
+    const target = input.value;
+    button.disabled = true;
+    input.disabled = true;
+    try {
+      const final = await followOperation(await startPush(image, target), op => {
+        progress.replaceChildren(progressBar(op.progress.stage || 'push', op.progress.done, op.progress.total,
+          op.state === 'succeeded'));
+      });
+      progress.replaceChildren(final.state === 'succeeded'
+        ? h('p', { className: 'jc-push-done' }, `Pushed to ${target}`)
+        : h('p', { className: 'jc-error' }, `Push ${final.state}: ${final.error?.message ?? 'no reason given'}`));
+    } catch (err) {
+      progress.replaceChildren(h('p', { className: 'jc-error' }, `Push failed: ${(err as Error).message}`));
+    } finally {
+      input.disabled = false;
+      button.disabled = false;
+    }
+  });
+  return h('div', { className: 'jc-push' },
+    h('label', { className: 'jc-field' }, h('span', {}, 'Push to'), input, button), error, progress);
 }
 
 /** Adds the button to every notebook's toolbar; it shows only while the kernel is contained. */

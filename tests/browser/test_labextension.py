@@ -240,7 +240,7 @@ def test_panel_lists_images_and_pull_shows_a_bar_per_layer(page, lab, pushed_ima
                 raise
 
 
-def test_snapshot_dialog_makes_an_image_that_starts_a_kernel(page, lab, limited):
+def test_snapshot_dialog_makes_an_image_pushes_it_and_starts_a_kernel(page, lab, limited, pushed_image):
     tag = f"jc-lab-snap:{uuid.uuid4().hex[:8]}"
     before = _image_names(lab)
     open_notebook(page, lab, "snap.ipynb", [
@@ -271,6 +271,17 @@ def test_snapshot_dialog_makes_an_image_that_starts_a_kernel(page, lab, limited)
         assert len(made) == 1 and made[0].endswith(tag), made
         image = lab.api("GET", f"{API}/images/{urllib.parse.quote(made[0], safe='')}")["image"]
         assert image["digest"] in page.locator(".jc-result-digest").inner_text()
+        # "Push to": the registry of this module, read back with skopeo
+        from registry_fixture import inspect_with_skopeo
+
+        target = f"{pushed_image.split('/')[0]}/jc-lab/snap:{tag.split(':')[1]}"
+        page.locator(".jc-push-target").fill("Bad Target")
+        assert page.locator(".jc-push-button").is_disabled()
+        page.locator(".jc-push-target").fill(target)
+        page.locator(".jc-push-button").click()
+        page.wait_for_selector(f".jc-push-done:has-text('{target}')", timeout=120000)
+        screenshot(page, "snapshot-pushed")
+        assert inspect_with_skopeo(target)["Digest"].startswith("sha256:")
         # "New notebook with it": a kernel from the snapshot sees the file
         page.locator(".jc-open-kernel").click()
         page.wait_for_function("() => window.jupyterapp.shell.currentWidget?.context?.path !== 'snap.ipynb'")
