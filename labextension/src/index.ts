@@ -7,7 +7,7 @@
  */
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
-import { INotebookTracker } from '@jupyterlab/notebook';
+import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
@@ -61,10 +61,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
     }
 
     app.docRegistry.addWidgetExtension('Notebook', new SnapshotButtonExtension(hooks));
-    tracker.widgetAdded.connect((_, nbPanel) => {
+    const watch = (nbPanel: NotebookPanel) => {
       watchDeaths(nbPanel);
       watchImageRecord(nbPanel, hooks.kernelspecsChanged);
-    });
+    };
+    tracker.forEach(watch); // notebooks opened while the settings loaded
+    tracker.widgetAdded.connect((_, nbPanel) => watch(nbPanel));
 
     app.commands.addCommand('jupyter-contain:open-panel', {
       label: 'Show Containers Panel',
