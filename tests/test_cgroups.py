@@ -637,7 +637,7 @@ def test_v2_fake_create_writes_where_expected(fake_v2):
 
 
 def test_v2_fake_paths_for_and_pids_outcome(fake_v2):
-    kernel, root, own = fake_v2
+    _kernel, root, own = fake_v2
     assert root.paths_for("k9") == {"unified": own / "jupyter-contain" / "k9"}
     c = Cgroups.create("k9", Limits(pids=5), root=root)
     assert c.paths == root.paths_for("k9")

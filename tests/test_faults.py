@@ -30,14 +30,19 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel_fixtures import *  # noqa: F401,F403
+from kernel_fixtures import *
 from kernel_fixtures import KERNEL_NAME
 from test_rootless import lone_user  # noqa: F401  (a fixture)
 
 from jupyter_contain import errors
 from jupyter_contain.runtime.containers import network
-from jupyter_contain.runtime.containers.cgroups import Limits, find_orphans
-from jupyter_contain.runtime.containers.container import FAULT_ENV, FAULT_STEPS, ContainerSpec, Runtime
+from jupyter_contain.runtime.containers.cgroups import find_orphans
+from jupyter_contain.runtime.containers.container import (
+    FAULT_ENV,
+    FAULT_STEPS,
+    ContainerSpec,
+    Runtime,
+)
 from jupyter_contain.runtime.containers.rootfs import Tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,7 +278,7 @@ def test_restart_whose_process_died_midway_is_undone_not_removed(store_rt):
     driver = ("import sys\nfrom jupyter_contain.runtime import Runtime, Store\n"
               "Runtime(Store(sys.argv[1])).get(sys.argv[2]).start()\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: "start:spawned"}
-    res = subprocess.run([sys.executable, "-c", driver, str(rt.store.root), c.id], env=env, timeout=60)
+    res = subprocess.run([sys.executable, "-c", driver, str(rt.store.root), c.id], env=env, timeout=60, check=False)
     assert res.returncode == -signal.SIGKILL
     st = c.state
     assert st["status"] == "created" and st["cgroup"] and all(Path(p).is_dir() for p in st["cgroup"].values())
@@ -395,7 +400,7 @@ def test_kernel_provisioner_killed_at_each_step_leaves_nothing_after_gc(kernel_e
         env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: step}
         res = subprocess.run([sys.executable, "-c", _KERNEL_DRIVER, str(kernel_env.kernels_dir), KERNEL_NAME],
                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, timeout=120)
+                             stderr=subprocess.DEVNULL, timeout=120, check=False)
         assert res.returncode == -signal.SIGKILL, step
         new = [c for c in rt.containers() if c.id not in before]
         assert len(new) == 1 and len(list(run_dir.iterdir())) == 1, step
@@ -460,7 +465,7 @@ def test_cli_gc_says_what_it_removed(store_rt):
 _GC_AS_USER = "import json; from jupyter_contain.runtime import Runtime, Store; print(json.dumps(Runtime(Store()).gc()))"
 
 
-def test_rootless_start_killed_after_the_release_is_removed_by_gc(lone_user):
+def test_rootless_start_killed_after_the_release_is_removed_by_gc(lone_user):  # noqa: F811
     """No cgroup holds the payload: the pid recorded before the release is how gc finds and kills it."""
     from test_rootless import HERE
 
