@@ -125,7 +125,8 @@ export function meterParts(stats: Stats, cpu: number | null): MeterParts {
   const memLevel = limitLevel(mem.current, mem.limit);
   // CPU percent is of one core; the limit is in cores, so 100% x cores is the ceiling
   const cpuLimitPercent = stats.cpu.limit ? stats.cpu.limit * 100 : null;
-  const cpuText = `CPU ${formatPercent(cpu)}${stats.cpu.limit ? ` / ${formatCpus(stats.cpu.limit)}` : ''}`;
+  // no percent until a second sample (the usage counter needs two): a dash, not a question mark
+  const cpuText = `CPU ${cpu === null ? '–' : formatPercent(cpu)}${stats.cpu.limit ? ` / ${formatCpus(stats.cpu.limit)}` : ''}`;
   const cpuLevel = limitLevel(cpu, cpuLimitPercent);
   const pids = stats.pids;
   const pidsText = `Procs ${pids.current}${pids.limit ? ` / ${pids.limit}` : ''}`;

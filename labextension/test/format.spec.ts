@@ -76,7 +76,7 @@ describe('meterParts', () => {
     const parts = meterParts(stats(10 * MiB, null, 3, null), null);
     expect(parts.memory.text).toBe('Mem 10 MiB');
     expect(parts.pids.text).toBe('Procs 3');
-    expect(parts.cpu.text).toBe('CPU ?');
+    expect(parts.cpu.text).toBe('CPU –');
     expect(parts.level).toBe('ok');
   });
   it('measures CPU against the CPU limit in cores', () => {
