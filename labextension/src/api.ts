@@ -157,7 +157,7 @@ export function kernelDiff(kernelId: string): Promise<Diff> {
 }
 
 export async function startCommit(kernelId: string, body: {
-  tag: string; message: string; compress: string; install_kernelspec: boolean; display_name?: string;
+  tag: string; message?: string; compress: string; install_kernelspec: boolean; display_name?: string;
 }): Promise<Operation> {
   return (await requestAPI<{ operation: Operation }>(`kernels/${seg(kernelId)}/container/commit`,
     { method: 'POST', body: JSON.stringify(body) })).operation;

@@ -115,7 +115,14 @@ async function pinRecorded(reference: string, pull: boolean, digest: string, onK
         throw new Error(final.error?.message ?? `pull ${final.state}`);
       }
     }
-    const spec = await installKernelspec({ image: reference });
+    // a name of its own (the default would be the image's usual kernel name, taken by the current kernel)
+    const hex = digest.split(':').pop()!.slice(0, 12);
+    const repo = reference.split('@')[0].split('/').pop() ?? 'image';
+    const spec = await installKernelspec({
+      image: reference,
+      name: `pinned-${repo.replace(/[^a-z0-9._-]/g, '-')}-${hex}`,
+      display_name: `Contained Python (${repo} @ ${hex})`
+    });
     onKernelspecsChanged();
     status.replaceChildren(h('p', {}, `Installed kernel "${spec.display_name}" (${spec.name}) for ${reference}.`),
       h('p', {}, 'Pick it with Kernel > Change Kernel to run this notebook on the recorded image.'));

@@ -23,7 +23,7 @@ import { snapshotIcon } from './icons';
 
 export interface SnapshotRequest {
   tag: string;
-  message: string;
+  message?: string;
   compress: string;
   install_kernelspec: boolean;
   display_name?: string;
@@ -90,7 +90,8 @@ export class SnapshotForm extends Widget implements Dialog.IBodyWidget<SnapshotR
     }
     return {
       tag: this.tag.value,
-      message: this.message.value,
+      // the API refuses an empty message: leave it out
+      message: this.message.value.trim() || undefined,
       compress: this.compress.value,
       install_kernelspec: this.install.checked,
       display_name: this.install.checked && this.displayName.value.trim() ? this.displayName.value.trim() : undefined
@@ -102,8 +103,7 @@ export class SnapshotForm extends Widget implements Dialog.IBodyWidget<SnapshotR
   private readonly message = h('input', { className: 'jp-mod-styled jc-snapshot-message', type: 'text', placeholder: 'what changed (optional)' });
   private readonly compress = h('select', { className: 'jp-mod-styled jc-snapshot-compress' },
     h('option', { value: 'gzip' }, 'gzip (any registry, Docker)'),
-    h('option', { value: 'zstd' }, 'zstd (faster, newer tools)'),
-    h('option', { value: 'none' }, 'none (largest, fastest)'));
+    h('option', { value: 'zstd' }, 'zstd (faster, newer tools)'));
   private readonly install = h('input', { type: 'checkbox', className: 'jc-snapshot-install', checked: true });
   private readonly displayName = h('input', { className: 'jp-mod-styled jc-snapshot-display', type: 'text' });
 }

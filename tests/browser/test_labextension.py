@@ -340,3 +340,62 @@ def test_notebook_with_another_recorded_digest_warns(page, lab, limited):
     _save(page)
     saved = json.loads((lab.notebook_dir / "pinned.ipynb").read_text())["metadata"]["jupyter_contain"]
     assert saved["digest"] != recorded and saved["digest"].startswith("sha256:"), saved
+
+
+def _wait_operation(lab, op: dict, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while op["state"] == "running":
+        assert time.monotonic() < deadline, op
+        time.sleep(0.3)
+        op = lab.api("GET", f"{API}/operations/{op['id']}")["operation"]
+    assert op["state"] == "succeeded", op
+    return op
+
+
+def test_recorded_digest_missing_from_the_store_is_pulled_and_installed(page, lab, limited, pushed_image):
+    from registry_fixture import inspect_with_skopeo
+
+    # an image the store does not hold: a kernel's snapshot, pushed to the registry, removed locally
+    suffix = uuid.uuid4().hex[:8]
+    target = f"{pushed_image.split('/')[0]}/jc-lab/pin:{suffix}"
+    kid = lab.api("POST", "/api/kernels", {"name": LIMITED})["id"]
+    try:
+        deadline = time.monotonic() + 120
+        # (no client is connected, so the server never hears the kernel is idle: ask for its container)
+        while lab.api("GET", f"{API}/kernels/{kid}/container").get("container", {}).get("status") != "running":
+            assert time.monotonic() < deadline, "the kernel's container did not start"
+            time.sleep(0.3)
+        op = lab.api("POST", f"{API}/kernels/{kid}/container/commit",
+                     {"tag": f"jc-lab-pin:{suffix}", "compress": "gzip"})["operation"]
+        local = _wait_operation(lab, op)["result"]["image"]["name"]
+        _wait_operation(lab, lab.api("POST", f"{API}/images/{urllib.parse.quote(local, safe='')}/push",
+                                     {"target": target})["operation"])
+        digest = inspect_with_skopeo(target)["Digest"]
+    finally:
+        lab.api("DELETE", f"/api/kernels/{kid}")
+    _remove_image(lab, local)
+    hex12 = digest.split(":")[1][:12]
+    try:
+        nb = notebook_json(["print('hi')"], LIMITED, LIMITED_NAME)
+        nb["metadata"]["jupyter_contain"] = {"image": target, "digest": digest, "kernelspec": LIMITED}
+        lab.api("PUT", "/api/contents/pinned-missing.ipynb", {"type": "notebook", "format": "json", "content": nb})
+        page.goto(f"{lab.url}/lab/workspaces/{page.workspace}/tree/pinned-missing.ipynb?token={lab.token}")
+        dialog = page.locator(".jp-Dialog", has_text="recorded a different image")
+        dialog.wait_for(timeout=120000)
+        assert "not in the image store" in dialog.inner_text()
+        dialog.locator("button", has_text="Pull recorded image").click()
+        page.wait_for_selector(f".jc-pin:has-text('Installed kernel')", timeout=180000)
+        screenshot(page, "pinned-digest-installed")
+        specs = {k["name"]: k for k in lab.api("GET", f"{API}/kernelspecs")["kernelspecs"]}
+        assert f"pinned-pin-{hex12}" in specs, sorted(specs)
+        assert digest in specs[f"pinned-pin-{hex12}"]["image"] or any(
+            digest == i["digest"] for i in lab.api("GET", f"{API}/images")["images"] if "jc-lab/pin" in i["name"])
+    finally:
+        try:
+            lab.api("DELETE", f"{API}/kernelspecs/pinned-pin-{hex12}")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
+        for name in _image_names(lab):
+            if "jc-lab/pin" in name:
+                _remove_image(lab, name)
