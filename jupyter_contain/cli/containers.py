@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .. import runtime   # lazy: a name loads its module when a verb first uses it
 from ..errors import ContainError, InvalidSpec
-from .output import emit_json, human_size, table
+from .output import emit_json, human_size, print_containers, table
 
 if TYPE_CHECKING:
     from ..runtime import Container, Limits, Runtime
@@ -232,22 +232,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
         if not args.all and info["status"] != "running":
             continue
         rows.append(info)
-    if args.json:
-        emit_json(rows)
-    elif args.quiet:
-        for r in rows:
-            print(r["id"][:12])
-    else:
-        table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAME"], [
-            (r["id"][:12], _short(r["image"]), _short(" ".join(r["command"]), 30), r["created"][:19].replace("T", " "),
-             r["status"] if r["status"] != "exited" or not r["reason"] else f"exited: {r['reason']}", r["name"])
-            for r in rows
-        ])
+    print_containers(rows, as_json=args.json, quiet=args.quiet)
     return 0
-
-
-def _short(text: str, n: int = 40) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -39,3 +39,22 @@ def shown(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def print_containers(rows: Sequence[dict[str, Any]], *, as_json: bool, quiet: bool) -> None:
+    """``ps`` output (local and remote alike) for containers' ``info()`` records."""
+    if as_json:
+        emit_json(list(rows))
+    elif quiet:
+        for r in rows:
+            print(r["id"][:12])
+    else:
+        table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAME"], [
+            (r["id"][:12], short(r["image"]), short(" ".join(r["command"]), 30), r["created"][:19].replace("T", " "),
+             r["status"] if r["status"] != "exited" or not r["reason"] else f"exited: {r['reason']}", r["name"])
+            for r in rows
+        ])

@@ -20,7 +20,7 @@ import urllib.parse
 from typing import Any, Callable, Iterator
 
 from ..errors import ContainError
-from .output import emit_json, human_size, shown, table
+from .output import emit_json, human_size, print_containers, shown, table
 
 API = "jupyter-contain/api/v1/"
 
@@ -287,22 +287,9 @@ def v_save(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _short(text: str, n: int = 40) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
 def v_ps(c: Client, args: argparse.Namespace) -> int:
     rows = c.request("GET", "containers", params={"all": "1" if args.all else "0"})["containers"]
-    if args.json:
-        emit_json(rows)
-    elif args.quiet:
-        for r in rows:
-            print(r["id"][:12])
-    else:
-        table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAME"], [
-            (r["id"][:12], _short(r["image"]), _short(" ".join(r["command"]), 30), r["created"][:19].replace("T", " "),
-             r["status"] if r["status"] != "exited" or not r["reason"] else f"exited: {r['reason']}", r["name"])
-            for r in rows])
+    print_containers(rows, as_json=args.json, quiet=args.quiet)
     return 0
 
 
