@@ -241,3 +241,22 @@ def test_pins_refuse_what_is_not_a_socket(tmp_path):
         real.close()
         good.close()
     assert not list(links.iterdir())
+
+
+@pytest.mark.parametrize("config", [{"python": ["/no/such/python"]},
+                                    {"image": "localhost/missing:1", "pull_policy": "never"}],
+                         ids=["exec-fails", "image-missing"])
+def test_a_failed_start_leaves_no_folder_channel_pins_or_container(ksm, kernel_env, kernel_runtime, config):
+    from kernel_fixtures import make_spec
+
+    name = make_spec(kernel_env, f"t-fail-{len(config)}-{config.get('pull_policy', 'x')}", **config)
+    before = set(os.listdir(kfolder.kernel_runtime_dir())) if kfolder.kernel_runtime_dir().exists() else set()
+    km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    with pytest.raises(Exception) as e:
+        km.start_kernel()
+    assert "not found" in str(e.value) or "not in the store" in str(e.value), e.value
+    # the kernel's folder, its channel socket and its pinned fds are gone (the autouse check counts
+    # fds and threads' sockets); kernel_runtime fails the test if a container stayed
+    after = set(os.listdir(kfolder.kernel_runtime_dir())) if kfolder.kernel_runtime_dir().exists() else set()
+    assert after - before == set(), after - before
+    km.cleanup_resources()

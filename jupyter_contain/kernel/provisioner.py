@@ -91,6 +91,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     folder: KernelFolder | None = None
     _pins: SocketPins | None = None
     _kernel_info: dict[str, Any] | None = None   # the kernel's side of the connection info
+    _started_once = False
     _container: Any = None
     _shutdown_requested = False
     _previous_death: str | None = None
@@ -142,6 +143,17 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         km = self.parent
         if km is None:
             raise errors.KernelError("a contained kernel needs a kernel manager (its connection file)")
+        first = self._container is None and self._pins is None
+        try:
+            return await self._pre_launch(options, km, kwargs)
+        except BaseException:
+            # jupyter_client cleans nothing up after a failed start: a first start undoes its own
+            # work (folder, pins, channel, container); a restart keeps the container and its layer
+            if first:
+                await self._abandon()
+            raise
+
+    async def _pre_launch(self, options: KernelOptions, km: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         kernel_id = str(kwargs.get("kernel_id") or self.kernel_id)
         self.folder = KernelFolder.make(kernel_id)
         if self._pins is None:
@@ -189,11 +201,32 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._start)
+        try:
+            await loop.run_in_executor(None, self._start)
+        except BaseException:
+            if not self._started_once:
+                await self._abandon()
+            raise
+        self._started_once = True
         self._shutdown_requested = False
         self._killed_by_us = False
         self._exit_recorded = False
         return self.connection_info
+
+    async def _abandon(self) -> None:
+        """Undo a first start that failed: nothing of this kernel stays (jupyter_client will not clean up)."""
+        await self._stop_channel()
+        c, self._container = self._container, None
+        if c is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, lambda: c.remove(force=True))
+            except errors.ContainError as exc:
+                log.warning("kernel %s: removing the container of a failed start: %s", self.kernel_id, exc)
+        if self._pins is not None:
+            self._pins.close()
+            self._pins = None
+        if self.folder is not None:
+            self.folder.remove()
 
     async def _start_channel(self) -> None:
         if self._channel is not None or self.folder is None:
