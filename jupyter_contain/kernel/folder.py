@@ -42,6 +42,7 @@ follow anything found in the tmpfs, or read more of it than the socket entries.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -194,6 +195,14 @@ def write_connection_file(sockets_fd: int, info: Mapping[str, Any], *, owner: tu
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 @contextlib.contextmanager
 def _fs_ids(uid: int, gid: int) -> Any:
     """This thread's fsuid/fsgid as ``uid``/``gid`` for the block (root only; a no-op when they are ours).
@@ -207,10 +216,7 @@ def _fs_ids(uid: int, gid: int) -> Any:
         return
     if os.geteuid() != 0:
         raise errors.KernelError(f"cannot create files as {uid}:{gid} (not root)")
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = _libc()
     old_gid = libc.setfsgid(gid)
     old_uid = libc.setfsuid(uid)
     try:
