@@ -89,7 +89,7 @@ class ContainApp(ExtensionApp):  # type: ignore[misc]
         if self.switch_interval > 0:
             # a pull runs 4-5 threads that take the GIL in turns of the switch interval; the loop's
             # thread waited several turns: 54-72 ms of lag at 5 ms during a 300 MB pull, see
-            # bench/bench_server.py and /work/notes/readme-server.md for the figures at 1 ms
+            # bench/bench_server.py and the README (Benchmarks) for the figures at 1 ms
             sys.setswitchinterval(self.switch_interval)
         events.register(sa.event_logger)
         if self.guard_contents and contents.guard(sa.contents_manager):

@@ -2,7 +2,7 @@
 
 Owns the server's view of the store and containers (one :class:`Service` per
 server): the JSON shapes of images, containers, stats, diffs and kernels'
-containers (``/work/notes/api-contract.md``, ``openapi.yaml``), the mapping of
+containers (``openapi.yaml``), the mapping of
 runtime exceptions to HTTP status and error codes, finding the container behind
 a kernel of this server (through its provisioner's public ``container``), and
 starting pulls, pushes and commits as operations. Must not know tornado (the

@@ -1,6 +1,6 @@
 /**
  * The Lab extension's only way to the runtime: the REST API of the server extension
- * (`{base_url}jupyter-contain/api/v1/`, /work/notes/api-contract.md).
+ * (`{base_url}jupyter-contain/api/v1/`, described in jupyter_contain/server/openapi.yaml).
  *
  * Owns: `requestAPI` (auth and XSRF through ServerConnection.makeRequest), the response
  * types, the JSON error shape, and following a long operation (events, or polling).
