@@ -384,7 +384,8 @@ def _one_cell(ksm, name: str, code: str, *, cwd: Path | None = None) -> dict:
 
 
 def test_userns_and_seccomp_options(ksm, kernel_env, kernel_runtime, tmp_path, monkeypatch, caplog):
-    """userns=auto: kernel root is a subordinate uid; seccomp=unconfined: no filter, and a warning."""
+    """userns=auto: kernel root is a subordinate uid; seccomp=unconfined: Docker's profile off (unshare
+    works), the host-file guard on (no setuid file in the notebook folder), and a warning."""
     base = 3_000_000
     (tmp_path / "subuid").write_text(f"jupyter-contain:{base}:{4 * 65536}\n")
     (tmp_path / "subgid").write_text(f"jupyter-contain:{base}:{4 * 65536}\n")
@@ -396,11 +397,13 @@ def test_userns_and_seccomp_options(ksm, kernel_env, kernel_runtime, tmp_path, m
     with caplog.at_level("WARNING"):
         r = _one_cell(ksm, name, "import os\nprint(os.getuid(), open('/proc/self/uid_map').read().split()[:2])\n"
                                  "print([l for l in open('/proc/self/status') if l.startswith('Seccomp:')][0])\n"
-                                 "open('saved.txt', 'w').write('from the kernel')", cwd=notebooks)
-    first, second = r["stdout"].splitlines()[:2]
+                                 "open('saved.txt', 'w').write('from the kernel')\n"
+                                 "try:\n    os.chmod('saved.txt', 0o4755); print('suid set')\n"
+                                 "except PermissionError:\n    print('suid refused')\n", cwd=notebooks)
+    first, second, third = [ln for ln in r["stdout"].splitlines() if ln.strip()][:3]
     uid, host = first.split(" ", 1)
     assert uid == "0" and host.startswith("['0', '") and int(host.split("'")[3]) >= base
-    assert second.split() == ["Seccomp:", "0"]
+    assert second.split() == ["Seccomp:", "2"] and third == "suid refused", r["stdout"]
     # the notebook folder (0700, host root's) is the kernel root's to write: an idmapped bind
     saved = notebooks / "saved.txt"
     assert saved.read_text() == "from the kernel" and saved.stat().st_uid == 0

@@ -368,3 +368,24 @@ def test_cli_security_opt(image_store):
     assert res.returncode == 0 and "Seccomp:\t0" in res.stdout, res.stderr
     res = cli(root, "run", "--rm", "--security-opt", "seccomp=/some/profile.json", "busybox:test", "true")
     assert res.returncode != 0 and "seccomp" in res.stderr
+
+
+def test_guard_mode_keeps_only_the_host_file_guard(runtime, tmp_path, caplog):
+    """"guard" (what a kernel asking for seccomp=unconfined gets): Docker's profile is off, the
+    refusals that keep setuid/setgid files, device nodes and xattrs out of host folders stay."""
+    assert seccomp.filter_for("guard") is seccomp.guard_filter()
+    with caplog.at_level(logging.WARNING, logger="jupyter_contain.runtime.containers.seccomp"):
+        code, out = run_capture(runtime, tmp_path, "grep -E '^Seccomp:' /proc/self/status; cd /tmp; touch f; "
+                                "chmod 4755 f; echo suid=$?; chmod 2755 f; echo sgid=$?; chmod 755 f; echo plain=$?; "
+                                "mknod c0 c 1 3; echo chr=$?; mknod p0 p; echo fifo=$?; "
+                                "unshare -U true; echo unshare=$?; stat -c %a f", seccomp="guard")
+    assert code == 0, out
+    res = dict(line.split("=") for line in out.split() if "=" in line)
+    assert "Seccomp:\t2" in out
+    assert res["suid"] != "0" and res["sgid"] != "0" and res["chr"] != "0", out
+    assert res["plain"] == "0" and res["fifo"] == "0", out
+    assert res["unshare"] == "0", out          # Docker's profile refuses this one: it is off here
+    assert out.split()[-1] == "755"
+    assert any("host-file guard" in r.getMessage() for r in caplog.records)
+    section = seccomp.oci_section("guard")
+    assert section["defaultAction"] == "SCMP_ACT_ALLOW" and any("chmod" in r["names"] for r in section["syscalls"])

@@ -70,7 +70,8 @@ class KernelOptions:
     #: auto when this machine gives ``jupyter-contain`` subordinate ids, else host (said once).
     #: A server that is not root always gets a user namespace of its own ids.
     userns: str = ""
-    #: "default" (Docker's profile) or "unconfined" (logged as a warning at every start)
+    #: "default" (Docker's profile) or "unconfined": without Docker's profile, yet with the
+    #: host-file guard (:attr:`container_seccomp`), logged as a warning at every start
     seccomp: str = "default"
     #: images the kernel's %%container cells and ``%container images`` may use besides its own
     #: image and its snapshots: references or glob patterns (``channel.image_allowed``)
@@ -147,6 +148,16 @@ class KernelOptions:
 
     def limits(self) -> Limits:
         return Limits(memory=self.memory, cpus=self.cpus, pids=self.pids)
+
+    @property
+    def container_seccomp(self) -> str:
+        """The runtime's seccomp mode for this kernel's containers (and its %%container cells).
+
+        A kernel's notebook folder is a host folder: "unconfined" drops Docker's
+        profile but keeps the guard that refuses setuid/setgid files, device
+        nodes and xattrs there (``nosuid`` protects only the container's view).
+        """
+        return "guard" if self.seccomp == "unconfined" else "default"
 
 
 def kernel_command(options: KernelOptions, connection_file: str, extra: Sequence[str] = ()) -> list[str]:
@@ -252,7 +263,7 @@ def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, fol
         limits=options.limits(),
         network=options.network,  # type: ignore[arg-type]
         userns=resolve_userns(rt, options.userns),  # type: ignore[arg-type]
-        seccomp=options.seccomp,
+        seccomp=options.container_seccomp,
         labels={"jupyter-contain.kernel-id": kernel_id, "jupyter-contain.kernel-name": kernel_name},
         owner_pid=owner_pid if owner_pid is not None else os.getpid(),
     )
@@ -268,7 +279,7 @@ def kernel_context(options: KernelOptions, *, kernel_id: str, runtime: Runtime,
     return KernelContext(kernel_id=kernel_id, runtime=runtime, container=container, python=options.python,
                          limits=options.limits(), network=options.network, kernelspec_dir=kernelspec_dir,
                          request_reset=request_reset, userns=resolve_userns(runtime, options.userns),
-                         seccomp=options.seccomp, allowed_images=options.allowed_images)
+                         seccomp=options.container_seccomp, allowed_images=options.allowed_images)
 
 
 def runtime_for(options: KernelOptions) -> Runtime:

@@ -50,6 +50,7 @@ __all__ = [
     "PROFILE_PATH",
     "Mode",
     "check_mode",
+    "guard_filter",
     "compile_profile",
     "default_filter",
     "filter_for",
@@ -58,8 +59,11 @@ __all__ = [
     "resolve_profile",
 ]
 
-Mode = Literal["default", "unconfined"]
-MODES: tuple[str, ...] = ("default", "unconfined")
+#: "default": Docker's profile and the host-file guard; "unconfined": no filter (Docker's
+#: meaning); "guard": the host-file guard alone (what a kernel asking for "unconfined" gets:
+#: its notebook folder is a host folder, so setuid files there stay refused)
+Mode = Literal["default", "unconfined", "guard"]
+MODES: tuple[str, ...] = ("default", "unconfined", "guard")
 
 PROFILE_PATH = Path(__file__).with_name("seccomp_default.json")
 
@@ -179,6 +183,34 @@ def _guard_rules() -> list[dict[str, Any]]:
     return rules
 
 
+def _guard_refusals() -> list[dict[str, Any]]:
+    """The guard alone, as refusals over an allow-by-default filter (mode "guard").
+
+    The same decisions as :func:`_guard_rules`, turned around: there, allows
+    over the profile's refusing default; here, a refusal for each bit that
+    must not be set (seccomp compares masked equality: one rule per bit, and
+    a rule's conditions on different arguments must all hold).
+    """
+    creating = (os.O_CREAT, getattr(os, "O_TMPFILE", 0) & ~os.O_DIRECTORY)
+    eperm = {"action": "SCMP_ACT_ERRNO", "errnoRet": _EPERM}
+    rules: list[dict[str, Any]] = []
+    for bit in (_S_ISUID, _S_ISGID):
+        for names, idx in ((("chmod", "fchmod", "creat"), 1), (("fchmodat", "fchmodat2"), 2)):
+            rules.append({"names": list(names), **eperm, "args": [_allow_when(idx, bit, bit)]})
+        for name, flags in (("open", 1), ("openat", 2)):
+            for flag in creating:
+                if flag:
+                    rules.append({"names": [name], **eperm,
+                                  "args": [_allow_when(flags, flag, flag), _allow_when(flags + 1, bit, bit)]})
+        for name, idx in (("mknod", 1), ("mknodat", 2)):
+            rules.append({"names": [name], **eperm, "args": [_allow_when(idx, bit, bit)]})
+    for name, idx in (("mknod", 1), ("mknodat", 2)):
+        for kind in (0o020000, 0o060000):   # S_IFCHR, S_IFBLK: no device nodes
+            rules.append({"names": [name], **eperm, "args": [_allow_when(idx, _S_IFMT, kind)]})
+    # the unconditional ones are the same as the guard's
+    return rules + [r for r in _guard_rules() if r["action"] == "SCMP_ACT_ERRNO"]
+
+
 #: what the guard governs: these names are taken out of every rule of the
 #: profile and decided by the guard's rules alone
 HOST_FILE_GUARD: frozenset[str] = frozenset(
@@ -229,7 +261,7 @@ def libseccomp_version() -> tuple[int, int, int]:
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise errors.InvalidSpec(f"unknown seccomp mode {mode!r} (default or unconfined)")
+        raise errors.InvalidSpec(f"unknown seccomp mode {mode!r} (default, unconfined or guard)")
     return mode
 
 
@@ -520,10 +552,33 @@ def default_filter(capabilities: Iterable[str] = _DOCKER_DEFAULT_CAPS) -> bytes:
     return prog
 
 
+_guard_lock = threading.Lock()
+_guard_program: bytes | None = None
+
+
+def _guard_section() -> dict[str, Any]:
+    arches = resolve_profile(load_profile(), capabilities=frozenset())["architectures"]
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": arches, "syscalls": _guard_refusals()}
+
+
+def guard_filter() -> bytes:
+    """The host-file guard alone (mode "guard"), compiled once per process."""
+    global _guard_program
+    if _guard_program is None:
+        with _guard_lock:
+            if _guard_program is None:
+                _guard_program = compile_profile(_guard_section())
+    return _guard_program
+
+
 def filter_for(mode: str, *, capabilities: Iterable[str] = _DOCKER_DEFAULT_CAPS,
                name: str = "") -> bytes:
     """The BPF program for a container's seccomp ``mode`` (``b""`` = no filter)."""
     check_mode(mode)
+    if mode == "guard":
+        log.warning("container %s runs without Docker's seccomp profile (seccomp=unconfined for a kernel); "
+                    "only the host-file guard (no setuid/setgid files, device nodes or xattrs) stays", name or "?")
+        return guard_filter()
     if mode == "unconfined":
         log.warning("container %s runs without a seccomp filter (seccomp=unconfined): "
                     "every syscall its capabilities allow is open to it", name or "?")
@@ -538,6 +593,8 @@ def oci_section(mode: str, *, capabilities: Iterable[str] = _DOCKER_DEFAULT_CAPS
     """
     if check_mode(mode) == "unconfined":
         return None
+    if mode == "guard":
+        return _guard_section()
     # resolved once per process and set (reading and resolving the profile
     # took ~0.3 ms of every create); callers only serialise it
     key = frozenset(capabilities)
