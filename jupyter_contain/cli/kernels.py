@@ -142,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: each kernel's container root is an unprivileged subordinate uid; host: the "
                         "host's ids (default; a server that is not root always gets a user namespace)")
     p.add_argument("--security-opt", action="append", metavar="OPT",
-                   help="seccomp=unconfined: kernels run without a seccomp filter (default: Docker's profile)")
+                   help="seccomp=unconfined: kernels run without Docker's seccomp profile, keeping only the host-file guard (default: the profile)")
     p.add_argument("--no-probe", action="store_true", help="skip the check that the image can run a kernel")
     _location_options(p)
     p.set_defaults(func=cmd_ks_install)

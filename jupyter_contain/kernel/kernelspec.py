@@ -181,7 +181,7 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
     if seccomp not in (None, "default"):
         if seccomp != "unconfined":
             raise errors.InvalidSpec(f"unknown seccomp mode {seccomp!r} (default or unconfined)")
-        log.warning("kernelspec %s: kernels will run without a seccomp filter", name)
+        log.warning("kernelspec %s: kernels will run without Docker's seccomp profile (the host-file guard stays)", name)
         config["seccomp"] = seccomp
     if store.root != Store().root:
         config["store_root"] = str(store.root)

@@ -80,7 +80,8 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                    help="auto: container root is an unprivileged subordinate uid (needs /etc/subuid entries); "
                         "host: the host's ids. A server that is not root always uses a user namespace.")
     seccomp = Unicode("default", config=True,
-                    help="default: Docker's seccomp profile; unconfined: none (a warning at every start).")
+                    help="default: Docker's seccomp profile; unconfined: without it, keeping only the guard against "
+                         "setuid/setgid files, device nodes and xattrs (a warning at every start).")
     allowed_images = List(Unicode(), [], config=True,
                           help="Images %%container cells and %container images may use besides the kernel's own "
                                "image and its snapshots: references or glob patterns ('python:*'; '*': all).")
