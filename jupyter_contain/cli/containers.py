@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .. import runtime   # lazy: a name loads its module when a verb first uses it
 from ..errors import ContainError, InvalidSpec
-from .output import emit_json, human_size, print_containers, table
+from .output import print_containers, print_stats
 
 if TYPE_CHECKING:
     from ..runtime import Container, Limits, Runtime
@@ -282,16 +282,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for c in targets:
         s = c.stats()
         rows.append({"id": c.id, "name": c.name, **s})
-    if args.json:
-        emit_json(rows)
-        return 0
-    table(["CONTAINER ID", "NAME", "MEM USAGE / LIMIT", "MEM PEAK", "CPU TIME", "PIDS"], [
-        (r["id"][:12], r["name"],
-         f"{human_size(r['memory_current'] or 0)} / {human_size(r['memory_limit']) if r['memory_limit'] else '-'}",
-         human_size(r["memory_peak"] or 0), f"{(r['cpu_usage_ns'] or 0) / 1e9:.2f}s",
-         f"{r['pids_current']}" + (f" / {r['pids_limit']}" if r["pids_limit"] else ""))
-        for r in rows
-    ])
+    print_stats(rows, as_json=args.json)
     return 0
 
 

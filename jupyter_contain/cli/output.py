@@ -58,3 +58,17 @@ def print_containers(rows: Sequence[dict[str, Any]], *, as_json: bool, quiet: bo
              r["status"] if r["status"] != "exited" or not r["reason"] else f"exited: {r['reason']}", r["name"])
             for r in rows
         ])
+
+
+def print_stats(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:
+    """``stats`` output (local and remote alike) for rows of a container's id, name and cgroup figures."""
+    if as_json:
+        emit_json(list(rows))
+        return
+    table(["CONTAINER ID", "NAME", "MEM USAGE / LIMIT", "MEM PEAK", "CPU TIME", "PIDS"], [
+        (r["id"][:12], r["name"],
+         f"{human_size(r['memory_current'] or 0)} / {human_size(r['memory_limit']) if r['memory_limit'] else '-'}",
+         human_size(r["memory_peak"] or 0), f"{(r['cpu_usage_ns'] or 0) / 1e9:.2f}s",
+         f"{r['pids_current']}" + (f" / {r['pids_limit']}" if r["pids_limit"] else ""))
+        for r in rows
+    ])

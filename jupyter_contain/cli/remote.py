@@ -20,7 +20,7 @@ import urllib.parse
 from typing import Any, Callable, Iterator
 
 from ..errors import ContainError
-from .output import emit_json, human_size, print_containers, shown, table
+from .output import emit_json, human_size, print_containers, print_stats, shown, table
 
 API = "jupyter-contain/api/v1/"
 
@@ -303,15 +303,7 @@ def v_stats(c: Client, args: argparse.Namespace) -> int:
                      "memory_peak": s["memory"]["peak"], "memory_limit": s["memory"]["limit"],
                      "cpu_usage_ns": s["cpu"]["usage_ns"], "pids_current": s["pids"]["current"],
                      "pids_limit": s["pids"]["limit"], "oom_kills": s.get("oom_kills")})
-    if args.json:
-        emit_json(rows)
-        return 0
-    table(["CONTAINER ID", "NAME", "MEM USAGE / LIMIT", "MEM PEAK", "CPU TIME", "PIDS"], [
-        (r["id"][:12], r["name"],
-         f"{human_size(r['memory_current'] or 0)} / {human_size(r['memory_limit']) if r['memory_limit'] else '-'}",
-         human_size(r["memory_peak"] or 0), f"{(r['cpu_usage_ns'] or 0) / 1e9:.2f}s",
-         f"{r['pids_current']}" + (f" / {r['pids_limit']}" if r["pids_limit"] else ""))
-        for r in rows])
+    print_stats(rows, as_json=args.json)
     return 0
 
 
