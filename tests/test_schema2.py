@@ -34,7 +34,7 @@ import zstandard
 from jupyter_contain.errors import ImageError, ManifestError
 from jupyter_contain.runtime.containers.container import ContainerSpec, Runtime
 from jupyter_contain.runtime.images import archive, registry
-from jupyter_contain.runtime.images import snapshot as snap
+from jupyter_contain.runtime import commit as snap
 from jupyter_contain.runtime.images.store import ANNOTATION_INDEX, ANNOTATION_MANIFEST, Store
 from jupyter_contain.runtime.spec import (
     DOCKER_CONFIG,

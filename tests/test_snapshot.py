@@ -26,6 +26,8 @@ from jupyter_contain.runtime.containers.container import (
     parse_bind,
 )
 from jupyter_contain.runtime.images import archive
+from jupyter_contain.kernel import snapshots as kernel_snapshots
+from jupyter_contain.runtime import commit
 from jupyter_contain.runtime.images import snapshot as snap
 from jupyter_contain.runtime.images.layers import (
     merged_view_manifest,
@@ -120,7 +122,7 @@ def edited(runtime, tmp_path):
 
 def test_layer_entries(runtime, edited):
     store = runtime.store
-    rec = snap.snapshot(runtime, edited, "snap-entries:1", message="all kinds")
+    rec = commit.snapshot(runtime, edited, "snap-entries:1", message="all kinds")
     members = layer_members(store, rec)
     names = [m.name for m in members]
     by_name = {m.name: m for m in members}
@@ -169,7 +171,7 @@ def test_layer_entries(runtime, edited):
 
 def test_rootfs_equals_merged_view(runtime, edited, tmp_path):
     store = runtime.store
-    rec = snap.snapshot(runtime, edited, "snap-view:1", unpack=True)
+    rec = commit.snapshot(runtime, edited, "snap-view:1", unpack=True)
     want = expected_view(store, edited, STUBS)
     got = snapshot_view(store, rec)
     assert got == want
@@ -187,7 +189,7 @@ def test_rootfs_equals_merged_view(runtime, edited, tmp_path):
 
 
 def test_diff_preview(runtime, edited):
-    changes = snap.diff(edited)
+    changes = commit.diff(edited)
     kinds = {c.path: c.kind for c in changes}
     assert kinds["/etc/passwd"] == "D" and kinds["/usr/share"] == "D"
     assert kinds["/var"] == "C" and kinds["/var/n"] == "A" and kinds["/var/tmp"] == "D"   # opaque: hidden = deleted
@@ -198,19 +200,19 @@ def test_diff_preview(runtime, edited):
     assert [c.path for c in changes] == sorted(c.path for c in changes)
     big = next(c for c in changes if c.path == "/opt/app/big")
     assert big.size == 300000
-    summary = {f.folder: f for f in snap.summarize(changes)}
+    summary = {f.folder: f for f in commit.summarize(changes)}
     opt = [c for c in changes if c.path.startswith("/opt")]
     assert summary["/opt"].count == len(opt) and summary["/opt"].bytes == sum(c.size for c in opt)
     assert summary["/etc"].count == 4   # /etc, /etc/passwd, /etc/group, /etc/group/x
 
 
 def test_diff_summary_is_the_diff_bounded(runtime, edited):
-    full = snap.diff(edited)
+    full = commit.diff(edited)
     for limit in (0, 1, 5, len(full) + 10):
-        s = snap.diff_summary(edited, limit=limit)
+        s = commit.diff_summary(edited, limit=limit)
         assert s.total == len(full) and s.bytes == sum(c.size for c in full)
         assert list(s.changes) == full[:limit] and s.truncated == (limit < len(full))
-        assert list(s.folders) == snap.summarize(full)
+        assert list(s.folders) == commit.summarize(full)
 
 
 def _renameat2_exchange():
@@ -263,9 +265,9 @@ def test_diff_and_snapshot_never_follow_a_swapped_symlink(runtime, tmp_path):
         deadline = time.monotonic() + 1.5
         rounds = 0
         while time.monotonic() < deadline:
-            for ch in snap.diff(c):
+            for ch in commit.diff(c):
                 seen.add(ch.path)
-            seen.update(ch.path for ch in snap.diff_summary(c, limit=1000).changes)
+            seen.update(ch.path for ch in commit.diff_summary(c, limit=1000).changes)
             rounds += 1
     finally:
         stop.set()
@@ -274,7 +276,7 @@ def test_diff_and_snapshot_never_follow_a_swapped_symlink(runtime, tmp_path):
     assert not [p for p in seen if "SECRET" in p], sorted(seen)[:20]
     assert any("mine-" in p for p in seen)   # the real directory was walked, wherever it was
     # the snapshot's walk (the container is not running: nothing moves) archives the symlinks as symlinks
-    rec = snap.snapshot(runtime, c, "snap-swap:1")
+    rec = commit.snapshot(runtime, c, "snap-swap:1")
     names = {m.name: m for m in layer_members(runtime.store, rec)}
     assert not any("SECRET" in n for n in names)
     links = [m for m in names.values() if m.issym()]
@@ -299,7 +301,7 @@ def test_walk_of_a_deep_layer(runtime):
         if fd >= 0:
             os.close(fd)
     fds_before = len(os.listdir("/proc/self/fd"))
-    s = snap.diff_summary(c, limit=3)
+    s = commit.diff_summary(c, limit=3)
     assert s.total == depth + 1 and [ch.path for ch in s.changes] == ["/d", "/d/d", "/d/d/d"]
     assert len(os.listdir("/proc/self/fd")) == fds_before
     # removal of a deep upper is the runtime's business: it must still work
@@ -318,7 +320,7 @@ def test_skipped_entries_are_logged_once_per_walk(runtime, caplog):
     (c.upper / "s/.wh.looks-like-a-whiteout").write_text("x")
     (c.upper / "s/kept").write_text("k")
     caplog.set_level(logging.WARNING, logger=snap.__name__)
-    assert [ch.path for ch in snap.diff(c)] == ["/s", "/s/kept"]
+    assert [ch.path for ch in commit.diff(c)] == ["/s", "/s/kept"]
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     assert any(m.startswith("snapshot: skipping 2000 entries (/s/sock0000, /s/sock0001, /s/sock0002, ...)")
@@ -327,11 +329,11 @@ def test_skipped_entries_are_logged_once_per_walk(runtime, caplog):
 
 
 def test_same_content_same_diff_id(runtime, edited):
-    a = snap.snapshot(runtime, edited, "snap-twice:a")
-    b = snap.snapshot(runtime, edited, "snap-twice:b")
+    a = commit.snapshot(runtime, edited, "snap-twice:a")
+    b = commit.snapshot(runtime, edited, "snap-twice:b")
     assert a.config.diff_ids[-1] == b.config.diff_ids[-1]
     assert a.manifest.layers[-1] == b.manifest.layers[-1]   # deterministic gzip too
-    z = snap.snapshot(runtime, edited, "snap-twice:z", compress="zstd")
+    z = commit.snapshot(runtime, edited, "snap-twice:z", compress="zstd")
     assert z.config.diff_ids[-1] == a.config.diff_ids[-1]
     assert z.manifest.layers[-1].media_type == "application/vnd.oci.image.layer.v1.tar+zstd"
     data = layer_bytes(runtime.store, z.manifest.layers[-1])
@@ -340,7 +342,7 @@ def test_same_content_same_diff_id(runtime, edited):
 
 
 def test_container_from_snapshot_sees_changes(runtime, edited, tmp_path):
-    rec = snap.snapshot(runtime, edited, "snap-run:1", unpack=True)
+    rec = commit.snapshot(runtime, edited, "snap-run:1", unpack=True)
     layer = runtime.store.layer_dir(rec.config.diff_ids[-1])
     before = layer.stat().st_mtime_ns
     out = tmp_path / "out"
@@ -373,7 +375,7 @@ def test_snapshot_of_running_container_is_consistent(runtime):
             time.sleep(0.05)
         time.sleep(0.3)
         stages = []
-        rec = snap.snapshot(runtime, c, "snap-live:1", progress=lambda s, d, t: stages.append(s))
+        rec = commit.snapshot(runtime, c, "snap-live:1", progress=lambda s, d, t: stages.append(s))
         assert stages and stages[0] == "archive" and stages[-1] == "commit"
         members = {m.name: m for m in layer_members(runtime.store, rec)}
         a, z = members["a"].size // 2, members["z"].size // 2
@@ -393,13 +395,13 @@ def test_snapshot_of_running_container_is_consistent(runtime):
 def test_errors_leave_nothing(runtime, edited, monkeypatch):
     store = runtime.store
     with pytest.raises(errors.InvalidReference):
-        snap.snapshot(runtime, edited, "Bad Name!")
+        commit.snapshot(runtime, edited, "Bad Name!")
     with pytest.raises(errors.InvalidReference):
-        snap.snapshot(runtime, edited, "x@sha256:" + "0" * 64)
+        commit.snapshot(runtime, edited, "x@sha256:" + "0" * 64)
     with pytest.raises(errors.ContainerNotFound):
-        snap.snapshot(runtime, "no-such-container", "x:1")
+        commit.snapshot(runtime, "no-such-container", "x:1")
     with pytest.raises(errors.InvalidSpec):
-        snap.snapshot(runtime, edited, "x:1", compress="lzma")   # type: ignore[arg-type]
+        commit.snapshot(runtime, edited, "x:1", compress="lzma")   # type: ignore[arg-type]
     blobs = set(os.listdir(store.blobs_dir))
     layers = set(os.listdir(store.layers_dir))
     tmp = set(os.listdir(store.tmp_dir))
@@ -413,7 +415,7 @@ def test_errors_leave_nothing(runtime, edited, monkeypatch):
 
     monkeypatch.setattr(snap, "_write_tar", failing)
     with pytest.raises(OSError, match="No space"):
-        snap.snapshot(runtime, edited, "snap-fail:1")
+        commit.snapshot(runtime, edited, "snap-fail:1")
     assert set(os.listdir(store.blobs_dir)) == blobs
     assert set(os.listdir(store.layers_dir)) == layers
     assert set(os.listdir(store.tmp_dir)) == tmp
@@ -437,9 +439,9 @@ def test_failure_while_frozen_thaws(runtime, monkeypatch):
             assert _freezer_state(c) == "FROZEN"   # we are inside the freeze
             raise OSError(5, "I/O error")
 
-        monkeypatch.setattr(snap, "_copy_items", boom)
+        monkeypatch.setattr(snap, "copy_items", boom)
         with pytest.raises(OSError, match="I/O error"):
-            snap.snapshot(runtime, c, "snap-thaw:1", unpack=True)
+            commit.snapshot(runtime, c, "snap-thaw:1", unpack=True)
         assert _freezer_state(c) == "THAWED"
         assert not [p for p in runtime.store.layers_dir.iterdir() if p.name.startswith(".")]
     finally:
@@ -452,8 +454,8 @@ def test_kernel_label_and_unchanged_container(runtime):
                                      labels={"jupyter-contain.kernel-id": "k-123"}))
     c.start()
     c.wait(10)
-    assert snap.diff(c) == []
-    rec = snap.snapshot(runtime, c, "snap-empty:1")
+    assert commit.diff(c) == []
+    rec = kernel_snapshots.snapshot(runtime, c, "snap-empty:1")   # the kernel room adds the label
     assert rec.config.labels["io.jupyter-contain.kernel-id"] == "k-123"
     assert layer_members(runtime.store, rec) == []
     assert snapshot_view(runtime.store, rec) == merged_view_manifest(runtime.store.layer_dirs(c.image()))
@@ -513,7 +515,7 @@ def _tool(name: str) -> str:
 @pytest.mark.needs_tools
 def test_peers_read_the_snapshot(runtime, edited, tmp_path):
     store = runtime.store
-    rec = snap.snapshot(runtime, edited, "snap-peers:1", message="for peers")
+    rec = commit.snapshot(runtime, edited, "snap-peers:1", message="for peers")
     ref = f"oci:{store.root}:{rec.name}"
     res = subprocess.run([_tool("skopeo"), "inspect", ref], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
@@ -592,7 +594,7 @@ def test_podman_loads_and_runs_the_snapshot(runtime, edited, tmp_path):
     _tool("podman")
     if not RUN_PEER.exists():
         pytest.skip("run-peer is not available")
-    rec = snap.snapshot(runtime, edited, "snap-podman:1")
+    rec = commit.snapshot(runtime, edited, "snap-podman:1")
     out = tmp_path / "snap.oci.tar"
     archive.save_oci_archive(runtime.store, rec, out)
     (tmp_path / "containers.conf").write_text(PODMAN_CONF)
@@ -619,7 +621,7 @@ def test_podman_loads_and_runs_the_snapshot(runtime, edited, tmp_path):
 
 
 def test_snapshot_layer_unpacks_on_first_use(runtime, edited, tmp_path):
-    rec = snap.snapshot(runtime, edited, "snap-lazy:1")
+    rec = commit.snapshot(runtime, edited, "snap-lazy:1")
     diff_id = rec.config.diff_ids[-1]
     base_ids = rec.config.diff_ids[:-1]
     assert all(runtime.store.unpacked(d) for d in base_ids)   # the base is never extracted again

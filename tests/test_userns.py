@@ -274,7 +274,7 @@ def test_network_host_userns(runtime, tmp_path, subids):
 
 
 def test_snapshot_stores_container_ids(runtime, tmp_path, subids):
-    from jupyter_contain.runtime.images import snapshot as snap
+    from jupyter_contain.runtime import commit as snap
 
     c = runtime.create(ContainerSpec(image="busybox:test", userns="auto", command=(
         "sh", "-c", "echo hi > /made-by-root; echo u > /made-by-user; chown 1000:1000 /made-by-user")))

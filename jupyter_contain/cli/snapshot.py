@@ -26,8 +26,10 @@ def _summary_line(changes: list[Change]) -> str:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from ..kernel import snapshots   # what a snapshot leaves out: the kernel room knows
+
     rt = _runtime(args)
-    changes = runtime.diff(rt.get(args.container))
+    changes = snapshots.diff(rt.get(args.container))
     if args.json:
         emit_json({"changes": [c.to_json() for c in changes],
                    "summary": [f.to_json() for f in runtime.summarize(changes)]})
@@ -40,8 +42,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
+    from ..kernel import snapshots   # labels and what a snapshot leaves out: the kernel room knows
+
     rt = _runtime(args)
-    rec = runtime.snapshot(rt, args.container, args.tag, message=args.message or "", compress=args.compress)
+    rec = snapshots.snapshot(rt, args.container, args.tag, message=args.message or "", compress=args.compress)
     if args.json:
         emit_json({"name": rec.name, "digest": rec.digest, "id": rec.id, "size": rec.size,
                    "diff_ids": list(rec.config.diff_ids)})

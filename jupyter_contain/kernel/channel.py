@@ -67,12 +67,11 @@ from ..runtime import (
     Limits,
     Reference,
     Runtime,
-    diff_summary,
     local_alternative,
     parse_cpus,
     parse_memory,
-    snapshot,
 )
+from .snapshots import diff_summary, snapshot   # with the kernel's labels
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ _WHERE = {
     "ContainerSpec": ".containers.container", "ExitInfo": ".containers.container",
     "Runtime": ".containers.container", "parse_bind": ".containers.container",
     "Bind": ".containers.rootfs", "Tmpfs": ".containers.rootfs",
-    "Change": ".images.snapshot", "FolderSummary": ".images.snapshot", "diff": ".images.snapshot",
-    "snapshot": ".images.snapshot", "summarize": ".images.snapshot",
-    "DiffSummary": ".images.snapshot", "diff_summary": ".images.snapshot", "local_alternative": ".spec",
+    "Change": ".commit", "FolderSummary": ".commit", "diff": ".commit",
+    "snapshot": ".commit", "summarize": ".commit",
+    "DiffSummary": ".commit", "diff_summary": ".commit", "local_alternative": ".spec",
     "ImageRecord": ".images.store", "Store": ".images.store", "default_root": ".images.store",
     "Platform": ".spec", "Reference": ".spec",
 }
@@ -47,6 +47,6 @@ if TYPE_CHECKING:   # what type checkers and editors see
     from .containers import NETWORK_MODES
     from .containers.container import Container, ContainerSpec, ExitInfo, Runtime, parse_bind
     from .containers.rootfs import Bind, Tmpfs
-    from .images.snapshot import Change, DiffSummary, FolderSummary, diff, diff_summary, snapshot, summarize
+    from .commit import Change, DiffSummary, FolderSummary, diff, diff_summary, snapshot, summarize
     from .images.store import ImageRecord, Store, default_root
     from .spec import Platform, Reference, local_alternative

@@ -123,6 +123,13 @@ def image_detail_json(rec: ImageRecord) -> dict[str, Any]:
                        for d in rec.manifest.layers]}
 
 
+def _kernel_snapshots() -> Any:
+    """The kernel room's commit and diff (Jupyter labels, what a snapshot leaves out), loaded on first use."""
+    from ..kernel import snapshots
+
+    return snapshots
+
+
 def container_json(info: Mapping[str, Any], *, kernel_ids: set[str] | frozenset[str] = frozenset(),
                    paths: Mapping[str, str] | None = None) -> dict[str, Any]:
     """A container's summary from ``Container.info()``; ``kernel_ids``: kernels this server runs."""
@@ -461,7 +468,7 @@ class Service:
 
     async def diff(self, ref: str) -> dict[str, Any]:
         c = await self._get(ref)
-        return await self.run(lambda: diff_json(runtime.diff(c)))
+        return await self.run(lambda: diff_json(_kernel_snapshots().diff(c)))
 
     async def logs(self, ref: str) -> dict[str, Any]:
         c = await self._get(ref)
@@ -482,8 +489,8 @@ class Service:
                       after: Callable[[Any], dict[str, Any]] | None = None,
                       on_done: Callable[[Operation], None] | None = None) -> Operation:
         def work(op: Operation) -> dict[str, Any]:
-            rec = runtime.snapshot(c.runtime, c, tag, message=message, compress=compress,  # type: ignore[arg-type]
-                                   progress=snapshot_progress(op))
+            rec = _kernel_snapshots().snapshot(c.runtime, c, tag, message=message, compress=compress,
+                                               progress=snapshot_progress(op))
             out = {"image": image_json(rec)}
             if after is not None:
                 out.update(after(rec))
@@ -567,7 +574,7 @@ class Service:
 
     async def kernel_diff(self, kid: str) -> dict[str, Any]:
         c = self._contained(kid)
-        return await self.run(lambda: diff_json(runtime.diff(c)))
+        return await self.run(lambda: diff_json(_kernel_snapshots().diff(c)))
 
     async def kernel_commit(self, kid: str, body: Mapping[str, Any]) -> Operation:
         tag, message, compress = self._commit_args(body)

@@ -1,29 +1,18 @@
-"""Snapshots: a container's writable layer -> a new image layer on top of its image.
+"""Layers from directories: an overlay upper dir -> a deterministic OCI layer tar and its blob.
 
-Owns reading a container's overlay upper dir (whiteouts, opaque directories,
-hardlinks, xattrs), the runtime stubs that must never enter an image (the
-``/etc`` files, bind-mount targets and the mount points made for them, the
-kernel's sockets and guest module), the ``docker diff``-like preview
-(:func:`diff`), the deterministic OCI layer tar (:func:`write_layer_tar`), its
-compression (parallel gzip or zstd) and the new image (:func:`snapshot`).
+The image half of a snapshot (``runtime/commit.py`` is the other half, the one
+that knows containers). Owns reading a layer directory in overlay form
+(whiteouts, opaque directories, hardlinks, xattrs) through held fds
+(:func:`walk`, :func:`scan`), what the image's lower layers show at a path
+(:class:`LowerView`), the deterministic OCI layer tar (:func:`write_layer_tar`),
+its compression (parallel gzip or zstd) in one streaming pass with the DiffID
+(:func:`archive`, :func:`store_layer_dir`), and the unpacked copy of scanned
+entries (:func:`copy_items`).
 
-Must not: mount anything, start or stop containers (it only freezes and thaws
-one), or write to the container's directory. Everything it stores goes
-through :class:`~.store.Store` (blobs verified and committed whole, the
-unpacked layer renamed into place complete, the tag written last).
-
-How a snapshot runs, and why in this order:
-1. freeze the container (if it runs), so the writable layer holds still;
-2. scan the upper dir once (the stubs left out), then, side by side:
-   - write the tar of the scanned entries, hashing it (DiffID) and
-     compressing it into a blob in one streaming pass (zlib threads);
-   - copy the same entries, in overlay form, into a private directory beside
-     ``layers/``: the unpacked new layer, so a container from the snapshot
-     starts without extracting anything (creating inodes is the slow part of
-     that, spent in the kernel with the GIL released: it overlaps the
-     compression; unpacking the finished tar instead measured slower);
-3. thaw; then sync the blob and rename the copy to ``layers/<diffid>``;
-4. write config and manifest, and the tag last (``Store.add_image``).
+Must not: import ``runtime/containers`` (containers use images, never the
+reverse), know what a container or a kernel is (what to leave out comes in
+as :class:`Excludes`; container ids come in as an :data:`IdView`), mount
+anything, or write anywhere but into the store or a directory it is given.
 
 The tar is deterministic (same content, same DiffID): entries in a fixed
 order (depth first, names sorted by their bytes), PAX format, no atime or
@@ -35,57 +24,31 @@ whiteouts, so theirs means nothing).
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import posixpath
 import stat
 import struct
-import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from ... import errors
 from ..fsutil import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
-from ..spec import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor, Reference, local_name
+from ..spec import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor
 from . import deflate
 from . import rootless as rootless_mod
-from .store import ImageRecord, Store, now_rfc3339, remove_tree
-
-if TYPE_CHECKING:  # containers sit beside images in the runtime; import for types only
-    from ..containers.container import Container, Runtime
+from .store import Store
 
 log = logging.getLogger(__name__)
 
-ChangeKind = Literal["A", "C", "D"]
 Compression = Literal["gzip", "zstd"]
-#: progress(stage, done, total) in bytes of file data: stage "archive" (tar + compression, the
-#: container frozen), then "commit" once (the blob is synced and the image written)
-Progress = Callable[[str, int, int], None]
-
-CREATED_BY = "jupyter-contain snapshot"
-LABEL_CREATED = "org.opencontainers.image.created"
-LABEL_BASE_NAME = "org.opencontainers.image.base.name"
-LABEL_BASE_DIGEST = "org.opencontainers.image.base.digest"
-LABEL_SOURCE_CONTAINER = "io.jupyter-contain.source-container"
-LABEL_KERNEL_ID = "io.jupyter-contain.kernel-id"
-#: the container label the kernel provisioner sets
-CONTAINER_KERNEL_LABEL = "jupyter-contain.kernel-id"
-
-#: files the runtime bind-mounts over, whatever the image holds there
-ETC_STUBS = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
-#: runtime-owned trees (kernel sockets, the guest module): never part of an image
-RUNTIME_TREES = ("run/jupyter-contain", ".jupyter-contain")
-#: API filesystems mounted by the runtime: their mount points count only if the image has them
-API_MOUNT_POINTS = ("proc", "sys", "dev")
 
 #: gzip level: 1 is several times faster than 6 for a little size (as for imports)
 GZIP_LEVEL = 1
@@ -107,45 +70,7 @@ _UNSUPPORTED_XATTRS = {
 }
 
 # kinds of scanned entries
-_DIR, _FILE, _SYMLINK, _FIFO, _WHITEOUT = "dir", "file", "symlink", "fifo", "whiteout"
-
-
-# --- public records ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Change:
-    """One change of the writable layer against the image, as ``docker diff`` shows it."""
-
-    kind: ChangeKind   # A: added, C: changed (the path exists in the image), D: deleted
-    path: str          # absolute container path
-    size: int = 0      # bytes of a regular file, else 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": self.path, "size": self.size}
-
-
-@dataclass(frozen=True)
-class FolderSummary:
-    """Changes beneath one top-level folder (or of one top-level file)."""
-
-    folder: str
-    count: int
-    bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"folder": self.folder, "count": self.count, "bytes": self.bytes}
-
-
-def summarize(changes: Iterable[Change]) -> list[FolderSummary]:
-    """Count and bytes of ``changes`` per top-level folder, sorted by folder."""
-    acc: dict[str, list[int]] = {}
-    for ch in changes:
-        top = "/" + ch.path.lstrip("/").split("/", 1)[0]
-        a = acc.setdefault(top, [0, 0])
-        a[0] += 1
-        a[1] += ch.size
-    return [FolderSummary(k, c, b) for k, (c, b) in sorted(acc.items())]
+DIR, FILE, SYMLINK, FIFO, WHITEOUT = "dir", "file", "symlink", "fifo", "whiteout"
 
 
 # --- the image's merged view (read-only lookups in the lower layers) -------------------
@@ -170,7 +95,7 @@ def _is_opaque(path: str) -> bool:
 _MAX_STACKS = 100_000
 
 
-class _LowerView:
+class LowerView:
     """What the image's layers (topmost first) show at a path, without mounting them.
 
     The layers are the store's (never a container's): plain paths are safe
@@ -250,7 +175,7 @@ _RACES = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV, errno.EAGAIN, e
 
 
 @dataclass(frozen=True)
-class _Item:
+class Item:
     rel: str
     kind: str
     st: os.stat_result
@@ -261,25 +186,10 @@ class _Item:
 
 
 @dataclass(frozen=True)
-class _Excludes:
+class Excludes:
     always: frozenset[str]      # skipped with everything beneath
     if_new: frozenset[str]      # skipped unless the image has them
     parents: frozenset[str]     # mount-point parents: skipped when empty and made by the runtime
-
-
-def _container_excludes(state: dict[str, Any]) -> _Excludes:
-    always = set(ETC_STUBS) | set(RUNTIME_TREES)
-    for b in state.get("binds") or ():
-        target = posixpath.normpath("/" + str(b.get("target", ""))).lstrip("/")
-        if target:
-            always.add(target)
-    parents = set()
-    for p in always | set(API_MOUNT_POINTS):
-        d = posixpath.dirname(p)
-        while d:
-            parents.add(d)
-            d = posixpath.dirname(d)
-    return _Excludes(frozenset(always), frozenset(API_MOUNT_POINTS), frozenset(parents))
 
 
 def _open_beneath(root_fd: int, rel: str, flags: int) -> int:
@@ -316,7 +226,7 @@ def _open_beneath(root_fd: int, rel: str, flags: int) -> int:
         os.close(fd)
 
 
-def _open_root(path: Path | str) -> int:
+def open_root(path: Path | str) -> int:
     return os.open(os.fspath(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
@@ -368,11 +278,11 @@ class _Frame:
 
     __slots__ = ("rel", "fd", "names", "i", "pending")
 
-    def __init__(self, rel: str, fd: int, names: list[str], pending: _Item | None) -> None:
+    def __init__(self, rel: str, fd: int, names: list[str], pending: Item | None) -> None:
         self.rel, self.fd, self.names, self.i, self.pending = rel, fd, names, 0, pending
 
 
-def _walk(root_fd: int, view: _LowerView, excl: _Excludes, *, tolerant: bool = False) -> Iterator[_Item]:
+def walk(root_fd: int, view: LowerView, excl: Excludes, *, tolerant: bool = False) -> Iterator[Item]:
     """The entries beneath ``root_fd`` that belong in a layer, parents before children, names sorted.
 
     Streams (constant memory but the current path's listings) and iterates
@@ -389,7 +299,7 @@ def _walk(root_fd: int, view: _LowerView, excl: _Excludes, *, tolerant: bool = F
 
     stack: list[_Frame] = [_Frame("", root_fd, listing(root_fd), None)]
     # mount-point parents held back until something beneath them is kept (else they were made by the runtime)
-    held: list[_Item] = []
+    held: list[Item] = []
     # entries left out, by reason: said once per walk (a layer can hold 100,000 sockets: not as many log lines)
     skipped: dict[str, list[str]] = {}
 
@@ -434,7 +344,7 @@ def _walk(root_fd: int, view: _LowerView, excl: _Excludes, *, tolerant: bool = F
                     continue
                 mode = st.st_mode
                 if _is_whiteout(st):
-                    item = _Item(r, _WHITEOUT, st)
+                    item = Item(r, WHITEOUT, st)
                 elif name.startswith(_WHITEOUT_PREFIX):
                     skip("their names would read as whiteouts in a layer", r)
                     continue
@@ -448,7 +358,7 @@ def _walk(root_fd: int, view: _LowerView, excl: _Excludes, *, tolerant: bool = F
                     except BaseException:
                         os.close(fd)
                         raise
-                    item = _Item(r, _DIR, st, opaque, xattrs, frozenset(names) if opaque else frozenset())
+                    item = Item(r, DIR, st, opaque, xattrs, frozenset(names) if opaque else frozenset())
                     pending = item if r in excl.parents and not opaque else None
                     if pending is not None:
                         held.append(pending)
@@ -469,10 +379,10 @@ def _walk(root_fd: int, view: _LowerView, excl: _Excludes, *, tolerant: bool = F
                 else:
                     xattrs, xwhiteout = _layer_xattrs(f"/proc/self/fd/{top.fd}/{name}", r)
                     if xwhiteout and stat.S_ISREG(mode) and st.st_size == 0:
-                        item = _Item(r, _WHITEOUT, st)
+                        item = Item(r, WHITEOUT, st)
                     else:
-                        kind = _FILE if stat.S_ISREG(mode) else _SYMLINK if stat.S_ISLNK(mode) else _FIFO
-                        item = _Item(r, kind, st, False, xattrs)
+                        kind = FILE if stat.S_ISREG(mode) else SYMLINK if stat.S_ISLNK(mode) else FIFO
+                        item = Item(r, kind, st, False, xattrs)
             except OSError as e:
                 if raced(e):
                     continue
@@ -490,11 +400,11 @@ def _walk(root_fd: int, view: _LowerView, excl: _Excludes, *, tolerant: bool = F
                         ", ..." if len(paths) > 3 else "", why)
 
 
-def _scan(upper: Path, view: _LowerView, excl: _Excludes, *, tolerant: bool = False) -> list[_Item]:
-    """The upper dir's entries that belong in the layer, parents before children (see :func:`_walk`)."""
-    root_fd = _open_root(upper)
+def scan(upper: Path, view: LowerView, excl: Excludes, *, tolerant: bool = False) -> list[Item]:
+    """The upper dir's entries that belong in the layer, parents before children (see :func:`walk`)."""
+    root_fd = open_root(upper)
     try:
-        return list(_walk(root_fd, view, excl, tolerant=tolerant))
+        return list(walk(root_fd, view, excl, tolerant=tolerant))
     finally:
         os.close(root_fd)
 
@@ -505,109 +415,6 @@ def _runtime_made(st: os.stat_result, lower: os.stat_result | None) -> bool:
         return True
     return (stat.S_ISDIR(lower.st_mode) and stat.S_IMODE(lower.st_mode) == stat.S_IMODE(st.st_mode)
             and lower.st_uid == st.st_uid and lower.st_gid == st.st_gid)
-
-
-# --- diff --------------------------------------------------------------------------------
-
-#: distinct top-level folders a diff summary counts one by one; the rest are counted under "/*"
-MAX_SUMMARY_FOLDERS = 500
-
-
-def _resolve(runtime: Runtime, container: Container | str) -> Container:
-    c = runtime.get(container) if isinstance(container, str) else container
-    c.state  # noqa: B018 - raises ContainerNotFound for a removed container
-    return c
-
-
-def _path_key(ch: Change) -> bytes:
-    return ch.path.encode("utf-8", "surrogateescape")
-
-
-def _changes(container: Container) -> Iterator[Change]:
-    """The container's changes against its image, streamed in walk order (not sorted)."""
-    store = container.runtime.store
-    view = _LowerView(store.layer_dirs(container.image()))
-    excl = _container_excludes(container.state)
-    root_fd = _open_root(container.upper)
-    try:
-        for it in _walk(root_fd, view, excl, tolerant=True):
-            in_image = view.lookup(it.rel) is not None
-            if it.kind == _WHITEOUT:
-                if in_image:
-                    yield Change("D", "/" + it.rel)
-                continue
-            yield Change("C" if in_image else "A", "/" + it.rel, it.st.st_size if it.kind == _FILE else 0)
-            if it.kind == _DIR and it.opaque and in_image:
-                # an opaque directory hides all the image had in it: those are deletions
-                for name in view.names(it.rel):
-                    r = f"{it.rel}/{name}"
-                    if name not in it.names and r not in excl.always:
-                        yield Change("D", "/" + r)
-    finally:
-        os.close(root_fd)
-
-
-def diff(container: Container, *, runtime: Runtime | None = None) -> list[Change]:
-    """What the container changed against its image (``docker diff``), sorted by path.
-
-    A preview: the container keeps running (a snapshot freezes it). Runtime
-    stubs are left out, as a snapshot leaves them out. The whole list: for a
-    bounded answer about a layer of any size, :func:`diff_summary`.
-    """
-    if runtime is not None:
-        container = _resolve(runtime, container)
-    changes = list(_changes(container))
-    changes.sort(key=_path_key)
-    return changes
-
-
-@dataclass(frozen=True)
-class DiffSummary:
-    """A diff in bounded memory: totals, per-folder counts, and the first changes by path."""
-
-    total: int
-    bytes: int
-    folders: tuple[FolderSummary, ...]
-    changes: tuple[Change, ...]
-
-    @property
-    def truncated(self) -> bool:
-        return self.total > len(self.changes)
-
-
-def diff_summary(container: Container, *, limit: int = 100, runtime: Runtime | None = None) -> DiffSummary:
-    """:func:`diff` of a layer of any size in memory bounded by ``limit``: what the host channel answers.
-
-    Keeps the ``limit`` first changes by path (a buffer of at most twice that,
-    cut back as it fills) and counts per top-level folder (at most
-    ``MAX_SUMMARY_FOLDERS`` of them, the rest under ``/*``). Measured on a
-    300,000-file layer: the full list held 380 MiB at its peak, this holds
-    what one directory's listing needs.
-    """
-    if limit < 0:
-        raise ValueError("limit must not be negative")
-    if runtime is not None:
-        container = _resolve(runtime, container)
-    total = size = 0
-    folders: dict[str, list[int]] = {}
-    first: list[Change] = []
-    for ch in _changes(container):
-        total += 1
-        size += ch.size
-        top = "/" + ch.path.lstrip("/").split("/", 1)[0]
-        acc = folders.get(top)
-        if acc is None:
-            acc = folders.setdefault(top if len(folders) < MAX_SUMMARY_FOLDERS else "/*", [0, 0])
-        acc[0] += 1
-        acc[1] += ch.size
-        if limit:
-            first.append(ch)
-            if len(first) >= 2 * limit + 256:
-                first.sort(key=_path_key)
-                del first[limit:]
-    first.sort(key=_path_key)
-    return DiffSummary(total, size, tuple(FolderSummary(k, c, b) for k, (c, b) in sorted(folders.items())),
-                       tuple(first[:limit]))
 
 
 # --- the unpacked copy ---------------------------------------------------------------------
@@ -650,14 +457,14 @@ def _copy_data(src: int, dst: int) -> int:
     return total
 
 
-def _copy_items(upper: Path, items: Sequence[_Item], dest: str, stop: threading.Event | None = None,
+def copy_items(upper: Path, items: Sequence[Item], dest: str, stop: threading.Event | None = None,
                 ids: IdView | None = None) -> None:
     """Write ``items`` of ``upper`` into the empty directory ``dest`` in overlay (lowerdir) form.
 
     Gives up early (raising) once ``stop`` is set. Reads beneath a held fd of
     ``upper`` (see :func:`_open_beneath`), never through a path.
     """
-    root_fd = _open_root(upper)
+    root_fd = open_root(upper)
     try:
         _copy_items_beneath(root_fd, items, dest, stop, ids)
     finally:
@@ -670,7 +477,7 @@ def _same_file(fd: int, st: os.stat_result, rel: str) -> None:
         raise errors.StoreError(f"/{rel} was replaced while the layer was being read")
 
 
-def _copy_items_beneath(root_fd: int, items: Sequence[_Item], dest: str, stop: threading.Event | None,
+def _copy_items_beneath(root_fd: int, items: Sequence[Item], dest: str, stop: threading.Event | None,
                         ids: IdView | None) -> None:
     first_link: dict[tuple[int, int], str] = {}
     dir_times: list[tuple[str, tuple[int, int]]] = []
@@ -700,9 +507,9 @@ def _copy_items_beneath(root_fd: int, items: Sequence[_Item], dest: str, stop: t
         dst = f"{dest}/{it.rel}"
         current = it.rel
         st = it.st
-        if it.kind == _WHITEOUT:
+        if it.kind == WHITEOUT:
             os.mknod(dst, stat.S_IFCHR | 0o000, os.makedev(0, 0))
-        elif it.kind == _DIR:
+        elif it.kind == DIR:
             os.mkdir(dst, 0o700)
             chown(dst, st)
             os.chmod(dst, stat.S_IMODE(st.st_mode))   # after chown, which clears setgid
@@ -710,7 +517,7 @@ def _copy_items_beneath(root_fd: int, items: Sequence[_Item], dest: str, stop: t
             if it.opaque:
                 os.setxattr(dst, opaque_xattr, b"y", follow_symlinks=False)
             dir_times.append((dst, _whole_seconds(st)))
-        elif it.kind == _FILE:
+        elif it.kind == FILE:
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in first_link:
                 os.link(first_link[key], dst, follow_symlinks=False)
@@ -731,7 +538,7 @@ def _copy_items_beneath(root_fd: int, items: Sequence[_Item], dest: str, stop: t
                     os.close(fout)
             finally:
                 os.close(fin)
-        elif it.kind == _SYMLINK:
+        elif it.kind == SYMLINK:
             os.symlink(_readlink_beneath(root_fd, it.rel), dst)
             chown(dst, st)
             _set_xattrs(dst, it.xattrs)
@@ -812,7 +619,7 @@ def _entry(name: bytes, *, mode: int = 0, uid: int = 0, gid: int = 0, size: int 
                          mtime=clamp(mtime, 12), typeflag=typeflag, linkname=linkname)
 
 
-_NO_EXCLUDES = _Excludes(frozenset(), frozenset(), frozenset())
+NO_EXCLUDES = Excludes(frozenset(), frozenset(), frozenset())
 
 
 def write_layer_tar(root: Path, write: Callable[[bytes], Any], *,
@@ -824,44 +631,24 @@ def write_layer_tar(root: Path, write: Callable[[bytes], Any], *,
     stay hardlinks (a whiteout never does); xattrs other than overlayfs's go
     in ``SCHILY.xattr`` records. Deterministic: see the module docstring.
     """
-    _write_tar(root, _scan(root, _LowerView([]), _NO_EXCLUDES), write, progress=progress)
+    _write_tar(root, scan(root, LowerView([]), NO_EXCLUDES), write, progress=progress)
 
 
 #: host (uid, gid) of a file in a writable layer -> the owner the container sees
 IdView = Callable[[int, int], tuple[int, int]]
 
 
-def _id_view(state: dict[str, Any]) -> IdView | None:
-    """A rootless container's upper holds host ids (the caller's, subordinate ones): undo that.
-
-    (A root user-namespace container's upper keeps container ids on disk
-    already, through its idmapped mount; a container without one has host
-    ids inside as well: both need nothing.) An id outside the mapping
-    (impossible for files the container made) becomes 65534, like the
-    kernel's overflow id.
-    """
-    if not state.get("rootless") or not state.get("userns"):
-        return None
-    from ..containers.idmap import IdMapping
-    m = IdMapping.from_json(state["userns"])
-
-    def view(uid: int, gid: int) -> tuple[int, int]:
-        u, g = m.container_uid(uid), m.container_gid(gid)
-        return (65534 if u is None else u, 65534 if g is None else g)
-    return view
-
-
-def _write_tar(root: Path, items: Sequence[_Item], write: Callable[[bytes], Any], *,
+def _write_tar(root: Path, items: Sequence[Item], write: Callable[[bytes], Any], *,
                progress: Callable[[int], None] | None = None, ids: IdView | None = None) -> None:
     """The tar of scanned ``items`` of ``root`` (see :func:`write_layer_tar`); reads beneath a held fd."""
-    root_fd = _open_root(root)
+    root_fd = open_root(root)
     try:
         _write_tar_beneath(root_fd, items, write, progress=progress, ids=ids)
     finally:
         os.close(root_fd)
 
 
-def _write_tar_beneath(root_fd: int, items: Sequence[_Item], write: Callable[[bytes], Any], *,
+def _write_tar_beneath(root_fd: int, items: Sequence[Item], write: Callable[[bytes], Any], *,
                        progress: Callable[[int], None] | None, ids: IdView | None) -> None:
     first_link: dict[tuple[int, int], bytes] = {}
     pending = bytearray()
@@ -884,18 +671,18 @@ def _write_tar_beneath(root_fd: int, items: Sequence[_Item], write: Callable[[by
     for it in items:
         rb = os.fsencode(it.rel)
         st = it.st
-        if it.kind == _WHITEOUT:
+        if it.kind == WHITEOUT:
             head, _, name = rb.rpartition(b"/")
             emit(_entry((head + b"/" if head else b"") + b".wh." + name))
             continue
         uid, gid = ids(st.st_uid, st.st_gid) if ids else (st.st_uid, st.st_gid)
         meta = {"mode": stat.S_IMODE(st.st_mode), "uid": uid, "gid": gid,
                 "mtime": st.st_mtime_ns // 1_000_000_000}
-        if it.kind == _DIR:
+        if it.kind == DIR:
             emit(_entry(rb + b"/", typeflag=b"5", xattrs=it.xattrs, **meta))
             if it.opaque:
                 emit(_entry(rb + b"/" + _OPAQUE_MARKER.encode()))
-        elif it.kind == _FILE:
+        elif it.kind == FILE:
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1:
                 if key in first_link:
@@ -918,7 +705,7 @@ def _write_tar_beneath(root_fd: int, items: Sequence[_Item], write: Callable[[by
             emit(b"\0" * (-st.st_size % 512))
             if progress:
                 progress(st.st_size)
-        elif it.kind == _SYMLINK:
+        elif it.kind == SYMLINK:
             target = os.fsencode(_readlink_beneath(root_fd, it.rel))
             emit(_entry(rb, typeflag=b"2", linkname=target, xattrs=it.xattrs, **meta))
         else:
@@ -1049,14 +836,14 @@ def _compressor(kind: str, out: Callable[[bytes], Any]) -> _ParallelGzip | _Zstd
     raise errors.InvalidSpec(f"unknown compression {kind!r} (gzip or zstd)")
 
 
-def _media_type(compress: str) -> str:
+def media_type(compress: str) -> str:
     try:
         return {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}[compress]
     except KeyError:
         raise errors.InvalidSpec(f"unknown compression {compress!r} (gzip or zstd)") from None
 
 
-def _archive(root: Path, items: Sequence[_Item], out: Callable[[bytes], Any], *, compress: str,
+def archive(root: Path, items: Sequence[Item], out: Callable[[bytes], Any], *, compress: str,
              progress: Callable[[int], None] | None = None, ids: IdView | None = None) -> str:
     """Tar ``items`` of ``root``, compressed, into ``out``; returns the DiffID (one streaming pass)."""
     diff_hash = hashlib.sha256()
@@ -1077,156 +864,18 @@ def _archive(root: Path, items: Sequence[_Item], out: Callable[[bytes], Any], *,
 def store_layer_dir(store: Store, root: Path, *, compress: Compression = "gzip",
                     progress: Callable[[int], None] | None = None) -> tuple[Descriptor, str]:
     """Archive a layer directory (overlay form) into a committed blob; returns (descriptor, DiffID)."""
-    media_type = _media_type(compress)
-    items = _scan(root, _LowerView([]), _NO_EXCLUDES)
+    mtype = media_type(compress)
+    items = scan(root, LowerView([]), NO_EXCLUDES)
     with store.blob_writer(what="layer") as w:
-        diff_id = _archive(root, items, w.write, compress=compress, progress=progress)
+        diff_id = archive(root, items, w.write, compress=compress, progress=progress)
         digest = w.commit()
-        return Descriptor(media_type, digest, w.size), diff_id
+        return Descriptor(mtype, digest, w.size), diff_id
 
 
-# --- snapshot ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _frozen(container: Container):
-    """Freeze a running container's cgroup for the duration; thaw whatever happens."""
-    cg = container.cgroups() if container.status() == "running" else None
-    if cg is None:
-        if container.status() == "running":
-            log.warning("container %s runs without a cgroup: snapshot without freezing", container.id[:12])
-        yield
-        return
-    ok = False
-    try:
-        cg.freeze()
-        yield
-        ok = True
-    finally:
-        try:
-            cg.thaw()
-        except errors.CgroupError as e:
-            if ok:
-                raise
-            log.warning("cannot thaw container %s: %s", container.id[:12], e)
-
-
-def _check_tag(tag: str) -> Reference:
-    ref = local_name(tag)   # InvalidReference for a malformed name
-    if ref.digest or not ref.tag:
-        raise errors.InvalidReference(f"cannot tag a snapshot by digest: {tag!r}")
-    return ref
-
-
-def _new_config(base: ImageRecord, diff_id: str, *, container: Container, message: str,
-                created: str) -> dict[str, Any]:
-    cfg: dict[str, Any] = json.loads(json.dumps(base.config.raw))  # a deep copy
-    cfg["created"] = created
-    rootfs = cfg.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-    rootfs["diff_ids"] = list(rootfs.get("diff_ids") or []) + [diff_id]
-    inner = cfg.get("config") or {}
-    labels = dict(inner.get("Labels") or {})
-    labels.pop(LABEL_KERNEL_ID, None)   # the base's kernel, if it was a snapshot too, is not ours
-    labels.update({
-        LABEL_CREATED: created,
-        LABEL_BASE_NAME: base.name,
-        LABEL_BASE_DIGEST: base.digest,
-        LABEL_SOURCE_CONTAINER: container.id,
-    })
-    kernel_id = (container.state.get("labels") or {}).get(CONTAINER_KERNEL_LABEL)
-    if kernel_id:
-        labels[LABEL_KERNEL_ID] = str(kernel_id)
-    inner["Labels"] = labels
-    cfg["config"] = inner
-    entry = {"created": created, "created_by": CREATED_BY}
-    if message:
-        entry["comment"] = message
-    cfg["history"] = list(cfg.get("history") or []) + [entry]
-    return cfg
-
-
-def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message: str = "",
-             compress: Compression = "gzip", progress: Progress | None = None,
-             unpack: bool = False) -> ImageRecord:
-    """Commit ``container``'s writable layer as a new image tagged ``tag``; returns it.
-
-    The container is frozen (if it runs) while its writable layer is archived
-    (and, with ``unpack``, copied into the store's unpacked layers), and
-    thawed whatever happens. Without ``unpack`` the new layer is unpacked from
-    its blob by the first container that uses it (the base layers are never
-    extracted again either way): creating a snapshot's inodes a second time
-    costs about as long as archiving it, and doing that while the user's
-    kernel is frozen is the wrong place. Raises ``InvalidReference`` for a bad
-    tag (before any work), ``ContainerNotFound``; on failure nothing is tagged
-    and nothing half-written remains (debris of a crash is ``gc``'s).
-    """
-    ref = _check_tag(tag)
-    media_type = _media_type(compress)
-    c = _resolve(runtime, container)
-    store = runtime.store
-    base = c.image()
-    total = archived = 0
-
-    def on_file(n: int) -> None:
-        nonlocal archived
-        archived += n
-        if progress:
-            progress("archive", archived, total)
-
-    with store.writing():
-        lowers = store.ensure_unpacked(base)
-        view = _LowerView(lowers)
-        excl = _container_excludes(c.state)
-        ids = _id_view(c.state)
-        tmp = tempfile.mkdtemp(dir=store.layers_dir, prefix=".snapshot-") if unpack else None
-        try:
-            with store.blob_writer(what="snapshot layer") as w:
-                with _frozen(c):
-                    items = _scan(c.upper, view, excl)
-                    total = sum(it.st.st_size for it in items if it.kind == _FILE)
-                    if tmp is None:
-                        diff_id = _archive(c.upper, items, w.write, compress=compress, progress=on_file,
-                                           ids=ids)
-                    else:
-                        # the unpacked copy (creating inodes is slow, in the kernel) runs beside the
-                        # archive (compression, in deflate threads): both read the frozen upper dir
-                        stop = threading.Event()
-                        with ThreadPoolExecutor(1, thread_name_prefix="jc-snapshot-copy") as pool:
-                            copy = pool.submit(_copy_items, c.upper, items, tmp, stop, ids)
-                            try:
-                                diff_id = _archive(c.upper, items, w.write, compress=compress,
-                                                   progress=on_file, ids=ids)
-                            except BaseException:
-                                stop.set()
-                                raise
-                            copy.result()
-                if progress:
-                    progress("commit", total, total)
-                digest = w.commit()   # fsync of the blob: after the thaw
-            desc = Descriptor(media_type, digest, w.size)
-            if tmp is not None:
-                dest = store.layer_dir(diff_id)
-                with store.layer_lock(diff_id):
-                    if dest.is_dir():   # the same content was stored before: keep that one
-                        remove_tree(Path(tmp))
-                    else:
-                        os.rename(tmp, dest)
-        except BaseException:
-            if tmp is not None:
-                remove_tree(Path(tmp))
-            raise
-        created = now_rfc3339()
-        cfg = _new_config(base, diff_id, container=c, message=message, created=created)
-        annotations = {LABEL_CREATED: created, LABEL_BASE_NAME: base.name, LABEL_BASE_DIGEST: base.digest}
-        # an OCI manifest, whatever the base's form: a Docker schema2 base's layers keep their
-        # blobs (and digests) under the OCI media types of the same compression
-        rec = store.add_image(name=ref, config=cfg, layers=[*base.manifest.oci_form().layers, desc],
-                              annotations=annotations)
-    log.info("snapshot of container %s: %s (layer %s, %d bytes)", c.id[:12], rec.name, diff_id, desc.size)
-    return rec
 
 
 __all__ = [
-    "Change", "ChangeKind", "Compression", "DiffSummary", "FolderSummary", "diff", "diff_summary", "snapshot",
-    "store_layer_dir", "summarize", "write_layer_tar",
+    "DIR", "FIFO", "FILE", "NO_EXCLUDES", "SYMLINK", "WHITEOUT", "Compression", "Excludes", "IdView", "Item",
+    "LowerView", "archive", "copy_items", "media_type", "open_root", "scan", "store_layer_dir", "walk",
+    "write_layer_tar",
 ]
