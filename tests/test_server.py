@@ -795,6 +795,72 @@ def test_death_reason_after_an_oom_kill(srv, kernels):
         listener.close()
 
 
+def test_start_options_reach_the_container_and_outlive_a_restart(srv, kernels, kernel_env):
+    """The start dialog's request: limits, network and an image tag chosen for one kernel, checked on the host."""
+    store = kernel_env.store
+    store.tag("localhost/debian:start-opts", store.resolve("localhost/debian:bookworm").descriptor)
+    # reset: every restart makes a new container from the options, so the restart below proves they were kept
+    make_spec(kernel_env, "srv-fresh", memory="256m", cpus="1", pids=64, reset=True)
+    try:
+        code, body = srv.api("POST", "kernels", {"name": "srv-fresh", "path": "",
+                                                 "options": {"memory": "128m", "cpus": "0.5", "tag": "start-opts"}})
+        assert code == 400 and body["error"]["code"] == "invalid_field", body   # path: a non-empty folder or none
+        code, body = srv.api("POST", "kernels", {"name": "srv-fresh",
+                                                 "options": {"memory": "128m", "cpus": "0.5", "tag": "start-opts"}})
+        assert code == 201, (body, srv.log_text()[-2000:])
+        kid = body["kernel"]["id"]
+        assert body["options"] == {"memory": "128m", "cpus": "0.5", "tag": "start-opts"}
+        code, info = srv.api("GET", f"kernels/{kid}/container")
+        assert code == 200 and info["contained"], info
+        assert info["container"]["limits"] == {"memory": 128 << 20, "cpus": 0.5, "pids": 64}
+        assert info["image"]["name"] == "localhost/debian:start-opts"
+        assert info["start_options"] == {"memory": "128m", "cpus": "0.5", "tag": "start-opts"}
+        c = Runtime(store).get(info["container"]["id"])
+        mem = _cgroup_file(c.state["cgroup"], "memory", "memory.limit_in_bytes"
+                           if "unified" not in c.state["cgroup"] else "memory.max")
+        assert int(mem.read_text()) == 128 << 20     # the cgroup itself, not our record of it
+        assert srv.execute(kid, "print(6 * 7)")["stdout"].strip() == "42"
+        code, _ = srv.jupyter("POST", f"/api/kernels/{kid}/restart")
+        assert code == 200
+        code, again = srv.api("GET", f"kernels/{kid}/container")
+        assert again["container"]["id"] != info["container"]["id"]          # a new container (reset) ...
+        assert again["container"]["limits"]["memory"] == 128 << 20          # ... with the chosen options
+        assert again["start_options"] == info["start_options"]
+        assert _execute_when_ready(srv, kid, "print('up')")["stdout"].strip() == "up"
+    finally:
+        if "kid" in locals():
+            srv.shutdown_kernel(kid)
+        store.untag("localhost/debian:start-opts")
+
+
+def test_start_options_bad_requests_start_nothing(srv, kernel_env):
+    make_spec(kernel_env, "srv-plain")
+    before = srv.jupyter("GET", "/api/kernels")[1]
+    containers_before = {c.id for c in Runtime(kernel_env.store).containers()}
+    cases = [
+        ({"name": "srv-plain", "options": {"memory": "2g"}}, 400, "invalid_field", "maximum"),   # server max 1g
+        ({"name": "srv-plain", "options": {"memory": "none"}}, 400, "invalid_field", "unlimited"),
+        ({"name": "srv-plain", "options": {"network": "host"}}, 400, "invalid_field", "not allowed"),
+        ({"name": "srv-plain", "options": {"network": "wifi"}}, 400, "invalid_field", "unknown network"),
+        ({"name": "srv-plain", "options": {"cpus": "-1"}}, 400, "invalid_field", "CPU count"),
+        ({"name": "srv-plain", "options": {"pids": 5}}, 400, "invalid_field", "unknown start option"),
+        ({"name": "srv-plain", "options": {"tag": "../etc"}}, 400, "invalid_field", "invalid image tag"),
+        ({"name": "srv-plain", "options": {"tag": "never-made"}}, 400, "image_not_found", "not in this server"),
+        ({"name": "srv-plain", "options": ["128m"]}, 400, "invalid_field", "JSON object"),
+        ({"name": "srv-plain", "options": {"memory": True}}, 400, "invalid_field", "string or a number"),
+        ({"name": "no-such-spec"}, 404, "kernelspec_not_found", "no contained kernelspec"),
+        ({"name": "srv-plain", "image": "evil"}, 400, None, "image"),
+        ({"options": {}}, 400, "missing_field", "name"),
+    ]
+    for body, status, code, words in cases:
+        got, err = srv.api("POST", "kernels", body)
+        assert got == status, (body, got, err)
+        assert code is None or err["error"]["code"] == code, (body, err)
+        assert words in err["error"]["message"], (body, err)
+    assert srv.jupyter("GET", "/api/kernels")[1] == before     # nothing started, nothing half-made
+    assert {c.id for c in Runtime(kernel_env.store).containers()} == containers_before
+
+
 def _execute_when_ready(srv: ApiServer, kid: str, code: str, attempts: int = 4) -> dict[str, Any]:
     """Execute right after a restart: a request sent while the new kernel binds its sockets may be lost."""
     for i in range(attempts):

@@ -39,7 +39,7 @@ def cmd_ks_install(args: argparse.Namespace) -> int:
         store=store, image_name=args.image, name=args.name, display_name=args.display_name,
         memory=args.memory, cpus=args.cpus, pids=args.pids_limit, network=args.network,
         userns=args.userns, seccomp=seccomp_mode(args.security_opt),
-        probe=not args.no_probe, **_install_location(args))
+        probe=not args.no_probe, start_dialog=args.start_dialog, **_install_location(args))
     print(f"installed kernelspec {name} in {path}")
     return 0
 
@@ -144,6 +144,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--security-opt", action="append", metavar="OPT",
                    help="seccomp=unconfined: kernels run without Docker's seccomp profile, keeping only the host-file guard (default: the profile)")
     p.add_argument("--no-probe", action="store_true", help="skip the check that the image can run a kernel")
+    p.add_argument("--start-dialog", action="store_true",
+                   help="in JupyterLab, ask for memory, CPUs, network and image tag before each kernel of it "
+                        "starts (within the server's ceilings)")
     _location_options(p)
     p.set_defaults(func=cmd_ks_install)
     p = kss.add_parser("list", help="list contained-kernel kernelspecs")

@@ -148,7 +148,7 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
             memory: str | None = None, cpus: str | None = None, pids: int | None = None,
             network: str | None = None, user: bool = False, prefix: str | None = None,
             probe: bool = True, userns: str | None = None, seccomp: str | None = None,
-            create_only: bool = False) -> tuple[str, str]:
+            create_only: bool = False, start_dialog: bool = False) -> tuple[str, str]:
     """Install a kernelspec for ``image_name``; returns (kernel name, install path).
 
     ``create_only`` (a kernel's request through its host channel): the
@@ -194,6 +194,9 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
         fine, said = guest_files.widgets_plan(versions["ipywidgets"], image=image.familiar)
         (log.info if fine else log.warning)("%s", said)
     spec = kernel_json(image=image, display_name=display_name or default_display_name(image), config=config)
+    if start_dialog:
+        # read by the Lab extension only: ask for memory/CPUs/network/tag before a kernel of it starts
+        spec["metadata"]["jupyter_contain"] = {"start_dialog": True}
     if create_only:
         return name, _create(spec, name, user=user, prefix=prefix)
     with tempfile.TemporaryDirectory() as d:

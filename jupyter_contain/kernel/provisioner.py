@@ -50,6 +50,7 @@ from . import containers
 from .channel import socket_path
 from .containers import KernelOptions
 from .folder import KernelFolder, SocketPins, kernel_runtime_dir, write_connection_file
+from .start_options import StartLimits, StartOptions, from_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _exit_recorded = False
     _channel: Any = None
     _reset_requested = False
+    _start_options: StartOptions | None = None   # the start dialog's choices, kept for restarts
 
     @property
     def has_process(self) -> bool:
@@ -109,6 +111,11 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def container(self) -> Any:
         """This kernel's container (None before the first launch and after shutdown): for the server extension."""
         return self._container
+
+    @property
+    def start_options(self) -> StartOptions | None:
+        """What the start dialog chose for this kernel (None: the kernelspec's values)."""
+        return self._start_options
 
     def request_reset(self) -> None:
         """Give the next restart of this kernel a fresh writable layer (as ``%container reset`` does)."""
@@ -125,6 +132,10 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if unknown:
             raise errors.InvalidSpec(f"{where}: unknown option(s) {', '.join(unknown)} "
                                      f"(known: {', '.join(sorted(containers.OPTION_NAMES))})")
+        if self._start_options is not None:
+            # the start dialog's choices over the kernelspec's, validated below like the kernelspec's own
+            config = self._start_options.apply(config)
+            where += " with start options"
         return KernelOptions.from_config(config, where=where)
 
     def _runtime(self) -> Runtime:
@@ -140,6 +151,11 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return self.folder.base if self.folder is not None else None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        # per-start options (StartOptions, from the server's kernel start API): taken at the first
+        # start; a restart carries the same object again (jupyter_client keeps the start's kwargs)
+        start = from_kwargs(kwargs)
+        if start is not None and self._container is None and self._pins is None:
+            self._start_options = None if start.empty else start
         options = self.options()
         km = self.parent
         if km is None:
@@ -366,7 +382,8 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info.update({"container_id": self.container_id,
                      "kernel_dir": str(self.kernel_dir) if self.kernel_dir else None,
                      "kernel_info": self._kernel_info,
-                     "ports": self._pins.ports if self._pins is not None else None})
+                     "ports": self._pins.ports if self._pins is not None else None,
+                     "start_options": self._start_options.to_json() if self._start_options else None})
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
@@ -377,6 +394,10 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.folder is not None and self.folder.base != Path(kd):
             raise errors.KernelError(f"kernel folder {kd} is not under {kernel_runtime_dir()}")
         self._kernel_info = provisioner_info.get("kernel_info")
+        chosen = provisioner_info.get("start_options")
+        if chosen:
+            # written by our own get_provisioner_info; re-checked as any start's (no server ceilings here)
+            self._start_options = StartOptions.parse(chosen, limits=StartLimits(networks=tuple(NETWORK_MODES)))
         if self.container_id:
             try:
                 self._container = self._runtime().get(self.container_id)

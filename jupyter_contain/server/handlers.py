@@ -328,6 +328,15 @@ class ContainerResetHandler(BaseHandler):
 # --- kernels' containers ----------------------------------------------------------------------
 
 
+class KernelsHandler(BaseHandler):
+    """Start a contained kernel with per-start options (memory, CPUs, network, image tag)."""
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        self.reply(await self.service.start_kernel(self.body("kernel_start")), 201)
+
+
 class KernelContainerHandler(BaseHandler):
     @web.authenticated
     @authorized
@@ -431,6 +440,7 @@ ROUTES: list[tuple[str, type[BaseHandler]]] = [
     (f"containers/{_SEG}/commit", ContainerCommitHandler),
     (f"containers/{_SEG}/stop", ContainerStopHandler),
     (f"containers/{_SEG}/reset", ContainerResetHandler),
+    ("kernels", KernelsHandler),
     (f"kernels/{_SEG}/container", KernelContainerHandler),
     (f"kernels/{_SEG}/container/stats", KernelStatsHandler),
     (f"kernels/{_SEG}/container/diff", KernelDiffHandler),

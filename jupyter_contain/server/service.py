@@ -288,7 +288,7 @@ class Service:
         return {"version": __version__,
                 "limits": {"max_memory": self.limits.max_memory, "max_cpus": self.limits.max_cpus,
                            "max_pids": self.limits.max_pids, "networks": list(self.limits.networks)},
-                "start_options": False, "store": str(self.store.root)}
+                "start_options": True, "store": str(self.store.root)}
 
     # --- images ---------------------------------------------------------------------
 
@@ -563,11 +563,48 @@ class Service:
                                                             "familiar": rec.familiar}}
 
         got = await self.run(work)
+        chosen = getattr(self.provisioner(kid), "start_options", None)
         death = got["exit"] or self.deaths.get(kid)
         return {"contained": True, "kernel_id": kid,
                 "container": container_json(got["info"], kernel_ids=self.kernel_ids(),
                                             paths=await self._kernel_paths()),
-                "image": got["image"], "death": death_json(death)}
+                "image": got["image"], "death": death_json(death),
+                "start_options": chosen.to_json() if chosen is not None else None}
+
+    async def start_kernel(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Start a contained kernel with per-start options (the Lab's start dialog).
+
+        Jupyter's own kernel and session APIs take only a kernelspec name, so
+        the options come here; they are checked against this server's ceilings
+        and handed to the kernel manager as a :class:`StartOptions` object, which
+        the provisioner validates again with the kernelspec's config. The client
+        then attaches its session to the returned kernel id.
+        """
+        from ..kernel.start_options import StartLimits, StartOptions, retag
+
+        name = validate.kernel_name(validate.text(body, "name", required=True) or "")
+        path = validate.text(body, "path", limit=4096)
+        if self.km is None:
+            raise Conflict("this server has no kernel manager", "no_kernel_manager")
+        spec = (await self.run(self._contained_specs)).get(name)
+        if spec is None:
+            raise NotFound(f"no contained kernelspec {name}", "kernelspec_not_found")
+        limits = StartLimits(max_memory=self.limits.max_memory, max_cpus=self.limits.max_cpus,
+                             networks=self.limits.networks)
+        try:
+            options = StartOptions.parse(body.get("options"), limits=limits)
+            image = retag(str(spec["image"] or ""), options.tag) if options.tag else None
+        except errors.InvalidSpec as exc:
+            raise BadRequest(f"start options: {exc}", "invalid_field") from None
+        if image is not None:
+            try:
+                # a tag the store has: a start never pulls a name typed into a dialog
+                await self.run(self.store.resolve, image)
+            except errors.ImageNotFound:
+                raise BadRequest(f"image {image} is not in this server's store (pull it first)",
+                                 "image_not_found") from None
+        kid = await self.km.start_kernel(kernel_name=name, path=path, contain_options=options)
+        return {"kernel": {"id": kid, "name": name}, "options": options.to_json()}
 
     async def kernel_stats(self, kid: str) -> dict[str, Any]:
         return await self.run(self._stats, self._contained(kid))
@@ -624,7 +661,9 @@ class Service:
                 cfg = prov.get("config") or {}
                 out[name] = {"name": name, "display_name": spec.get("display_name"), "image": cfg.get("image"),
                              "memory": cfg.get("memory"), "cpus": cfg.get("cpus"), "pids": cfg.get("pids"),
-                             "network": cfg.get("network", "none")}
+                             "network": cfg.get("network", "none"),
+                             "start_dialog": bool(((spec.get("metadata") or {}).get("jupyter_contain") or {})
+                                                  .get("start_dialog"))}
         return out
 
     async def kernelspecs(self) -> list[dict[str, Any]]:
@@ -639,7 +678,7 @@ class Service:
             name, _path = kernelspec.install(store=self.store, image_name=req.image, name=req.name,
                                              display_name=req.display_name, memory=req.memory, cpus=req.cpus,
                                              pids=req.pids, network=req.network, probe=req.probe,
-                                             user=self.kernelspec_user)
+                                             user=self.kernelspec_user, start_dialog=req.start_dialog)
             got = self._contained_specs().get(name)
             if got is None:
                 raise errors.KernelError(f"kernelspec {name} was installed where this server does not look")

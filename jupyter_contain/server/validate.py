@@ -32,7 +32,9 @@ FIELDS: dict[str, frozenset[str]] = {
     "kernel_commit": frozenset({"tag", "message", "compress", "install_kernelspec", "display_name"}),
     "stop": frozenset({"timeout"}),
     "reset": frozenset(),
-    "kernelspec": frozenset({"image", "name", "display_name", "memory", "cpus", "pids", "network", "probe"}),
+    "kernelspec": frozenset({"image", "name", "display_name", "memory", "cpus", "pids", "network", "probe",
+                             "start_dialog"}),
+    "kernel_start": frozenset({"name", "path", "options"}),
 }
 
 MAX_BODY = 64 << 10
@@ -187,6 +189,7 @@ class KernelspecRequest:
     pids: int | None
     network: str | None
     probe: bool
+    start_dialog: bool = False
 
 
 def kernelspec_request(body: Mapping[str, Any], limits: Limits) -> KernelspecRequest:
@@ -212,7 +215,8 @@ def kernelspec_request(body: Mapping[str, Any], limits: Limits) -> KernelspecReq
             raise BadRequest(f"network {network} is not allowed on this server (allowed: "
                              f"{', '.join(limits.networks)})", "limit_exceeded")
     return KernelspecRequest(image=image, name=name, display_name=display, memory=memory, cpus=cpus, pids=pids,
-                             network=network, probe=flag(body, "probe", True))
+                             network=network, probe=flag(body, "probe", True),
+                             start_dialog=flag(body, "start_dialog", False))
 
 
 def resource(body: Mapping[str, Any], name: str, limits: Limits) -> str | None:
