@@ -4,9 +4,26 @@ Owns the profile data (``seccomp_default.json``, in moby's
 ``profiles/seccomp/default.json`` schema), its resolution for one container
 (capabilities, native architecture and its sub-architectures, kernel
 version: the includes/excludes rules as Docker applies them), compiling it with
-libseccomp (cffi ABI mode, ``libseccomp.so.2``) in *this* process, a per-process
-cache of the compiled bytes, and the profile as an OCI runtime-spec
-``linux.seccomp`` section for ``config.json``.
+libseccomp (cffi ABI mode, ``libseccomp.so.2``) in *this* process, the cache of
+compiled programs (per process, and on disk: see below), and the profile as an
+OCI runtime-spec ``linux.seccomp`` section for ``config.json``.
+
+The program is compiled once per machine, not once per process: compiling
+costs 30-50 ms here (cffi's parse of the declarations with pycparser, then
+libseccomp), and every ``jupyter contain run`` is a new process. A compiled
+program is kept in :func:`cache_dir` (``/run/jupyter-contain-cache/seccomp``
+for root, ``$XDG_RUNTIME_DIR/jupyter-contain-cache/seccomp`` otherwise), one
+file per key: the resolved profile (which holds the profile's rules, the
+capabilities, the architecture and the kernel version's choices, and the
+host-file guard), the kernel release, the machine and this format's version.
+The file names the libseccomp that compiled it (path, inode, size, mtime) and
+carries the program's sha256. A cache file is host state that decides what
+every container may do, so it is trusted only where no one else can write: the
+folder and the file must belong to this user and be writable by no one else, the
+file a regular file opened without following a symlink; a file that fails any
+check (stale key, another libseccomp, a bad checksum, a foreign owner, a symlink
+or a FIFO in its place) is never loaded: the program is compiled again and the
+file replaced (written beside it and renamed). Containers never see this folder.
 
 Must not load a filter into any process (the native start does that in the
 child, right before execve, after no_new_privs), fork, or import ``native``:
@@ -30,10 +47,14 @@ files are setuid (``sudo``, ``passwd``) does not install inside a container.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import stat
 import struct
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -53,6 +74,7 @@ __all__ = [
     "guard_filter",
     "compile_profile",
     "default_filter",
+    "cache_dir",
     "filter_for",
     "load_profile",
     "oci_section",
@@ -230,7 +252,8 @@ _lib_lock = threading.Lock()
 _lib_pair: tuple[Any, Any] | None = None
 _cache_lock = threading.Lock()
 _cache: dict[frozenset[str], bytes] = {}
-_sections: dict[frozenset[str], dict[str, Any]] = {}   # oci_section, per capability set
+_sections: dict[frozenset[str], dict[str, Any]] = {}   # resolved profiles, per capability set
+_sections_lock = threading.Lock()
 
 
 def _libseccomp() -> tuple[Any, Any]:
@@ -287,8 +310,28 @@ def _parse_kernel(text: str) -> tuple[int, int]:
     return int(major), int(minor.split(".")[0] or 0)
 
 
+#: uname's machine -> the SCMP_ARCH_* name of a 64-bit (or the only) process on it; a 32-bit
+#: process on a 64-bit machine (x86, x32 or arm on an x86_64 or aarch64 kernel) asks libseccomp
+_MACHINE_ARCH = MappingProxyType({
+    "x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64", "ppc64le": "SCMP_ARCH_PPC64LE",
+    "s390x": "SCMP_ARCH_S390X", "riscv64": "SCMP_ARCH_RISCV64",
+})
+
+
 def _native_arch() -> str:
-    """The SCMP_ARCH_* name of this process's architecture."""
+    """The SCMP_ARCH_* name of this process's architecture.
+
+    From ``uname`` where that is unambiguous, so that resolving the profile (every
+    container's ``config.json``) and finding a cached program never load libseccomp.
+    """
+    machine = os.uname().machine
+    if sys.maxsize > 2**32 and machine in _MACHINE_ARCH:
+        return _MACHINE_ARCH[machine]
+    return _libseccomp_native_arch()
+
+
+def _libseccomp_native_arch() -> str:
+    """The SCMP_ARCH_* name libseccomp gives this process's architecture."""
     _, lib = _libseccomp()
     token = lib.seccomp_arch_native()
     for name, short in _SCMP_ARCH_NAMES.items():
@@ -529,14 +572,183 @@ def _enosys_stub(lib: Any, tokens: Mapping[str, int], used: Iterable[str]) -> by
     return bytes(out)
 
 
-# --- per-process cache ---------------------------------------------------------------
+# --- the caches: per process, and compiled programs on disk ---------------------------
+
+#: the on-disk format; bump it when the program for one key may change (the stub, compile options)
+_CACHE_FORMAT = 1
+_CACHE_MAGIC = b"jupyter-contain seccomp program\n"
+_CACHE_ENV = "JUPYTER_CONTAIN_SECCOMP_CACHE"
+_MAX_INSNS = 4096   # BPF_MAXINSNS: the kernel refuses a longer program
+_MAX_HEADER = 4096
+
+
+def cache_dir() -> Path | None:
+    """Where compiled programs are kept (None: nowhere, compile in each process).
+
+    ``$JUPYTER_CONTAIN_SECCOMP_CACHE`` overrides it (empty: no cache). Under
+    ``/run`` (or the user's runtime folder): a reboot, which is when the kernel
+    changes, starts empty. Without ``$XDG_RUNTIME_DIR`` a non-root user gets no
+    cache rather than one in a folder other users share.
+    """
+    env = os.environ.get(_CACHE_ENV)
+    if env is not None:
+        return Path(env) if env else None
+    if os.geteuid() == 0:
+        return Path("/run/jupyter-contain-cache/seccomp")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "jupyter-contain-cache" / "seccomp" if xdg else None
+
+
+def _cache_key(section: Mapping[str, Any]) -> str:
+    """What a compiled program depends on, hashed: the resolved section (profile, guard,
+    capabilities, architecture, kernel-version choices), the kernel, the process's ABI, the format."""
+    uname = os.uname()
+    material = json.dumps({"format": _CACHE_FORMAT, "section": section, "kernel": uname.release,
+                           "machine": uname.machine, "bits": 64 if sys.maxsize > 2**32 else 32},
+                          sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _lib_identity() -> dict[str, Any] | None:
+    """The libseccomp file this process loaded (path, device, inode, size, mtime), from /proc/self/maps."""
+    _libseccomp()
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and b"/libseccomp.so" in parts[5]:
+                    path = os.fsdecode(parts[5].strip())
+                    st = os.stat(path)
+                    return {"path": path, "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+                            "mtime_ns": st.st_mtime_ns}
+    except OSError:
+        pass
+    return None
+
+
+def _same_lib(recorded: Any) -> bool:
+    """The libseccomp a cached program names is still the file at its path (no upgrade since)."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
+        return False
+    try:
+        st = os.stat(recorded["path"])
+    except OSError:
+        return False
+    return (recorded.get("dev"), recorded.get("ino"), recorded.get("size"), recorded.get("mtime_ns")) == (
+        st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _private_dir(path: Path, *, create: bool) -> int | None:
+    """An O_DIRECTORY fd of ``path`` if this user owns it and no one else may write in it, else None.
+
+    ``create``: make it (and its parents, 0700) when missing. Opened without following a
+    symlink in its last component; every later access goes through the fd.
+    """
+    if create:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            log.debug("seccomp cache: cannot make %s: %s", path, exc)
+            return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        log.warning("seccomp cache %s is not a folder of this user only (owner %d, mode %o): not used",
+                    path, st.st_uid, stat.S_IMODE(st.st_mode))
+        return None
+    return fd
+
+
+def _read_cached(dfd: int, name: str, key: str) -> bytes | None:
+    """The program in ``name`` if every check holds (see the module docstring), else None."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None   # missing, or a symlink (ELOOP)
+    try:
+        st = os.fstat(fd)
+        limit = len(_CACHE_MAGIC) + _MAX_HEADER + _MAX_INSNS * 8
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022
+                or st.st_size > limit):
+            log.warning("seccomp cache file %s is not a private regular file of this user: not used", name)
+            return None
+        data = os.pread(fd, limit + 1, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not data.startswith(_CACHE_MAGIC):
+        return None
+    header_line, sep, prog = data[len(_CACHE_MAGIC):].partition(b"\n")
+    try:
+        header = json.loads(header_line) if sep and len(header_line) <= _MAX_HEADER else None
+    except ValueError:
+        header = None
+    if (not isinstance(header, dict) or header.get("format") != _CACHE_FORMAT or header.get("key") != key
+            or header.get("size") != len(prog) or not prog or len(prog) % 8 or len(prog) // 8 > _MAX_INSNS
+            or header.get("sha256") != hashlib.sha256(prog).hexdigest() or not _same_lib(header.get("lib"))):
+        return None
+    return prog
+
+
+def _write_cached(dfd: int, name: str, key: str, prog: bytes) -> None:
+    """Write the cache file beside its place and rename it there (readers see the old file or the whole new one)."""
+    header = json.dumps({"format": _CACHE_FORMAT, "key": key, "size": len(prog),
+                         "sha256": hashlib.sha256(prog).hexdigest(), "lib": _lib_identity()},
+                        sort_keys=True, separators=(",", ":")).encode()
+    tmp = f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    except OSError as exc:
+        log.debug("seccomp cache: cannot write %s: %s", name, exc)
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_CACHE_MAGIC + header + b"\n" + prog)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except OSError as exc:
+        log.debug("seccomp cache: cannot write %s: %s", name, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+
+
+def cached_program(section: Mapping[str, Any], *, directory: Path | None) -> bytes:
+    """The program for a resolved ``section``: from ``directory`` when a valid file is there,
+    else compiled (and, with a usable ``directory``, written there for the next process)."""
+    dfd = _private_dir(directory, create=True) if directory is not None else None
+    if dfd is None:
+        return _compiled(section)
+    try:
+        key = _cache_key(section)
+        name = key + ".bpf"
+        prog = _read_cached(dfd, name, key)
+        if prog is not None:
+            log.debug("seccomp program %s from the cache: %d instructions", name, len(prog) // 8)
+            return prog
+        prog = _compiled(section)
+        _write_cached(dfd, name, key, prog)
+        return prog
+    finally:
+        os.close(dfd)
+
+
+def _compiled(section: Mapping[str, Any]) -> bytes:
+    prog = compile_profile(section)
+    if len(prog) // 8 > _MAX_INSNS:
+        raise errors.ContainerError(f"seccomp program too long ({len(prog) // 8} instructions)")
+    log.debug("compiled a seccomp program: %d instructions", len(prog) // 8)
+    return prog
 
 
 def default_filter(capabilities: Iterable[str] = _DOCKER_DEFAULT_CAPS) -> bytes:
     """Docker's default profile compiled for ``capabilities``: once per process and set.
 
-    Thread-safe and lazy: the first call compiles (a few ms), later calls
-    return the same ``bytes`` object.
+    Thread-safe and lazy: the first call reads the cached program (or compiles
+    it, tens of ms), later calls return the same ``bytes`` object.
     """
     key = frozenset(capabilities)
     prog = _cache.get(key)
@@ -544,12 +756,18 @@ def default_filter(capabilities: Iterable[str] = _DOCKER_DEFAULT_CAPS) -> bytes:
         with _cache_lock:
             prog = _cache.get(key)
             if prog is None:
-                prog = compile_profile(resolve_profile(load_profile(), capabilities=key))
-                if len(prog) // 8 > 4096:
-                    raise errors.ContainerError(f"seccomp program too long ({len(prog) // 8} instructions)")
+                prog = cached_program(_resolved(key), directory=cache_dir())
                 _cache[key] = prog
-                log.debug("compiled the default seccomp profile: %d instructions", len(prog) // 8)
     return prog
+
+
+def _resolved(caps: frozenset[str]) -> dict[str, Any]:
+    """Docker's profile resolved for ``caps``, once per process and set (callers must not modify it)."""
+    section = _sections.get(caps)
+    if section is None:
+        with _sections_lock:
+            section = _sections.setdefault(caps, resolve_profile(load_profile(), capabilities=caps))
+    return section
 
 
 _guard_lock = threading.Lock()
@@ -557,17 +775,17 @@ _guard_program: bytes | None = None
 
 
 def _guard_section() -> dict[str, Any]:
-    arches = resolve_profile(load_profile(), capabilities=frozenset())["architectures"]
+    arches = _resolved(frozenset())["architectures"]
     return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": arches, "syscalls": _guard_refusals()}
 
 
 def guard_filter() -> bytes:
-    """The host-file guard alone (mode "guard"), compiled once per process."""
+    """The host-file guard alone (mode "guard"), compiled once per process (or machine: the cache)."""
     global _guard_program
     if _guard_program is None:
         with _guard_lock:
             if _guard_program is None:
-                _guard_program = compile_profile(_guard_section())
+                _guard_program = cached_program(_guard_section(), directory=cache_dir())
     return _guard_program
 
 
@@ -597,9 +815,4 @@ def oci_section(mode: str, *, capabilities: Iterable[str] = _DOCKER_DEFAULT_CAPS
         return _guard_section()
     # resolved once per process and set (reading and resolving the profile
     # took ~0.3 ms of every create); callers only serialise it
-    key = frozenset(capabilities)
-    section = _sections.get(key)
-    if section is None:
-        with _cache_lock:
-            section = _sections.setdefault(key, resolve_profile(load_profile(), capabilities=key))
-    return section
+    return _resolved(frozenset(capabilities))
