@@ -141,3 +141,34 @@ class NetworkError(ContainerError):
 
 class ChannelError(KernelError):
     """A request over a kernel's host channel (the sandbox's narrow line to the host) was refused or failed."""
+
+
+# --- builds -----------------------------------------------------------------
+
+class BuildError(ContainError):
+    """A Containerfile build failed: a syntax error, a bad context path, a failing step.
+
+    ``file``/``line``/``instruction`` name where, when the failure belongs to
+    one instruction; ``exit_code`` is 1 as ``docker build`` exits for a failed
+    step (125 stays the engine's own failures).
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, file: str = "", line: int = 0, instruction: str = "") -> None:
+        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
+        what = f"{instruction}: " if instruction else ""
+        super().__init__(f"{where}{what}{message}")
+        self.file = file
+        self.line = line
+        self.instruction = instruction
+
+
+class BuildStepFailed(BuildError):
+    """A RUN step exited non-zero (its exit code and the tail of its output are kept)."""
+
+    def __init__(self, message: str, *, code: int, output: str = "", file: str = "", line: int = 0,
+                 instruction: str = "") -> None:
+        super().__init__(message, file=file, line=line, instruction=instruction)
+        self.code = code
+        self.output = output
