@@ -164,7 +164,7 @@ def test_unknown_option_fails_clearly(ksm, kernel_env, kernel_runtime):
 def test_probe_rejects_image_without_python(image_store, tmp_path):
     with pytest.raises(errors.KernelError) as ei:
         kernelspec.install(store=image_store, image_name="localhost/busybox:test", name="t-busybox",
-                           prefix=str(tmp_path / "prefix"))
+                           prefix=str(tmp_path / "prefix"), kernel_layer_mode="never")
     msg = str(ei.value)
     assert "busybox" in msg and "no python3" in msg and "ipykernel" in msg
     assert not (tmp_path / "prefix/share/jupyter/kernels/t-busybox").exists()

@@ -39,7 +39,7 @@ def cmd_ks_install(args: argparse.Namespace) -> int:
         store=store, image_name=args.image, name=args.name, display_name=args.display_name,
         memory=args.memory, cpus=args.cpus, pids=args.pids_limit, network=args.network,
         userns=args.userns, seccomp=seccomp_mode(args.security_opt),
-        probe=not args.no_probe, start_dialog=args.start_dialog, **_install_location(args))
+        probe=not args.no_probe, kernel_layer_mode=args.kernel_layer, start_dialog=args.start_dialog, **_install_location(args))
     print(f"installed kernelspec {name} in {path}")
     return 0
 
@@ -128,8 +128,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     kss = ks.add_subparsers(dest="ks_verb", metavar="ACTION")
     kss.required = True
     p = kss.add_parser("install", help="install a kernelspec that starts kernels in IMAGE",
-                       description="Probe IMAGE (it needs python3 with ipykernel) and install a kernelspec "
-                                   "whose kernels run in containers from it.")
+                       description="Probe IMAGE and install a kernelspec whose kernels run in containers from "
+                                   "it. Any image works: one with python3 and ipykernel runs its own; one with "
+                                   "python3 but no ipykernel gets ipykernel from a read-only site folder; one "
+                                   "without Python (busybox, alpine, ubuntu) runs the kernel layer, a Python "
+                                   "with ipykernel mounted read-only. The image itself is never changed.")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--name", help="kernel name (default: contained-<image name>)")
     p.add_argument("--display-name", help='default: "Contained Python (<image name>)"')
@@ -144,6 +147,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--security-opt", action="append", metavar="OPT",
                    help="seccomp=unconfined: kernels run without Docker's seccomp profile, keeping only the host-file guard (default: the profile)")
     p.add_argument("--no-probe", action="store_true", help="skip the check that the image can run a kernel")
+    p.add_argument("--kernel-layer", choices=["auto", "always", "never"], default="auto",
+                   help="auto (default): the image's own Python and ipykernel when it has them, else ipykernel or a "
+                        "whole Python added read-only; always: the kernel layer's Python whatever the image has; "
+                        "never: the image's own Python and ipykernel, or an error")
     p.add_argument("--start-dialog", action="store_true",
                    help="in JupyterLab, ask for memory, CPUs, network and image tag before each kernel of it "
                         "starts (within the server's ceilings)")

@@ -26,7 +26,7 @@ from ..runtime import (
     NETWORK_MODES,
     Bind, Container, ContainerSpec, ImageRecord, Limits, Runtime, Store, parse_bind, parse_cpus, parse_memory,
 )
-from . import guest_files
+from . import guest_files, kernel_layer
 from .channel import KernelContext, parse_allowed_images
 from .folder import KernelFolder, kernel_runtime_dir
 
@@ -46,7 +46,7 @@ PASS_ENV = ("JPY_SESSION_NAME", "LANG", "LC_ALL", "TZ")
 #: provisioner options a kernelspec may set (anything else is a typo worth an error)
 OPTION_NAMES = frozenset({
     "image", "memory", "cpus", "pids", "network", "mounts", "env", "pull_policy", "mount_cwd", "reset",
-    "store_root", "python", "shutdown_wait", "userns", "seccomp", "allowed_images",
+    "store_root", "python", "shutdown_wait", "userns", "seccomp", "allowed_images", "kernel_layer",
 })
 
 
@@ -76,6 +76,10 @@ class KernelOptions:
     #: images the kernel's %%container cells and ``%container images`` may use besides its own
     #: image and its snapshots: references or glob patterns (``channel.image_allowed``)
     allowed_images: tuple[str, ...] = ()
+    #: how the kernel gets ipykernel (``kernel_layer.KernelChoice``): "" the image's own, "layer"
+    #: the kernel layer's Python, "site:3.N" the image's Python with the kernel site; chosen by
+    #: ``kernelspec install`` (which probed the image), checked here
+    kernel_layer: str = ""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, where: str = "kernelspec") -> "KernelOptions":
@@ -144,7 +148,18 @@ class KernelOptions:
             kw["allowed_images"] = parse_allowed_images(config.get("allowed_images") or ())
         except errors.InvalidSpec as exc:
             raise bad("allowed_images", exc) from None
+        choice = config.get("kernel_layer") or ""
+        if not isinstance(choice, str):
+            raise errors.InvalidSpec(f"{where}: option kernel_layer: {choice!r} is not a string")
+        try:
+            kw["kernel_layer"] = str(kernel_layer.KernelChoice.parse(choice))
+        except errors.InvalidSpec as exc:
+            raise bad("kernel_layer", exc) from None
         return cls(**kw)
+
+    @property
+    def kernel_choice(self) -> kernel_layer.KernelChoice:
+        return kernel_layer.KernelChoice.parse(self.kernel_layer)
 
     def limits(self) -> Limits:
         return Limits(memory=self.memory, cpus=self.cpus, pids=self.pids)
@@ -162,7 +177,9 @@ class KernelOptions:
 
 def kernel_command(options: KernelOptions, connection_file: str, extra: Sequence[str] = ()) -> list[str]:
     """The kernel's argv inside the container."""
-    return [*options.python, "-c", BOOT, "-f", str(connection_file),
+    choice = options.kernel_choice
+    boot = "import sys; " + kernel_layer.boot_path_lines(choice) + BOOT.removeprefix("import sys; ")
+    return [*kernel_layer.kernel_python(choice, options.python), "-c", boot, "-f", str(connection_file),
             f"--IPKernelApp.extra_extensions={guest_files.EXTENSION}", *extra]
 
 
@@ -243,6 +260,9 @@ def create_container(rt: Runtime, options: KernelOptions, *, kernel_id: str, fol
     # idmapped (with userns=auto), the notebook folder: the kernel's root saves files there
     # as their host owner would
     binds = [*folder.binds(), Bind(guest_files.guest_path(), GUEST_DIR, readonly=True)]
+    # the kernel layer or site (host-made, read-only, never in the image or a snapshot): built
+    # once per machine, normally by `kernelspec install`; here only a stat
+    binds += kernel_layer.binds(options.kernel_choice)
     lent = guest_files.lent_widgets()
     binds += [Bind(src, dst, readonly=True) for src, dst in (lent.binds if lent else ())]
     workdir = None

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .. import errors
+from . import guest_files, kernel_layer
 from ..runtime import NETWORK_MODES, ContainerSpec, ImageRecord, Runtime, Store, parse_cpus, parse_memory
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,110 @@ def probe_versions(runtime: Runtime, image: ImageRecord, *, python: str = "pytho
     return {"ipykernel": lines[-1] if lines else None, "ipywidgets": None if widgets in ("-", "") else widgets}
 
 
+#: what the kernel-layer probe prints: one JSON line about the image's Python (any Python 3)
+_PYTHON_PROBE = (
+    "import json, platform, sys\n"
+    "def v(name):\n"
+    "    try:\n"
+    "        m = __import__(name)\n"
+    "        return str(getattr(m, '__version__', '?'))\n"
+    "    except Exception:\n"
+    "        return None\n"
+    "libc = platform.libc_ver()\n"
+    "print(json.dumps({'python': list(sys.version_info[:2]), 'ipykernel': v('ipykernel'),"
+    " 'ipywidgets': v('ipywidgets'), 'libc': libc[0], 'libc_version': libc[1],"
+    " 'machine': platform.machine()}))\n"
+)
+
+#: --kernel-layer values
+KERNEL_LAYER_MODES = ("auto", "always", "never")
+
+
+def probe_python(runtime: Runtime, image: ImageRecord, *, python: str = "python3") -> dict[str, Any] | None:
+    """What the image's Python is: version, ipykernel, ipywidgets, libc; None when it has no ``python``."""
+    with tempfile.TemporaryFile() as out, open(os.devnull, "rb") as null:
+        try:
+            userns = "auto" if not runtime.rootless and runtime.userns_unavailable_reason() is None else "host"
+            info = runtime.run(ContainerSpec(image=image.name, command=(python, "-c", _PYTHON_PROBE), entrypoint=(),
+                                             userns=userns),  # type: ignore[arg-type]
+                               stdio=(null.fileno(), out.fileno(), out.fileno()), remove=True)
+        except errors.CommandNotFound:
+            return None
+        out.seek(0)
+        text = out.read(1 << 16).decode(errors="replace").strip()
+    if info.code != 0:
+        # a python3 that is not Python 3, or cannot run here: as good as none
+        log.info("image %s: %s -c ... exited %s: %s", image.familiar, python, info.code, text[-300:])
+        return None
+    try:
+        # the image's output is untrusted: one JSON object of known fields, checked
+        doc = json.loads(text.splitlines()[-1])
+        got = {"python": (int(doc["python"][0]), int(doc["python"][1])),
+               "ipykernel": None if doc.get("ipykernel") is None else str(doc["ipykernel"])[:40],
+               "ipywidgets": None if doc.get("ipywidgets") is None else str(doc["ipywidgets"])[:40],
+               "libc": str(doc.get("libc") or "")[:20], "libc_version": str(doc.get("libc_version") or "")[:20],
+               "machine": str(doc.get("machine") or "")[:20]}
+    except (ValueError, KeyError, IndexError, TypeError):
+        log.info("image %s: its %s printed no probe result: %s", image.familiar, python, text[-300:])
+        return None
+    return got
+
+
+def choose_kernel(runtime: Runtime, image: ImageRecord, *, mode: str = "auto", probe: bool = True,
+                  python: str = "python3") -> tuple[kernel_layer.KernelChoice, dict[str, Any] | None]:
+    """How kernels of ``image`` get ipykernel (``--kernel-layer``), logging which was chosen and why.
+
+    auto: the image's own Python when it has ipykernel; else its Python with the
+    kernel site when the site can be made for it (CPython 3.8+ on glibc 2.17+,
+    this machine's architecture); else the kernel layer. always: the kernel
+    layer. never: the image's own, or a clear error. Makes the folder the choice
+    needs (once per machine), so the first kernel starts without that wait.
+    """
+    if mode not in KERNEL_LAYER_MODES:
+        raise errors.InvalidSpec(f"unknown --kernel-layer {mode!r} (auto, always or never)")
+    img = image.familiar
+    if mode == "always":
+        log.info("image %s: kernels run from the kernel layer (--kernel-layer always)", img)
+        kernel_layer.cached_kernel_layer(progress=log.debug)
+        return kernel_layer.KernelChoice("layer"), None
+    if not probe:
+        return kernel_layer.KernelChoice(), None
+    info = probe_python(runtime, image, python=python)
+    if info is not None and info["ipykernel"] is not None:
+        log.info("image %s: kernels run on its own Python %d.%d with its ipykernel %s", img, *info["python"],
+                 info["ipykernel"])
+        return kernel_layer.KernelChoice(), info
+    if mode == "never":
+        if info is None:
+            raise errors.KernelError(
+                f"image {img} has no {python}, and --kernel-layer never forbids the kernel layer: a contained "
+                f"kernel needs Python 3 with ipykernel in the image (for Debian/Ubuntu images: apt-get install "
+                f"python3-ipykernel), or drop --kernel-layer never")
+        raise errors.KernelError(
+            f"image {img} cannot run a kernel: its {python} (Python {info['python'][0]}.{info['python'][1]}) has no "
+            f"ipykernel, and --kernel-layer never forbids adding one (install it in the image: pip install "
+            f"ipykernel, or apt-get install python3-ipykernel; or drop --kernel-layer never)")
+    if info is None:
+        log.info("image %s has no %s: kernels run from the kernel layer (a Python with ipykernel, "
+                 "mounted read-only; the image is unchanged)", img, python)
+        kernel_layer.cached_kernel_layer(progress=log.debug)
+        return kernel_layer.KernelChoice("layer"), None
+    why = kernel_layer.site_unsupported(info)
+    if why is None:
+        try:
+            kernel_layer.cached_kernel_site(info["python"], progress=log.debug)
+        except errors.KernelError as exc:
+            why = f"its site could not be made: {exc}"
+        else:
+            log.info("image %s has Python %d.%d without ipykernel: kernels run on its own Python with ipykernel "
+                     "from the kernel site (mounted read-only; the image is unchanged)", img, *info["python"])
+            return kernel_layer.KernelChoice("site", info["python"]), info
+    log.info("image %s has Python %d.%d without ipykernel, and %s: kernels run from the kernel layer "
+             "(a Python with ipykernel, mounted read-only; the image is unchanged)", img, *info["python"], why)
+    kernel_layer.cached_kernel_layer(progress=log.debug)
+    return kernel_layer.KernelChoice("layer"), info
+
+
 def kernel_json(*, image: ImageRecord, display_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "argv": [sys.executable, "-m", "jupyter_contain.kernel.launcher", "-f", "{connection_file}",
@@ -148,14 +253,18 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
             memory: str | None = None, cpus: str | None = None, pids: int | None = None,
             network: str | None = None, user: bool = False, prefix: str | None = None,
             probe: bool = True, userns: str | None = None, seccomp: str | None = None,
-            create_only: bool = False, start_dialog: bool = False) -> tuple[str, str]:
+            create_only: bool = False, start_dialog: bool = False,
+            kernel_layer_mode: str = "auto") -> tuple[str, str]:
     """Install a kernelspec for ``image_name``; returns (kernel name, install path).
 
     ``create_only`` (a kernel's request through its host channel): the
     kernelspec must be new. Refused (KernelError) when a kernelspec of that
     name exists in any kernel folder Jupyter searches, and the folder is
     created exclusively (``mkdir``), so nothing existing is ever replaced,
-    not even by a request racing this one.
+    not even by a request racing this one. ``kernel_layer_mode`` (auto, always,
+    never): whether kernels may run from the kernel layer or site when the image
+    has no Python with ipykernel (:func:`choose_kernel`); the display name is
+    "Contained Python (<image>)" either way.
     """
     image = store.resolve(image_name)
     name = name or default_kernel_name(image)
@@ -185,12 +294,12 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
         config["seccomp"] = seccomp
     if store.root != Store().root:
         config["store_root"] = str(store.root)
-    if probe:
-        versions = probe_versions(Runtime(store), image)
-        log.info("image %s has ipykernel %s", image.familiar, versions["ipykernel"])
+    choice, info = choose_kernel(Runtime(store), image, mode=kernel_layer_mode, probe=probe)
+    if choice.mode != "image":
+        config["kernel_layer"] = str(choice)
+    elif info is not None:
+        versions = {"ipykernel": info["ipykernel"], "ipywidgets": info["ipywidgets"]}
         # widgets: the image's ipywidgets, the host's lent one (guest_files), or a warning saying what to do
-        from . import guest_files
-
         fine, said = guest_files.widgets_plan(versions["ipywidgets"], image=image.familiar)
         (log.info if fine else log.warning)("%s", said)
     spec = kernel_json(image=image, display_name=display_name or default_display_name(image), config=config)

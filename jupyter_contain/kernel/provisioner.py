@@ -86,6 +86,10 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     allowed_images = List(Unicode(), [], config=True,
                           help="Images %%container cells and %container images may use besides the kernel's own "
                                "image and its snapshots: references or glob patterns ('python:*'; '*': all).")
+    kernel_layer = Unicode("", config=True,
+                           help="How the kernel gets ipykernel (set by `jupyter contain kernelspec install`): empty: the "
+                                "image's own; 'layer': the host-made kernel layer's Python (images without Python); "
+                                "'site:3.N': the image's Python 3.N with ipykernel from a host-made site folder.")
 
     # --- state -----------------------------------------------------------------------
 
