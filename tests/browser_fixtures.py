@@ -185,7 +185,7 @@ def _lab_containers(lab: Lab, runtime_cls) -> list:
     """Containers of kernels of this server (kernel containers labelled with our kernelspecs' names)."""
     names = {p.name for p in lab.kernels_dir.iterdir()} if lab.kernels_dir.is_dir() else set()
     return [c for c in runtime_cls(lab.store).containers()
-            if c.state.get("labels", {}).get("jupyter-contain.kernel-name") in names]
+            if c.state.labels.get("jupyter-contain.kernel-name") in names]
 
 
 @pytest.fixture(scope="module")

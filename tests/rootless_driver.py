@@ -65,7 +65,7 @@ def main() -> int:
                     st = os.lstat(p)
                     upper.append([os.path.relpath(p, c.upper), st.st_uid, st.st_gid])
             report = {}
-            helper = (c.state.get("net") or {}).get("helper_pid")
+            helper = (c.state.net or {}).get("helper_pid")
             if helper:
                 # slirp4netns ends with the container's init (it watches a pipe init held)
                 deadline = time.monotonic() + 5

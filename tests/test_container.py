@@ -16,6 +16,7 @@ import pytest
 from jupyter_contain import errors
 from jupyter_contain.runtime.containers.cgroups import Limits
 from jupyter_contain.runtime.containers.container import ContainerSpec, Runtime, parse_bind
+from jupyter_contain.runtime.containers.state import STATE_VERSION, ContainerState
 
 
 def run_capture(rt: Runtime, tmp_path: Path, cmd: str, **kw) -> tuple[int, str]:
@@ -27,13 +28,18 @@ def run_capture(rt: Runtime, tmp_path: Path, cmd: str, **kw) -> tuple[int, str]:
 
 
 def test_isolation(runtime, tmp_path):
-    code, out = run_capture(runtime, tmp_path, "echo pid=$$; hostname; ls /proc | grep -c '^[0-9]'; "
+    code, out = run_capture(runtime, tmp_path, "echo pid=$$; hostname; echo procs=$(ls /proc | grep -c '^[0-9]'); "
                                                "cat /proc/self/status | grep -E 'NoNewPrivs|CapAmb|CapInh'; "
-                                               "ip link 2>/dev/null | grep -c '^[0-9]'", hostname="box")
+                                               "echo links=$(ip -o link | grep -c '^[0-9]')", hostname="box")
     assert code == 0
     lines = out.split()
     assert "pid=2" in out  # PID 1 is the init, the payload is its child
     assert "box" in lines
+    # init, sh and the pipeline (ls, grep): no host process, and counted from inside
+    procs = next(int(w.split("=")[1]) for w in lines if w.startswith("procs="))
+    assert 2 <= procs <= 5, out
+    # network "none": its own namespace with only the loopback
+    assert "links=1" in lines, out
     assert "NoNewPrivs:\t1" in out and "CapAmb:\t0000000000000000" in out and "CapInh:\t0000000000000000" in out
 
 
@@ -60,7 +66,13 @@ def test_writable_layer_and_upper(runtime, tmp_path):
     assert (c.upper / "etc" / "passwd").is_char_device()  # the deletion is a whiteout in the upper layer
     lowers = runtime.store.layer_dirs(c.image())
     assert (lowers[0] / "etc" / "passwd").is_file()  # the image is untouched
-    # host-side runtime stubs never land in the writable layer as regular content
+    # host-side runtime stubs never land in the writable layer as regular content: what the
+    # payload did is there, and of /etc/hostname, hosts, resolv.conf (on a tmpfs of the
+    # container's own) at most an empty mount point where the image had none
+    made = {str(p.relative_to(c.upper)): p for p in c.upper.rglob("*")}
+    stubs = {k for k in made if k in ("etc/hosts", "etc/hostname", "etc/resolv.conf")}
+    assert set(made) - stubs == {"etc", "etc/passwd", "newfile"}, sorted(made)
+    assert all(made[k].is_file() and made[k].stat().st_size == 0 for k in stubs), stubs
     c.remove()
     assert not c.dir.exists()
 
@@ -93,7 +105,7 @@ def test_bind_source_gone_at_start_names_the_mount(runtime, tmp_path):
             with pytest.raises(errors.SpawnError) as exc:
                 c.start()
             assert exc.value.step == "bind-mount" and exc.value.path == str(src), exc.value
-            assert c.status() == "created" and c.cgroups() is None
+            assert c.refresh_status() == "created" and c.cgroups() is None
     finally:
         c.remove()
 
@@ -180,7 +192,7 @@ def test_pids_limit_stops_fork_bomb(runtime, tmp_path):
 def test_stop_kill_and_exec(runtime, tmp_path):
     c = runtime.create(ContainerSpec(image="busybox:test", command=("sh", "-c", "trap '' TERM; sleep 100")))
     c.start()
-    assert c.status() == "running"
+    assert c.refresh_status() == "running"
     out = tmp_path / "exec.out"
     with open(out, "wb") as f, open(os.devnull, "rb") as null:
         proc = c.exec(["sh", "-c", "echo in; cat /proc/1/cmdline >/dev/null; ps | wc -l; hostname"],
@@ -203,7 +215,7 @@ def test_stop_kill_and_exec(runtime, tmp_path):
     info = c.stop(timeout=0.5)   # TERM is ignored: SIGKILL follows
     assert info is not None and info.code == 128 + signal.SIGKILL
     assert time.monotonic() - t0 < 5
-    assert c.status() == "exited"
+    assert c.refresh_status() == "exited"
 
 
 def test_state_seen_by_another_process(runtime, tmp_path):
@@ -255,10 +267,103 @@ def test_gc_sweeps_only_this_stores_cgroups(runtime, tmp_path):
     assert other.store_tag != runtime.store_tag
     try:
         other.gc()
-        assert c.status() == "running" and c.cgroups() is not None   # another store's gc leaves it alone
+        assert c.refresh_status() == "running" and c.cgroups() is not None   # another store's gc leaves it alone
         removed = runtime.gc()
         assert f"cgroup:{runtime.store_tag}-{'f' * 64}" in removed
-        assert c.status() == "running"
+        assert c.refresh_status() == "running"
     finally:
         stray.destroy()
         c.stop(timeout=1)
+
+
+# --- the state file ---------------------------------------------------------------------------
+
+
+def test_state_file_is_typed_versioned_and_reads_files_from_before_versions(runtime):
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("sh", "-c", "exit 7"), labels={"k": "v"},
+                                     env={"A": "1"}, rlimits={"nofile": (64, 128)}))
+    try:
+        raw = json.loads((c.dir / "state.json").read_text())
+        assert raw["version"] == STATE_VERSION and raw["status"] == "creating"
+        st = c.state
+        assert isinstance(st, ContainerState) and st.labels == {"k": "v"} and st.process.env["A"] == "1"
+        assert st.process.rlimits == {"nofile": (64, 128)} and st.exit is None
+        assert st.to_json() == raw                                   # nothing lost either way
+        legacy = {k: v for k, v in raw.items() if k != "version"}    # written before the field
+        assert ContainerState.from_json(legacy) == st
+        c.start()
+        info = c.wait(10)
+        assert info is not None and info.code == 7 and c.state.exit == info and c.state.status == "exited"
+        with pytest.raises(errors.ContainerError, match="state.json is unreadable: 'process'"):
+            ContainerState.from_json({k: v for k, v in raw.items() if k != "process"}, where="state.json")
+    finally:
+        c.remove()
+
+
+def test_newer_state_format_is_refused_and_gc_leaves_it_alone(runtime, caplog):
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("true",)))
+    path = c.dir / "state.json"
+    original = path.read_bytes()
+    try:
+        newer = {**json.loads(original), "version": STATE_VERSION + 1}
+        path.write_text(json.dumps(newer))
+        with pytest.raises(errors.ContainerError, match=f"format version {STATE_VERSION + 1}, newer"):
+            c.state  # noqa: B018 - the read is what is tested
+        with pytest.raises(errors.ContainerError, match="newer"):
+            c.start()
+        with caplog.at_level("WARNING", logger="jupyter_contain.runtime.containers.container"):
+            removed = runtime.gc()
+        assert c.id not in removed and c.dir.exists()
+        assert f"gc: left container {c.id[:12]} alone" in caplog.text
+        assert json.loads(path.read_text()) == newer               # never rewritten by an older reader
+    finally:
+        path.write_bytes(original)
+        c.remove()
+
+
+def test_a_failing_undo_still_unwinds_the_rest_of_a_start(runtime, monkeypatch):
+    """Rollback in one place: the cgroup's removal failing (after it removed the folders) does
+    not skip the undos registered before it: the process is gone and the state is as before."""
+    from jupyter_contain.runtime.containers import cgroups as cgmod
+    from jupyter_contain.runtime.containers.container import FAULT_ENV
+
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("sleep", "30")))
+    real_destroy = cgmod.Cgroups.destroy
+    folders: list[Path] = []
+
+    def destroy_then_fail(self):
+        folders.extend(self.paths.values())
+        real_destroy(self)
+        raise errors.CgroupError("injected: destroy failed")
+
+    monkeypatch.setattr(cgmod.Cgroups, "destroy", destroy_then_fail)
+    monkeypatch.setenv(FAULT_ENV, "start:network")
+    monkeypatch.setenv(FAULT_ENV + "_ACTION", "raise")
+    try:
+        with pytest.raises(errors.CgroupError, match="injected") as exc:
+            c.start()
+        assert "fault injected at start:network" in str(exc.value.__context__)   # the cause is kept
+        st = c.state
+        assert (st.status, st.pid, st.cgroup, st.starter_pid, st.net) == ("creating", None, None, None, None)
+        assert folders and not any(p.exists() for p in folders)
+    finally:
+        monkeypatch.undo()
+        c.remove()
+
+
+def test_a_failed_create_leaves_nothing(runtime, monkeypatch):
+    from jupyter_contain.runtime.containers.container import FAULT_ENV
+
+    if runtime.userns_unavailable_reason():
+        pytest.skip(runtime.userns_unavailable_reason())
+    allocator = runtime.userns_allocator()
+    before = ({p.name for p in runtime.store.containers_dir.iterdir()}, set(runtime.store.pins()),
+              set(allocator.owners()))
+    for step in ("create:state", "create:done"):
+        monkeypatch.setenv(FAULT_ENV, step)
+        monkeypatch.setenv(FAULT_ENV + "_ACTION", "raise")
+        with pytest.raises(errors.ContainerError, match=f"fault injected at {step}"):
+            runtime.create(ContainerSpec(image="busybox:test", command=("true",), userns="auto"))
+        after = ({p.name for p in runtime.store.containers_dir.iterdir()}, set(runtime.store.pins()),
+                 set(allocator.owners()))
+        assert after == before, step   # no folder, no image pin, no user namespace slice

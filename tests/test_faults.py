@@ -146,15 +146,15 @@ def test_cli_killed_at_each_step_leaves_nothing_after_gc(store_rt, detach, caplo
         if kept:
             # it reached "running": a detached container the user may still want
             (cid,) = kept
-            assert removed == [] and rt.get(cid).status() == "running", step
+            assert removed == [] and rt.get(cid).refresh_status() == "running", step
             assert _processes_with(token)
         else:
             assert set(before) <= set(removed), (step, removed)
             for cid, st in before.items():
                 # a foreground run's owner is the CLI too: before "running", its creator died
-                why = (f"its creator (pid {st['creator_pid']}) died before it ran" if step not in DETACHED_KEPT
-                       else f"its owner (pid {st['owner_pid']}) is gone")
-                assert f"gc: removed container {st['name']} ({cid[:12]}): {why}" in caplog.text, step
+                why = (f"its creator (pid {st.creator_pid}) died before it ran" if step not in DETACHED_KEPT
+                       else f"its owner (pid {st.owner_pid}) is gone")
+                assert f"gc: removed container {st.name} ({cid[:12]}): {why}" in caplog.text, step
         _assert_nothing_left(rt, token, keep=kept)
         for cid in kept:
             assert cli(rt.store.root, "rm", "-f", cid).returncode == 0
@@ -170,9 +170,9 @@ def test_rm_f_of_a_start_killed_after_its_cgroups_removes_them(store_rt):
         assert res.returncode == -signal.SIGKILL, res
         (c,) = rt.containers()
         st = c.state
-        assert st["status"] == "creating" and c.status() == "dead"
-        folders = [Path(p) for p in st["cgroup"].values()]
-        assert folders and all(p.is_dir() for p in folders), st["cgroup"]
+        assert st.status == "creating" and c.refresh_status() == "dead"
+        folders = [Path(p) for p in st.cgroup.values()]
+        assert folders and all(p.is_dir() for p in folders), st.cgroup
         assert cli(rt.store.root, "rm", "-f", c.id).returncode == 0
         assert not any(p.exists() for p in folders)
         _assert_nothing_left(rt, token)
@@ -254,8 +254,8 @@ def test_library_failing_at_each_step_undoes_it_and_can_start_again(store_rt, mo
         with pytest.raises(errors.ContainerError, match=f"fault injected at {step}"):
             c.start(pin=["/pinme"], prepare=prepare)
         st = c.state
-        assert st["status"] == "creating" and c.status() == "created", step
-        assert st["pid"] is None and st["cgroup"] is None and st["starter_pid"] is None, step
+        assert st.status == "creating" and c.refresh_status() == "created", step
+        assert st.pid is None and st.cgroup is None and st.starter_pid is None, step
         with pytest.raises(errors.ContainerError):
             c.pinned("/pinme")                     # nothing pinned is left open
         assert not [n for n in find_orphans(root=rt.cgroups_here()) if n.startswith(rt.store_tag)], step
@@ -281,11 +281,11 @@ def test_restart_whose_process_died_midway_is_undone_not_removed(store_rt):
     res = subprocess.run([sys.executable, "-c", driver, str(rt.store.root), c.id], env=env, timeout=60, check=False)
     assert res.returncode == -signal.SIGKILL
     st = c.state
-    assert st["status"] == "created" and st["cgroup"] and all(Path(p).is_dir() for p in st["cgroup"].values())
+    assert st.status == "created" and st.cgroup and all(Path(p).is_dir() for p in st.cgroup.values())
     removed = rt.gc()
     assert removed == [f"start:{c.id}"]
     st = c.state
-    assert st["status"] == "created" and st["cgroup"] is None
+    assert st.status == "created" and st.cgroup is None
     assert not [n for n in find_orphans(root=rt.cgroups_here()) if n.startswith(rt.store_tag)]
     assert (c.upper / "kept").read_text() == "kept\n"     # the writable layer is the user's
     c.start()
@@ -422,7 +422,7 @@ def test_kill_9_of_a_kernel_and_of_its_init_reads_killed_by_sigkill(ksm, kernel_
 
     def kernel_container():
         (c,) = [c for c in kernel_runtime.containers()
-                if c.state.get("labels", {}).get("jupyter-contain.kernel-id") == km.kernel_id]
+                if c.state.labels.get("jupyter-contain.kernel-id") == km.kernel_id]
         return c
 
     def ps_reason(cid: str) -> str:
@@ -440,7 +440,7 @@ def test_kill_9_of_a_kernel_and_of_its_init_reads_killed_by_sigkill(ksm, kernel_
         assert ps_reason(c.id) == "killed by SIGKILL"
         km.restart_kernel(now=True)               # in place: the same container, a new init
         c = kernel_container()
-        assert c.status() == "running" and c.pid != init
+        assert c.refresh_status() == "running" and c.pid != init
         os.kill(c.pid, signal.SIGKILL)            # its init: no word, and `ps` is not its parent
         assert ps_reason(c.id) == "killed by SIGKILL"
     finally:

@@ -63,7 +63,7 @@ class Kernel:
 
     def container(self, rt: Runtime):
         hits = [c for c in rt.containers()
-                if c.state.get("labels", {}).get("jupyter-contain.kernel-id") == self.km.kernel_id]
+                if c.state.labels.get("jupyter-contain.kernel-id") == self.km.kernel_id]
         assert len(hits) == 1
         return hits[0]
 
@@ -318,7 +318,7 @@ def test_container_cell_magic(kernel, kernel_env, kernel_runtime, caplog):
     assert {(e["event"], e["stream"]) for e in events} == {("output", "stdout")}
     assert "".join(e["text"] for e in events) == "42\n"
     assert msg["ok"] and msg["exit"]["code"] == 0 and ps["ok"] and ps["container"]["id"]
-    left = [c for c in kernel_runtime.containers() if c.state.get("labels", {}).get(channel.CELL_LABEL)]
+    left = [c for c in kernel_runtime.containers() if c.state.labels.get(channel.CELL_LABEL)]
     assert left == []
 
 
@@ -346,14 +346,14 @@ def test_container_cell_streams_live_and_interrupt_kills_it(kernel, kernel_runti
         msg = kc.get_iopub_msg(timeout=60)
         if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
             seen += msg["content"]["text"]
-    cells = [c for c in kernel_runtime.containers() if c.state.get("labels", {}).get(channel.CELL_LABEL)]
-    assert len(cells) == 1 and cells[0].status() == "running"
+    cells = [c for c in kernel_runtime.containers() if c.state.labels.get(channel.CELL_LABEL)]
+    assert len(cells) == 1 and cells[0].refresh_status() == "running"
     kernel.km.interrupt_kernel()
     reply = kc.get_shell_msg(timeout=30)
     assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["ename"] == "KeyboardInterrupt"
     assert time.monotonic() - t0 < 30
     deadline = time.monotonic() + 15
-    while [c for c in Runtime(kernel_runtime.store).containers() if c.state.get("labels", {}).get(channel.CELL_LABEL)]:
+    while [c for c in Runtime(kernel_runtime.store).containers() if c.state.labels.get(channel.CELL_LABEL)]:
         assert time.monotonic() < deadline, "the cell's container outlived the interrupt"
         time.sleep(0.1)
     assert kernel.run("print('alive')")["stdout"] == "alive\n"

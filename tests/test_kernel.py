@@ -51,7 +51,7 @@ async def arun_cell(kc, code: str, *, timeout: float = 60) -> dict:
 
 
 def _kernel_container(rt: Runtime, kernel_id: str):
-    hits = [c for c in rt.containers() if c.state.get("labels", {}).get("jupyter-contain.kernel-id") == kernel_id]
+    hits = [c for c in rt.containers() if c.state.labels.get("jupyter-contain.kernel-id") == kernel_id]
     assert len(hits) <= 1
     return hits[0] if hits else None
 
@@ -69,7 +69,7 @@ def test_execute_interrupt_restart_shutdown(ksm, kernel_env, kernel_runtime):
         kernel_dir = containers.kernel_runtime_dir() / km.kernel_id
         assert kernel_dir.is_dir()
         c = _kernel_container(kernel_runtime, km.kernel_id)
-        assert c is not None and c.status() == "running"
+        assert c is not None and c.refresh_status() == "running"
 
         r = run_cell(kc, "import os, socket; print(socket.gethostname(), os.getpid(), "
                          "open('/proc/1/cmdline','rb').read().split(b'\\0')[0].decode())")
@@ -200,7 +200,7 @@ def test_argv_launcher_for_clients_without_provisioners(ksm, kernel_env, kernel_
         hostname, init = r["stdout"].split()
         assert hostname != socket.gethostname() and init == "jc-init"
         c = next(c for c in kernel_runtime.containers() if c.id.startswith(hostname))
-        assert c.status() == "running"
+        assert c.refresh_status() == "running"
 
         msg_id = kc.execute("import time; time.sleep(100)", stop_on_error=False)
         _wait_busy(kc, msg_id)

@@ -136,7 +136,7 @@ def _execute(ws, code: str, timeout: float = 120) -> dict:
 
 
 def _kernel_containers(rt: Runtime, kernel_id: str) -> list:
-    return [c for c in rt.containers() if c.state.get("labels", {}).get("jupyter-contain.kernel-id") == kernel_id]
+    return [c for c in rt.containers() if c.state.labels.get("jupyter-contain.kernel-id") == kernel_id]
 
 
 def test_server_runs_contained_kernel(server_base, kernel_env, kernel_runtime):
@@ -184,7 +184,7 @@ def test_killed_server_leftovers_are_cleaned_by_next_server(server_base, kernel_
     finally:
         first.stop(signal.SIGKILL)       # no chance to shut its kernels down
     # the container outlived its server
-    assert old.status() == "running" and os.path.exists(f"/proc/{old_pid}")
+    assert old.refresh_status() == "running" and os.path.exists(f"/proc/{old_pid}")
 
     second = Server(server_base / "b", kernel_env)
     try:

@@ -31,7 +31,7 @@ READY = 120
 
 
 def _containers_of(rt: Runtime, kernel_id: str) -> list:
-    return [c for c in rt.containers() if c.state.get("labels", {}).get("jupyter-contain.kernel-id") == kernel_id]
+    return [c for c in rt.containers() if c.state.labels.get("jupyter-contain.kernel-id") == kernel_id]
 
 
 def _ask(path, req: dict) -> dict:
@@ -67,7 +67,7 @@ def test_argv_launcher_serves_the_host_channel(ksm, kernel_env, kernel_runtime):
         assert str(sock.parent.parent) == kernel_dir and sock.is_socket()   # ch/ is bound at the folder path inside
         assert (sock.stat().st_mode & 0o777) == 0o600
         [c] = _containers_of(kernel_runtime, kernel_id)
-        assert c.status() == "running"
+        assert c.refresh_status() == "running"
 
         r = run_cell(kc, "%container stats")
         assert r["reply"]["content"]["status"] == "ok", r

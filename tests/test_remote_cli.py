@@ -96,7 +96,7 @@ def test_remote_ps_stats_diff_and_commit_of_a_kernels_container(srv, kernel_env,
     try:
         srv.execute(kid, "open('/root/remote-cli', 'w').write('hello')")
         (c,) = [c for c in Runtime(kernel_env.store).containers()
-                if c.state.get("labels", {}).get("jupyter-contain.kernel-id") == kid]
+                if c.state.labels.get("jupyter-contain.kernel-id") == kid]
         ps = cli("ps", srv=srv)
         assert ps.returncode == 0 and c.id[:12] in ps.stdout and "CONTAINER ID" in ps.stdout
         assert c.id[:12] in cli("ps", "-q", srv=srv).stdout.split()

@@ -341,7 +341,7 @@ def test_exec_gets_the_filter(runtime, tmp_path):
                 assert proc.wait(10) == 0
                 proc.close()
             assert expect in out.read_text()
-            assert c.state["seccomp"] == mode
+            assert c.state.seccomp == mode
             config = json.loads((c.dir / "config.json").read_text())
             if mode == "default":
                 sec = config["linux"]["seccomp"]

@@ -670,12 +670,12 @@ def test_kernel_container_stats_match_its_cgroup(srv, kernels, kernel_env):
     code, info = srv.api("GET", f"kernels/{kid}/container")
     assert code == 200 and info["contained"] is True, info
     c = Runtime(kernel_env.store).get(info["container"]["id"])
-    assert c.state["labels"]["jupyter-contain.kernel-id"] == kid
+    assert c.state.labels["jupyter-contain.kernel-id"] == kid
     assert info["container"]["kernel_id"] == kid and info["container"]["kernel_of_this_server"] is True
     assert info["container"]["limits"] == {"memory": 256 << 20, "cpus": 1.0, "pids": 64}
     assert info["image"]["name"] == "localhost/debian:bookworm" and info["death"] is None
     srv.execute(kid, "x = 1")   # the kernel is up
-    paths = c.state["cgroup"]
+    paths = c.state.cgroup
     v2 = "unified" in paths and len(paths) == 1
     cpu_file = _cgroup_file(paths, "cpu" if v2 else "cpuacct", "cpu.stat" if v2 else "cpuacct.usage")
 
@@ -708,7 +708,7 @@ def test_kernel_container_stats_match_its_cgroup(srv, kernels, kernel_env):
     assert code == 409 and err["error"]["code"] == "kernel_container"
     code, err = srv.api("POST", f"containers/{c.id}/stop", {})
     assert code == 409
-    assert c.status() == "running"
+    assert c.refresh_status() == "running"
     code, err = srv.api("GET", "kernels/00000000-0000-0000-0000-000000000000/container")
     assert code == 404 and err["error"]["code"] == "kernel_not_found"
 
@@ -816,8 +816,8 @@ def test_start_options_reach_the_container_and_outlive_a_restart(srv, kernels, k
         assert info["image"]["name"] == "localhost/debian:start-opts"
         assert info["start_options"] == {"memory": "128m", "cpus": "0.5", "tag": "start-opts"}
         c = Runtime(store).get(info["container"]["id"])
-        mem = _cgroup_file(c.state["cgroup"], "memory", "memory.limit_in_bytes"
-                           if "unified" not in c.state["cgroup"] else "memory.max")
+        mem = _cgroup_file(c.state.cgroup, "memory", "memory.limit_in_bytes"
+                           if "unified" not in c.state.cgroup else "memory.max")
         assert int(mem.read_text()) == 128 << 20     # the cgroup itself, not our record of it
         assert srv.execute(kid, "print(6 * 7)")["stdout"].strip() == "42"
         code, _ = srv.jupyter("POST", f"/api/kernels/{kid}/restart")
@@ -1037,7 +1037,7 @@ def test_stopping_the_server_leaves_no_containers(tmp_path, kernel_env, kernel_r
         kid = s.start_kernel()
         assert s.execute(kid, "print(1)")["stdout"].strip() == "1"
         (c,) = [c for c in kernel_runtime.containers()
-                if c.state.get("labels", {}).get("jupyter-contain.kernel-id") == kid]
+                if c.state.labels.get("jupyter-contain.kernel-id") == kid]
     finally:
         s.stop()
     assert s.proc.returncode == 0, s.log_text()[-2000:]

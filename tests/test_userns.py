@@ -144,7 +144,7 @@ def test_host_sees_mapped_ids_and_upper_keeps_container_ids(runtime, tmp_path, s
                              "rm /etc/passwd; touch /tmp/t; exec sleep 60")))
     try:
         st = c.state
-        assert st["userns"] == {"uid_map": [[0, BASE, 65536]], "gid_map": [[0, BASE + 1000000, 65536]]}
+        assert st.userns is not None and st.userns.to_json() == {"uid_map": [[0, BASE, 65536]], "gid_map": [[0, BASE + 1000000, 65536]]}
         assert {"type": "user"} in json.loads((c.dir / "config.json").read_text())["linux"]["namespaces"]
         assert oct(c.dir.stat().st_mode & 0o777) == "0o700"
         pid = c.start()
@@ -252,15 +252,15 @@ def test_two_containers_get_distinct_ranges(runtime, tmp_path, subids):
     b = runtime.create(ContainerSpec(image="busybox:test", command=("true",), userns="auto"))
     h = runtime.create(ContainerSpec(image="busybox:test", command=("true",)))
     try:
-        ua, ub = a.state["userns"]["uid_map"][0][1], b.state["userns"]["uid_map"][0][1]
+        ua, ub = a.state.userns.uid_map[0][1], b.state.userns.uid_map[0][1]
         assert ua != ub and abs(ua - ub) >= 65536
-        assert h.state["userns"] is None
+        assert h.state.userns is None
         assert {"type": "user"} not in json.loads((h.dir / "config.json").read_text())["linux"]["namespaces"]
         # a restart keeps the range
         for c in (a, a):
             c.start()
             assert c.wait(10).code == 0
-        assert a.state["userns"]["uid_map"][0][1] == ua
+        assert a.state.userns.uid_map[0][1] == ua
     finally:
         for c in (a, b, h):
             c.remove(force=True)
@@ -302,13 +302,13 @@ def test_parent_side_failure_names_the_step(runtime, tmp_path, subids, monkeypat
     bad = idmap.IdMapping(((0, BASE, 65536), (0, BASE, 1)), ((0, BASE, 65536),))
     c = runtime.create(ContainerSpec(image="busybox:test", command=("true",), userns="auto"))
     try:
-        st = c.state
+        st = json.loads((c.dir / "state.json").read_text())
         st["userns"] = bad.to_json()
         (c.dir / "state.json").write_text(json.dumps(st))
         with pytest.raises(errors.SpawnError) as info:
             c.start()
         assert info.value.step == "uid-map" and info.value.errno == 22
-        assert c.status() == "created"
+        assert c.refresh_status() == "created"
     finally:
         c.remove(force=True)
 

@@ -189,7 +189,7 @@ def _start_attached(c: Container, args: argparse.Namespace) -> int:
         master = c.pty_master   # owned by the container handle, closed by wait()
         with _forward_signals(lambda s: _signal_quietly(c, s)):
             if master is not None:
-                _copy_pty(master, lambda: c.status() != "running")
+                _copy_pty(master, lambda: c.refresh_status() != "running")
             info = c.wait()
     assert info is not None
     if info.oom_killed or info.signal:
@@ -277,7 +277,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     rt = _runtime(args)
-    targets = [rt.get(r) for r in args.containers] or [c for c in rt.containers() if c.status() == "running"]
+    targets = [rt.get(r) for r in args.containers] or [c for c in rt.containers() if c.refresh_status() == "running"]
     rows = []
     for c in targets:
         s = c.stats()
@@ -298,7 +298,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
                 continue
-            if not args.follow or c.status() != "running":
+            if not args.follow or c.refresh_status() != "running":
                 break
             time.sleep(0.2)
     return 0

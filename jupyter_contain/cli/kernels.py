@@ -108,7 +108,7 @@ def _same_rootfs(image, tar) -> bool:
 def cmd_reset(args: argparse.Namespace) -> int:
     rt = runtime.Runtime(runtime.Store(args.root))
     c = rt.get(args.container)
-    if c.status() == "running":
+    if c.refresh_status() == "running":
         raise ContainerError(f"container {c.name} is running: reset needs it stopped "
                              "(for a kernel: restart it with the provisioner's reset option)")
     c.reset()

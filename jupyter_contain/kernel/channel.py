@@ -582,7 +582,7 @@ class HostChannel:
         c = self._container()
 
         def read() -> tuple[dict[str, Any], Any]:
-            return c.stats(), (c.state.get("limits") or {}).get("cpus")
+            return c.stats(), c.state.limits.cpus
         st, cpus = await self._work(read)
         return {"ok": True, "stats": {**st, "cpus_limit": cpus, "cpu_count": os.cpu_count() or 1,
                                       "time": time.time()}}
@@ -627,7 +627,7 @@ class HostChannel:
         return f"this kernel's own image and its snapshots{extra}"
 
     def _own_image_name(self, c: Container) -> str:
-        return str(c.state.get("image_name") or "")
+        return c.state.image_name
 
     def _visible(self, c: Container) -> list[ImageRecord]:
         own = self._own_image_name(c)

@@ -326,7 +326,7 @@ def gc_once(rt: Runtime, *, logger: logging.Logger | logging.LoggerAdapter | Non
         _gc_done.add(key)
         t0 = time.monotonic()
         try:
-            kernel_ids = {c.id: c.state.get("labels", {}).get("jupyter-contain.kernel-id") for c in rt.containers()}
+            kernel_ids = {c.id: c.state.labels.get("jupyter-contain.kernel-id") for c in rt.containers()}
             # stray cgroups and leases are freed only under this store's tag anyway; veths and
             # rules no lease names are left alone too (another store may be between the two)
             removed = rt.gc(sweep_unknown_network=False)

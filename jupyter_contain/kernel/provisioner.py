@@ -411,7 +411,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         # sockets died with it (the state file and the socket are looked at in a worker thread)
         c, folder = self._container, self.folder
         if c is None or folder is None or not await asyncio.get_running_loop().run_in_executor(
-                None, lambda: c.status() == "running"):
+                None, lambda: c.refresh_status() == "running"):
             return
         ports = provisioner_info.get("ports") or []
         if ports and self._pins is None:

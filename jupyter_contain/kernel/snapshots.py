@@ -29,7 +29,7 @@ IMAGE_KERNEL_LABEL = "io.jupyter-contain.kernel-id"
 
 def kernel_id_of(container: Container) -> str | None:
     """The kernel a container runs, from its label (None: not a kernel's container)."""
-    kid = (container.state.get("labels") or {}).get(KERNEL_LABEL)
+    kid = container.state.labels.get(KERNEL_LABEL)
     return str(kid) if kid else None
 
 

@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from .. import errors
 from .containers.container import Container, Runtime
-from .containers.idmap import IdMapping
+from .containers.state import ContainerState
 from .images import snapshot as layer
 from .images.snapshot import Compression, Excludes, IdView, LowerView
 from .images.store import ImageRecord, now_rfc3339, remove_tree
@@ -116,10 +116,10 @@ def summarize(changes: Iterable[Change]) -> list[FolderSummary]:
 # --- what a container's layer leaves out ---------------------------------------------------
 
 
-def _container_excludes(state: dict[str, Any]) -> Excludes:
+def _container_excludes(state: ContainerState) -> Excludes:
     always = set(ETC_STUBS) | set(RUNTIME_TREES)
-    for b in state.get("binds") or ():
-        target = posixpath.normpath("/" + str(b.get("target", ""))).lstrip("/")
+    for b in state.binds:
+        target = posixpath.normpath("/" + b.target).lstrip("/")
         if target:
             always.add(target)
     parents = set()
@@ -131,7 +131,7 @@ def _container_excludes(state: dict[str, Any]) -> Excludes:
     return Excludes(frozenset(always), frozenset(API_MOUNT_POINTS), frozenset(parents))
 
 
-def _id_view(state: dict[str, Any]) -> IdView | None:
+def _id_view(state: ContainerState) -> IdView | None:
     """A rootless container's upper holds host ids (the caller's, subordinate ones): undo that.
 
     (A root user-namespace container's upper keeps container ids on disk
@@ -140,9 +140,9 @@ def _id_view(state: dict[str, Any]) -> IdView | None:
     (impossible for files the container made) becomes 65534, like the
     kernel's overflow id.
     """
-    if not state.get("rootless") or not state.get("userns"):
+    if not state.rootless or state.userns is None:
         return None
-    m = IdMapping.from_json(state["userns"])
+    m = state.userns
 
     def view(uid: int, gid: int) -> tuple[int, int]:
         u, g = m.container_uid(uid), m.container_gid(gid)
@@ -259,9 +259,9 @@ def diff_summary(container: Container, *, limit: int = 100, runtime: Runtime | N
 @contextlib.contextmanager
 def _frozen(container: Container) -> Iterator[None]:
     """Freeze a running container's cgroup for the duration; thaw whatever happens."""
-    cg = container.cgroups() if container.status() == "running" else None
+    cg = container.cgroups() if container.refresh_status() == "running" else None
     if cg is None:
-        if container.status() == "running":
+        if container.refresh_status() == "running":
             log.warning("container %s runs without a cgroup: snapshot without freezing", container.id[:12])
         yield
         return

@@ -149,7 +149,7 @@ class ContainApp(ExtensionApp):  # type: ignore[misc]
             known = set(kids)
             for c in [*containers, *service.runtime.containers()]:
                 try:
-                    kid = (c.state.get("labels") or {}).get(KERNEL_LABEL)
+                    kid = c.state.labels.get(KERNEL_LABEL)
                 except errors.ContainError:
                     continue   # gone already
                 if kid in known:

@@ -82,7 +82,7 @@ class KernelWatcher:
             return
         if action == "start":
             self._watch(kid)
-            image = await asyncio.get_running_loop().run_in_executor(None, lambda: c.state.get("image_name"))
+            image = await asyncio.get_running_loop().run_in_executor(None, lambda: c.state.image_name)
             self.emit({"event": "started", "kernel_id": kid, "container_id": c.id, "image": image})
         elif action == "restart":
             self.emit({"event": "restarted", "kernel_id": kid, "container_id": c.id})

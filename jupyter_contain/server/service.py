@@ -459,7 +459,7 @@ class Service:
     def _stats(self, c: Container) -> dict[str, Any]:   # worker thread
         raw = c.stats()
         now = time.time()
-        cpus = (c.state.get("limits") or {}).get("cpus")
+        cpus = c.state.limits.cpus
         return stats_json(raw, cpus=cpus, percent=self._cpu.percent(c.id, raw.get("cpu_usage_ns"), now), now=now)
 
     async def stats(self, ref: str) -> dict[str, Any]:
@@ -499,7 +499,7 @@ class Service:
         return self.operations.start("commit", c.id, work, on_done=on_done)
 
     async def _check_not_kernel(self, c: Container, what: str) -> None:
-        kid = (await self.run(lambda: (c.state.get("labels") or {}).get(KERNEL_LABEL)))
+        kid = (await self.run(lambda: c.state.labels.get(KERNEL_LABEL)))
         if kid and kid in self.kernel_ids():
             raise Conflict(f"container {c.id[:12]} belongs to kernel {kid} of this server: shut the kernel down "
                            f"instead of {what} its container", "kernel_container")

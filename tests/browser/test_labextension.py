@@ -297,7 +297,7 @@ def test_snapshot_dialog_makes_an_image_pushes_it_and_starts_a_kernel(page, lab,
         shutdown_kernels(lab)
         # the snapshot's kernelspec is not in the lab's kernels folder: wait for its container here
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(str(c.state.get("image_name", "")).endswith(tag)
+        while time.monotonic() < deadline and any(c.state.image_name.endswith(tag)
                                                   for c in Runtime(lab.store).containers()):
             time.sleep(0.2)
         for spec in lab.api("GET", f"{API}/kernelspecs")["kernelspecs"]:

@@ -114,6 +114,7 @@ def _getxattr(path: str, name: str) -> bytes | None:
 def write_bundle(store: Store, image: ImageRecord, dest: Path, *, command: tuple[str, ...] | None = None) -> None:
     """Write ``dest/config.json`` and ``dest/rootfs`` for ``image`` (dest must be new or empty)."""
     from .container import oci_config
+    from .spawn import ProcessSpec
 
     if dest.exists() and any(dest.iterdir()):
         raise errors.ContainerError(f"{dest} is not empty")
@@ -123,13 +124,10 @@ def write_bundle(store: Store, image: ImageRecord, dest: Path, *, command: tuple
         apply_layers(list(reversed(layers)), dest / "rootfs")
         cfg = image.config
         argv = list(command) if command else list(cfg.entrypoint) + list(cfg.cmd)
-        state = {
-            "process": {"argv": argv or ["/bin/sh"], "env": dict(e.split("=", 1) for e in cfg.env if "=" in e),
-                        "cwd": cfg.working_dir, "uid": 0, "gid": 0, "additional_gids": [], "hostname": "container",
-                        "tty": False},
-            "limits": {}, "network": "none", "binds": [], "readonly_rootfs": False,
-        }
-        (dest / "config.json").write_text(json.dumps(oci_config(state, image), indent=2))
+        process = ProcessSpec(argv=tuple(argv or ["/bin/sh"]),
+                              env=dict(e.split("=", 1) for e in cfg.env if "=" in e),
+                              cwd=cfg.working_dir or "/", hostname="container")
+        (dest / "config.json").write_text(json.dumps(oci_config(process, image), indent=2))
     except BaseException:
         if created:
             remove_tree(dest)

@@ -67,14 +67,14 @@ from . import network as netmod
 from . import NETWORK_MODES, rootfs, seccomp, slirp, spawn
 from .cgroups import DEFAULT_PIDS_LIMIT, CgroupRoot, Cgroups, Limits, Stats, find_orphans
 from .cgroups import detect as detect_cgroups
+from .idmap import IdMapping
+from .state import ContainerState, ExitInfo, Network, Status
 
 log = logging.getLogger(__name__)
 
 #: the "rootless without quotas" warning is given once per process
 _warned_no_cgroups = False
 
-Network = Literal["none", "host", "bridge"]
-Status = Literal["created", "running", "exited", "dead"]
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _ETC_FILES = ("hosts", "hostname", "resolv.conf")
@@ -178,39 +178,6 @@ def parse_bind(text: str) -> rootfs.Bind:
     return rootfs.Bind(source=source, target=dst, readonly=mode == "ro")
 
 
-@dataclass(frozen=True)
-class ExitInfo:
-    """How a container's main process ended."""
-
-    code: int                       # exit code, 128+N for a signal
-    signal: int | None = None
-    oom_killed: bool = False
-    memory_limit: int | None = None
-    memory_peak: int | None = None
-    finished: str = ""
-    #: the process limit, and how many forks it refused (a payload that
-    #: failed for want of processes says so)
-    pids_limit: int | None = None
-    pids_refused: int = 0
-
-    def describe(self) -> str:
-        if self.oom_killed:
-            mib = lambda n: f"{n / (1 << 20):.0f} MiB" if n else "?"  # noqa: E731
-            return f"killed: out of memory (limit {mib(self.memory_limit)}, peak {mib(self.memory_peak)})"
-        if self.signal:
-            try:
-                name = signal.Signals(self.signal).name
-            except ValueError:
-                name = f"signal {self.signal}"
-            text = f"killed by {name}"
-        else:
-            text = f"exited with code {self.code}"
-        if self.pids_refused:
-            n = self.pids_refused
-            text += f": process limit {self.pids_limit or '?'} reached ({n} fork{'s' if n != 1 else ''} refused)"
-        return text
-
-
 def _proc_start_time(pid: int) -> int | None:
     """The start time of ``pid`` (clock ticks since boot), to tell a pid from a reused one."""
     try:
@@ -251,20 +218,26 @@ class Container:
     # --- state ----------------------------------------------------------------------
 
     @property
-    def state(self) -> dict[str, Any]:
+    def state(self) -> ContainerState:
+        """The record on disk, read afresh (another process may have changed it)."""
         try:
-            return json.loads(read_small(self.dir / "state.json"))
+            data = json.loads(read_small(self.dir / "state.json"))
         except FileNotFoundError:
             raise errors.ContainerNotFound(f"no such container: {self.id}") from None
         except ValueError as exc:
             raise errors.ContainerError(f"container {self.id}: state.json is unreadable: {exc}") from None
+        return ContainerState.from_json(data, where=f"container {self.id}: state.json")
 
-    def _update(self, **changes: Any) -> dict[str, Any]:
+    def _update(self, **changes: Any) -> ContainerState:
+        """Change fields of the record (read afresh under the lock) and write it whole."""
         with self._lock():
-            st = self.state
-            st.update(changes)
-            atomic_write(self.dir / "state.json", json.dumps(st, separators=(",", ":")).encode(), durable=False)
+            st = replace(self.state, **changes)
+            self._write_state(st)
             return st
+
+    def _write_state(self, st: ContainerState) -> None:
+        """Write the record whole (the caller holds the lock)."""
+        _write_state_file(self.dir, st)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -273,7 +246,7 @@ class Container:
 
     @property
     def name(self) -> str:
-        return self.state["name"]
+        return self.state.name
 
     @property
     def upper(self) -> Path:
@@ -283,20 +256,27 @@ class Container:
     def pid(self) -> int | None:
         """Host pid of the container's init while it runs."""
         st = self.state
-        return st.get("pid") if _alive(st.get("pid"), st.get("pid_start")) else None
+        return st.pid if _alive(st.pid, st.pid_start) else None
 
-    def status(self, st: dict[str, Any] | None = None) -> Status:
-        """``st``: the state just read, if the caller has it (saves reading it again)."""
+    def refresh_status(self, st: ContainerState | None = None) -> Status:
+        """The container's status now, recording an end nobody recorded yet.
+
+        Not a plain getter: a ``running`` container whose init is gone is
+        reaped (in the process that started it) and its exit written to the
+        state. A ``creating`` container reads as ``dead`` once its creator is
+        gone (gc removes it), else ``created``. ``st``: the state just read,
+        if the caller has it (saves reading it again).
+        """
         st = st if st is not None else self.state
-        if st["status"] == "running" and not _alive(st.get("pid"), st.get("pid_start")):
+        if st.status == "running" and not _alive(st.pid, st.pid_start):
             if self._proc is not None:      # we are its parent: reap and record properly
                 self.wait()
-                return self.state["status"]
+                return self.state.status
             self._record_exit(None, st)     # its init left the status in the exit file
             return "exited"
-        if st["status"] == "creating":
-            return "dead" if not _alive(st.get("creator_pid"), st.get("creator_start")) else "created"
-        return st["status"]
+        if st.status == "creating":
+            return "dead" if not _alive(st.creator_pid, st.creator_start) else "created"
+        return st.status
 
     @property
     def cgroup_name(self) -> str:
@@ -304,11 +284,10 @@ class Container:
         return f"{self.runtime.store_tag}-{self.id}"
 
     def exit_info(self) -> ExitInfo | None:
-        e = self.state.get("exit")
-        return ExitInfo(**e) if e else None
+        return self.state.exit
 
-    def cgroups(self, st: dict[str, Any] | None = None) -> Cgroups | None:
-        paths = (st if st is not None else self.state).get("cgroup")
+    def cgroups(self, st: ContainerState | None = None) -> Cgroups | None:
+        paths = (st if st is not None else self.state).cgroup
         if not paths:
             return None
         try:
@@ -316,10 +295,10 @@ class Container:
         except errors.CgroupError:
             return None
 
-    def image(self, st: dict[str, Any] | None = None) -> ImageRecord:
+    def image(self, st: ContainerState | None = None) -> ImageRecord:
         """The image the container was made from (pinned, so present even if untagged since)."""
         st = st if st is not None else self.state
-        return self.runtime.store.record(st["image_name"], st["image_digest"])
+        return self.runtime.store.record(st.image_name, st.image_digest)
 
     # --- start ----------------------------------------------------------------------
 
@@ -340,110 +319,69 @@ class Container:
         own pty's master is then :attr:`pty_master`). The calling process
         becomes the container init's parent and should call :meth:`wait`
         eventually.
+
+        Each step registers its undo on ``undo`` as soon as it has made
+        something; a failure at any step unwinds every undo, newest first,
+        ending with the state as it was before the start.
         """
-        st = self.state
-        status = self.status(st)
-        if status not in ("created", "exited"):
-            raise errors.ContainerError(f"container {st['name']} is {status}: it cannot be started")
-        # what the state says again if this start fails here: a fresh container
-        # stays its creator's ("creating"), a restart in place is "created"
-        before = "creating" if st["status"] == "creating" else "created"
-        # rootless without delegated cgroups: none (create() checked no limit was asked for)
-        cg_root = self.runtime.cgroups_here() if st.get("cgroups", True) else None
-        # recorded before they exist (crash rule): a process killed after the
-        # mkdir leaves only folders the record names, for rm -f and gc
-        planned = self.runtime._planned_cgroups(self.id) if cg_root else None
-        starter = {"starter_pid": os.getpid(), "starter_start": _own_start_time()}
-        if status == "exited":
-            # a restart in place: same writable layer, fresh process and cgroup
-            self.close()
-            st = self._update(status="created", exit=None, pid=None, pid_start=None, cgroup=planned, **starter)
-        elif st.get("cgroup") != planned or any(st.get(k) != v for k, v in starter.items()):
-            st = self._update(cgroup=planned, **starter)   # else create() in this process recorded it
-        proc: spawn.ContainerProcess | None = None
-        cg: Cgroups | None = None
-        attached = False
-        pinned: dict[str, int] = {}
-        try:
+        st, before, cg_root = self._record_starter()
+        with contextlib.ExitStack() as fds, contextlib.ExitStack() as undo:
+            undo.callback(self._update, status=before, pid=None, pid_start=None, cgroup=None, net=None,
+                          starter_pid=None, starter_start=None)
             _fault("start:recorded")
             image = self.image(st)
             lowers = self.runtime.store.ensure_unpacked(image)
-            process = spawn.ProcessSpec(**st["process"], rlimits={k: tuple(v) for k, v in st["rlimits"].items()})
-            plan_args: dict[str, Any] = {
-                "rootfs_layers": lowers, "upper": self.upper, "work": self.dir / "work",
-                "target": self.dir / "rootfs",
-                "binds": [rootfs.Bind(Path(b["source"]), b["target"], b["readonly"], idmap=b.get("idmap", False))
-                          for b in st["binds"]],
-                "tmpfs": [rootfs.Tmpfs(**t) for t in st.get("tmpfs") or ()],
-                "etc_files": _etc_files(st),
-                "readonly_rootfs": st.get("readonly_rootfs", False),
-            }
-            userns = idmap.IdMapping.from_json(st["userns"]) if st.get("userns") else None
-            rootless = bool(st.get("rootless"))
-            if rootless:
-                plan_args["overlay_options"] = (("userxattr", None),)   # trusted.* xattrs need host root
-            if userns is not None and userns.host_gid(5) is None:
-                plan_args["tty_gid"] = None
-            if userns is not None and st["network"] == "host":
-                plan_args["bind_sysfs"] = True   # sysfs needs a network namespace of the user namespace's
-            with contextlib.ExitStack() as stack:
-                if stdio is None:
-                    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-                    stack.callback(os.close, null)
-                    out = os.open(self.dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-                    stack.callback(os.close, out)
-                    stdio = (null, out, out)
-                seccomp_filter = seccomp.filter_for(st.get("seccomp", "default"),
-                                                    capabilities=process.capabilities, name=st["name"])
-                # truncated now: what is in it afterwards is this run's end
-                exit_fd = os.open(self.dir / "exit", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                stack.callback(os.close, exit_fd)
-                limits = Limits(**st["limits"])
-                slirp_r = hold_w = None
-                if rootless and st["network"] == "bridge":
-                    # the container's init holds the write end: slirp4netns ends with it
-                    slirp_r, hold_w = os.pipe2(os.O_CLOEXEC)
-                    stack.callback(os.close, slirp_r)
-                    stack.callback(lambda: hold_w is not None and os.close(hold_w))
-                cg = Cgroups.create(self.cgroup_name, limits, root=cg_root) if cg_root is not None else None
-                _fault("start:cgroup")
-                # the plan includes the container's own cgroups at /sys/fs/cgroup: known only now
-                cfg = spawn.SpawnConfig(
-                    mounts=tuple(rootfs.plan(**plan_args, cgroupfs=_cgroup_fs(cg) if cg else None)),
-                    process=process, stdio=stdio, exit_fd=exit_fd, userns=userns, rootless=rootless,
-                    seccomp_filter=seccomp_filter, hold_fd=hold_w,
-                    # the child enters them itself (v1) or is cloned into it (v2)
-                    **(cg.spawn_args() if cg is not None else {}),
-                    # bridge: an own namespace like "none"; eth0 (tap0 rootless) comes before release
-                    network="host" if st["network"] == "host" else "none")
-                proc = spawn.spawn(cfg)
-                if hold_w is not None:
-                    os.close(hold_w)   # the child has its own copy
-                    hold_w = None
+            plan_args = self._plan_args(st, lowers)
+            if stdio is None:
+                null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+                fds.callback(os.close, null)
+                out = os.open(self.dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                fds.callback(os.close, out)
+                stdio = (null, out, out)
+            seccomp_filter = seccomp.filter_for(st.seccomp, capabilities=st.process.capabilities, name=st.name)
+            # truncated now: what is in it afterwards is this run's end
+            exit_fd = os.open(self.dir / "exit", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fds.callback(os.close, exit_fd)
+            slirp_r: int | None = None
+            hold: _Fd | None = None
+            if st.rootless and st.network == "bridge":
+                # the container's init holds the write end: slirp4netns ends with it
+                slirp_r, hold_w = os.pipe2(os.O_CLOEXEC)
+                fds.callback(os.close, slirp_r)
+                hold = fds.enter_context(contextlib.closing(_Fd(hold_w)))
+            cg = Cgroups.create(self.cgroup_name, st.limits, root=cg_root) if cg_root is not None else None
+            if cg is not None:
+                undo.callback(cg.destroy)
+            _fault("start:cgroup")
+            # the plan includes the container's own cgroups at /sys/fs/cgroup: known only now
+            cfg = spawn.SpawnConfig(
+                mounts=tuple(rootfs.plan(**plan_args, cgroupfs=_cgroup_fs(cg) if cg else None)),
+                process=st.process, stdio=stdio, exit_fd=exit_fd, userns=st.userns, rootless=st.rootless,
+                seccomp_filter=seccomp_filter, hold_fd=hold.fd if hold is not None else None,
+                # the child enters them itself (v1) or is cloned into it (v2)
+                **(cg.spawn_args() if cg is not None else {}),
+                # bridge: an own namespace like "none"; eth0 (tap0 rootless) comes before release
+                network="host" if st.network == "host" else "none")
+            proc = spawn.spawn(cfg)
+            undo.callback(proc.close)
+            undo.callback(proc.abort)
+            pinned: dict[str, int] = {}
+            try:
+                if hold is not None:
+                    hold.close()   # the child has its own copy
                 _fault("start:spawned")
                 # read while the child waits: once released, it may end (a zombie has none)
                 pid_start = _proc_start_time(proc.pid)
                 if cg is None:
                     # nothing else finds a released init then: its pid before the release
                     self._update(pid=proc.pid, pid_start=pid_start)
-                net = None
-                if slirp_r is not None:
-                    helper = slirp.start(proc.pid, exit_fd=slirp_r, userns_fd=proc.ns_fds["user"],
-                                         netns_fd=proc.ns_fds["net"], log_path=self.dir / "slirp.log")
-                    for fd in proc.ns_fds.values():   # slirp4netns has joined them
-                        os.close(fd)
-                    proc.ns_fds.clear()
-                    net = {"address": slirp.ADDRESS, "gateway": slirp.GATEWAY, "helper": "slirp4netns",
-                           "helper_pid": helper.pid}
-                elif st["network"] == "bridge":
-                    attached = True
-                    net = netmod.attach(self.runtime.network_settings, container_id=self.id, pid=proc.pid,
-                                        publish=[netmod.parse_publish(p) for p in st.get("publish", ())]).to_json()
+                net = self._attach_network(st, proc, slirp_r, undo)
                 _fault("start:network")
                 if pin:
                     # the child mounts while we record it: pin once it has pivoted into its root
                     _await_pivot(proc)
                     pinned = _pin_paths(proc.pid, pin)
+                    undo.callback(_close_all, pinned)
                     if prepare is not None:
                         prepare(pinned)
                     _fault("start:pinned")
@@ -452,31 +390,87 @@ class Container:
                 # "running" only now: a starter killed before this line leaves a container
                 # that is garbage (its unreleased init ended with the starter; a released one
                 # dies with its cgroup or through its recorded pid)
-                self._update(status="running", pid=proc.pid, pid_start=pid_start,
-                             started=now_rfc3339(), cgroup={k: str(v) for k, v in cg.paths.items()} if cg else None,
-                             net=net)
+                self._update(status="running", pid=proc.pid, pid_start=pid_start, started=now_rfc3339(),
+                             cgroup={k: str(v) for k, v in cg.paths.items()} if cg else None, net=net)
                 _fault("start:running")
-        except BaseException as exc:
-            early = proc.early_failure() if proc is not None and isinstance(exc, errors.ContainError) else None
-            for fd in pinned.values():
-                os.close(fd)
-            if proc is not None:
-                proc.abort()
-                proc.close()
-            if cg is not None:
-                cg.destroy()
-            if attached:
-                with contextlib.suppress(errors.ContainError):
-                    netmod.detach(self.runtime.network_settings, container_id=self.id)
-            self._update(status=before, pid=None, pid_start=None, cgroup=None, net=None,
-                         starter_pid=None, starter_start=None)
-            if early is not None:
-                raise early from exc
-            raise
+            except errors.ContainError as exc:
+                # the child's own failure (a mount, say) explains a later step's
+                early = proc.early_failure()
+                if early is not None:
+                    raise early from exc
+                raise
+            undo.pop_all()   # started: nothing to undo
         self._proc = proc
         self._pinned = pinned
-        log.info("started container %s (pid %d)", st["name"], proc.pid)
+        log.info("started container %s (pid %d)", st.name, proc.pid)
         return proc.pid
+
+    def _record_starter(self) -> tuple[ContainerState, Status, CgroupRoot | None]:
+        """The start's first step: check the container may start and record its starter and cgroups.
+
+        Returns (the state, the status to go back to if the start fails, where
+        its cgroups go or None). Recorded before they exist (crash rule): a
+        process killed after the mkdir leaves only folders the record names,
+        for rm -f and gc.
+        """
+        st = self.state
+        status = self.refresh_status(st)
+        if status not in ("created", "exited"):
+            raise errors.ContainerError(f"container {st.name} is {status}: it cannot be started")
+        # what the state says again if this start fails: a fresh container
+        # stays its creator's ("creating"), a restart in place is "created"
+        before: Status = "creating" if st.status == "creating" else "created"
+        # rootless without delegated cgroups: none (create() checked no limit was asked for)
+        cg_root = self.runtime.cgroups_here() if st.cgroups else None
+        planned = self.runtime._planned_cgroups(self.id) if cg_root else None
+        starter_pid, starter_start = os.getpid(), _own_start_time()
+        if status == "exited":
+            # a restart in place: same writable layer, fresh process and cgroup
+            self.close()
+            st = self._update(status="created", exit=None, pid=None, pid_start=None, cgroup=planned,
+                              starter_pid=starter_pid, starter_start=starter_start)
+        elif st.cgroup != planned or (st.starter_pid, st.starter_start) != (starter_pid, starter_start):
+            # else create() in this process recorded it
+            st = self._update(cgroup=planned, starter_pid=starter_pid, starter_start=starter_start)
+        return st, before, cg_root
+
+    def _plan_args(self, st: ContainerState, lowers: Sequence[Path]) -> dict[str, Any]:
+        """``rootfs.plan``'s arguments for this container (all but its cgroup mount)."""
+        plan_args: dict[str, Any] = {
+            "rootfs_layers": lowers, "upper": self.upper, "work": self.dir / "work",
+            "target": self.dir / "rootfs", "binds": list(st.binds), "tmpfs": list(st.tmpfs),
+            "etc_files": _etc_files(st), "readonly_rootfs": st.readonly_rootfs,
+        }
+        if st.rootless:
+            plan_args["overlay_options"] = (("userxattr", None),)   # trusted.* xattrs need host root
+        if st.userns is not None and st.userns.host_gid(5) is None:
+            plan_args["tty_gid"] = None
+        if st.userns is not None and st.network == "host":
+            plan_args["bind_sysfs"] = True   # sysfs needs a network namespace of the user namespace's
+        return plan_args
+
+    def _attach_network(self, st: ContainerState, proc: spawn.ContainerProcess, slirp_r: int | None,
+                        undo: contextlib.ExitStack) -> dict[str, Any] | None:
+        """The bridge mode's egress for the spawned, unreleased init: its ``net`` record (None: no bridge)."""
+        if slirp_r is not None:
+            helper = slirp.start(proc.pid, exit_fd=slirp_r, userns_fd=proc.ns_fds["user"],
+                                 netns_fd=proc.ns_fds["net"], log_path=self.dir / "slirp.log")
+            for fd in proc.ns_fds.values():   # slirp4netns has joined them
+                os.close(fd)
+            proc.ns_fds.clear()
+            # no undo: slirp4netns ends with the init (the held pipe)
+            return {"address": slirp.ADDRESS, "gateway": slirp.GATEWAY, "helper": "slirp4netns",
+                    "helper_pid": helper.pid}
+        if st.network != "bridge":
+            return None
+        # registered first: an attach that fails halfway leaves a lease, a veth or rules
+        undo.callback(self._detach_bridge)
+        return netmod.attach(self.runtime.network_settings, container_id=self.id, pid=proc.pid,
+                             publish=[netmod.parse_publish(p) for p in st.publish]).to_json()
+
+    def _detach_bridge(self) -> None:
+        with contextlib.suppress(errors.ContainError):
+            netmod.detach(self.runtime.network_settings, container_id=self.id)
 
     # --- running ----------------------------------------------------------------------
 
@@ -496,13 +490,13 @@ class Container:
                 return None
             self._proc.close()
             st = self.state
-        if st.get("exit"):
-            return ExitInfo(**st["exit"])
-        if st["status"] in ("created", "creating"):
-            raise errors.ContainerError(f"container {st['name']} was not started")
+        if st.exit is not None:
+            return st.exit
+        if st.status in ("created", "creating"):
+            raise errors.ContainerError(f"container {st.name} was not started")
         if self._proc is None:
             deadline = None if timeout is None else time.monotonic() + timeout
-            while _alive(st.get("pid"), st.get("pid_start")):
+            while _alive(st.pid, st.pid_start):
                 if deadline is not None and time.monotonic() > deadline:
                     return None
                 time.sleep(0.05)
@@ -510,7 +504,7 @@ class Container:
         # not our child: read the state again, another process may have recorded the end meanwhile
         return self._record_exit(code, st if self._proc is not None else None)
 
-    def _record_exit(self, code: int | None, st: dict[str, Any] | None = None) -> ExitInfo:
+    def _record_exit(self, code: int | None, st: ContainerState | None = None) -> ExitInfo:
         """Record how the main process ended.
 
         ``code``: the init's exit code as its parent saw it (128+N: killed by
@@ -518,8 +512,8 @@ class Container:
         state as just read by the caller.
         """
         st = st if st is not None else self.state
-        if st.get("exit"):       # another process was first
-            return ExitInfo(**st["exit"])
+        if st.exit is not None:       # another process was first
+            return st.exit
         # the init's own word first: it tells the payload's exit code from its
         # death by a signal, which its own exit code (128+N either way) cannot
         reported = _read_exit_file(self.dir / "exit")
@@ -552,8 +546,8 @@ class Container:
             # (another process recording the same exit may be at it too)
             with contextlib.suppress(errors.CgroupError):
                 cg.destroy()
-        self._update(status="exited", exit=asdict(info), cgroup=None, pid=None)
-        if st.get("network") == "bridge" and not st.get("rootless"):
+        self._update(status="exited", exit=info, cgroup=None, pid=None)
+        if st.network == "bridge" and not st.rootless:
             # in a thread: deleting the veth and rules waits for RCU (tens of ms)
             netmod.detach(self.runtime.network_settings, container_id=self.id, background=True)
         log.info("container %s %s", self.id[:12], info.describe())
@@ -576,18 +570,18 @@ class Container:
     def poll(self) -> int | None:
         """Exit code of the init if this handle started it and it ended; None while it runs."""
         if self._proc is None:
-            return None if self.status() == "running" else (self.exit_info() or ExitInfo(255)).code
+            return None if self.refresh_status() == "running" else (self.exit_info() or ExitInfo(255)).code
         return self._proc.poll()
 
-    def process_host_ids(self, st: dict[str, Any] | None = None) -> tuple[int, int]:
+    def process_host_ids(self, st: ContainerState | None = None) -> tuple[int, int]:
         """The host uid and gid the main process runs as (through the user namespace, if any)."""
         st = st or self.state
-        uid, gid = st["process"]["uid"], st["process"]["gid"]
-        if st.get("userns"):
-            m = idmap.IdMapping.from_json(st["userns"])
+        uid, gid = st.process.uid, st.process.gid
+        if st.userns is not None:
+            m = st.userns
             hu, hg = m.host_uid(uid), m.host_gid(gid)
             if hu is None or hg is None:
-                raise errors.ContainerError(f"container {st['name']}: user {uid}:{gid} is not mapped")
+                raise errors.ContainerError(f"container {st.name}: user {uid}:{gid} is not mapped")
             return hu, hg
         return uid, gid
 
@@ -600,7 +594,7 @@ class Container:
         container did, the fd is of something inside the container.
         """
         pid = self.pid
-        if pid is None or self.status() != "running":
+        if pid is None or self.refresh_status() != "running":
             raise errors.ContainerError(f"container {self.name} is not running")
         return _pin_paths(pid, [path])[path]
 
@@ -638,7 +632,7 @@ class Container:
 
     def stop(self, *, timeout: float = 10.0) -> ExitInfo | None:
         """SIGTERM, then SIGKILL of everything in the container after ``timeout``."""
-        if self.status() != "running":
+        if self.refresh_status() != "running":
             return self.exit_info()
         with contextlib.suppress(errors.ContainerError):
             self.signal(signal.SIGTERM)
@@ -668,7 +662,7 @@ class Container:
     def stats(self) -> dict[str, Any]:
         cg = self.cgroups()
         if cg is None:
-            if self.status() == "running" and not self.state.get("cgroups", True):
+            if self.refresh_status() == "running" and not self.state.cgroups:
                 # rootless without delegated cgroups: nothing is counted
                 return asdict(Stats(None, None, None, None, None, None, None))
             raise errors.ContainerError(f"container {self.name} is not running")
@@ -680,22 +674,21 @@ class Container:
         st = self.state
         pid = self.pid
         if pid is None:
-            raise errors.ContainerError(f"container {st['name']} is not running")
-        proc_cfg = dict(st["process"])
-        base_env = dict(proc_cfg["env"])
+            raise errors.ContainerError(f"container {st.name} is not running")
+        base_env = dict(st.process.env)
         base_env.update(env or {})
-        uid, gid, groups = (proc_cfg["uid"], proc_cfg["gid"], proc_cfg["additional_gids"])
+        uid, gid, groups = st.process.uid, st.process.gid, st.process.additional_gids
         if user:
             uid, gid, groups = resolve_user(user, self._etc_lookup_dirs())
-        process = spawn.ProcessSpec(argv=tuple(argv), env=base_env, cwd=workdir or proc_cfg["cwd"],
+        process = spawn.ProcessSpec(argv=tuple(argv), env=base_env, cwd=workdir or st.process.cwd,
                                     uid=uid, gid=gid, additional_gids=tuple(groups), tty=tty)
-        ns = frozenset(spawn.NAMESPACES - ({"network"} if st["network"] == "host" else set()))
-        if st.get("userns"):
+        ns = frozenset(spawn.NAMESPACES - ({"network"} if st.network == "host" else set()))
+        if st.userns is not None:
             ns |= {"user"}
         cg = self.cgroups()
         proc = spawn.join(pid, process=process, stdio=stdio, namespaces=ns,
-                          seccomp_filter=seccomp.filter_for(st.get("seccomp", "default"),
-                                                            capabilities=process.capabilities, name=st["name"]),
+                          seccomp_filter=seccomp.filter_for(st.seccomp, capabilities=process.capabilities,
+                                                            name=st.name),
                           **(cg.spawn_args() if cg is not None else {}))
         try:
             proc.release()
@@ -711,7 +704,7 @@ class Container:
 
     def reset(self) -> None:
         """Throw the writable layer away: the next start sees the image as it is."""
-        if self.status() == "running":
+        if self.refresh_status() == "running":
             raise errors.ContainerError(f"container {self.name} is running: stop it before a reset")
         with self._lock():
             for sub in ("upper", "work"):
@@ -721,7 +714,7 @@ class Container:
 
     # --- removal -----------------------------------------------------------------------
 
-    def _remove_tree(self, path: Path, st: dict[str, Any] | None = None) -> None:
+    def _remove_tree(self, path: Path, st: ContainerState | None = None) -> None:
         """remove_tree, and for a rootless container what only its root may remove.
 
         Its writable layer can hold files of the container's other users
@@ -733,32 +726,32 @@ class Container:
             try:
                 st = self.state     # before remove_tree, which may remove state.json first
             except errors.ContainError:
-                st = {}
-        ids = idmap.IdMapping.from_json(st["userns"]) if st.get("rootless") and st.get("userns") else None
+                st = None
+        ids = st.userns if st is not None and st.rootless else None
         rootless_store.remove_tree(path, ids=ids)
 
     def remove(self, *, force: bool = False) -> None:
         """Remove the container (``force``: kill it first if it runs)."""
         st = self.state
-        status = self.status(st)
+        status = self.refresh_status(st)
         if status == "running":
             if not force:
-                raise errors.ContainerError(f"container {st['name']} is running: stop it first or use --force")
+                raise errors.ContainerError(f"container {st.name} is running: stop it first or use --force")
             self.kill()
             self.wait(10)
             st = self.state
-        elif status != st["status"]:
-            st = self.state     # status() recorded the exit
+        elif status != st.status:
+            st = self.state     # refresh_status() recorded the exit
         self._undo_start(st)
         self.runtime.store.unpin(self.id)
-        if st.get("userns") and not st.get("rootless"):
-            self.runtime.userns_allocator().release(self.id, idmap.IdMapping.from_json(st["userns"]))
+        if st.userns is not None and not st.rootless:
+            self.runtime.userns_allocator().release(self.id, st.userns)
         self._remove_tree(self.dir, st)
         self.close()
         self.runtime._handles.pop(self.id, None)
         log.info("removed container %s", self.id[:12])
 
-    def _undo_start(self, st: dict[str, Any]) -> None:
+    def _undo_start(self, st: ContainerState) -> None:
         """Remove what a start made that the state ``st`` names: a left init, cgroups, the bridge's veth.
 
         For :meth:`remove`, and for gc where a start died midway. An init the
@@ -766,32 +759,33 @@ class Container:
         died between the release and the record) is killed through a pidfd,
         checked against its start time after the open, so a reused pid is safe.
         """
-        pid = st.get("pid")
-        if pid and st.get("status") != "running" and _alive(pid, st.get("pid_start")):
+        pid = st.pid
+        if pid and st.status != "running" and _alive(pid, st.pid_start):
             with contextlib.suppress(OSError):
                 fd = os.pidfd_open(pid)
                 try:
-                    if _alive(pid, st.get("pid_start")):
+                    if _alive(pid, st.pid_start):
                         signal.pidfd_send_signal(fd, signal.SIGKILL)
                 finally:
                     os.close(fd)
         cg = self.cgroups(st)
         if cg is not None:
             cg.destroy()
-        if st.get("network") == "bridge" and not st.get("rootless"):
+        if st.network == "bridge" and not st.rootless:
             netmod.detach(self.runtime.network_settings, container_id=self.id)
 
     def info(self) -> dict[str, Any]:
-        status = self.status()   # first: it may record the exit
+        status = self.refresh_status()   # first: it may record the exit
         st = self.state
-        exit_ = st.get("exit")
         return {
-            "id": self.id, "name": st["name"], "image": st["image_name"], "status": status,
-            "created": st["created"], "command": st["process"]["argv"], "pid": self.pid,
-            "exit": exit_, "reason": ExitInfo(**exit_).describe() if exit_ else None,
-            "labels": st.get("labels", {}), "limits": st["limits"], "network": st["network"],
-            "address": (st.get("net") or {}).get("address") if status == "running" else None,
-            "publish": st.get("publish", []), "userns": st.get("userns"),
+            "id": self.id, "name": st.name, "image": st.image_name, "status": status,
+            "created": st.created, "command": list(st.process.argv),
+            "pid": st.pid if _alive(st.pid, st.pid_start) else None,
+            "exit": st.exit.to_json() if st.exit is not None else None,
+            "reason": st.exit.describe() if st.exit is not None else None,
+            "labels": dict(st.labels), "limits": asdict(st.limits), "network": st.network,
+            "address": (st.net or {}).get("address") if status == "running" else None,
+            "publish": list(st.publish), "userns": st.userns.to_json() if st.userns is not None else None,
         }
 
 
@@ -883,7 +877,7 @@ class Runtime:
         """By name, full id, or unique id prefix."""
         if (self.store.containers_dir / ref / "state.json").is_file():
             return self._handle(ref)
-        by_name = [c for c in self.containers() if c.state.get("name") == ref]
+        by_name = [c for c in self.containers() if _named(c, ref)]
         if by_name:
             return by_name[0]
         if len(ref) >= 3:
@@ -897,11 +891,16 @@ class Runtime:
     # --- create ---------------------------------------------------------------------
 
     def create(self, spec: ContainerSpec, *, image: ImageRecord | None = None) -> Container:
-        """Make a container (directories, config, pinned image) without starting it."""
+        """Make a container (directories, config, pinned image) without starting it.
+
+        Each step registers its undo as it acquires something (the image pin,
+        a user namespace slice, the container's folder); a failure unwinds
+        them all, newest first, and leaves nothing behind.
+        """
         image = image or self.store.resolve(spec.image)
         cid = secrets.token_hex(32)
         name = spec.name or f"jc-{cid[:12]}"
-        if spec.name and any(c.state.get("name") == name for c in self.containers()):
+        if spec.name and any(_named(c, name) for c in self.containers()):
             raise errors.InvalidSpec(f"a container named {name!r} already exists")
         cfg = image.config
         argv = tuple(spec.entrypoint if spec.entrypoint is not None else cfg.entrypoint) + tuple(
@@ -916,65 +915,31 @@ class Runtime:
         lowers_needed = self.store.ensure_unpacked(image)  # before any directory exists: may fail cleanly
         uid, gid, groups = resolve_user(spec.user if spec.user is not None else cfg.user, lowers_needed)
         env.setdefault("HOME", _home_of(uid, lowers_needed))
-        self.store.pin(cid, image)
         d = self.store.containers_dir / cid
-        userns: idmap.IdMapping | None = None
-        limits = spec.limits
-        use_cgroups = True
-        try:
-            if self.rootless and spec.network == "bridge":
-                # egress through slirp4netns: the veth pair and NAT rules of the bridge need root
-                reason = slirp.unavailable_reason()
-                if reason:
-                    raise errors.InvalidSpec(f"no egress for a rootless container: {reason}. "
-                                             "Use --network none (the default) or host")
-                if spec.publish:
-                    raise errors.InvalidSpec("publishing ports (-p) is not supported for rootless containers")
-            if self.rootless:
-                # an unprivileged caller gets nothing done without a user namespace
-                userns = idmap.rootless_mapping()
-                if userns.host_uid(uid) is None or any(userns.host_gid(g) is None for g in (gid, *groups)):
-                    known = userns.uid_map[-1][0] + userns.uid_map[-1][2] - 1
-                    raise errors.InvalidSpec(
-                        f"user {uid}:{gid} does not exist in a rootless container of uid {os.geteuid()}: "
-                        f"only ids 0-{known} do" + ("" if known else
-                                                    " (give this user subordinate ids: usermod --add-subuids "
-                                                    "--add-subgids, as root)"))
-                limits, use_cgroups = self._rootless_limits(spec.limits)
-            elif spec.userns == "auto":
-                userns = self.userns_allocator().allocate(
-                    cid, alive=lambda owner: (self.store.containers_dir / owner).exists())
-                if userns.host_uid(uid) is None or any(userns.host_gid(g) is None for g in (gid, *groups)):
-                    raise errors.InvalidSpec(f"user {uid}:{gid} is outside the container's user namespace "
-                                             f"(ids 0-{idmap.RANGE_SIZE - 1})")
-            process = {
-                "argv": list(argv), "env": env, "cwd": spec.workdir or cfg.working_dir, "uid": uid, "gid": gid,
-                "additional_gids": list(groups), "hostname": hostname, "tty": spec.tty,
-            }
-            spawn.ProcessSpec(**process)  # validate now, not at start
-            state = {
+        with contextlib.ExitStack() as undo:
+            self.store.pin(cid, image)
+            undo.callback(self.store.unpin, cid)
+            userns, limits, use_cgroups = self._create_userns(spec, cid, uid, gid, groups, undo)
+            # validated now, not at start
+            process = spawn.ProcessSpec(argv=argv, env=env, cwd=spec.workdir or cfg.working_dir, uid=uid, gid=gid,
+                                        additional_gids=tuple(groups), hostname=hostname, tty=spec.tty,
+                                        rlimits=spec.rlimits)
+            state = ContainerState(
                 # "creating" until its first start released the payload: till then the
                 # container is its creator's, and garbage once the creator is gone
-                "id": cid, "name": name, "status": "creating", "created": now_rfc3339(),
-                "image_name": image.name, "image_digest": image.digest,
-                "process": process, "rlimits": {k: list(v) for k, v in spec.rlimits.items()},
-                "binds": [{"source": str(b.source), "target": b.target, "readonly": b.readonly, "idmap": b.idmap}
-                          for b in spec.binds],
-                "tmpfs": [asdict(t) for t in spec.tmpfs],
-                "limits": asdict(limits), "cgroups": use_cgroups, "rootless": self.rootless,
-                "network": spec.network, "labels": dict(spec.labels),
-                "publish": list(spec.publish),
-                "readonly_rootfs": spec.readonly_rootfs,
-                "seccomp": spec.seccomp,
-                "owner_pid": spec.owner_pid,
-                "userns": userns.to_json() if userns is not None else None,
-                "owner_start": _proc_start_time(spec.owner_pid) if spec.owner_pid else None,
-                "creator_pid": os.getpid(), "creator_start": _own_start_time(),
+                id=cid, name=name, status="creating", created=now_rfc3339(),
+                image_name=image.name, image_digest=image.digest, process=process,
+                binds=tuple(spec.binds), tmpfs=tuple(spec.tmpfs), limits=limits, cgroups=use_cgroups,
+                rootless=self.rootless, network=spec.network, labels=dict(spec.labels), publish=spec.publish,
+                readonly_rootfs=spec.readonly_rootfs, seccomp=spec.seccomp, userns=userns,
+                owner_pid=spec.owner_pid,
+                owner_start=_proc_start_time(spec.owner_pid) if spec.owner_pid else None,
+                creator_pid=os.getpid(), creator_start=_own_start_time(),
                 # what a start by this process will make, recorded now (crash rule): a
                 # start in the creating process then has nothing to write before it begins
-                "cgroup": self._planned_cgroups(cid) if use_cgroups else None,
-                "starter_pid": os.getpid(), "starter_start": _own_start_time(),
-            }
+                cgroup=self._planned_cgroups(cid) if use_cgroups else None,
+                starter_pid=os.getpid(), starter_start=_own_start_time(),
+            )
             if spec.binds or spec.tmpfs:   # the plan validates them (targets, clashes) now rather than at start
                 rootfs.plan(rootfs_layers=lowers_needed, upper=d / "upper", work=d / "work", target=d / "rootfs",
                             binds=spec.binds, tmpfs=spec.tmpfs, etc_files=dict.fromkeys(_ETC_FILES, ""))
@@ -983,21 +948,54 @@ class Runtime:
             # with a user namespace the writable layer keeps container ids on disk
             # (idmapped): a setuid-root file made inside must stay out of host users' reach
             d.mkdir(parents=True, mode=0o700 if userns is not None else 0o777)
-            atomic_write(d / "state.json", json.dumps(state, separators=(",", ":")).encode(), durable=False)
+            undo.callback(remove_tree, d)
+            _write_state_file(d, state)
             _fault("create:state")
             for sub in ("upper", "work", "rootfs"):
                 (d / sub).mkdir(mode=0o755 if sub != "work" else 0o700)
-            atomic_write(d / "config.json", json.dumps(oci_config(state, image)).encode(),
-                         durable=False)
+            atomic_write(d / "config.json", json.dumps(container_oci_config(state, image)).encode(), durable=False)
             _fault("create:done")
-        except BaseException:
-            remove_tree(d)
-            self.store.unpin(cid)
-            if userns is not None and not self.rootless:
-                self.userns_allocator().release(cid, userns)
-            raise
+            undo.pop_all()   # made: nothing to undo
         log.info("created container %s from %s", name, image.familiar)
         return self._handle(cid)
+
+    def _create_userns(self, spec: ContainerSpec, cid: str, uid: int, gid: int, groups: Sequence[int],
+                       undo: contextlib.ExitStack) -> tuple[IdMapping | None, Limits, bool]:
+        """A new container's user namespace, limits and whether it gets cgroups (a create's step).
+
+        Rootless: this user's mapping, and no cgroups where none are
+        delegated. ``userns="auto"`` (root): a slice of subordinate ids,
+        released by ``undo`` if the create fails later.
+        """
+        if self.rootless and spec.network == "bridge":
+            # egress through slirp4netns: the veth pair and NAT rules of the bridge need root
+            reason = slirp.unavailable_reason()
+            if reason:
+                raise errors.InvalidSpec(f"no egress for a rootless container: {reason}. "
+                                         "Use --network none (the default) or host")
+            if spec.publish:
+                raise errors.InvalidSpec("publishing ports (-p) is not supported for rootless containers")
+        if self.rootless:
+            # an unprivileged caller gets nothing done without a user namespace
+            userns = idmap.rootless_mapping()
+            if userns.host_uid(uid) is None or any(userns.host_gid(g) is None for g in (gid, *groups)):
+                known = userns.uid_map[-1][0] + userns.uid_map[-1][2] - 1
+                raise errors.InvalidSpec(
+                    f"user {uid}:{gid} does not exist in a rootless container of uid {os.geteuid()}: "
+                    f"only ids 0-{known} do" + ("" if known else
+                                                " (give this user subordinate ids: usermod --add-subuids "
+                                                "--add-subgids, as root)"))
+            limits, use_cgroups = self._rootless_limits(spec.limits)
+            return userns, limits, use_cgroups
+        if spec.userns == "auto":
+            allocator = self.userns_allocator()
+            userns = allocator.allocate(cid, alive=lambda owner: (self.store.containers_dir / owner).exists())
+            undo.callback(allocator.release, cid, userns)
+            if userns.host_uid(uid) is None or any(userns.host_gid(g) is None for g in (gid, *groups)):
+                raise errors.InvalidSpec(f"user {uid}:{gid} is outside the container's user namespace "
+                                         f"(ids 0-{idmap.RANGE_SIZE - 1})")
+            return userns, spec.limits, True
+        return None, spec.limits, True
 
     def _planned_cgroups(self, cid: str) -> dict[str, str]:
         """The cgroup folders a start in this process will make for container ``cid``."""
@@ -1036,24 +1034,31 @@ class Runtime:
             known.add(c.id)
             try:
                 st = c.state
-                status = c.status(st)
-                owner_gone = st.get("owner_pid") and not _alive(st["owner_pid"], st.get("owner_start"))
+            except errors.ContainerNotFound:
+                continue
+            except errors.ContainerError as exc:
+                # a record this version cannot read (a newer format): never removed on a guess
+                log.warning("gc: left container %s alone: %s", c.id[:12], exc)
+                continue
+            try:
+                status = c.refresh_status(st)
+                owner_gone = st.owner_pid and not _alive(st.owner_pid, st.owner_start)
                 if status == "dead" or owner_gone:
-                    why = (f"its creator (pid {st.get('creator_pid')}) died before it ran" if status == "dead"
-                           else f"its owner (pid {st['owner_pid']}) is gone")
+                    why = (f"its creator (pid {st.creator_pid}) died before it ran" if status == "dead"
+                           else f"its owner (pid {st.owner_pid}) is gone")
                     c.remove(force=True)
                     removed.append(c.id)
-                    log.info("gc: removed container %s (%s): %s", st["name"], c.id[:12], why)
-                elif (st["status"] in ("creating", "created") and (st.get("cgroup") or st.get("pid"))
-                      and not _alive(st.get("starter_pid"), st.get("starter_start"))):
+                    log.info("gc: removed container %s (%s): %s", st.name, c.id[:12], why)
+                elif (st.status in ("creating", "created") and (st.cgroup or st.pid)
+                      and not _alive(st.starter_pid, st.starter_start)):
                     # a start (a restart in place, or one by another process than the
                     # creator) died midway: the container stays, what the start made goes
                     c._undo_start(st)
                     c._update(pid=None, pid_start=None, cgroup=None, net=None, starter_pid=None, starter_start=None)
                     removed.append(f"start:{c.id}")
                     log.info("gc: undid the start of container %s (%s): its starter (pid %s) died midway",
-                             st["name"], c.id[:12], st.get("starter_pid"))
-                elif status == "exited" and not st.get("exit"):
+                             st.name, c.id[:12], st.starter_pid)
+                elif status == "exited" and st.exit is None:
                     c._record_exit(None)
             except errors.ContainerNotFound:
                 continue
@@ -1079,8 +1084,7 @@ class Runtime:
         # only stores that used a bridge; a rootless one never does (slirp4netns), and may not even
         # look into the machine's lease folder (root's: PermissionError)
         if not self.rootless and (self.network_settings.state_dir / "leases.json").exists():
-            starting_or_running = {c.id for c in self.containers()
-                                   if c.state.get("status") in ("creating", "created", "running")}
+            starting_or_running = {c.id for c in self.containers() if _starting_or_running(c)}
             removed += netmod.gc(self.network_settings, starting_or_running, sweep_unknown=sweep_unknown_network)
         for owner in self.store.pins():
             if owner not in live and not (self.store.containers_dir / owner).exists():
@@ -1089,6 +1093,44 @@ class Runtime:
 
 
 # --- helpers ----------------------------------------------------------------------------
+
+
+class _Fd:
+    """An fd closed once, either early by its user or at the end of a start (``contextlib.closing``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
+def _write_state_file(d: Path, st: ContainerState) -> None:
+    atomic_write(d / "state.json", json.dumps(st.to_json(), separators=(",", ":")).encode(), durable=False)
+
+
+def _starting_or_running(c: Container) -> bool:
+    """For the bridge's gc: a container whose lease must stay (an unreadable record: kept too)."""
+    try:
+        return c.state.status in ("creating", "created", "running")
+    except errors.ContainerNotFound:
+        return False
+    except errors.ContainerError:
+        return True
+
+
+def _named(c: Container, name: str) -> bool:
+    try:
+        return c.state.name == name
+    except errors.ContainError:
+        return False
+
+
+def _close_all(fds: Mapping[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
 
 
 def _await_pivot(proc: spawn.ContainerProcess, timeout: float = 10.0) -> None:
@@ -1192,16 +1234,16 @@ def _env_dict(env: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _etc_files(st: Mapping[str, Any]) -> dict[str, str]:
+def _etc_files(st: ContainerState) -> dict[str, str]:
     """The container's ``/etc/hostname``, ``hosts`` and ``resolv.conf``, made afresh at every start.
 
     Like Docker's, they follow the container's current settings (and the
     host's resolver) rather than what the image ships.
     """
-    hostname = st["process"]["hostname"]
-    network = st["network"]
+    hostname = st.process.hostname or st.id[:12]
+    network = st.network
     if network == "bridge":
-        resolv = slirp.RESOLV_CONF if st.get("rootless") else netmod.resolv_conf()
+        resolv = slirp.RESOLV_CONF if st.rootless else netmod.resolv_conf()
     else:
         resolv = _resolv_conf(network)
     return {
@@ -1285,22 +1327,30 @@ def _home_of(uid: int, dirs: Sequence[Path]) -> str:
     return row[5] if row and row[5] else ("/root" if uid == 0 else "/")
 
 
-def oci_config(state: Mapping[str, Any], image: ImageRecord) -> dict[str, Any]:
-    """The container as an OCI runtime-spec ``config.json`` (runc/crun can run the bundle)."""
-    proc = state["process"]
-    limits = state["limits"]
+def container_oci_config(state: ContainerState, image: ImageRecord) -> dict[str, Any]:
+    """A container's OCI runtime-spec ``config.json`` (runc/crun can run its bundle)."""
+    return oci_config(state.process, image, limits=state.limits, network=state.network, binds=state.binds,
+                      tmpfs=state.tmpfs, readonly_rootfs=state.readonly_rootfs, seccomp_mode=state.seccomp,
+                      userns=state.userns)
+
+
+def oci_config(process: spawn.ProcessSpec, image: ImageRecord, *, limits: Limits | None = None,
+               network: Network = "none", binds: Sequence[rootfs.Bind] = (), tmpfs: Sequence[rootfs.Tmpfs] = (),
+               readonly_rootfs: bool = False, seccomp_mode: str = "default",
+               userns: IdMapping | None = None) -> dict[str, Any]:
+    """An OCI runtime-spec ``config.json`` for ``process`` in ``image``'s root (runc/crun can run the bundle)."""
+    limits = limits if limits is not None else Limits(pids=None)
     resources: dict[str, Any] = {}
-    if limits.get("memory"):
-        resources["memory"] = {"limit": limits["memory"], "swap": limits["memory"]}
-    if limits.get("cpus"):
-        resources["cpu"] = {"quota": int(limits["cpus"] * 100000), "period": 100000}
-    if limits.get("pids"):
-        resources["pids"] = {"limit": limits["pids"]}
+    if limits.memory:
+        resources["memory"] = {"limit": limits.memory, "swap": limits.memory}
+    if limits.cpus:
+        resources["cpu"] = {"quota": int(limits.cpus * 100000), "period": 100000}
+    if limits.pids:
+        resources["pids"] = {"limit": limits.pids}
     caps = sorted(spawn.DEFAULT_CAPABILITIES)
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
-    if state["network"] != "host":
+    if network != "host":
         namespaces.append({"type": "network"})
-    userns = idmap.IdMapping.from_json(state["userns"]) if state.get("userns") else None
     if userns is not None:
         namespaces.append({"type": "user"})
     mounts = [
@@ -1314,26 +1364,26 @@ def oci_config(state: Mapping[str, Any], image: ImageRecord) -> dict[str, Any]:
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
     ]
-    for b in state["binds"]:
-        mounts.append({"destination": b["target"], "type": "bind", "source": b["source"],
-                       "options": ["rbind", "ro" if b["readonly"] else "rw", *sorted(rootfs.HOST_FOLDER_ATTRS)]})
-    for t in state.get("tmpfs") or ():
-        mounts.append({"destination": t["target"], "type": "tmpfs", "source": "tmpfs",
-                       "options": ["nosuid", "nodev", "noexec", f"mode={t['mode']:o}", f"size={t['size'] // 1024}k",
-                                   f"nr_inodes={t['nr_inodes']}"]})
+    for b in binds:
+        mounts.append({"destination": b.target, "type": "bind", "source": str(b.source),
+                       "options": ["rbind", "ro" if b.readonly else "rw", *sorted(rootfs.HOST_FOLDER_ATTRS)]})
+    for t in tmpfs:
+        mounts.append({"destination": t.target, "type": "tmpfs", "source": "tmpfs",
+                       "options": ["nosuid", "nodev", "noexec", f"mode={t.mode:o}", f"size={t.size // 1024}k",
+                                   f"nr_inodes={t.nr_inodes}"]})
     return {
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": bool(proc.get("tty")),
-            "user": {"uid": proc["uid"], "gid": proc["gid"], "additionalGids": proc["additional_gids"]},
-            "args": proc["argv"],
-            "env": [f"{k}={v}" for k, v in proc["env"].items()],
-            "cwd": proc["cwd"],
+            "terminal": process.tty,
+            "user": {"uid": process.uid, "gid": process.gid, "additionalGids": list(process.additional_gids)},
+            "args": list(process.argv),
+            "env": [f"{k}={v}" for k, v in process.env.items()],
+            "cwd": process.cwd,
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
             "noNewPrivileges": True,
         },
-        "root": {"path": "rootfs", "readonly": bool(state.get("readonly_rootfs"))},
-        "hostname": proc["hostname"],
+        "root": {"path": "rootfs", "readonly": readonly_rootfs},
+        "hostname": process.hostname,
         "mounts": mounts,
         "annotations": {"org.opencontainers.image.ref.name": image.name,
                         "org.opencontainers.image.digest": image.digest},
@@ -1341,9 +1391,8 @@ def oci_config(state: Mapping[str, Any], image: ImageRecord) -> dict[str, Any]:
             "namespaces": namespaces,
             "resources": resources,
             "maskedPaths": list(rootfs.MASKED_PATHS),
-            "seccomp": seccomp.oci_section(state.get("seccomp", "default"), capabilities=caps),
+            "seccomp": seccomp.oci_section(seccomp_mode, capabilities=caps),
             "readonlyPaths": list(rootfs.READONLY_PATHS),
             **(userns.oci() if userns is not None else {}),
         },
     }
-
