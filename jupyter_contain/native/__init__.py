@@ -316,6 +316,11 @@ def _check_spawn(rc: int, failure: Any) -> None:
         raise errors.SpawnError(step, int(failure.err), path)
 
 
+def raise_failure(failure: Any) -> None:
+    """Raise the :class:`~jupyter_contain.errors.SpawnError` a filled ``struct jc_failure`` names."""
+    _check_spawn(1, failure)
+
+
 #: the namespaces ``join`` enters by default
 JOIN_NAMESPACES = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP
 

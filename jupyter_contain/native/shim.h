@@ -154,3 +154,8 @@ void jc_discard(struct jc_handle *handle);
 /* with caller_maps: the maps are written, the child may set up (0 or -errno) */
 int jc_proceed(struct jc_handle *handle);
 int jc_release(struct jc_handle *handle, struct jc_failure *failure);
+/* Attach a bind of host m->source (JC_MOUNT_BIND: attrs, JC_MF_RECURSIVE, JC_MF_IDMAP with
+ * container root's host ids ruid/rgid; -1: no user namespace) at container path m->target
+ * inside the running container whose init is `pid`, making the mount point (inside the
+ * container's root, as container root). 0, or 1 with failure filled. */
+int jc_attach_bind(int pid, const struct jc_mount *m, long ruid, long rgid, struct jc_failure *failure);

@@ -610,6 +610,30 @@ def join(pid: int, *, process: ProcessSpec, stdio: tuple[int, int, int],
     return ContainerProcess(proc, process.argv[0])
 
 
+def attach_bind(pid: int, op: BindMount, *, userns: IdMapping | None) -> None:
+    """Attach the bind ``op`` inside the running container whose init is ``pid``.
+
+    The bind is made here, with the caller's credentials (idmapped with one
+    id for ``op.idmap``: container root <-> the folder's owner, as at a
+    start); a short helper joins the container's mount (and user) namespace,
+    makes the mount point inside the container's root as container root (a
+    symlink the container planted on the way stays inside it) and moves the
+    bind there. For a pooled kernel's notebook folder, handed out after the
+    container started (``kernel/pool.py``).
+    """
+    lib = native.lib()
+    arena = _Arena()
+    m = arena.new("struct jc_mount *")
+    _fill_mount(arena, m, op)
+    ruid = userns.host_uid(0) if userns is not None else None
+    rgid = userns.host_gid(0) if userns is not None else None
+    failure = native.ffi().new("struct jc_failure *")
+    rc = lib.jc_attach_bind(pid, m, -1 if ruid is None else ruid, -1 if rgid is None else rgid, failure)
+    del arena
+    if rc != 0:
+        native.raise_failure(failure)
+
+
 def run_in_userns(mapping: IdMapping, argv: Sequence[str], *, timeout: float = 120) -> tuple[int, str]:
     """Run host program ``argv`` as root of a new user namespace with ``mapping``; (exit code, stderr tail).
 
