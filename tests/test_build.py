@@ -1,0 +1,366 @@
+"""Real builds: Containerfiles built into a real store, RUN steps in real containers."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import stat
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from jupyter_contain.errors import BuildError, BuildStepFailed
+from jupyter_contain.runtime.build.builder import BuildOptions, Reporter, build
+from jupyter_contain.runtime.build.context import ImageTree
+from jupyter_contain.runtime.containers.container import Runtime
+from jupyter_contain.runtime.images import archive
+from jupyter_contain.runtime.images.store import Store
+
+
+@pytest.fixture(scope="module")
+def bstore(tmp_path_factory, busybox_tar) -> Store:
+    s = Store(tmp_path_factory.mktemp("build-store"))
+    archive.import_rootfs(s, busybox_tar, "busybox:test", cmd=["/bin/sh"])
+    return s
+
+
+@pytest.fixture
+def rt(bstore):
+    r = Runtime(bstore)
+    before = {c.id for c in r.containers()}
+    yield r
+    left = [c for c in r.containers() if c.id not in before]
+    for c in left:
+        c.remove(force=True)
+    assert not left, "a build left containers behind"
+
+
+class Log(Reporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.out = b""
+        self.hits = 0
+        self.misses = 0
+
+    def step(self, n, total, stage, text):
+        self.lines.append(f"STEP {n}/{total}: {text}")
+
+    def done(self, *, cached, seconds, layer):
+        if cached:
+            self.hits += 1
+        else:
+            self.misses += 1
+
+    def output(self, data):
+        self.out += data
+
+
+class CountingRuntime(Runtime):
+    """The real runtime, counting the containers a build creates."""
+
+    created = 0
+
+    def create(self, spec, *, image=None):
+        CountingRuntime.created += 1
+        return super().create(spec, image=image)
+
+
+def _ctx(tmp_path: Path, containerfile: str, files: dict[str, bytes | str] | None = None) -> Path:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir(parents=True)
+    (ctx / "Containerfile").write_text(containerfile)
+    for name, data in (files or {}).items():
+        p = ctx / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
+    return ctx
+
+
+def _tree(store: Store, name: str) -> tuple[ImageTree, dict]:
+    rec = store.resolve(name)
+    return ImageTree(store.ensure_unpacked(rec)), dict(rec.config.raw)
+
+
+def _read(tree: ImageTree, rel: str) -> bytes:
+    w = tree.where(tree.resolve(rel))
+    assert w is not None, rel
+    return Path(w[0]).read_bytes()
+
+
+MULTI = """\
+# syntax=docker/dockerfile:1
+ARG BASE=busybox:test
+FROM ${BASE} AS builder
+ARG WHO=world
+ENV GREETING="hello ${WHO}" APP=/app
+WORKDIR $APP
+COPY --chown=1000:1001 --chmod=0640 data.txt sub ./
+RUN echo "$GREETING from $(id -u)" > /app/made && rm /bin/ls && rm -r /etc/mydir 2>/dev/null; \\
+    test ! -e /bin/ls
+RUN <<EOF
+echo "heredoc $APP" > /app/hd
+EOF
+FROM busybox:test
+LABEL org.example.name="multi stage" version=1
+EXPOSE 8080 53/udp
+COPY --from=builder /app /srv/
+USER 1000:1001
+ENTRYPOINT ["/bin/sh", "-c"]
+CMD ["cat /srv/made"]
+"""
+
+
+def test_multistage_build_with_args_env_whiteouts_and_chown(rt, bstore, tmp_path):
+    ctx = _ctx(tmp_path, MULTI, {"data.txt": "data\n", "sub/inner": "inner\n"})
+    log = Log()
+    res = build(rt, BuildOptions(context=ctx, tags=("multi:1",), build_args={"WHO": "tests"}), reporter=log)
+    assert res.names == ("localhost/multi:1",)
+    assert log.lines[0] == "STEP 1/14: FROM ${BASE} AS builder"
+    tree, cfg = _tree(bstore, "multi:1")
+    assert _read(tree, "srv/made") == b"hello tests from 0\n"
+    assert _read(tree, "srv/hd") == b"heredoc /app\n"
+    st = tree.lstat("srv/data.txt")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1001, 0o640)
+    assert _read(tree, "srv/inner") == b"inner\n"     # a folder source copies its contents
+    c = cfg["config"]
+    assert c["User"] == "1000:1001"
+    assert c["Entrypoint"] == ["/bin/sh", "-c"] and c["Cmd"] == ["cat /srv/made"]
+    assert c["ExposedPorts"] == {"8080/tcp": {}, "53/udp": {}}
+    assert c["Labels"]["org.example.name"] == "multi stage"
+    assert c["Labels"]["io.jupyter-contain.build.args"] == json.dumps({"WHO": "tests"})
+    assert c["Labels"]["io.jupyter-contain.build.containerfile.digest"] == \
+        "sha256:" + hashlib.sha256(MULTI.encode()).hexdigest()
+    assert not any(e.startswith("GREETING=") for e in c["Env"])   # the builder stage's ENV stays there
+    # the builder stage: the RUN's deletion is a whiteout over the base's /bin/ls
+    b_tree = ImageTree(bstore.ensure_unpacked(bstore.resolve("busybox:test")))
+    assert b_tree.lstat("bin/ls") is not None
+    hist = [h["created_by"] for h in cfg["history"]]
+    assert hist[-1] == 'CMD ["cat /srv/made"]'
+    # the image runs: its entrypoint, user and files
+    from jupyter_contain.runtime.containers.container import ContainerSpec
+    r, w = os.pipe()
+    try:
+        info = rt.run(ContainerSpec(image="multi:1"), stdio=(0, w, w), remove=True)
+        os.close(w)
+        w = -1
+        assert info.code == 0
+        assert os.read(r, 1000) == b"hello tests from 0\n"
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_run_deleting_base_files_makes_whiteouts(rt, bstore, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nRUN rm /bin/ls && mkdir -p /opt/x && rm -r /opt\n")
+    build(rt, BuildOptions(context=ctx, tags=("wh:1",)))
+    tree, cfg = _tree(bstore, "wh:1")
+    assert tree.lstat("bin/ls") is None
+    assert tree.lstat("bin/sh") is not None
+    top = Path(bstore.layer_dir(cfg["rootfs"]["diff_ids"][-1]))
+    wh = os.lstat(top / "bin" / "ls")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0   # overlay whiteout in the unpacked layer
+    rec = bstore.resolve("wh:1")
+    with bstore.open_blob(rec.manifest.layers[-1].digest) as f, tarfile.open(fileobj=f) as t:
+        assert "bin/.wh.ls" in t.getnames()
+        assert not any(n.startswith("opt") for n in t.getnames())
+
+
+def test_cache_hit_miss_after_a_change_and_no_cache(bstore, tmp_path):
+    cf = ("FROM busybox:test\nENV A=1\nCOPY one.txt /one\nRUN echo ran > /ran\nCOPY two.txt /two\n"
+          "RUN cat /one /two > /both\nCMD [\"sh\"]\n")
+    ctx = _ctx(tmp_path, cf, {"one.txt": "1\n", "two.txt": "2\n"})
+    rt = CountingRuntime(bstore)
+    first = build(rt, BuildOptions(context=ctx, tags=("cache:1",)))
+    assert CountingRuntime.created == 2
+    # nothing changed: every step from the cache, no container, same image
+    CountingRuntime.created = 0
+    log = Log()
+    again = build(rt, BuildOptions(context=ctx, tags=("cache:1",)), reporter=log)
+    assert CountingRuntime.created == 0
+    assert (log.hits, again.cached) == (6, 6)
+    assert again.image_id == first.image_id
+    assert again.seconds < 1.0
+    # one copied file changed: its step and those after it run, those before stay cached
+    (ctx / "two.txt").write_text("changed\n")
+    log = Log()
+    third = build(rt, BuildOptions(context=ctx, tags=("cache:1",)), reporter=log)
+    assert CountingRuntime.created == 1 and log.hits == 3 and log.misses == 1 + 3
+    tree, _ = _tree(bstore, "cache:1")
+    assert _read(tree, "both") == b"1\nchanged\n"
+    assert third.image_id != first.image_id
+    # --no-cache: everything runs again
+    CountingRuntime.created = 0
+    log = Log()
+    build(rt, BuildOptions(context=ctx, tags=("cache:1",), no_cache=True), reporter=log)
+    assert CountingRuntime.created == 2 and log.hits == 0
+    for c in rt.containers():
+        pytest.fail(f"container {c.id} left behind")
+
+
+def test_same_inputs_give_the_same_diffids(rt, bstore, tmp_path):
+    cf = "FROM busybox:test\nWORKDIR /w\nCOPY . /w/\nCOPY --chmod=0700 a /b\n"
+    ctx = _ctx(tmp_path, cf, {"a": "a\n", "d/e": "e\n"})
+    os.utime(ctx / "a", (1_700_000_000, 1_700_000_000))
+    one = build(rt, BuildOptions(context=ctx, tags=("det:1",), no_cache=True))
+    two = build(rt, BuildOptions(context=ctx, tags=("det:2",), no_cache=True))
+    assert one.record.config.diff_ids == two.record.config.diff_ids
+    assert one.record.manifest.layers == two.record.manifest.layers
+
+
+def test_failing_run_leaves_no_tag_container_or_cache_entry(rt, bstore, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nRUN echo about to fail && echo oops >&2 && exit 7\n")
+    cache_dir = bstore.root / "build-cache"
+    before = set(os.listdir(cache_dir)) if cache_dir.exists() else set()
+    log = Log()
+    with pytest.raises(BuildStepFailed) as ei:
+        build(rt, BuildOptions(context=ctx, tags=("fails:1",)), reporter=log)
+    e = ei.value
+    assert e.code == 7 and e.line == 2 and e.instruction == "RUN"
+    assert "about to fail" in e.output and "oops" in e.output
+    assert b"about to fail" in log.out            # live output came through as it ran
+    assert "returned a non-zero code: 7" in str(e)
+    assert not any(r.name.endswith("/fails:1") for r in bstore.images())
+    after = set(os.listdir(cache_dir)) if cache_dir.exists() else set()
+    assert after == before   # FROM makes no entry; the failed RUN must not either
+    assert not list(bstore.tmp_dir.glob("build-*"))
+
+
+def test_syntax_error_fails_before_anything_runs(bstore, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nRUN echo never\nCOPY --nope a b\n")
+    rt = CountingRuntime(bstore)
+    CountingRuntime.created = 0
+    with pytest.raises(BuildError, match=r"Containerfile:3: COPY: unknown flag: --nope"):
+        build(rt, BuildOptions(context=ctx, tags=("syntax:1",)))
+    assert CountingRuntime.created == 0
+
+
+@pytest.mark.parametrize("cf,files,message", [
+    ("COPY ../outside /x\n", {}, "outside the build context"),
+    ("COPY link /x\n", {"@link": "/etc/passwd"}, "leads outside the build context"),
+    ("COPY rel /x\n", {"@rel": "../../../../../etc/passwd"}, "leads outside the build context"),
+    ("COPY secret.txt /x\n", {"secret.txt": "s", ".dockerignore": "secret.txt\n"}, "excluded by .dockerignore"),
+    ("COPY missing /x\n", {}, "not found"),
+    ("COPY a b /x\n", {"a": "1", "b": "2"}, "must be a directory"),
+])
+def test_copy_refuses_bad_sources(rt, bstore, tmp_path, cf, files, message):
+    ctx = _ctx(tmp_path, "FROM busybox:test\n" + cf)
+    for name, data in files.items():
+        if name.startswith("@"):
+            os.symlink(data, ctx / name[1:])
+        else:
+            (ctx / name).write_text(data)
+    n = len(bstore.images())
+    with pytest.raises(BuildError, match=message):
+        build(rt, BuildOptions(context=ctx, tags=("bad:1",)))
+    assert len(bstore.images()) == n
+
+
+def test_symlinks_inside_the_context_are_copied_as_links_and_followed_when_named(rt, bstore, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nCOPY d /d/\nCOPY named /named\n", {"d/real": "r\n", "target": "t\n"})
+    os.symlink("real", ctx / "d" / "link")
+    os.symlink("target", ctx / "named")
+    build(rt, BuildOptions(context=ctx, tags=("links:1",)))
+    tree, _ = _tree(bstore, "links:1")
+    assert stat.S_ISLNK(tree.lstat("d/link").st_mode) and tree.readlink("d/link") == "real"
+    assert stat.S_ISREG(tree.lstat("named").st_mode) and _read(tree, "named") == b"t\n"
+
+
+def test_add_extracts_a_local_tar_keeping_owners(rt, bstore, tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        info = tarfile.TarInfo("pkg/file.txt")
+        data = b"from the tar\n"
+        info.size, info.uid, info.gid, info.mode = len(data), 42, 43, 0o604
+        t.addfile(info, io.BytesIO(data))
+    ctx = _ctx(tmp_path, "FROM busybox:test\nADD pkg.tar.gz /opt/\nADD plain.txt /opt/plain\n",
+               {"pkg.tar.gz": buf.getvalue(), "plain.txt": "plain\n"})
+    build(rt, BuildOptions(context=ctx, tags=("addtar:1",)))
+    tree, _ = _tree(bstore, "addtar:1")
+    st = tree.lstat("opt/pkg/file.txt")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (42, 43, 0o604)
+    assert _read(tree, "opt/pkg/file.txt") == b"from the tar\n"
+    assert _read(tree, "opt/plain") == b"plain\n"
+    assert tree.lstat("opt/pkg.tar.gz") is None
+
+
+def test_add_refuses_a_tar_with_a_device_node(rt, bstore, tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("dev/sda")
+        info.type, info.devmajor, info.devminor = tarfile.BLKTYPE, 8, 0
+        t.addfile(info)
+    ctx = _ctx(tmp_path, "FROM busybox:test\nADD evil.tar /\n", {"evil.tar": buf.getvalue()})
+    with pytest.raises(BuildError, match="device nodes are not extracted"):
+        build(rt, BuildOptions(context=ctx, tags=("evil:1",)))
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    body = b"downloaded bytes\n"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Last-Modified", "Wed, 01 Jan 2025 00:00:00 GMT")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", body
+    srv.shutdown()
+    srv.server_close()
+    th.join()
+
+
+def test_add_of_a_url_on_loopback_with_checksum(rt, bstore, tmp_path, http_server, monkeypatch):
+    base, body = http_server
+    for k in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    ctx = _ctx(tmp_path, f"FROM busybox:test\nADD --checksum={digest} {base}/files/data.bin /dl/\n"
+                         f"ADD {base}/other /dl/renamed\n")
+    build(rt, BuildOptions(context=ctx, tags=("url:1",)))
+    tree, _ = _tree(bstore, "url:1")
+    assert _read(tree, "dl/data.bin") == body
+    st = tree.lstat("dl/data.bin")
+    assert stat.S_IMODE(st.st_mode) == 0o600 and int(st.st_mtime) == 1735689600
+    assert _read(tree, "dl/renamed") == body
+    bad = _ctx(tmp_path / "b", f"FROM busybox:test\nADD --checksum=sha256:{'0' * 64} {base}/x /x\n")
+    with pytest.raises(BuildError, match="checksum mismatch"):
+        build(rt, BuildOptions(context=bad, tags=("url:2",)))
+
+
+def test_run_cache_mount_survives_builds_and_stays_out_of_the_layer(rt, bstore, tmp_path):
+    cf = ("FROM busybox:test\nRUN --mount=type=cache,target=/root/.cache/pip "
+          "cat /root/.cache/pip/count 2>/dev/null | wc -c > /seen; echo x >> /root/.cache/pip/count\n")
+    ctx = _ctx(tmp_path, cf)
+    build(rt, BuildOptions(context=ctx, tags=("cm:1",), no_cache=True))
+    build(rt, BuildOptions(context=ctx, tags=("cm:2",), no_cache=True))
+    tree1, _ = _tree(bstore, "cm:1")
+    tree2, _ = _tree(bstore, "cm:2")
+    assert int(_read(tree2, "seen")) == int(_read(tree1, "seen")) + 2
+    assert tree2.lstat("root/.cache/pip/count") is None
+
+
+def test_onbuild_triggers_run_in_the_child_build(rt, bstore, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nONBUILD RUN echo triggered > /trig\n")
+    build(rt, BuildOptions(context=ctx, tags=("parent:1",)))
+    _, cfg = _tree(bstore, "parent:1")
+    assert cfg["config"]["OnBuild"] == ["RUN echo triggered > /trig"]
+    child = _ctx(tmp_path / "c", "FROM parent:1\nRUN cat /trig\n")
+    build(rt, BuildOptions(context=child, tags=("child:1",)))
+    tree, cfg = _tree(bstore, "child:1")
+    assert _read(tree, "trig") == b"triggered\n"
+    assert not cfg["config"].get("OnBuild")
