@@ -54,8 +54,13 @@ def _contain_cgroups() -> set[str]:
     for line in open("/proc/self/cgroup"):
         _, controllers, path = line.rstrip("\n").split(":", 2)
         name = controllers.split(",")[0].removeprefix("name=") if controllers else "unified"
-        for base in (Path("/sys/fs/cgroup") / controllers, Path("/sys/fs/cgroup") / name):
-            d = base / path.lstrip("/")
+        # v2: containers go beneath the nearest ancestor that delegates the controllers
+        # (cgroups.placement), so look in every ancestor of our own cgroup too
+        rels = [Path(path.lstrip("/"))]
+        if not controllers:
+            rels += list(rels[0].parents)
+        bases = (Path("/sys/fs/cgroup") / controllers, Path("/sys/fs/cgroup") / name)
+        for d in (base / rel for base in bases for rel in rels):
             if d.is_dir():
                 for p in d.glob("jupyter-contain*"):
                     found.add(str(p))

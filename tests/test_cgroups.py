@@ -7,8 +7,11 @@ tree in a temp dir with a small fake kernel (mkdir populates control files,
 subtree_control obeys the "no internal processes" rule, ...).
 
 Every test uses its own parent folder name (``jupyter-contain-test-<pid>``)
-so that other work running on the machine is never touched, and a leak check
-asserts no ``jupyter-contain*`` folder and no child process is left behind.
+so that other work running on the machine is never touched; conftest's leak
+check asserts no ``jupyter-contain*`` folder, mount, fd or child process is
+left behind (on v2 also in the ancestors where placement may put them).
+The fake kernel is injected as the backends' ``CgroupFS``: nothing here
+patches the module's private functions.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from jupyter_contain.errors import CgroupError, InvalidSpec
 from jupyter_contain.runtime.containers import cgroups as cg
 from jupyter_contain.runtime.containers.cgroups import (
     DEFAULT_PIDS_LIMIT,
+    CgroupFS,
     CgroupRoot,
     Cgroups,
     Limits,
@@ -40,32 +44,6 @@ from jupyter_contain.runtime.containers.cgroups import (
 CGROUP_FS = Path("/sys/fs/cgroup")
 PREFIX = f"jupyter-contain-test-{os.getpid()}"
 MiB = 1 << 20
-
-
-def _contain_dirs() -> set[str]:
-    found = set()
-    if not CGROUP_FS.is_dir():
-        return found
-    for top, dirs, _ in os.walk(CGROUP_FS):
-        for d in dirs:
-            if d.startswith("jupyter-contain"):
-                found.add(os.path.join(top, d))
-    return found
-
-
-def _someone_elses(d: str) -> bool:
-    """A shared default parent that holds only cgroups other work (running beside us) made."""
-    kids = [e.name for e in os.scandir(d) if e.is_dir()] if os.path.isdir(d) else []
-    return os.path.basename(d) == "jupyter-contain" and bool(kids) and not any(str(os.getpid()) in k for k in kids)
-
-
-@pytest.fixture(autouse=True)
-def leak_check():
-    before = _contain_dirs()
-    yield
-    left = sorted(d for d in _contain_dirs() - before if not _someone_elses(d))
-    assert not left, f"cgroup folders left behind: {left}"
-    assert not [p for p in _contain_dirs() if PREFIX in p]
 
 
 @pytest.fixture
@@ -191,7 +169,8 @@ def test_detect_v2_with_bind_mount_root_and_escapes(tmp_path):
     root = detect(**_write_inputs(tmp_path, mi, "1:name=systemd:/\n0::/user.slice/u@1000/session\n"))
     assert root.version == 2
     assert root.hierarchies[0].own == own
-    assert root.hierarchies[0].controllers == {"cpuset", "cpu", "io", "memory", "pids"}
+    # nothing above hands controllers down: our own cgroup is the base (and create says what is missing)
+    assert root.hierarchies[0].base == own and root.hierarchies[0].controllers == frozenset()
     assert root.parents() == {"unified": own / "jupyter-contain"}
 
 
@@ -361,8 +340,12 @@ def test_v1_cpu_quota_holds(v1root, make, spawn):
     time.sleep(2.0)
     u1, t1 = c.stats().cpu_usage_ns, time.monotonic()
     ratio = (u1 - u0) / 1e9 / (t1 - t0)
+    throttled = cg.REAL_FS.read_keyed(c.paths["cpu"] / "cpu.stat").get("nr_throttled", 0)
     c.kill_all()
-    assert 0.4 <= ratio <= 0.6, f"cpu share {ratio:.3f} with cpus=0.5"
+    # The quota is a ceiling: within 20% above it, and it was the quota that held the spinner
+    # back (throttled), not only other load on this shared machine.
+    assert ratio <= 0.6, f"cpu share {ratio:.3f} with cpus=0.5"
+    assert throttled > 0 and ratio > 0.1, (ratio, throttled)
 
 
 def test_v1_freeze_thaw(v1root, make, spawn):
@@ -519,8 +502,8 @@ def test_v2_real_core_files(v2root, make, spawn):
 
 # --- v2 controllers, against a fake tree -----------------------------------------------------
 
-class FakeV2Kernel:
-    """Just enough cgroup2 semantics for a tree in a temp dir."""
+class FakeV2Kernel(CgroupFS):
+    """Just enough cgroup2 semantics for a tree in a temp dir, injected as the backends' file I/O."""
 
     CORE: ClassVar[dict[str, str]] = {"cgroup.procs": "", "cgroup.subtree_control": "", "cgroup.freeze": "0", "cgroup.kill": "",
             "cgroup.events": "populated 0\nfrozen 0\n", "cpu.stat": "usage_usec 0\nuser_usec 0\nsystem_usec 0\n"}
@@ -535,6 +518,10 @@ class FakeV2Kernel:
         self.mount = mount
         self.swap = swap_accounting
         self.writes: list[tuple[str, str]] = []
+        self.unwritable: set[Path] = set()   # what a non-root user may not write
+
+    def writable(self, path: Path) -> bool:
+        return path not in self.unwritable and super().writable(path)
 
     def populate(self, d: Path, controllers: str) -> None:
         for f, v in self.CORE.items():
@@ -597,15 +584,12 @@ def fake_v2(tmp_path, monkeypatch):
     kernel = FakeV2Kernel(mount)
     kernel.populate(own, "cpuset cpu io memory pids")
     (own / "cgroup.subtree_control").write_text("cpu memory pids")
-    monkeypatch.setattr(cg, "_mkdir", kernel.mkdir)
-    monkeypatch.setattr(cg, "_rmdir", kernel.rmdir)
-    monkeypatch.setattr(cg, "_write", kernel.write)
     (tmp_path / "mountinfo").write_text(
         f"25 20 0:23 / /sys/fs/bpf rw - bpf bpf rw\n"
         f"30 22 0:26 / {mount} rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n")
     (tmp_path / "proc-self-cgroup").write_text("0::/user.slice/app.scope\n")
-    root = detect(mountinfo=tmp_path / "mountinfo", proc_self_cgroup=tmp_path / "proc-self-cgroup")
-    assert root.version == 2 and root.hierarchies[0].own == own
+    root = detect(mountinfo=tmp_path / "mountinfo", proc_self_cgroup=tmp_path / "proc-self-cgroup", fs=kernel)
+    assert root.version == 2 and root.hierarchies[0].own == own == root.hierarchies[0].base
     return kernel, root, own
 
 
@@ -710,16 +694,94 @@ def test_v2_fake_failure_midway_leaves_nothing(fake_v2, monkeypatch):
             raise OSError(errno.EINVAL, "Invalid argument", str(path))
         real_write(path, value)
 
-    monkeypatch.setattr(cg, "_write", failing)
+    monkeypatch.setattr(kernel, "write", failing)   # the injected fake, not the module
     with pytest.raises(CgroupError, match="Invalid argument"):
         Cgroups.create("half", Limits(memory=64 * MiB), root=root)
     assert not (own / "jupyter-contain").exists()
 
 
 def test_v2_fake_open_from_record(fake_v2):
-    _kernel, root, _own = fake_v2
+    kernel, root, _own = fake_v2
     c = Cgroups.create("rec", Limits(), root=root)
-    again = Cgroups.open("rec", paths={"unified": str(c.paths["unified"])})
+    again = Cgroups.open("rec", paths={"unified": str(c.paths["unified"])}, fs=kernel)
     assert again.version == 2 and again.stats().pids_limit == 512
+    again.destroy()
+    assert not c.paths["unified"].exists()
+
+
+# --- v2 placement: where a server in a leaf cgroup puts its containers ------------------------
+
+@pytest.fixture
+def systemd_tree(tmp_path):
+    """A v2 tree laid out as systemd does: the server in a leaf, its slice delegating."""
+    mount = tmp_path / "fs"
+    kernel = FakeV2Kernel(mount)
+    mount.mkdir()
+    kernel.populate(mount, "cpuset cpu io memory pids")
+    (mount / "cgroup.subtree_control").write_text("cpu io memory pids")
+    for d in ("system.slice", "system.slice/jupyter.service"):
+        kernel.mkdir(mount / d)
+    (mount / "system.slice" / "cgroup.subtree_control").write_text("cpu memory pids")
+    (mount / "system.slice/jupyter.service/cgroup.procs").write_text("1234\n")
+    (tmp_path / "mountinfo").write_text(f"30 22 0:26 / {mount} rw - cgroup2 cgroup2 rw,nsdelegate\n")
+    (tmp_path / "proc-self-cgroup").write_text("0::/system.slice/jupyter.service\n")
+
+    def find() -> CgroupRoot:
+        return detect(mountinfo=tmp_path / "mountinfo", proc_self_cgroup=tmp_path / "proc-self-cgroup", fs=kernel)
+    return kernel, mount, find
+
+
+def test_v2_a_server_in_a_leaf_puts_containers_beside_it_in_the_delegating_slice(systemd_tree):
+    kernel, mount, find = systemd_tree
+    root = find()
+    h = root.hierarchies[0]
+    assert h.own == mount / "system.slice/jupyter.service"
+    assert h.base == mount / "system.slice" and h.controllers == {"cpu", "memory", "pids"}
+    c = Cgroups.create("k1", Limits(memory=64 * MiB, cpus=1.0, pids=10), root=root)
+    assert c.paths == {"unified": mount / "system.slice/jupyter-contain/k1"} == root.paths_for("k1")
+    assert (mount / "system.slice/jupyter-contain/k1/cgroup.controllers").read_text().split() == ["cpu", "memory",
+                                                                                              "pids"]
+    # nothing written to a cgroup we did not make: not the slice, not the server's own leaf
+    assert all(w.startswith("system.slice/jupyter-contain/") for w, _ in kernel.writes), kernel.writes
+    c.destroy()
+    assert not (mount / "system.slice/jupyter-contain").exists()
+
+
+def test_v2_placement_climbs_to_what_delegates_everything_and_no_further_than_it_may_write(systemd_tree):
+    kernel, mount, find = systemd_tree
+    (mount / "system.slice/cgroup.subtree_control").write_text("memory pids")   # no cpu there
+    assert find().hierarchies[0].base == mount          # root may write the top: cpu is there
+    kernel.unwritable.add(mount)                         # a user may not: the slice, with what it has
+    root = find()
+    assert root.hierarchies[0].base == mount / "system.slice"
+    assert root.missing(Limits(memory=MiB, cpus=1.0)) == ["cpu"]
+    with pytest.raises(CgroupError) as e:
+        Cgroups.create("k2", Limits(cpus=1.0), root=root)
+    msg = str(e.value)
+    assert "cpu are not delegated" in msg and "Delegate=yes" in msg and "cgroup.subtree_control" in msg
+    assert not (mount / "system.slice/jupyter-contain").exists()
+    c = Cgroups.create("k3", Limits(memory=MiB, pids=5), root=root)   # what is delegated is enforced
+    assert (c.paths["unified"] / "memory.max").read_text() == str(MiB)
+    c.destroy()
+
+
+def test_v2_no_delegation_at_all_says_exactly_what_to_configure(systemd_tree):
+    kernel, mount, find = systemd_tree
+    kernel.unwritable.update({mount / "system.slice", mount / "system.slice/jupyter.service", mount})
+    root = find()
+    why = root.unusable_reason()
+    assert why is not None and "not writable by uid" in why and "no part of the cgroup v2 tree" in why
+    assert "Delegate=yes" in why and "chown USER D D/cgroup.procs D/cgroup.subtree_control" in why
+    with pytest.raises(CgroupError, match="Delegate=yes"):
+        Cgroups.create("k4", Limits(), root=root)
+    assert kernel.writes == []
+
+
+def test_cgroups_open_dispatches_on_the_record(systemd_tree):
+    kernel, mount, find = systemd_tree
+    c = Cgroups.create("k5", Limits(), root=find())
+    again = Cgroups.open("k5", paths={"unified": str(c.paths["unified"])}, fs=kernel)
+    assert isinstance(again, cg.CgroupsV2) and again.version == 2
+    assert isinstance(Cgroups.backend(1)("x", {}), cg.CgroupsV1)
     again.destroy()
     assert not c.paths["unified"].exists()

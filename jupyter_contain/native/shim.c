@@ -401,6 +401,14 @@ static void jc_overlay_legacy(struct jc_ctx *c, const struct jc_mount *m)
         JC_APPEND(",workdir=");
         JC_APPEND(m->workdir);
     }
+    for (int i = 0; i < m->n_options; i++) { /* e.g. userxattr for a rootless overlay */
+        JC_APPEND(",");
+        JC_APPEND(m->options[2 * i]);
+        if (m->options[2 * i + 1]) {
+            JC_APPEND("=");
+            JC_APPEND(m->options[2 * i + 1]);
+        }
+    }
 #undef JC_APPEND
     if (mount("overlay", m->target, "overlay", 0, data) < 0)
         jc_fail(c, "mount-rootfs", errno, m->target);
@@ -451,8 +459,16 @@ static void jc_mount_overlay(struct jc_ctx *c, const struct jc_mount *m)
                 if (r < 0)
                     jc_fail(c, "mount-rootfs", errno, m->target);
             }
-            if (fsconfig(fsfd, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
-                jc_fail(c, "mount-rootfs", errno, m->target);
+            if (fsconfig(fsfd, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0) {
+                /* Before 6.5 overlay parses its options the old way: fsconfig
+                 * takes "lowerdir+" as text and only the create refuses it
+                 * (EINVAL; seen on Debian 12's 6.1). Mount it the old way. */
+                if (errno != EINVAL)
+                    jc_fail(c, "mount-rootfs", errno, m->target);
+                close(fsfd);
+                jc_overlay_legacy(c, m);
+                goto attached;
+            }
             /* read-only comes last (REMOUNT_RO) so mount points can still be made */
             int mfd = fsmount(fsfd, FSMOUNT_CLOEXEC, (unsigned int)(m->attrs & ~(uint64_t)JC_ATTR_RDONLY));
             if (mfd < 0)
@@ -463,6 +479,7 @@ static void jc_mount_overlay(struct jc_ctx *c, const struct jc_mount *m)
             close(fsfd);
         }
     }
+attached:
     if (c->rootfd >= 0)
         close(c->rootfd);
     c->rootfd = open(m->target, O_PATH | O_DIRECTORY | O_CLOEXEC);

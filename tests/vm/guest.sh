@@ -10,8 +10,8 @@
 # the exit code to the results share, and powers off. The driver is tests/vm/lane.py.
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export LANG=C.UTF-8 HOME=/root
-say() { echo "vm-guest: $*" >/dev/console; }
+export LANG=C.UTF-8 HOME=/root PYTHONUNBUFFERED=1
+say() { echo "vm-guest: $*" | tee -a /run/vm-results/guest.log >/dev/console 2>/dev/null; }
 
 param() {  # value of jc.NAME= on the kernel command line
     local arg
