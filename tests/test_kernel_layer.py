@@ -1,0 +1,326 @@
+"""Any image becomes a kernel (#18): the kernel layer and the kernel site, on real stand-ins of stock images.
+
+Stand-ins (``tests/standin_images.py``, built once per machine, imported once per
+session): busybox (no Python, no libc), Debian minbase (no python3, as stock
+``debian``/``ubuntu``), Debian minbase with python3 only (no ipykernel, no pip).
+For each, ``kernelspec install`` (auto) chooses, and a real kernel over ZMQ
+executes, sees the image as ``/`` with the image's own tools and libc, is
+interrupted, opens an ipywidgets 8 comm, ``%pip install``\\ s a local wheel that a
+restart keeps, is snapshotted (the snapshot holds the wheel and nothing of the
+kernel layer or site) and a kernel from the snapshot imports the wheel.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from kernel_fixtures import run_cell
+from standin_images import STANDINS
+
+from jupyter_contain import errors
+from jupyter_contain.kernel import containers, kernel_layer, kernelspec, snapshots
+from jupyter_contain.runtime import Runtime, Store
+
+READY = 90
+#: what auto chooses for each stand-in
+CHOICES = {"busybox": "layer", "minbase": "layer", "python3": "site:3.11"}
+SHOWN = {"busybox": "busybox", "minbase": "minbase", "python3": "python3only"}
+
+
+@dataclass(frozen=True)
+class Standins:
+    store: Store
+    kernels_dir: Path
+    names: dict[str, str]          # stand-in -> kernel name
+    images: dict[str, str]         # stand-in -> image name
+    ready_seconds: dict[str, float]
+
+    def ksm(self) -> KernelSpecManager:
+        return KernelSpecManager(kernel_dirs=[str(self.kernels_dir)])
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory) -> Standins:
+    """The three stand-ins in a temp store, each with a kernelspec installed by ``kernelspec install``."""
+    from jupyter_core.utils import ensure_event_loop
+
+    from jupyter_contain.runtime.images import archive, bootstrap
+
+    ensure_event_loop()   # jupyter_client's per-thread loop lives as long as the process: before the leak check
+    base = tmp_path_factory.mktemp("standins")
+    store = Store(base / "store")
+    prefix = base / "prefix"
+    names, images = {}, {}
+    for key, (recipe, _) in STANDINS.items():
+        image = f"localhost/{SHOWN[key]}:latest"
+        cfg = recipe.config
+        archive.import_rootfs(store, bootstrap.cached_rootfs_tar(recipe), image, env=cfg.get("Env", ()),
+                              cmd=cfg.get("Cmd", ()), workdir=cfg.get("WorkingDir", ""))
+        names[key], _ = kernelspec.install(store=store, image_name=image, prefix=str(prefix))
+        images[key] = image
+    yield Standins(store=store, kernels_dir=prefix / "share/jupyter/kernels", names=names, images=images,
+                   ready_seconds={})
+    for c in Runtime(store).containers():
+        c.remove(force=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _wheel(folder: Path, name: str = "jcprobe", version: str = "1.0") -> Path:
+    """A tiny pure-Python wheel, made here (no network, no build tools)."""
+    files = {
+        f"{name}.py": f"VALUE = 'from the {name} wheel'\n",
+        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                             "Tag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{name}-{version}.dist-info/RECORD,,")
+    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join(record) + "\n"
+    out = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(out, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return out
+
+
+#: what the kernel says about itself and the image it sees
+_PROBE = r"""
+import json, os, subprocess, sys
+where = [l.split() for l in open('/proc/self/mountinfo') if l.split()[4] in ('/.jupyter-contain-kernel', '/.jupyter-contain-site')]
+try:
+    open('/.jupyter-contain-kernel/usr/bin/x' if os.path.isdir('/.jupyter-contain-kernel') else '/.jupyter-contain-site/x', 'w')
+    wrote = 0
+except OSError as e:
+    wrote = e.errno
+sh = subprocess.run(['sh', '-c', 'readlink /proc/$$/exe; grep -m1 -o "/[^ ]*libc[.-][^ ]*" /proc/$$/maps || echo static'],
+                    capture_output=True, text=True).stdout.split()
+print(json.dumps({'executable': sys.executable, 'env': sorted(os.environ), 'etc': sorted(os.listdir('/etc')),
+                  'mounts': [(w[4], w[5]) for w in where], 'wrote': wrote, 'sh': sh,
+                  'libc': sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libc.so' in l})}))
+"""
+
+
+@pytest.mark.parametrize("which", ["busybox", "minbase", "python3"])
+def test_a_stock_image_becomes_a_kernel(which, standins, tmp_path):
+    name = standins.names[which]
+    spec = json.loads((standins.kernels_dir / name / "kernel.json").read_text())
+    assert spec["display_name"] == f"Contained Python ({SHOWN[which]})"
+    config = spec["metadata"]["kernel_provisioner"]["config"]
+    assert config.get("kernel_layer") == CHOICES[which]
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    wheel = _wheel(notebooks)
+    rt = Runtime(standins.store)
+    km = KernelManager(kernel_name=name, kernel_spec_manager=standins.ksm())
+    t0 = time.monotonic()
+    km.start_kernel(cwd=str(notebooks))
+    kc = km.client()
+    kc.start_channels()
+    snap = f"localhost/kernel-layer-test/{SHOWN[which]}:1"
+    try:
+        kc.wait_for_ready(READY)
+        standins.ready_seconds[which] = time.monotonic() - t0
+        c = km.provisioner.container
+        r = run_cell(kc, _PROBE)
+        assert r["error"] is None, r
+        seen = json.loads(r["stdout"].strip().splitlines()[-1])
+        # the kernel's Python: the layer's, or the image's own with the site on sys.path
+        layered = CHOICES[which] == "layer"
+        assert seen["executable"] == (kernel_layer.LAYER_PYTHON if layered else "/usr/bin/python3")
+        assert seen["libc"] == (["/.jupyter-contain-kernel/lib/libc.so.6"] if layered
+                                else ["/usr/lib/x86_64-linux-gnu/libc.so.6"])
+        # nothing of it leaks to the image's programs
+        assert not {"LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONHOME", "PYTHONPATH"} & set(seen["env"])
+        # the image is `/`: its /etc, its shell, its libc (or none: busybox is static)
+        if which == "busybox":
+            assert "passwd" in seen["etc"] and "debian_version" not in seen["etc"]
+            assert seen["sh"] == ["/bin/busybox", "static"]
+        else:
+            assert "debian_version" in seen["etc"]
+            assert seen["sh"] == ["/usr/bin/dash", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
+        # read-only, nosuid, nodev: the container cannot write the host-made folder
+        [(target, opts)] = seen["mounts"]
+        assert target == (kernel_layer.LAYER_DIR if layered else kernel_layer.SITE_DIR)
+        assert {"ro", "nosuid", "nodev"} <= set(opts.split(",")), opts
+        assert seen["wrote"] == errno.EROFS
+
+        r = run_cell(kc, "%%sh\necho from $(readlink /proc/$$/exe)")   # %%sh and ! run the image's shell
+        assert r["stdout"].strip() == ("from /bin/busybox" if which == "busybox" else "from /usr/bin/dash")
+
+        # interrupt: a long sleep ends with KeyboardInterrupt
+        msg_id = kc.execute("import time; time.sleep(100)", stop_on_error=False)
+        time.sleep(1.0)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=10)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+
+        # widgets: ipywidgets 8 (protocol 2, what JupyterLab 4 renders) opens its comm to the client
+        msgs: list[dict] = []
+        kc.execute_interactive("import ipywidgets\nw = ipywidgets.IntSlider(value=7)\ndisplay(w)",
+                               timeout=60, output_hook=msgs.append)
+        opens = [m["content"] for m in msgs if m["msg_type"] == "comm_open"
+                 and m["content"]["target_name"] == "jupyter.widget"]
+        state = opens[-1]["data"]["state"]
+        assert state["_model_name"] == "IntSliderModel" and state["value"] == 7
+        assert state["_model_module_version"] == "2.0.0"
+        views = [m["content"]["data"] for m in msgs if m["msg_type"] == "display_data"]
+        assert views and views[-1]["application/vnd.jupyter.widget-view+json"]["version_major"] == 2
+
+        # %pip: a local wheel into the container's own writable layer, kept across a restart
+        r = run_cell(kc, f"%pip install --no-index --no-deps {wheel}", timeout=120)
+        assert "Successfully installed jcprobe-1.0" in r["stdout"], r
+        km.restart_kernel()
+        kc.wait_for_ready(READY)
+        assert km.provisioner.container.id == c.id
+        r = run_cell(kc, "import jcprobe; print(jcprobe.VALUE); print(jcprobe.__file__)")
+        value, where = r["stdout"].strip().splitlines()
+        assert value == "from the jcprobe wheel", r
+        assert where == ("/root/.local/lib/python3.11/site-packages/jcprobe.py" if layered
+                         else "/usr/local/lib/python3.11/dist-packages/jcprobe.py")
+        assert (c.upper / where.lstrip("/")).is_file()
+        # the layer or site is a bind mount: nothing of it is in the writable layer
+        for d in (kernel_layer.LAYER_DIR, kernel_layer.SITE_DIR):
+            inside = c.upper / d.lstrip("/")
+            assert not inside.exists() or not any(inside.iterdir())
+
+        # a snapshot holds the wheel and nothing of the kernel layer or site
+        rec = snapshots.snapshot(rt, c, snap)
+        with standins.store.open_blob(rec.manifest.layers[-1].digest) as blob, \
+                tarfile.open(fileobj=blob, mode="r|*") as tar:
+            names = [m.name.removeprefix("./").rstrip("/") for m in tar]
+        assert where.lstrip("/") in names
+        assert not [n for n in names if n.startswith((".jupyter-contain-kernel", ".jupyter-contain-site"))]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+    # a kernel from the snapshot: the same choice, and the wheel is there
+    snap_name, path = kernelspec.install(store=standins.store, image_name=snap, name=f"snap-{which}",
+                                         prefix=str(tmp_path / "prefix"))
+    assert json.loads((Path(path) / "kernel.json").read_text())["metadata"]["kernel_provisioner"]["config"].get(
+        "kernel_layer") == CHOICES[which]
+    km = KernelManager(kernel_name=snap_name, kernel_spec_manager=KernelSpecManager(
+        kernel_dirs=[str(tmp_path / "prefix/share/jupyter/kernels")]))
+    km.start_kernel(cwd=str(notebooks))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(READY)
+        r = run_cell(kc, "import jcprobe; print(jcprobe.VALUE)")
+        assert r["stdout"].strip() == "from the jcprobe wheel", r
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        standins.store.untag(snap)
+
+
+def test_never_refuses_images_without_python_or_ipykernel(standins, tmp_path):
+    for which, expected in (("busybox", "has no python3"), ("python3", "has no ipykernel")):
+        with pytest.raises(errors.KernelError) as ei:
+            kernelspec.install(store=standins.store, image_name=standins.images[which], name=f"never-{which}",
+                               prefix=str(tmp_path), kernel_layer_mode="never")
+        assert expected in str(ei.value) and "--kernel-layer never" in str(ei.value)
+        assert not (tmp_path / f"share/jupyter/kernels/never-{which}").exists()
+    assert Runtime(standins.store).containers() == []   # the probe containers are gone
+
+
+def test_always_runs_the_layer_even_where_the_image_has_python(standins, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="jupyter_contain.kernel.kernelspec"):
+        name, path = kernelspec.install(store=standins.store, image_name=standins.images["python3"],
+                                        name="always-python3", prefix=str(tmp_path), kernel_layer_mode="always")
+    spec = json.loads((Path(path) / "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"]["config"]["kernel_layer"] == "layer"
+    assert spec["display_name"] == "Contained Python (python3only)"
+    assert any("kernel layer (--kernel-layer always)" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_says_which_it_chose(standins, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="jupyter_contain.kernel.kernelspec"):
+        kernelspec.install(store=standins.store, image_name=standins.images["busybox"], name="said-busybox",
+                           prefix=str(tmp_path))
+        kernelspec.install(store=standins.store, image_name=standins.images["python3"], name="said-python3",
+                           prefix=str(tmp_path))
+    said = [r.getMessage() for r in caplog.records]
+    assert any("busybox:latest has no python3: kernels run from the kernel layer" in s for s in said), said
+    assert any("Python 3.11 without ipykernel: kernels run on its own Python with ipykernel from the kernel site"
+               in s for s in said), said
+
+
+def test_a_bad_kernel_layer_option_fails_clearly():
+    with pytest.raises(errors.InvalidSpec, match="option kernel_layer"):
+        containers.KernelOptions.from_config({"kernel_layer": "site:2.7"})
+    with pytest.raises(errors.InvalidSpec, match="option kernel_layer"):
+        containers.KernelOptions.from_config({"kernel_layer": "/usr/bin/python"})
+    o = containers.KernelOptions.from_config({"kernel_layer": "site:3.12"})
+    assert o.kernel_choice == kernel_layer.KernelChoice("site", (3, 12))
+    cmd = containers.kernel_command(o, "/c.json")
+    assert cmd[0] == "python3" and "sys.path.append('/.jupyter-contain-site')" in cmd[2]
+    assert containers.kernel_command(containers.KernelOptions.from_config({"kernel_layer": "layer"}),
+                                     "/c.json")[0] == kernel_layer.LAYER_PYTHON
+
+
+def test_the_layer_is_content_addressed_and_its_python_relinked(standins):
+    layer = kernel_layer.cached_kernel_layer()
+    assert layer.name.startswith("layer-") and layer.parent == kernel_layer.default_cache_dir()
+    meta = json.loads((layer / "jupyter-contain-kernel.json").read_text())
+    assert meta["size"] > 50e6 and meta["source_diff_id"].startswith("sha256:")
+    exe = layer / "usr/bin/python3.11"
+    info = kernel_layer.read_elf(exe.read_bytes())
+    assert info is not None and info.interpreter == f"{kernel_layer.LAYER_DIR}/lib/ld-linux-x86-64.so.2"
+    # the same as patchelf reads it; every library it needs is in the layer
+    needed = subprocess.run(["patchelf", "--print-needed", str(exe)], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert list(info.needed) == needed and "libstdc++.so.6" in needed
+    assert subprocess.run(["patchelf", "--print-rpath", str(exe)], capture_output=True, text=True,
+                          check=True).stdout.strip() == f"{kernel_layer.LAYER_DIR}/lib"
+    assert all((layer / "lib" / n).is_file() for n in needed)
+    # host-made: no file a container could have written, none setuid, none writable by others
+    for dirpath, dirnames, files in os.walk(layer):
+        for n in dirnames + files:
+            st = os.lstat(os.path.join(dirpath, n))
+            if stat.S_ISLNK(st.st_mode):
+                continue   # relative links inside the layer (Python's own)
+            assert st.st_uid == os.geteuid() and not st.st_mode & 0o7022, os.path.join(dirpath, n)
+
+
+def test_a_killed_build_leaves_nothing_and_the_next_one_cleans_up(tmp_path):
+    def fails(tmp: Path, say) -> None:
+        (tmp / "half").write_text("half-made")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        kernel_layer._cached(tmp_path, "layer-0123456789abcdef", fails, progress=None, meta={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".layer-0123456789abcdef.lock"]
+    # a build killed with SIGKILL leaves its temp folder: the next build under the lock removes it
+    stale = tmp_path / ".layer-0123456789abcdef.999.1.tmp"
+    stale.mkdir()
+    (stale / "half").write_text("half-made")
+
+    def works(tmp: Path, say) -> None:
+        (tmp / "whole").write_text("made")
+
+    final = kernel_layer._cached(tmp_path, "layer-0123456789abcdef", works, progress=None, meta={"k": 1})
+    assert final == tmp_path / "layer-0123456789abcdef" and (final / "whole").read_text() == "made"
+    assert not stale.exists()
+    assert json.loads((final / "jupyter-contain-kernel.json").read_text())["k"] == 1
+    # found as it is, never rebuilt
+    assert kernel_layer._cached(tmp_path, "layer-0123456789abcdef", fails, progress=None, meta={}) == final
