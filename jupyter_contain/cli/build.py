@@ -100,11 +100,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         build_args=_key_values(args.build_arg or [], "--build-arg", env_fallback=True), target=args.target,
         network=args.network, no_cache=args.no_cache, pull=args.pull, platform=args.platform,
         labels=_key_values(args.label or [], "--label"))
-    store = runtime.Store(args.root)
-    rt = runtime.Runtime(store)
+    store = runtime.Store(args.root)   # the container runtime loads only if a RUN step must run
     out = sys.stderr if args.quiet else sys.stdout
     try:
-        result = build(rt, opts, reporter=_reporter(progress, args.quiet, out))  # type: ignore[arg-type]
+        result = build(store, opts, reporter=_reporter(progress, args.quiet, out))  # type: ignore[arg-type]
     except BuildStepFailed as e:
         if args.quiet and e.output:
             sys.stderr.write(e.output if e.output.endswith("\n") else e.output + "\n")

@@ -30,18 +30,11 @@ import logging
 import os
 import posixpath
 import re
-import shutil
 import stat
-import tarfile
 import tempfile
-import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -418,9 +411,9 @@ def _scratch() -> dict[str, Any]:
 
 
 class _Build:
-    def __init__(self, runtime: Runtime, options: BuildOptions, reporter: Reporter) -> None:
-        self.rt = runtime
-        self.store: Store = runtime.store
+    def __init__(self, runtime: Runtime | None, store: Store, options: BuildOptions, reporter: Reporter) -> None:
+        self._rt = runtime
+        self.store = store
         self.opt = options
         self.rep = reporter
         self.cache = BuildCache(self.store)
@@ -430,6 +423,15 @@ class _Build:
         self.tmp = Path(tempfile.mkdtemp(prefix="build-", dir=self.store.tmp_dir))
         self.stack.callback(remove_tree, self.tmp)
         self.cached = self.ran = 0
+
+    @property
+    def rt(self) -> Runtime:
+        """The container runtime, made on the first RUN: a build from the cache never loads it
+        (the container modules are about 100 ms of a CLI start)."""
+        if self._rt is None:
+            from ..containers.container import Runtime
+            self._rt = Runtime(self.store)
+        return self._rt
 
     # containerfile ------------------------------------------------------------------
 
@@ -465,8 +467,6 @@ class _Build:
     # images ------------------------------------------------------------------------
 
     def _image(self, text: str, ins: Instruction) -> ImageRecord:
-        from ..images import registry
-
         platform = Platform.parse(self.opt.platform) if self.opt.platform else None
         if self.opt.pull != "always":
             try:
@@ -475,6 +475,7 @@ class _Build:
                 if self.opt.pull == "never":
                     raise ins.error(f"image {text!r} is not in the store and --pull=never") from None
         self.rep.note(f"pulling {text}")
+        from ..images import registry   # requests and TLS: only when a pull is needed
         try:
             return registry.pull(self.store, text, platform=platform)
         except errors.ContainError as e:
@@ -1037,6 +1038,8 @@ class _Build:
         return desc, diff_id
 
     def _extract(self, ins: Instruction, tree: ContextTree, e: Entry, kind: str) -> tuple[Path, Callable[[], None]]:
+        import tarfile
+
         out = Path(tempfile.mkdtemp(dir=self.tmp, prefix="add-"))
         fd = tree.open_file(e)
         try:
@@ -1053,6 +1056,10 @@ class _Build:
         return out, lambda: remove_tree(out)
 
     def _download(self, ins: Instruction, url: str, checksum: str | None) -> tuple[Path, str, int]:
+        import urllib.parse
+        import urllib.request
+        from email.utils import parsedate_to_datetime
+
         name = posixpath.basename(urllib.parse.urlparse(url).path) or "index.html"
         dest = Path(tempfile.mkdtemp(dir=self.tmp, prefix="url-")) / "data"
         h = hashlib.sha256()
@@ -1089,7 +1096,14 @@ class _Build:
             labels[LABEL_BUILD_ARGS] = json.dumps(given, sort_keys=True)
         cfg.setdefault("config", {})["Labels"] = labels
         cfg.setdefault("created", now_rfc3339())
-        if self.opt.tags:
+        if self.opt.tags and self._tagged_already(cfg, st.layers) is not None:
+            # a rebuild that made the same image: the tags already name it, nothing to write (an
+            # image's config and manifest blobs and index.json cost six fsyncs, ~20 ms here)
+            rec = self._tagged_already(cfg, st.layers)
+            assert rec is not None
+            names = [self.store.resolve(t).name for t in self.opt.tags]
+            self.rep.note(f"COMMIT {', '.join(Reference.parse(n).familiar for n in names)} (unchanged)")
+        elif self.opt.tags:
             first, *rest = self.opt.tags
             rec = self.store.add_image(name=first, config=cfg, layers=st.layers)
             names = [rec.name]
@@ -1103,6 +1117,23 @@ class _Build:
             self.rep.note("COMMIT (untagged: gc removes it; give -t NAME to keep it)")
         return BuildResult(image_id=rec.id, digest=rec.digest, names=tuple(names), steps=self.cached + self.ran,
                            cached=self.cached, seconds=time.monotonic() - t0, record=rec)
+
+
+    def _tagged_already(self, cfg: Mapping[str, Any], layers: Sequence[Descriptor]) -> ImageRecord | None:
+        """The stored image if every tag already names exactly this config and these layers."""
+        cfg_bytes = canonical_json(cfg)
+        manifest = Manifest(OCI_MANIFEST, Descriptor(OCI_CONFIG, sha256_digest(cfg_bytes), len(cfg_bytes)),
+                            tuple(layers), {})
+        digest = sha256_digest(canonical_json(manifest.to_json()))
+        rec = None
+        for t in self.opt.tags:
+            try:
+                rec = self.store.resolve(str(local_name(t)))
+            except errors.ImageNotFound:
+                return None
+            if rec.digest != digest:
+                return None
+        return rec
 
 
 def ignore_hit(ctx: ContextTree, rel: str) -> bool:
@@ -1131,8 +1162,10 @@ def _archive_kind(tree: ContextTree, e: Entry) -> str | None:
     return None
 
 
-def _safe_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+def _safe_filter(member: Any, path: str) -> Any:
     """Python's ``tar`` filter (no absolute paths, nothing outside, no links out), and no device nodes."""
+    import tarfile
+
     if member.ischr() or member.isblk():
         raise tarfile.FilterError(f"{member.name}: device nodes are not extracted")  # type: ignore[attr-defined]
     return tarfile.tar_filter(member, path)
@@ -1194,6 +1227,9 @@ def _commit_layer(store: Store, c: Container, lowers: Sequence[Path], tmp_dir: P
     copy made beside the archive, as ``snapshot(unpack=True)`` does: the next
     step's container then starts without extracting it.
     """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     layer, cm = _layer_code()
     view = _pick(layer, "LowerView", "_LowerView")(lowers)
     excl = _pick(cm, "_container_excludes")(c.state)
@@ -1230,16 +1266,23 @@ def _commit_layer(store: Store, c: Container, lowers: Sequence[Path], tmp_dir: P
 # --- the entry point --------------------------------------------------------------------------------
 
 
-def build(runtime: Runtime, options: BuildOptions, *, reporter: Reporter | None = None) -> BuildResult:
-    """Build ``options`` with ``runtime``'s store; returns the image (tagged with every ``tags`` name).
+def build(runtime: Runtime | Store, options: BuildOptions, *, reporter: Reporter | None = None) -> BuildResult:
+    """Build ``options`` into ``runtime``'s store; returns the image (tagged with every ``tags`` name).
+
+    ``runtime``: a :class:`Runtime` for the RUN steps' containers, or just a
+    :class:`Store` (a runtime over it is made at the first RUN that misses
+    the cache).
 
     Raises :class:`~jupyter_contain.errors.BuildError` (syntax, context,
     a failed step: :class:`~jupyter_contain.errors.BuildStepFailed`) and
     leaves no tag, container or half-written layer behind on any failure.
     """
-    b = _Build(runtime, options, reporter or Reporter())
+    if isinstance(runtime, Store):
+        b = _Build(None, runtime, options, reporter or Reporter())
+    else:
+        b = _Build(runtime, runtime.store, options, reporter or Reporter())
     try:
-        with runtime.store.writing():
+        with b.store.writing():
             return b.run()
     finally:
         b.close()
