@@ -154,6 +154,9 @@ class HostContainerMagics(Magics):  # type: ignore[misc]
 
 def load_ipython_extension(ip: Any) -> None:
     ip.register_magics(HostContainerMagics)
+    from .build_magics import BuildMagics   # %%containerfile (#17)
+
+    ip.register_magics(BuildMagics)
 
 
 def unload_ipython_extension(ip: Any) -> None:
