@@ -114,7 +114,9 @@ sh = subprocess.run(['sh', '-c', 'readlink /proc/$$/exe; grep -m1 -o "/[^ ]*libc
                     capture_output=True, text=True).stdout.split()
 print(json.dumps({'executable': sys.executable, 'env': sorted(os.environ), 'etc': sorted(os.listdir('/etc')),
                   'mounts': [(w[4], w[5]) for w in where], 'wrote': wrote, 'sh': sh,
-                  'libc': sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libc.so' in l})}))
+                  'libc': sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libc.so' in l}),
+                  'child_ipykernel': subprocess.run([sys.executable, '-c', 'import ipykernel'],
+                                                    capture_output=True).returncode}))
 """
 
 
@@ -149,6 +151,8 @@ def test_a_stock_image_becomes_a_kernel(which, standins, tmp_path):
                                 else ["/usr/lib/x86_64-linux-gnu/libc.so.6"])
         # nothing of it leaks to the image's programs
         assert not {"LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONHOME", "PYTHONPATH"} & set(seen["env"])
+        # sys.executable runs in a subprocess; the site is on the kernel's sys.path only, not the image's Python's
+        assert seen["child_ipykernel"] == (0 if layered else 1)
         # the image is `/`: its /etc, its shell, its libc (or none: busybox is static)
         if which == "busybox":
             assert "passwd" in seen["etc"] and "debian_version" not in seen["etc"]
@@ -164,6 +168,11 @@ def test_a_stock_image_becomes_a_kernel(which, standins, tmp_path):
 
         r = run_cell(kc, "%%sh\necho from $(readlink /proc/$$/exe)")   # %%sh and ! run the image's shell
         assert r["stdout"].strip() == ("from /bin/busybox" if which == "busybox" else "from /usr/bin/dash")
+        if which != "busybox":   # busybox has no bash
+            r = run_cell(kc, "%%bash\necho bash $BASH_VERSION")
+            assert r["stdout"].startswith("bash 5."), r
+        r = run_cell(kc, "!cat /etc/hostname")
+        assert r["stdout"].strip() == c.id[:12]
 
         # interrupt: a long sleep ends with KeyboardInterrupt
         msg_id = kc.execute("import time; time.sleep(100)", stop_on_error=False)
@@ -324,3 +333,27 @@ def test_a_killed_build_leaves_nothing_and_the_next_one_cleans_up(tmp_path):
     assert json.loads((final / "jupyter-contain-kernel.json").read_text())["k"] == 1
     # found as it is, never rebuilt
     assert kernel_layer._cached(tmp_path, "layer-0123456789abcdef", fails, progress=None, meta={}) == final
+
+
+def test_argv_launcher_runs_a_layer_kernel(standins, tmp_path):
+    """Clients that ignore provisioners run the kernelspec's argv: the launcher mounts the layer too."""
+    spec = json.loads((standins.kernels_dir / standins.names["busybox"] / "kernel.json").read_text())
+    del spec["metadata"]["kernel_provisioner"]
+    d = tmp_path / "kernels/argv-busybox"
+    d.mkdir(parents=True)
+    (d / "kernel.json").write_text(json.dumps(spec))
+    km = KernelManager(kernel_name="argv-busybox", kernel_spec_manager=KernelSpecManager(
+        kernel_dirs=[str(tmp_path / "kernels")]))
+    km.start_kernel(cwd=str(tmp_path))
+    assert type(km.provisioner).__name__ == "LocalProvisioner"
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(READY)
+        r = run_cell(kc, "import sys, subprocess; print(sys.executable); "
+                         "print(subprocess.run(['readlink', '/proc/self/exe'], capture_output=True, text=True).stdout)")
+        assert r["stdout"].split() == [kernel_layer.LAYER_PYTHON, "/bin/busybox"], r
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    assert Runtime(standins.store).containers() == []

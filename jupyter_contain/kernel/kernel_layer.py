@@ -192,6 +192,8 @@ class KernelChoice:
             raise errors.InvalidSpec(f"kernel_layer: unknown mode {self.mode!r}")
         if (self.mode == "site") != (self.python_version is not None):
             raise errors.InvalidSpec("kernel_layer: a site needs a Python version, and only a site has one")
+        if self.python_version is not None and not (self.python_version[0] == 3 and 0 <= self.python_version[1] < 100):
+            raise errors.InvalidSpec(f"kernel_layer: Python version {self.python_version!r} out of range")
         if self.python_version is not None and tuple(self.python_version) < SITE_MIN_PYTHON:
             raise errors.InvalidSpec(f"kernel_layer: Python {self.python_version[0]}.{self.python_version[1]} "
                                      f"is older than the kernel site supports")
@@ -225,6 +227,8 @@ def boot_path_lines(choice: KernelChoice) -> str:
 def site_unsupported(info: dict) -> str | None:
     """Why no kernel site can serve an image Python described by a probe (None: one can)."""
     major, minor = info["python"]
+    if major != 3 or not 0 <= minor < 100:
+        return f"its Python {major}.{minor} is not one the kernel site knows"
     if (major, minor) < SITE_MIN_PYTHON:
         return f"its Python {major}.{minor} is older than the kernel site supports (3.8)"
     if info.get("libc") != "glibc":
