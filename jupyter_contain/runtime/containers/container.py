@@ -35,10 +35,11 @@ never in the host's: when the last process of a container ends, its mounts
 go with it, so a killed server cannot leave overlay mounts behind.
 
 Rootless (this process is not root): every container gets a user namespace
-of the caller's ids (``idmap.rootless_mapping``), a ``userxattr`` overlay,
+of the caller's ids (``userns.rootless_mapping``), a ``userxattr`` overlay,
 no cgroups where none are delegated (a limit asked for is refused), and
 ``slirp4netns`` for the bridge mode; what only the container's root may
-remove goes through ``spawn.run_in_userns``.
+remove goes through ``userns.run_in_userns``. Whether this process is
+rootless is decided once, by the store (``Store.rootless``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from . import network as netmod
 from . import NETWORK_MODES, rootfs, seccomp, slirp, spawn
 from .cgroups import DEFAULT_PIDS_LIMIT, CgroupRoot, Cgroups, Limits, Stats, find_orphans
 from .cgroups import detect as detect_cgroups
-from .idmap import IdMapping
+from ..userns import IdMapping, rootless_mapping
 from .state import ContainerState, ExitInfo, Network, Status
 
 log = logging.getLogger(__name__)
@@ -728,7 +729,7 @@ class Container:
             except errors.ContainError:
                 st = None
         ids = st.userns if st is not None and st.rootless else None
-        rootless_store.remove_tree(path, ids=ids)
+        rootless_store.remove_tree(path, ids=ids, rootless=self.runtime.rootless)
 
     def remove(self, *, force: bool = False) -> None:
         """Remove the container (``force``: kill it first if it runs)."""
@@ -807,8 +808,11 @@ class Runtime:
 
     @property
     def rootless(self) -> bool:
-        """True when this process is not root: containers get a user namespace of its own ids."""
-        return os.geteuid() != 0
+        """True when this process is not root: containers get a user namespace of its own ids.
+
+        The store's answer (``Store.rootless``, decided once when it was made).
+        """
+        return self.store.rootless
 
     def _rootless_limits(self, limits: Limits) -> tuple[Limits, bool]:
         """``(limits, use cgroups)`` for a rootless container.
@@ -977,7 +981,7 @@ class Runtime:
                 raise errors.InvalidSpec("publishing ports (-p) is not supported for rootless containers")
         if self.rootless:
             # an unprivileged caller gets nothing done without a user namespace
-            userns = idmap.rootless_mapping()
+            userns = rootless_mapping()
             if userns.host_uid(uid) is None or any(userns.host_gid(g) is None for g in (gid, *groups)):
                 known = userns.uid_map[-1][0] + userns.uid_map[-1][2] - 1
                 raise errors.InvalidSpec(

@@ -15,13 +15,13 @@ executor inside the rootfs; host paths are :class:`~pathlib.Path`.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
 
 from jupyter_contain import errors
+from jupyter_contain.runtime.process import container_path  # the rule for a container path
 
 __all__ = [
     "Bind",
@@ -254,19 +254,6 @@ class CgroupFs:
 MountOp = Union[OverlayMount, BindMount, FileMount, FsMount, Symlink, MaskPath, ReadonlyPath, RemountReadonly]
 
 _ATTRS = frozenset({"ro", "nosuid", "nodev", "noexec", "noatime", "strictatime"})
-
-
-def container_path(path: str, *, what: str = "path") -> str:
-    """Validate and normalise an absolute container path (no ``..``, no empty)."""
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise errors.InvalidSpec(f"{what} {path!r} must be an absolute container path")
-    if "\0" in path:
-        raise errors.InvalidSpec(f"{what} {path!r} contains a NUL byte")
-    if any(part == ".." for part in path.split("/")):
-        raise errors.InvalidSpec(f"{what} {path!r} must not contain '..'")
-    norm = posixpath.normpath(path)
-    # normpath keeps a leading '//' (POSIX allows it to be special): we do not
-    return "/" + norm.lstrip("/")
 
 
 def _host_path(path: Path, *, what: str) -> Path:

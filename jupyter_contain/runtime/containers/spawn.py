@@ -10,12 +10,14 @@ and :func:`join` (exec into a running container). Maps an execve failure to
 ``CommandNotFound`` / ``CommandNotExecutable``. Points the shim at the
 ``jc-init`` executable (PID 1), and hands out the container's pty master
 (:attr:`ContainerProcess.pty_master`) when the process asked for a terminal.
+:class:`ProcessSpec` and the capability sets live in ``runtime.process``
+(below both halves of the runtime) and are re-exported here.
 With ``SpawnConfig.userns`` the container gets a user namespace that owns
 all its other namespaces; the shim writes the id maps and makes the
 idmapped rootfs inside :func:`spawn`, before the caller's cgroup step.
 Rootless (``SpawnConfig.rootless``), :func:`spawn` writes the maps itself
-(``idmap.write_maps``) and the child mounts everything. Also owns
-:func:`run_in_userns`: a host program as root of a given mapping.
+(``userns.write_maps``) and the child mounts everything. A host program
+as root of a given mapping is ``userns.run_in_userns``.
 
 Must not: plan mounts (``rootfs``), create or write cgroups (the caller
 makes them; only their ``tasks`` files pass through here), or fork Python: every child runs in C.
@@ -26,17 +28,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import resource
 import signal
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
 from jupyter_contain import errors, native
-from jupyter_contain.runtime.containers.idmap import IdMapping, write_maps
 from jupyter_contain.runtime.containers.rootfs import (
     BindMount,
     FileMount,
@@ -48,8 +47,15 @@ from jupyter_contain.runtime.containers.rootfs import (
     RemountReadonly,
     Symlink,
     attrs_of,
-    container_path,
 )
+from jupyter_contain.runtime.process import (  # re-exported: a container's process is spawn's word
+    DEFAULT_CAPABILITIES,
+    DEFAULT_PATH,
+    ProcessSpec,
+    fill_process,
+)
+from jupyter_contain.runtime.process import Arena as _Arena
+from jupyter_contain.runtime.userns import IdMapping, write_maps
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +72,6 @@ __all__ = [
     "start",
 ]
 
-#: Docker's default capability set (moby oci/caps/defaults.go) without
-#: CAP_FSETID and CAP_SETFCAP, whose only use is keeping or making setuid bits
-#: and file capabilities, worthless under no_new_privs and a host privilege
-#: in a host folder: without CAP_FSETID (of the initial namespace: with the
-#: host's ids) the kernel clears setuid/setgid on every write to such a file,
-#: as it does for a user namespace's root; without CAP_SETFCAP no
-#: security.capability is ever written, seccomp filter or not
-DEFAULT_CAPABILITIES: frozenset[str] = frozenset({
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_MKNOD",
-    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
-})
-#: Docker's default set as it is, for the runtime's own tools (never a container's
-#: payload): restoring an image's owners keeps its setgid folders and files
-_TOOL_CAPABILITIES: frozenset[str] = DEFAULT_CAPABILITIES | {"CAP_FSETID", "CAP_SETFCAP"}
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
 #: namespace names -> clone flags (a container gets all of them; "network"
 #: is left out for network="host")
 _NS_FLAGS: Mapping[str, int] = MappingProxyType({
@@ -99,70 +87,6 @@ NAMESPACES: frozenset[str] = frozenset(_NS_FLAGS)
 _JOIN_FLAGS: Mapping[str, int] = MappingProxyType({**_NS_FLAGS, "user": native.CLONE_NEWUSER})
 
 _ATTR_BITS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 16, "strictatime": 32}
-_RLIM_INFINITY = 2**64 - 1
-
-
-def _rlimit_resource(name: str) -> int:
-    key = name.upper()
-    if not key.startswith("RLIMIT_"):
-        key = "RLIMIT_" + key
-    value = getattr(resource, key, None)
-    if not isinstance(value, int):
-        raise errors.InvalidSpec(f"unknown rlimit {name!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class ProcessSpec:
-    """The process a container runs (or an exec runs inside one)."""
-
-    argv: tuple[str, ...]
-    env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str = "/"
-    uid: int = 0
-    gid: int = 0
-    additional_gids: tuple[int, ...] = ()
-    #: name ("nofile", "RLIMIT_NOFILE") -> (soft, hard); -1 / RLIM_INFINITY = unlimited
-    rlimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
-    hostname: str | None = None
-    #: capability names to keep (intersected with the host's bounding set)
-    capabilities: frozenset[str] = DEFAULT_CAPABILITIES
-    no_new_privs: bool = True
-    #: a pseudo-terminal of the container's own devpts: its slave becomes the
-    #: payload's stdin/stdout/stderr and controlling tty (``stdio`` is then
-    #: ignored), its master comes back as :attr:`ContainerProcess.pty_master`
-    tty: bool = False
-
-    def __post_init__(self) -> None:
-        argv = tuple(self.argv)
-        if not argv or not argv[0]:
-            raise errors.InvalidSpec("a process needs a command (argv[0])")
-        object.__setattr__(self, "argv", argv)
-        env = dict(self.env)
-        for k in env:
-            if not k or "=" in k or "\0" in k:
-                raise errors.InvalidSpec(f"invalid environment variable name {k!r}")
-        object.__setattr__(self, "env", MappingProxyType(env))
-        object.__setattr__(self, "cwd", container_path(self.cwd, what="working directory"))
-        object.__setattr__(self, "additional_gids", tuple(int(g) for g in self.additional_gids))
-        for ident in (self.uid, self.gid, *self.additional_gids):
-            if not 0 <= int(ident) < 2**32 - 1:
-                raise errors.InvalidSpec(f"invalid uid/gid {ident!r}")
-        rl = dict(self.rlimits)
-        for name, (soft, hard) in rl.items():
-            _rlimit_resource(name)
-            if soft != -1 and hard != -1 and soft > hard:
-                raise errors.InvalidSpec(f"rlimit {name}: soft {soft} above hard {hard}")
-        object.__setattr__(self, "rlimits", MappingProxyType(rl))
-        caps = frozenset(self.capabilities)
-        unknown = caps - set(native.CAPABILITIES)
-        if unknown:
-            raise errors.InvalidSpec(f"unknown capabilities {sorted(unknown)}")
-        object.__setattr__(self, "capabilities", caps)
-        if self.hostname is not None and not (0 < len(self.hostname) <= 64):
-            raise errors.InvalidSpec(f"invalid hostname {self.hostname!r}")
-
-
 @dataclass(frozen=True)
 class SpawnConfig:
     """Everything the native start needs: the mount plan and the process."""
@@ -258,39 +182,6 @@ class SpawnConfig:
         return first.target
 
 
-class _Arena:
-    """Keeps every cffi allocation a config points to alive while it is used."""
-
-    def __init__(self) -> None:
-        self.ffi = native.ffi()
-        self.keep: list[Any] = []
-
-    def new(self, ctype: str, init: Any = None) -> Any:
-        obj = self.ffi.new(ctype, init)
-        self.keep.append(obj)
-        return obj
-
-    def str(self, value: str | os.PathLike[str] | None) -> Any:
-        if value is None:
-            return self.ffi.NULL
-        data = os.fsencode(value)
-        if b"\0" in data:
-            raise errors.InvalidSpec(f"string {value!r} contains a NUL byte")
-        return self.new("char[]", data)
-
-    def strv(self, values: Iterable[str | os.PathLike[str] | None], *, terminate: bool = True) -> Any:
-        items = [self.str(v) for v in values]
-        if terminate:
-            items.append(self.ffi.NULL)
-        return self.new("char *[]", items) if items else self.ffi.NULL
-
-    def options(self, opts: Iterable[tuple[str, str | None]]) -> tuple[Any, int]:
-        flat: list[str | None] = []
-        for key, value in opts:
-            flat += [key, value]
-        return self.strv(flat, terminate=False), len(flat) // 2
-
-
 def _attr_mask(op: MountOp) -> int:
     mask = 0
     for a in attrs_of(op):
@@ -344,49 +235,6 @@ def _fill_mount(arena: _Arena, m: Any, op: MountOp) -> None:
         raise errors.InvalidSpec(f"unknown mount operation {op!r}")
 
 
-def _cap_mask(names: Iterable[str]) -> int:
-    mask = 0
-    for name in names:
-        mask |= 1 << native.CAPABILITIES[name]
-    return mask & native.host_bounding_set()
-
-
-def _fill_process(arena: _Arena, cfg: Any, proc: ProcessSpec, stdio: tuple[int, int, int],
-                  seccomp_filter: bytes) -> None:
-    ffi = arena.ffi
-    cfg.argv = arena.strv(proc.argv)
-    cfg.envp = arena.strv(f"{k}={v}" for k, v in proc.env.items())
-    cfg.search_path = arena.str(proc.env.get("PATH", DEFAULT_PATH))
-    cfg.cwd = arena.str(proc.cwd)
-    cfg.uid = proc.uid
-    cfg.gid = proc.gid
-    if proc.additional_gids:
-        cfg.groups = arena.new("uint32_t[]", list(proc.additional_gids))
-    cfg.n_groups = len(proc.additional_gids)
-    if proc.rlimits:
-        rl = arena.new("struct jc_rlimit[]", len(proc.rlimits))
-        for i, (name, (soft, hard)) in enumerate(sorted(proc.rlimits.items())):
-            rl[i].resource = _rlimit_resource(name)
-            rl[i].soft = _RLIM_INFINITY if soft < 0 else soft
-            rl[i].hard = _RLIM_INFINITY if hard < 0 else hard
-        cfg.rlimits = rl
-    cfg.n_rlimits = len(proc.rlimits)
-    cfg.cap_keep = _cap_mask(proc.capabilities)
-    cfg.cap_last = native.cap_last()
-    cfg.no_new_privs = int(proc.no_new_privs)
-    cfg.stdio = list(stdio)
-    cfg.terminal = int(proc.tty)
-    cfg.join_pidfd = -1
-    cfg.exit_fd = -1
-    cfg.hold_fd = -1
-    init = native.init_executable()
-    cfg.init_path = arena.str(init) if init is not None else ffi.NULL
-    if seccomp_filter:
-        buf = arena.new("char[]", seccomp_filter)
-        cfg.seccomp_filter = ffi.cast("void *", buf)
-        cfg.seccomp_len = len(seccomp_filter) // 8
-
-
 def _needs_cgroupns(op: MountOp) -> bool:
     if isinstance(op, OverlayMount):
         return False        # its target is a host path
@@ -436,7 +284,7 @@ def build_config(config: SpawnConfig) -> tuple[Any, _Arena]:
     cfg.rootfs = arena.str(config.rootfs)
     cfg.hostname = arena.str(config.process.hostname)
     cfg.loopback_up = int("network" in config.namespaces)
-    _fill_process(arena, cfg, config.process, config.stdio, config.seccomp_filter)
+    fill_process(arena, cfg, config.process, config.stdio, config.seccomp_filter)
     if config.exit_fd is not None:
         cfg.exit_fd = config.exit_fd
     if config.hold_fd is not None:
@@ -600,7 +448,7 @@ def join(pid: int, *, process: ProcessSpec, stdio: tuple[int, int, int],
         raise errors.InvalidSpec(f"unknown namespaces {sorted(unknown)}")
     arena = _Arena()
     cfg = arena.new("struct jc_config *")
-    _fill_process(arena, cfg, process, tuple(int(fd) for fd in stdio), seccomp_filter)  # type: ignore[arg-type]
+    fill_process(arena, cfg, process, tuple(int(fd) for fd in stdio), seccomp_filter)  # type: ignore[arg-type]
     _fill_cgroup(arena, cfg, tuple(Path(p) for p in cgroup_tasks), cgroup_dir, by_caller=False)
     flags = 0
     for name in namespaces:
@@ -634,39 +482,3 @@ def attach_bind(pid: int, op: BindMount, *, userns: IdMapping | None) -> None:
         native.raise_failure(failure)
 
 
-def run_in_userns(mapping: IdMapping, argv: Sequence[str], *, timeout: float = 120) -> tuple[int, str]:
-    """Run host program ``argv`` as root of a new user namespace with ``mapping``; (exit code, stderr tail).
-
-    Nothing else is new: the host's filesystem, pids and network. What a
-    rootless caller needs its containers' root for: a writable layer holds
-    files of the container's other users (subordinate ids), in folders the
-    caller itself may not write, and only root of that mapping can remove
-    them. The process keeps Docker's default capabilities, CAP_FSETID
-    included (inside the namespace: over its mapped ids only; an image's
-    setgid files keep their bit), and no_new_privs.
-    """
-    arena = _Arena()
-    cfg = arena.new("struct jc_config *")
-    cfg.clone_flags = native.CLONE_NEWUSER
-    cfg.uid_map = arena.str(mapping.uid_map_text())
-    cfg.gid_map = arena.str(mapping.gid_map_text())
-    rootless = os.geteuid() != 0
-    cfg.caller_maps = int(rootless)
-    process = ProcessSpec(argv=tuple(argv), env={"PATH": DEFAULT_PATH, "LC_ALL": "C"},
-                          capabilities=_TOOL_CAPABILITIES)
-    with open(os.devnull, "rb") as null, tempfile.TemporaryFile() as err:
-        _fill_process(arena, cfg, process, (null.fileno(), null.fileno(), err.fileno()), b"")
-        proc = native.spawn(cfg)
-        try:
-            if rootless:
-                write_maps(proc.pid, mapping)
-                proc.proceed()
-            proc.release()
-            code = proc.wait(timeout)
-            if code is None:
-                raise errors.ContainerError(f"{argv[0]} in a user namespace took longer than {timeout:.0f} s")
-        finally:
-            proc.abort()
-            proc.close()
-        err.seek(0)
-        return code, err.read()[-2000:].decode(errors="replace")

@@ -33,7 +33,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import BinaryIO, Sequence
 from urllib.parse import unquote_to_bytes
 
 import zstandard
@@ -41,7 +41,9 @@ import zstandard
 from ... import errors
 from .. import spec as _spec
 from ..fsutil import remove_tree
-from . import deflate, rootless
+from .. import userns
+from . import deflate
+from . import rootless as rootless_store
 
 log = logging.getLogger(__name__)
 
@@ -423,7 +425,7 @@ def _lower_xattrs(path: str) -> list[tuple[str, bytes]]:
 class _Extractor:
     """Applies tar members to a private directory, one at a time, in order."""
 
-    def __init__(self, layer: str, root: str, lowers: Sequence[str]) -> None:
+    def __init__(self, layer: str, root: str, lowers: Sequence[str], *, rootless: bool) -> None:
         self.layer = layer
         self.root = root
         self.lowers = list(lowers)
@@ -437,11 +439,11 @@ class _Extractor:
         # rootless (not root): every file stays the caller's (container root
         # in its user namespace), only user.* xattrs can be set, and opaque
         # directories are marked the way overlayfs reads them with userxattr
-        self.rootless = os.geteuid() != 0
+        self.rootless = rootless
         self.opaque_xattr = USER_OPAQUE_XATTR if self.rootless else OPAQUE_XATTR
         #: rootless: path -> (container uid, gid, mode, is a symlink) of entries not root's
         self.owners: dict[str, tuple[int, int, int, bool]] = {}
-        self._rootless_mapping: Any = None
+        self._rootless_mapping: userns.IdMapping | None = None
         self._lower_stacks: dict[str, tuple[int, ...]] = {"": tuple(range(len(self.lowers)))}
         self.root_meta = False
         self.files = 0
@@ -627,7 +629,7 @@ class _Extractor:
         if (s.st_uid, s.st_gid) == (os.geteuid(), os.getegid()):
             return
         if self._rootless_mapping is None:
-            self._rootless_mapping = rootless.mapping()
+            self._rootless_mapping = userns.rootless_mapping()
         m = self._rootless_mapping
         uid, gid = m.container_uid(s.st_uid), m.container_gid(s.st_gid)
         if uid is not None and gid is not None:
@@ -941,7 +943,7 @@ def _check_end(tar: tarfile.TarFile, reader: _TarStream, layer: str) -> None:
 
 def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
                  expected_diff_id: str | None = None, lower_dirs: Sequence[Path] = (),
-                 max_size: int = DEFAULT_MAX_LAYER_SIZE) -> UnpackResult:
+                 max_size: int = DEFAULT_MAX_LAYER_SIZE, rootless: bool | None = None) -> UnpackResult:
     """Stream one layer blob into the new directory ``dest`` in overlayfs form.
 
     ``src`` is read to its end; an ``OSError`` it raises comes back unchanged.
@@ -950,8 +952,10 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
     parents this layer does not contain. Works in a private temporary
     directory beside ``dest`` and renames it into place only once the whole
     stream is applied and its DiffID verified; on any failure nothing remains.
+    ``rootless``: the store's answer (``Store.rootless``); None asks :func:`userns.rootless`.
     """
     dest = Path(dest)
+    rootless_caller = userns.rootless() if rootless is None else rootless
     compression = compression_for(media_type, layer=layer)
     if expected_diff_id is not None and not (
         expected_diff_id.startswith("sha256:") and len(expected_diff_id) == 71
@@ -985,7 +989,7 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
             inner = raw
         inflow = _Inflow(inner, max_size=max_size, layer=layer)
         reader = _TarStream(inflow)
-        ext = _Extractor(layer, tmp, [str(p) for p in lower_dirs])
+        ext = _Extractor(layer, tmp, [str(p) for p in lower_dirs], rootless=rootless_caller)
         inflow.start()
         try:
             # a TarFile over our forward-only stream reads it as tarfile.open(mode="r|")
@@ -1019,8 +1023,8 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
         if ext.owners:
             # only what still exists as written: a later entry may have replaced a path
             # (every created path's parents are directories the extractor made)
-            rootless.restore_owners(Path(tmp), [(p, *o) for p, o in ext.owners.items() if p in ext.created],
-                                    what=f"layer {layer}")
+            rootless_store.restore_owners(Path(tmp), [(p, *o) for p, o in ext.owners.items() if p in ext.created],
+                                          what=f"layer {layer}")
         try:
             # rename(2) refuses a non-empty dest; an empty one can only be the
             # same (empty) layer unpacked concurrently
@@ -1035,7 +1039,8 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
         if inflow is not None:
             inflow.stop()
         try:
-            rootless.remove_tree(tmp)   # restored owners may need the user namespace's root
+            # restored owners may need the user namespace's root
+            rootless_store.remove_tree(tmp, rootless=rootless_caller)
         except (OSError, errors.ContainError):
             pass
         if os.path.lexists(tmp):

@@ -841,7 +841,8 @@ def _pull_layers(client: Client, store: Store, repo: str, manifest: Manifest, im
                 tracker.status(t.desc.digest, _progress.UNPACKING)
             try:
                 unpack_layer(_Follower(t, abort), t.staged_dir, media_type=t.desc.media_type,
-                             layer=t.desc.digest, expected_diff_id=t.diff_id, lower_dirs=list(reversed(lowers)))
+                             layer=t.desc.digest, expected_diff_id=t.diff_id, lower_dirs=list(reversed(lowers)),
+                             rootless=store.rootless)
             except _Aborted:
                 break
             except BaseException:

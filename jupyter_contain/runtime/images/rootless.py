@@ -2,7 +2,7 @@
 
 A rootless unpack cannot chown: every file it writes is the user's, which
 is root inside the user's containers. When the user has subordinate ids
-(``idmap.rootless_mapping`` maps container ids 1..65536 onto them), the
+(``userns.rootless_mapping`` maps container ids 1..65536 onto them), the
 files an image gives to other users (``/home/jovyan``, ``/var/mail``) get
 those owners back in a second step, run as root of that user namespace
 (:func:`restore_owners`). A store then holds folders the user itself may
@@ -11,9 +11,10 @@ not write, so :func:`remove_tree` falls back to ``rm`` run as that root.
 Owns: the list of such entries an unpack hands over, the small stdlib-only
 program that applies it (walking with ``O_NOFOLLOW``, so no symlink a layer
 planted can redirect a chown), and the fallback removal. Must not: run
-anything for root (who needs none of this), or import ``containers`` at
-import time (it starts processes through the native layer: imported only
-on these paths).
+anything for root (who needs none of this), or import ``runtime.containers``
+(the user namespace tools are ``runtime.userns``, below both halves).
+Whether the caller is rootless is decided once by its store
+(``Store.rootless``) and passed in.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ... import errors
+from .. import userns
 from ..fsutil import remove_tree as _remove_tree
+from ..userns import IdMapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Owner", "mapping", "remove_tree", "restore_owners", "rootless"]
+__all__ = ["Owner", "remove_tree", "restore_owners"]
 
 #: (path relative to the layer root, container uid, container gid, mode, is a symlink)
 Owner = tuple[str, int, int, int, bool]
@@ -62,26 +64,18 @@ for i in range(0, len(fields), 5):
 """
 
 
-def rootless() -> bool:
-    return os.geteuid() != 0
-
-
-def mapping() -> Any:
-    """This user's container ids (``idmap.rootless_mapping``)."""
-    from ..containers import idmap   # see the module docstring
-    return idmap.rootless_mapping()
-
-
-def restore_owners(root: Path, entries: Sequence[Owner], *, what: str) -> int:
+def restore_owners(root: Path, entries: Sequence[Owner], *, what: str, ids: IdMapping | None = None) -> int:
     """Give ``entries`` of the tree at ``root`` their image owners (container ids); returns how many.
 
+    For a rootless caller (only a rootless unpack records such entries).
+    ``ids``: the caller's mapping (default: :func:`userns.rootless_mapping`).
     Without subordinate ids only root exists in the user's containers: the
     entries stay the user's (root's inside) and this says so once per call.
     Ids beyond the mapping stay the user's too.
     """
-    if not entries or not rootless():
+    if not entries:
         return 0
-    ids = mapping()
+    ids = ids if ids is not None else userns.rootless_mapping()
     usable = [e for e in entries if ids.host_uid(e[1]) is not None and ids.host_gid(e[2]) is not None]
     if len(usable) < len(entries):
         log.info("%s: %d entries belong to ids this user has no subordinate ids for: they stay root's "
@@ -89,35 +83,36 @@ def restore_owners(root: Path, entries: Sequence[Owner], *, what: str) -> int:
                  len(entries) - len(usable))
     if not usable:
         return 0
-    from ..containers import spawn   # see the module docstring
     with tempfile.NamedTemporaryFile(prefix=".owners-", dir=root.parent) as listing:
         for rel, uid, gid, mode, link in usable:
             listing.write(b"%s\0%d\0%d\0%d\0%s\0" % (os.fsencode(rel), uid, gid, mode, b"1" if link else b"0"))
         listing.flush()
-        code, err = spawn.run_in_userns(ids, [sys.executable, "-I", "-S", "-c", _RESTORE, str(root),
-                                              listing.name])
+        code, err = userns.run_in_userns(ids, [sys.executable, "-I", "-S", "-c", _RESTORE, str(root),
+                                               listing.name], rootless=True)
     if code != 0:
         raise errors.StoreError(f"{what}: restoring the owners of {len(usable)} entries inside the user "
                                 f"namespace failed: {err.strip() or f'exit {code}'}")
     return len(usable)
 
 
-def remove_tree(path: str | os.PathLike[str], *, ids: Any = None) -> None:
+def remove_tree(path: str | os.PathLike[str], *, ids: IdMapping | None = None, rootless: bool | None = None) -> None:
     """fsutil.remove_tree, falling back (rootless) to ``rm`` as root of the user's namespace.
 
     ``ids``: the mapping whose root may remove the tree (a container's own,
-    as recorded); default: this user's (:func:`mapping`).
+    as recorded); default: this user's (:func:`userns.rootless_mapping`).
+    ``rootless``: the caller's (its store's) answer; None asks
+    :func:`userns.rootless` (for callers that hold no store).
     """
     try:
         _remove_tree(path)
     except PermissionError:
-        if not rootless():
+        if not (userns.rootless() if rootless is None else rootless):
             raise
-        ids = ids if ids is not None else mapping()
+        ids = ids if ids is not None else userns.rootless_mapping()
         if len(ids.uid_map) == 1:
             raise   # only the user's own ids: a real permission problem, not ours to force
-        from ..containers import spawn   # see the module docstring
-        code, err = spawn.run_in_userns(ids, ["rm", "-rf", "--one-file-system", "--", os.fspath(path)])
+        code, err = userns.run_in_userns(ids, ["rm", "-rf", "--one-file-system", "--", os.fspath(path)],
+                                         rootless=True)
         if code != 0 or os.path.lexists(path):
             raise errors.StoreError(f"cannot remove {os.fspath(path)} as root of this user's namespace: "
                                     f"{err.strip() or f'rm exited {code}'}") from None

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable, Iterator, Sequence
 
 from ..fsutil import atomic_write, file_lock, fsync_dir, read_small
+from .. import userns
 from .rootless import remove_tree   # fsutil's, with the rootless fallback
 from ...errors import DigestMismatch, ImageInUse, ImageNotFound, ManifestError, StoreError
 from ..spec import (
@@ -287,6 +288,9 @@ class Store:
 
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
+        #: this process is not root (decided once): unpacks keep the caller's ids, opaque
+        #: directories carry the user.* xattr, removal may need the user namespace's root
+        self.rootless = userns.rootless()
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.layers_dir = self.root / "layers"
         self.containers_dir = self.root / "containers"
@@ -701,7 +705,8 @@ class Store:
                                 progress(desc.digest, i, n)
                             with self.open_blob(desc.digest) as f:
                                 unpack_layer(f, dest, media_type=desc.media_type, layer=desc.digest,
-                                             expected_diff_id=diff_id, lower_dirs=list(reversed(done)))
+                                             expected_diff_id=diff_id, lower_dirs=list(reversed(done)),
+                                             rootless=self.rootless)
                 done.append(dest)
         return list(reversed(done))
 
@@ -791,7 +796,7 @@ class Store:
             for p in self.layers_dir.iterdir():
                 if p.name not in keep_layers:
                     freed += _tree_size(p)
-                    remove_tree(p)
+                    remove_tree(p, rootless=self.rootless)
                     layers_removed += 1
             for p in self.tmp_dir.iterdir():  # no writer runs now: this is crash debris
                 freed += _tree_size(p)
