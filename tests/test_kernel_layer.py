@@ -254,7 +254,7 @@ def test_never_refuses_images_without_python_or_ipykernel(standins, tmp_path):
 
 def test_always_runs_the_layer_even_where_the_image_has_python(standins, tmp_path, caplog):
     with caplog.at_level("INFO", logger="jupyter_contain.kernel.kernelspec"):
-        name, path = kernelspec.install(store=standins.store, image_name=standins.images["python3"],
+        _, path = kernelspec.install(store=standins.store, image_name=standins.images["python3"],
                                         name="always-python3", prefix=str(tmp_path), kernel_layer_mode="always")
     spec = json.loads((Path(path) / "kernel.json").read_text())
     assert spec["metadata"]["kernel_provisioner"]["config"]["kernel_layer"] == "layer"

@@ -199,7 +199,7 @@ class KernelChoice:
                                      f"is older than the kernel site supports")
 
     @classmethod
-    def parse(cls, text: str) -> "KernelChoice":
+    def parse(cls, text: str) -> KernelChoice:
         """From a kernelspec's ``kernel_layer`` option: "", "layer" or "site:3.11"."""
         if text in ("", "image"):
             return cls()
@@ -496,8 +496,9 @@ def _build_layer(tar_path: Path, dest: Path, say: Progress) -> None:
     run_py = [str(dest / "lib" / loader_name), "--library-path", str(dest / "lib"), str(exe)]
     _run([*run_py, "-I", "-m", "compileall", "-q", "-j0", *[str(dest / t) for t in _TREES]], what="compileall",
          ok=(0, 1))
-    _run([*run_py, "-I", "-c", "import ipykernel.kernelapp, ipywidgets, zmq, sqlite3, ssl, ctypes, pip, "
-                              "readline, lzma, bz2, hashlib, uuid, decimal, json"], what="a check of the layer")
+    imports = ("import ipykernel.kernelapp, ipywidgets, zmq, sqlite3, ssl, ctypes, pip, readline, lzma, bz2, "
+               "hashlib, uuid, decimal, json")
+    _run([*run_py, "-I", "-c", imports], what="a check of the layer")
 
 
 # ------------------------------------------------------------------------- the site
@@ -555,7 +556,7 @@ def _run(argv: list[str], *, what: str, ok: tuple[int, ...] = (0,), timeout: flo
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_"))}
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         raise errors.KernelError(f"{what} failed: {exc}") from exc
     if out.returncode not in ok:

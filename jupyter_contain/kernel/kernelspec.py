@@ -16,14 +16,23 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .. import errors
+from ..runtime import (
+    NETWORK_MODES,
+    ContainerSpec,
+    ImageRecord,
+    Runtime,
+    Store,
+    parse_cpus,
+    parse_memory,
+)
 from . import guest_files, kernel_layer
-from ..runtime import NETWORK_MODES, ContainerSpec, ImageRecord, Runtime, Store, parse_cpus, parse_memory
 
 log = logging.getLogger(__name__)
 
