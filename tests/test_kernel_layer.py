@@ -173,6 +173,9 @@ def test_a_stock_image_becomes_a_kernel(which, standins, tmp_path):
             assert r["stdout"].startswith("bash 5."), r
         r = run_cell(kc, "!cat /etc/hostname")
         assert r["stdout"].strip() == c.id[:12]
+        # the guest module (magics, host channel) is loaded as in every contained kernel
+        r = run_cell(kc, "%container ps")
+        assert c.id[:12] in r["stdout"] and r["error"] is None, r
 
         # interrupt: a long sleep ends with KeyboardInterrupt
         msg_id = kc.execute("import time; time.sleep(100)", stop_on_error=False)
