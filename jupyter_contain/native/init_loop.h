@@ -18,7 +18,7 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 
-static int jc_is_forwarded(int sig)
+static inline int jc_is_forwarded(int sig)
 {
     switch (sig) {
     case SIGTERM: case SIGINT: case SIGHUP: case SIGQUIT: case SIGUSR1:
@@ -36,7 +36,7 @@ static int jc_is_forwarded(int sig)
  * Best effort: nothing to report a failure to. */
 /* Append v in decimal at dst, NUL-terminated (at most 11 bytes); returns
  * the number of digits. No stdio: safe in a child after clone. */
-static size_t jc_utoa(char *dst, unsigned v)
+static inline size_t jc_utoa(char *dst, unsigned v)
 {
     char digits[12];
     size_t n = 0, d = 0;
@@ -50,7 +50,7 @@ static size_t jc_utoa(char *dst, unsigned v)
     return n;
 }
 
-static void jc_write_exit(int fd, int status)
+static inline void jc_write_exit(int fd, int status)
 {
     char buf[32];
     const char *word = WIFEXITED(status) ? "code " : "signal ";
@@ -72,7 +72,7 @@ static void jc_write_exit(int fd, int status)
 
 /* Every signal is blocked on entry (and stays blocked): a signal sent before
  * we got here is pending, not lost, and sigwaitinfo picks it up. */
-__attribute__((noreturn)) static void jc_init_loop(pid_t payload, int exit_fd)
+__attribute__((noreturn)) static inline void jc_init_loop(pid_t payload, int exit_fd)
 {
     sigset_t all;
     siginfo_t si;

@@ -1,7 +1,9 @@
-/* Declarations shared by shim.c and the cffi cdef (build.py reads this file
- * verbatim, so it holds only plain declarations: no #include, no #ifdef,
- * only integer #defines). Types from <stdint.h> are known to cffi and are
- * included by the C preamble before this header. */
+/* The one header of the C shim, in two parts. The first is the extension's
+ * API: build.py hands it to the cffi cdef verbatim, so it holds only plain
+ * declarations (no #include, no #ifdef, only integer #defines; types from
+ * <stdint.h> are known to cffi and are included by the C preamble before this
+ * header). The second, after the "C only" line, is what the shim's files
+ * share among themselves. */
 
 /* struct jc_mount.kind */
 #define JC_MOUNT_OVERLAY 1     /* overlay rootfs at a host path (target) */
@@ -159,3 +161,96 @@ int jc_release(struct jc_handle *handle, struct jc_failure *failure);
  * inside the running container whose init is `pid`, making the mount point (inside the
  * container's root, as container root). 0, or 1 with failure filled. */
 int jc_attach_bind(int pid, const struct jc_mount *m, long ruid, long rgid, struct jc_failure *failure);
+
+/* ==== C only from here on ====================================================
+ * build.py hands cffi only the part above this line; below it are the
+ * declarations the shim's own files share (not callable from Python, hidden
+ * from the extension's symbol table).
+ *
+ * The shim, by concern (each file's opening comment says which start step
+ * it serves):
+ *   shim.c      clone and the step protocol: jc_spawn, the child's sequence of
+ *               steps, jc_proceed, jc_release, the packets and failure records
+ *   cgroups.c   cgroup attach: v1 tasks files, the v2 cgroup for clone3
+ *   idmap.c     id maps: the user namespace's maps, one-id namespaces, and the
+ *               detached mounts the parent makes for a child in a user namespace
+ *   mounts.c    the mount plan in the child, one function per JC_MOUNT_* kind;
+ *               pivot_root, hostname, loopback
+ *   security.c  credentials, capabilities, no_new_privs, seccomp
+ *   process.c   the payload and PID 1: stdio, terminal, rlimits, exec, jc-init
+ */
+#ifndef JC_SHIM_INTERNAL_H
+#define JC_SHIM_INTERNAL_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+#define JC_HIDDEN __attribute__((visibility("hidden")))
+#define JC_NORETURN __attribute__((noreturn))
+
+/* The packets of the step protocol (one SOCK_SEQPACKET socketpair): the
+ * first byte of each packet. See shim.c for the order. */
+enum jc_tag {
+    JC_TAG_MOUNT = 'M',   /* parent -> child: one detached mount (SCM_RIGHTS), user namespace */
+    JC_TAG_SETUP = 'S',   /* parent -> child: the id maps exist, set up */
+    JC_TAG_RELEASE = 'R', /* parent -> child: the caller's setup is done, go on */
+    JC_TAG_PTY = 'P',     /* child -> parent: the container pty's master (SCM_RIGHTS) */
+    JC_TAG_FAILURE = 'F', /* child -> parent: a struct jc_failure follows; the child exits */
+};
+
+/* The child's state, from clone to execve. */
+struct jc_ctx {
+    const struct jc_config *cfg;
+    int sync_fd;     /* child end of the socketpair */
+    int rootfd;      /* O_PATH fd of the merged rootfs, once mounted */
+    int pty_slave;   /* terminal: the slave of the container's pty */
+    int go_fd;       /* payload: read end of the go pipe (EOF = init is ready) */
+    int prepped;     /* user namespace made by root: mounts of host paths come prepared */
+    const int *prep; /* the parent's detached mounts, in plan order */
+    int n_prep;
+    int next_prep;
+    int files_fd;    /* JC_MOUNT_FILE: the detached tmpfs holding those files */
+    int n_files;
+};
+
+/* shim.c: the protocol, failure records */
+JC_HIDDEN size_t jc_strlcpy(char *dst, const char *src, size_t size);
+JC_HIDDEN ssize_t jc_send_fd(int sock, char tag, int fd);
+JC_HIDDEN JC_NORETURN void jc_fail_code(struct jc_ctx *c, const char *step, int err, const char *path,
+                                        int code);
+JC_HIDDEN JC_NORETURN void jc_fail(struct jc_ctx *c, const char *step, int err, const char *path);
+JC_HIDDEN int jc_pfail(struct jc_failure *f, const char *step, int err, const char *path);
+JC_HIDDEN void jc_close_fds(const int *fds, int n);
+
+/* cgroups.c */
+JC_HIDDEN int jc_open_cgroups(const struct jc_config *cfg, int *cg_fds, int *cg_dirfd, struct jc_failure *f);
+JC_HIDDEN void jc_enter_cgroups(struct jc_ctx *c, const int *cg_fds);
+
+/* idmap.c */
+JC_HIDDEN int jc_prepare_userns(const struct jc_config *cfg, pid_t pid, struct jc_handle *h,
+                                struct jc_failure *f);
+JC_HIDDEN void jc_become_ns_root(struct jc_ctx *c);
+JC_HIDDEN int jc_idmap(int mntfd, int userns_fd, int recursive);
+JC_HIDDEN int jc_one_id_userns(unsigned long uid_in, long uid_out, unsigned long gid_in, long gid_out);
+
+/* mounts.c */
+JC_HIDDEN int jc_openat2(int dirfd, const char *path, uint64_t flags, uint64_t resolve);
+JC_HIDDEN int jc_resolve(int rootfd, const char *path, int create);
+JC_HIDDEN int jc_move_to(int mntfd, int targetfd);
+JC_HIDDEN int jc_setattr(int fd, int recursive, uint64_t attrs);
+JC_HIDDEN void jc_do_mount(struct jc_ctx *c, const struct jc_mount *m);
+JC_HIDDEN void jc_enter_rootfs(struct jc_ctx *c);
+
+/* security.c */
+JC_HIDDEN int jc_capset(uint64_t eff, uint64_t prm, uint64_t inh);
+JC_HIDDEN int jc_drop_bounding_to(int cap_last, uint64_t keep);
+JC_HIDDEN void jc_drop_privileges(struct jc_ctx *c);
+JC_HIDDEN void jc_load_seccomp(struct jc_ctx *c);
+
+/* process.c */
+JC_HIDDEN void jc_reset_signals(void);
+JC_HIDDEN void jc_hide_origin(void);
+JC_HIDDEN void jc_open_pty(struct jc_ctx *c);
+JC_HIDDEN JC_NORETURN void jc_start_init(struct jc_ctx *c, int init_fd);
+
+#endif /* JC_SHIM_INTERNAL_H */

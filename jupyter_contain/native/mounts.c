@@ -1,0 +1,559 @@
+/*
+ * The mount plan in the child: the steps "make-private" (shim.c), "mount-rootfs",
+ * "bind-mount", "idmap-bind", "mount", "symlink", "mask-path", "readonly-path",
+ * "file-mount", "remount-readonly", then "pivot-root", "sethostname" and
+ * "loopback".
+ *
+ * Owns: executing struct jc_mount entries in plan order, one function per
+ * JC_MOUNT_* kind (jc_do_mount dispatches), with the new mount API
+ * (fsopen/fsmount, open_tree, move_mount, mount_setattr); resolving every
+ * container path inside the rootfs (openat2 RESOLVE_IN_ROOT: a symlink or
+ * ".." in an image can never lead out of it); pivot_root into the rootfs,
+ * the hostname and the loopback interface.
+ * Must not: plan (rootfs.py made the list; a kind or order this file does not
+ * know is an error, never a guess), or reach a host path as container root
+ * in a user namespace (the parent made those mounts: idmap.c).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <linux/openat2.h>
+
+#include "shim.h"
+#include "init_loop.h"
+
+int jc_openat2(int dirfd, const char *path, uint64_t flags, uint64_t resolve)
+{
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = flags;
+    how.resolve = resolve;
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+}
+
+/* Open a container path inside the rootfs: symlinks and ".." can never leave it. */
+static int jc_open_in_root(int rootfd, const char *path, int extra_flags)
+{
+    return jc_openat2(rootfd, path, O_PATH | O_CLOEXEC | extra_flags,
+                      RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS);
+}
+
+/* Resolve (and create when missing: create 1 = directory, 2 = empty file) a
+ * container path inside the rootfs; returns an O_PATH fd or -1 with errno. */
+int jc_resolve(int rootfd, const char *path, int create)
+{
+    char buf[4096];
+    int fd = jc_open_in_root(rootfd, path, 0);
+    if (fd >= 0 || errno != ENOENT || !create)
+        return fd;
+
+    while (*path == '/')
+        path++;
+    if (jc_strlcpy(buf, path, sizeof buf) >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    char *p = buf;
+    for (;;) {
+        char *slash = strchr(p, '/');
+        int leaf = slash == NULL || slash[1] == 0;
+        if (slash)
+            *slash = 0;
+        fd = jc_open_in_root(rootfd, buf, 0);
+        if (fd < 0 && errno == ENOENT) {
+            int pfd = rootfd, r;
+            if (p != buf) {
+                p[-1] = 0;
+                pfd = jc_open_in_root(rootfd, buf, O_DIRECTORY);
+                p[-1] = '/';
+                if (pfd < 0)
+                    return -1;
+            }
+            if (leaf && create == 2) {
+                r = openat(pfd, p, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0644);
+                if (r >= 0)
+                    close(r);
+            } else {
+                r = mkdirat(pfd, p, 0755);
+            }
+            int e = errno;
+            if (pfd != rootfd)
+                close(pfd);
+            if (r < 0 && e != EEXIST) {
+                errno = e;
+                return -1;
+            }
+            fd = jc_open_in_root(rootfd, buf, 0);
+        }
+        if (fd < 0 || leaf)
+            return fd;
+        close(fd);
+        *slash = '/';
+        p = slash + 1;
+        while (*p == '/')
+            p++;
+        if (!*p)
+            return jc_open_in_root(rootfd, buf, 0);
+    }
+}
+
+/* The next detached mount the parent prepared (user namespace), in plan order. */
+static int jc_next_prep(struct jc_ctx *c, const char *step, const char *path)
+{
+    if (c->next_prep >= c->n_prep)
+        jc_fail(c, step, EPROTO, path);
+    return c->prep[c->next_prep++];
+}
+
+int jc_move_to(int mntfd, int targetfd)
+{
+    return move_mount(mntfd, "", targetfd, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH);
+}
+
+int jc_setattr(int fd, int recursive, uint64_t attrs)
+{
+    struct mount_attr a;
+    memset(&a, 0, sizeof a);
+    a.attr_set = attrs;
+    if (attrs & (JC_ATTR_NOATIME | JC_ATTR_STRICTATIME))
+        a.attr_clr = MOUNT_ATTR__ATIME;
+    return mount_setattr(fd, "", AT_EMPTY_PATH | (recursive ? AT_RECURSIVE : 0), &a, sizeof a);
+}
+
+/* fsopen + fsconfig + fsmount: a detached mount of a new filesystem. */
+static int jc_new_fs(struct jc_ctx *c, const char *step, const struct jc_mount *m)
+{
+    int fsfd = fsopen(m->fstype, FSOPEN_CLOEXEC);
+    if (fsfd < 0)
+        jc_fail(c, step, errno, m->target);
+    if (m->source && fsconfig(fsfd, FSCONFIG_SET_STRING, "source", m->source, 0) < 0)
+        jc_fail(c, step, errno, m->target);
+    for (int i = 0; i < m->n_options; i++) {
+        const char *k = m->options[2 * i], *v = m->options[2 * i + 1];
+        int r = v ? fsconfig(fsfd, FSCONFIG_SET_STRING, k, v, 0)
+                  : fsconfig(fsfd, FSCONFIG_SET_FLAG, k, NULL, 0);
+        if (r < 0)
+            jc_fail(c, step, errno, m->target);
+    }
+    if (fsconfig(fsfd, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
+        jc_fail(c, step, errno, m->target);
+    int mfd = fsmount(fsfd, FSMOUNT_CLOEXEC, (unsigned int)m->attrs);
+    if (mfd < 0)
+        jc_fail(c, step, errno, m->target);
+    close(fsfd);
+    return mfd;
+}
+
+/* The legacy mount(2) path for kernels without "lowerdir+" (< 6.8). The
+ * option string must fit in one page; beyond that we give up with E2BIG. */
+static void jc_overlay_legacy(struct jc_ctx *c, const struct jc_mount *m)
+{
+    char data[4096];
+    size_t n = 0, cap = sizeof data;
+#define JC_APPEND(s)                                                  \
+    do {                                                              \
+        size_t l_ = strlen(s);                                        \
+        if (n + l_ + 1 > cap)                                         \
+            jc_fail(c, "mount-rootfs", E2BIG, m->target);             \
+        memcpy(data + n, s, l_);                                      \
+        n += l_;                                                      \
+        data[n] = 0;                                                  \
+    } while (0)
+    JC_APPEND("lowerdir=");
+    for (int i = 0; i < m->n_lowerdirs; i++) {
+        if (i)
+            JC_APPEND(":");
+        JC_APPEND(m->lowerdirs[i]);
+    }
+    if (m->upperdir) {
+        JC_APPEND(",upperdir=");
+        JC_APPEND(m->upperdir);
+        JC_APPEND(",workdir=");
+        JC_APPEND(m->workdir);
+    }
+    for (int i = 0; i < m->n_options; i++) { /* e.g. userxattr for a rootless overlay */
+        JC_APPEND(",");
+        JC_APPEND(m->options[2 * i]);
+        if (m->options[2 * i + 1]) {
+            JC_APPEND("=");
+            JC_APPEND(m->options[2 * i + 1]);
+        }
+    }
+#undef JC_APPEND
+    if (mount("overlay", m->target, "overlay", 0, data) < 0)
+        jc_fail(c, "mount-rootfs", errno, m->target);
+}
+
+static void jc_mount_overlay(struct jc_ctx *c, const struct jc_mount *m)
+{
+    if (c->prepped) {
+        /* made by the parent (initial namespace, idmapped layers): only
+         * attach it, at the target the parent opened in our mount tree */
+        int mfd = jc_next_prep(c, "mount-rootfs", m->target);
+        int tfd = jc_next_prep(c, "mount-rootfs", m->target);
+        if (jc_move_to(mfd, tfd) < 0)
+            jc_fail(c, "mount-rootfs", errno, m->target);
+        close(tfd);
+        if (c->rootfd >= 0)
+            close(c->rootfd);
+        c->rootfd = mfd; /* the overlay's root, now attached here */
+        return;
+    }
+    int fsfd = fsopen("overlay", FSOPEN_CLOEXEC);
+    if (fsfd < 0) {
+        if (errno != ENOSYS)
+            jc_fail(c, "mount-rootfs", errno, m->target);
+        jc_overlay_legacy(c, m);
+    } else {
+        for (int i = 0; i < m->n_lowerdirs; i++) {
+            if (fsconfig(fsfd, FSCONFIG_SET_STRING, "lowerdir+", m->lowerdirs[i], 0) < 0) {
+                if (i == 0 && errno == EINVAL) { /* kernel without lowerdir+ */
+                    close(fsfd);
+                    fsfd = -1;
+                    break;
+                }
+                jc_fail(c, "mount-rootfs", errno, m->lowerdirs[i]);
+            }
+        }
+        if (fsfd < 0) {
+            jc_overlay_legacy(c, m);
+        } else {
+            if (m->upperdir && fsconfig(fsfd, FSCONFIG_SET_STRING, "upperdir", m->upperdir, 0) < 0)
+                jc_fail(c, "mount-rootfs", errno, m->upperdir);
+            if (m->workdir && fsconfig(fsfd, FSCONFIG_SET_STRING, "workdir", m->workdir, 0) < 0)
+                jc_fail(c, "mount-rootfs", errno, m->workdir);
+            for (int i = 0; i < m->n_options; i++) {
+                const char *k = m->options[2 * i], *v = m->options[2 * i + 1];
+                int r = v ? fsconfig(fsfd, FSCONFIG_SET_STRING, k, v, 0)
+                          : fsconfig(fsfd, FSCONFIG_SET_FLAG, k, NULL, 0);
+                if (r < 0)
+                    jc_fail(c, "mount-rootfs", errno, m->target);
+            }
+            if (fsconfig(fsfd, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0) {
+                /* Before 6.5 overlay parses its options the old way: fsconfig
+                 * takes "lowerdir+" as text and only the create refuses it
+                 * (EINVAL; seen on Debian 12's 6.1). Mount it the old way. */
+                if (errno != EINVAL)
+                    jc_fail(c, "mount-rootfs", errno, m->target);
+                close(fsfd);
+                jc_overlay_legacy(c, m);
+                goto attached;
+            }
+            /* read-only comes last (REMOUNT_RO) so mount points can still be made */
+            int mfd = fsmount(fsfd, FSMOUNT_CLOEXEC, (unsigned int)(m->attrs & ~(uint64_t)JC_ATTR_RDONLY));
+            if (mfd < 0)
+                jc_fail(c, "mount-rootfs", errno, m->target);
+            if (move_mount(mfd, "", AT_FDCWD, m->target, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+                jc_fail(c, "mount-rootfs", errno, m->target);
+            close(mfd);
+            close(fsfd);
+        }
+    }
+attached:
+    if (c->rootfd >= 0)
+        close(c->rootfd);
+    c->rootfd = open(m->target, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (c->rootfd < 0)
+        jc_fail(c, "mount-rootfs", errno, m->target);
+}
+
+/* JC_MOUNT_BIND: a host path onto a container path (with a user namespace
+ * made by root: the parent's prepared mount, attributes and idmap set). */
+static void jc_mount_bind(struct jc_ctx *c, const struct jc_mount *m)
+{
+    int rec = (m->flags & JC_MF_RECURSIVE) ? AT_RECURSIVE : 0;
+    struct stat st;
+    int sfd, tfd;
+
+    if (c->prepped) {
+        sfd = jc_next_prep(c, "bind-mount", m->source); /* attributes set by the parent */
+    } else {
+        sfd = open_tree(AT_FDCWD, m->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | rec);
+        if (sfd < 0)
+            jc_fail(c, "bind-mount", errno, m->source);
+        if (m->attrs && jc_setattr(sfd, rec != 0, m->attrs) < 0)
+            jc_fail(c, "bind-mount", errno, m->target);
+        /* the host's ids (no user namespace): container root is host
+         * root, so the same one-id bind as with a user namespace, onto
+         * host root (0). Rootless, the child cannot idmap (that takes
+         * CAP_SYS_ADMIN over the folder's filesystem): a plain bind. */
+        if ((m->flags & JC_MF_IDMAP) && !(c->cfg->clone_flags & CLONE_NEWUSER)) {
+            int nsfd;
+            if (fstat(sfd, &st) < 0 || (nsfd = jc_one_id_userns(st.st_uid, 0, st.st_gid, 0)) < 0)
+                jc_fail(c, "idmap-bind", errno, m->source);
+            if (jc_idmap(sfd, nsfd, rec != 0) < 0)
+                jc_fail(c, "idmap-bind", errno, m->source);
+            close(nsfd);
+        }
+    }
+    if (fstat(sfd, &st) < 0)
+        jc_fail(c, "bind-mount", errno, m->source);
+    tfd = jc_resolve(c->rootfd, m->target, S_ISDIR(st.st_mode) ? 1 : 2);
+    if (tfd < 0)
+        jc_fail(c, "bind-mount", errno, m->target);
+    if (jc_move_to(sfd, tfd) < 0)
+        jc_fail(c, "bind-mount", errno, m->target);
+    close(sfd);
+    close(tfd);
+}
+
+/* JC_MOUNT_FS: a new filesystem instance (proc, tmpfs, devpts, ...). */
+static void jc_mount_fs(struct jc_ctx *c, const struct jc_mount *m)
+{
+    int sfd = jc_new_fs(c, "mount", m);
+    int tfd = jc_resolve(c->rootfd, m->target, 1);
+    if (tfd < 0)
+        jc_fail(c, "mount", errno, m->target);
+    if (jc_move_to(sfd, tfd) < 0)
+        jc_fail(c, "mount", errno, m->target);
+    close(sfd);
+    close(tfd);
+}
+
+/* JC_MOUNT_SYMLINK: a symlink at target pointing to source (its folder made). */
+static void jc_mount_symlink(struct jc_ctx *c, const struct jc_mount *m)
+{
+    char dir[4096];
+    const char *t = m->target;
+    const char *slash = strrchr(t, '/');
+    size_t dl = slash ? (size_t)(slash - t) : 0;
+    if (dl >= sizeof dir)
+        jc_fail(c, "symlink", ENAMETOOLONG, t);
+    memcpy(dir, t, dl);
+    dir[dl] = 0;
+    int pfd = dl ? jc_resolve(c->rootfd, dir, 1) : jc_open_in_root(c->rootfd, "/", O_DIRECTORY);
+    if (pfd < 0)
+        jc_fail(c, "symlink", errno, dir);
+    if (symlinkat(m->source, pfd, slash ? slash + 1 : t) < 0 &&
+        !(errno == EEXIST && (m->flags & JC_MF_OPTIONAL)))
+        jc_fail(c, "symlink", errno, t);
+    close(pfd);
+}
+
+/* JC_MOUNT_MASK: hide target, /dev/null (or source) over a file, an empty
+ * read-only tmpfs over a folder; nothing to do where it does not exist. */
+static void jc_mount_mask(struct jc_ctx *c, const struct jc_mount *m)
+{
+    struct stat st;
+    int sfd, tfd = jc_open_in_root(c->rootfd, m->target, 0);
+    if (tfd < 0) {
+        if (errno == ENOENT)
+            return; /* nothing to hide */
+        jc_fail(c, "mask-path", errno, m->target);
+    }
+    if (fstat(tfd, &st) < 0)
+        jc_fail(c, "mask-path", errno, m->target);
+    if (S_ISDIR(st.st_mode)) {
+        const struct jc_mount t = {
+            .fstype = "tmpfs",
+            .target = m->target,
+            .attrs = JC_ATTR_RDONLY | JC_ATTR_NOSUID | JC_ATTR_NODEV | JC_ATTR_NOEXEC,
+        };
+        sfd = jc_new_fs(c, "mask-path", &t);
+    } else {
+        sfd = open_tree(AT_FDCWD, m->source ? m->source : "/dev/null", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+        if (sfd < 0)
+            jc_fail(c, "mask-path", errno, m->source ? m->source : "/dev/null");
+    }
+    if (jc_move_to(sfd, tfd) < 0)
+        jc_fail(c, "mask-path", errno, m->target);
+    close(sfd);
+    close(tfd);
+}
+
+/* JC_MOUNT_READONLY: bind target onto itself, read-only, recursively. */
+static void jc_mount_readonly(struct jc_ctx *c, const struct jc_mount *m)
+{
+    int sfd, tfd = jc_open_in_root(c->rootfd, m->target, 0);
+    if (tfd < 0) {
+        if (errno == ENOENT && (m->flags & JC_MF_OPTIONAL))
+            return;
+        jc_fail(c, "readonly-path", errno, m->target);
+    }
+    sfd = open_tree(tfd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE);
+    if (sfd < 0)
+        jc_fail(c, "readonly-path", errno, m->target);
+    if (jc_setattr(sfd, 1, JC_ATTR_RDONLY | m->attrs) < 0)
+        jc_fail(c, "readonly-path", errno, m->target);
+    if (jc_move_to(sfd, tfd) < 0)
+        jc_fail(c, "readonly-path", errno, m->target);
+    close(sfd);
+    close(tfd);
+}
+
+/* JC_MOUNT_FILE: a new 0644 file holding source, on a small tmpfs of the
+ * container's own (made at the first such entry), bound at target. */
+static void jc_mount_file(struct jc_ctx *c, const struct jc_mount *m)
+{
+    /* the tmpfs has no mount point: it lives as long as a bind of it */
+    if (c->files_fd < 0) {
+        /* small: the container may write these files, not fill memory */
+        static const char *const opts[] = {"size", "1m", "nr_inodes", "64", "mode", "0755"};
+        const struct jc_mount t = {
+            .fstype = "tmpfs",
+            .target = m->target,
+            .options = opts,
+            .n_options = 3,
+            .attrs = JC_ATTR_NOSUID | JC_ATTR_NODEV | JC_ATTR_NOEXEC,
+        };
+        c->files_fd = jc_new_fs(c, "file-mount", &t);
+    }
+    char name[16] = "f";
+    jc_utoa(name + 1, (unsigned)c->n_files++);
+    int ffd = openat(c->files_fd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (ffd < 0)
+        jc_fail(c, "file-mount", errno, m->target);
+    /* the umask must not narrow it */
+    if (fchmod(ffd, 0644) < 0)
+        jc_fail(c, "file-mount", errno, m->target);
+    const char *text = m->source ? m->source : "";
+    for (size_t off = 0, len = strlen(text); off < len;) {
+        ssize_t w = write(ffd, text + off, len - off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            jc_fail(c, "file-mount", w < 0 ? errno : EIO, m->target);
+        off += (size_t)w;
+    }
+    close(ffd);
+    int sfd = open_tree(c->files_fd, name, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+    if (sfd < 0 && errno == EINVAL) {
+        /* Before 6.15 a detached mount cannot be cloned (EINVAL; seen on
+         * Debian 12's 6.1): attach the tmpfs first (once: then clones work),
+         * over the overlay's work dir in our private mount namespace, where
+         * neither the overlay (it holds that dentry, not the path) nor the
+         * container (outside its root) sees it; the old root's detach at
+         * pivot_root takes it away, the binds of its files stay. */
+        const char *work = NULL;
+        for (int i = 0; i < c->cfg->n_mounts && !work; i++)
+            if (c->cfg->mounts[i].kind == JC_MOUNT_OVERLAY)
+                work = c->cfg->mounts[i].workdir;
+        if (!work)
+            jc_fail(c, "file-mount", EINVAL, m->target);
+        if (move_mount(c->files_fd, "", AT_FDCWD, work, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+            jc_fail(c, "file-mount", errno, work);
+        sfd = open_tree(c->files_fd, name, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+    }
+    if (sfd < 0)
+        jc_fail(c, "file-mount", errno, m->target);
+    int tfd = jc_resolve(c->rootfd, m->target, 2);
+    if (tfd < 0)
+        jc_fail(c, "file-mount", errno, m->target);
+    if (jc_move_to(sfd, tfd) < 0)
+        jc_fail(c, "file-mount", errno, m->target);
+    close(sfd);
+    close(tfd);
+}
+
+/* JC_MOUNT_REMOUNT_RO: the mount at target read-only (not recursive). */
+static void jc_mount_remount_ro(struct jc_ctx *c, const struct jc_mount *m)
+{
+    int tfd = jc_open_in_root(c->rootfd, m->target, 0);
+    if (tfd < 0)
+        jc_fail(c, "remount-readonly", errno, m->target);
+    if (jc_setattr(tfd, 0, JC_ATTR_RDONLY | m->attrs) < 0)
+        jc_fail(c, "remount-readonly", errno, m->target);
+    close(tfd);
+}
+
+/* One entry of the plan. Every kind but the overlay needs the rootfs first. */
+void jc_do_mount(struct jc_ctx *c, const struct jc_mount *m)
+{
+    if (m->kind != JC_MOUNT_OVERLAY && c->rootfd < 0)
+        jc_fail(c, "mount", EBADF, m->target); /* plan without a rootfs first */
+
+    switch (m->kind) {
+    case JC_MOUNT_OVERLAY:
+        jc_mount_overlay(c, m);
+        return;
+    case JC_MOUNT_BIND:
+        jc_mount_bind(c, m);
+        return;
+    case JC_MOUNT_FS:
+        jc_mount_fs(c, m);
+        return;
+    case JC_MOUNT_SYMLINK:
+        jc_mount_symlink(c, m);
+        return;
+    case JC_MOUNT_MASK:
+        jc_mount_mask(c, m);
+        return;
+    case JC_MOUNT_READONLY:
+        jc_mount_readonly(c, m);
+        return;
+    case JC_MOUNT_FILE:
+        jc_mount_file(c, m);
+        return;
+    case JC_MOUNT_REMOUNT_RO:
+        jc_mount_remount_ro(c, m);
+        return;
+    default:
+        jc_fail(c, "mount", EINVAL, m->target);
+    }
+}
+
+static void jc_pivot(struct jc_ctx *c)
+{
+    const char *r = c->cfg->rootfs;
+    if (c->rootfd < 0)
+        jc_fail(c, "pivot-root", EBADF, r);
+    if (fchdir(c->rootfd) < 0)
+        jc_fail(c, "pivot-root", errno, r);
+    /* new root and old root on the same directory: the old root ends up
+     * stacked on top and is detached right away, no temporary dir needed */
+    if (syscall(SYS_pivot_root, ".", ".") < 0)
+        jc_fail(c, "pivot-root", errno, r);
+    if (umount2(".", MNT_DETACH) < 0)
+        jc_fail(c, "pivot-root", errno, r);
+    if (chdir("/") < 0)
+        jc_fail(c, "pivot-root", errno, r);
+    close(c->rootfd);
+    c->rootfd = -1;
+}
+
+static void jc_loopback_up(struct jc_ctx *c)
+{
+    struct ifreq ifr;
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        jc_fail(c, "loopback", errno, "lo");
+    memset(&ifr, 0, sizeof ifr);
+    jc_strlcpy(ifr.ifr_name, "lo", sizeof ifr.ifr_name);
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+        jc_fail(c, "loopback", errno, "lo");
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+        jc_fail(c, "loopback", errno, "lo");
+    close(s);
+}
+
+/* pivot_root into the rootfs, hostname, loopback: the last steps of the
+ * container's own setup */
+void jc_enter_rootfs(struct jc_ctx *c)
+{
+    const struct jc_config *cfg = c->cfg;
+    if (c->files_fd >= 0) { /* its files are bound where they belong */
+        close(c->files_fd);
+        c->files_fd = -1;
+    }
+    if (cfg->rootfs)
+        jc_pivot(c);
+    if (c->rootfd >= 0) {
+        close(c->rootfd);
+        c->rootfd = -1;
+    }
+    if (cfg->hostname && sethostname(cfg->hostname, strlen(cfg->hostname)) < 0)
+        jc_fail(c, "sethostname", errno, cfg->hostname);
+    if (cfg->loopback_up)
+        jc_loopback_up(c);
+}
