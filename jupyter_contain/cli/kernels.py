@@ -39,9 +39,25 @@ def cmd_ks_install(args: argparse.Namespace) -> int:
         store=store, image_name=args.image, name=args.name, display_name=args.display_name,
         memory=args.memory, cpus=args.cpus, pids=args.pids_limit, network=args.network,
         userns=args.userns, seccomp=seccomp_mode(args.security_opt),
-        probe=not args.no_probe, kernel_layer_mode=args.kernel_layer, start_dialog=args.start_dialog, **_install_location(args))
+        probe=not args.no_probe, kernel_layer_mode=args.kernel_layer, start_dialog=args.start_dialog,
+        progress=lambda msg: print(f"kernelspec: {msg}", flush=True), **_install_location(args))
     print(f"installed kernelspec {name} in {path}")
+    _say_kernel_layer(path)
     return 0
+
+
+def _say_kernel_layer(path: str) -> None:
+    """Say how the kernels get ipykernel when it is not the image's own (the kernel layer or site)."""
+    import json
+    from pathlib import Path
+
+    try:
+        spec = json.loads((Path(path) / "kernel.json").read_text())
+    except (OSError, ValueError):
+        return
+    said = _kernelspec().describe_kernel_layer(spec.get("metadata", {}).get("kernel_provisioner", {}).get("config", {}))
+    if said:
+        print(said)
 
 
 def cmd_ks_list(args: argparse.Namespace) -> int:

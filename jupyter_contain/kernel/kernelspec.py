@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +174,7 @@ def probe_python(runtime: Runtime, image: ImageRecord, *, python: str = "python3
 
 
 def choose_kernel(runtime: Runtime, image: ImageRecord, *, mode: str = "auto", probe: bool = True,
-                  python: str = "python3") -> tuple[kernel_layer.KernelChoice, dict[str, Any] | None]:
+                  python: str = "python3", progress: Callable[[str], None] | None = None) -> tuple[kernel_layer.KernelChoice, dict[str, Any] | None]:
     """How kernels of ``image`` get ipykernel (``--kernel-layer``), logging which was chosen and why.
 
     auto: the image's own Python when it has ipykernel; else its Python with the
@@ -188,7 +188,7 @@ def choose_kernel(runtime: Runtime, image: ImageRecord, *, mode: str = "auto", p
     img = image.familiar
     if mode == "always":
         log.info("image %s: kernels run from the kernel layer (--kernel-layer always)", img)
-        kernel_layer.cached_kernel_layer(progress=log.debug)
+        kernel_layer.cached_kernel_layer(progress=progress or log.debug)
         return kernel_layer.KernelChoice("layer"), None
     if not probe:
         return kernel_layer.KernelChoice(), None
@@ -210,12 +210,12 @@ def choose_kernel(runtime: Runtime, image: ImageRecord, *, mode: str = "auto", p
     if info is None:
         log.info("image %s has no %s: kernels run from the kernel layer (a Python with ipykernel, "
                  "mounted read-only; the image is unchanged)", img, python)
-        kernel_layer.cached_kernel_layer(progress=log.debug)
+        kernel_layer.cached_kernel_layer(progress=progress or log.debug)
         return kernel_layer.KernelChoice("layer"), None
     why = kernel_layer.site_unsupported(info)
     if why is None:
         try:
-            kernel_layer.cached_kernel_site(info["python"], progress=log.debug)
+            kernel_layer.cached_kernel_site(info["python"], progress=progress or log.debug)
         except errors.KernelError as exc:
             why = f"its site could not be made: {exc}"
         else:
@@ -224,8 +224,22 @@ def choose_kernel(runtime: Runtime, image: ImageRecord, *, mode: str = "auto", p
             return kernel_layer.KernelChoice("site", info["python"]), info
     log.info("image %s has Python %d.%d without ipykernel, and %s: kernels run from the kernel layer "
              "(a Python with ipykernel, mounted read-only; the image is unchanged)", img, *info["python"], why)
-    kernel_layer.cached_kernel_layer(progress=log.debug)
+    kernel_layer.cached_kernel_layer(progress=progress or log.debug)
     return kernel_layer.KernelChoice("layer"), info
+
+
+def describe_kernel_layer(config: Mapping[str, Any]) -> str | None:
+    """One line for people about a kernelspec config's ``kernel_layer`` (None: the image's own ipykernel)."""
+    choice = kernel_layer.KernelChoice.parse(str(config.get("kernel_layer") or ""))
+    if choice.mode == "layer":
+        return (f"kernels run from the kernel layer (a Python with ipykernel and ipywidgets 8, mounted read-only "
+                f"at {kernel_layer.LAYER_DIR}); the image is unchanged and its tools are what the kernel runs")
+    if choice.mode == "site":
+        assert choice.python_version is not None
+        return (f"kernels run on the image's own Python {choice.python_version[0]}.{choice.python_version[1]} "
+                f"with ipykernel and ipywidgets 8 from the kernel site (mounted read-only at "
+                f"{kernel_layer.SITE_DIR}); the image is unchanged")
+    return None
 
 
 def kernel_json(*, image: ImageRecord, display_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -263,7 +277,7 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
             network: str | None = None, user: bool = False, prefix: str | None = None,
             probe: bool = True, userns: str | None = None, seccomp: str | None = None,
             create_only: bool = False, start_dialog: bool = False,
-            kernel_layer_mode: str = "auto") -> tuple[str, str]:
+            kernel_layer_mode: str = "auto", progress: Callable[[str], None] | None = None) -> tuple[str, str]:
     """Install a kernelspec for ``image_name``; returns (kernel name, install path).
 
     ``create_only`` (a kernel's request through its host channel): the
@@ -273,7 +287,9 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
     not even by a request racing this one. ``kernel_layer_mode`` (auto, always,
     never): whether kernels may run from the kernel layer or site when the image
     has no Python with ipykernel (:func:`choose_kernel`); the display name is
-    "Contained Python (<image>)" either way.
+    "Contained Python (<image>)" either way. ``progress`` hears about a kernel
+    layer or site being built (once per machine: seconds, or a minute when the
+    bootstrap root filesystem is built first).
     """
     image = store.resolve(image_name)
     name = name or default_kernel_name(image)
@@ -303,7 +319,7 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
         config["seccomp"] = seccomp
     if store.root != Store().root:
         config["store_root"] = str(store.root)
-    choice, info = choose_kernel(Runtime(store), image, mode=kernel_layer_mode, probe=probe)
+    choice, info = choose_kernel(Runtime(store), image, mode=kernel_layer_mode, probe=probe, progress=progress)
     if choice.mode != "image":
         config["kernel_layer"] = str(choice)
     elif info is not None:
