@@ -50,7 +50,7 @@ ffibuilder.set_source(
     '#include <stdint.h>\n#include "shim.h"\n',
     sources=[_rel(p) for p in _SOURCES],
     include_dirs=[_rel(_HERE)],
-    # -fvisibility=hidden: only the jc_* API the cdef names (and cffi's init) is exported
+    # what the shim's files share is hidden (JC_HIDDEN in shim.h): only the cdef's jc_* API is exported
     extra_compile_args=["-O2", *_WARNINGS, "-fno-strict-aliasing"],
 )
 
