@@ -364,3 +364,155 @@ def test_onbuild_triggers_run_in_the_child_build(rt, bstore, tmp_path):
     tree, cfg = _tree(bstore, "child:1")
     assert _read(tree, "trig") == b"triggered\n"
     assert not cfg["config"].get("OnBuild")
+
+
+
+# --- interop with podman build -----------------------------------------------------------------------
+
+RUN_PEER = Path("/work/shared/tools/run-peer")
+PODMAN_CONF = """\
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+netns = "none"
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "none"
+"""
+
+#: (no heredocs: Debian 12's podman 4.3 does not know them; test_multistage_... covers ours)
+INTEROP = {
+    "metadata-and-files": """\
+FROM {base}
+ARG V=1.2
+ENV APP=/opt/app PATH=/opt/app/bin:$PATH VERSION=$V
+WORKDIR $APP
+COPY --chown=1000:100 --chmod=0755 tool.sh bin/
+COPY data/ ./data/
+COPY a.txt b.txt ./
+ADD pkg.tar /opt/
+RUN mkdir -p /var/lib/x && echo "$VERSION" > /var/lib/x/version && rm /bin/ls && \\
+    ln -s /opt/app/bin/tool.sh /usr/bin/tool
+RUN echo from a step > /opt/app/hd && chmod 0600 /opt/app/hd
+USER 1000:100
+LABEL org.example.kind="interop test" version=$V
+EXPOSE 8888 9000-9001/udp
+VOLUME /data
+STOPSIGNAL SIGINT
+ENTRYPOINT ["/bin/sh"]
+CMD ["-c", "tool"]
+""",
+    "multi-stage": """\
+FROM {base} AS build
+RUN mkdir /out && echo built > /out/artifact && echo gone > /out/tmp && rm /out/tmp
+FROM {base}
+COPY --from=build /out /srv/
+WORKDIR /srv
+CMD echo $HOME
+""",
+}
+
+
+def _sh(cmd: list[str], env: dict) -> str:
+    import subprocess
+
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{cmd[1:4] + cmd[8:10]} failed: {proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+def _podman(work: Path) -> list[str]:
+    return [str(RUN_PEER), "podman", "--root", str(work / "root"), "--runroot", str(work / "run"),
+            "--storage-driver", "overlay"]
+
+
+@pytest.fixture(scope="module")
+def podman_env(tmp_path_factory, bstore):
+    import shutil
+    import subprocess
+
+    if not shutil.which("podman") or not RUN_PEER.exists():
+        pytest.skip("podman or run-peer is not installed")
+    work = tmp_path_factory.mktemp("podman")
+    (work / "containers.conf").write_text(PODMAN_CONF)
+    env = dict(os.environ, CONTAINERS_CONF=str(work / "containers.conf"))
+    cmd = _podman(work)
+    out = subprocess.run(cmd + ["pull", "-q", f"oci:{bstore.root}:localhost/busybox:test"], env=env,
+                         capture_output=True, text=True, check=True)
+    yield cmd, env, out.stdout.split()[-1], work
+    subprocess.run(cmd + ["system", "reset", "-f"], env=env, capture_output=True, check=False)
+
+
+def _listing(tree: ImageTree) -> dict[str, tuple]:
+    out = {}
+    for e in tree.walk(""):
+        if not e.rel:
+            continue
+        digest = ""
+        if e.kind == "file":
+            fd = tree.open_file(e)
+            try:
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()[:16]
+            finally:
+                os.close(fd)
+        out[e.rel] = (e.kind, oct(e.mode), e.uid, e.gid, e.size, digest, e.link)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(INTEROP))
+def test_same_rootfs_and_config_as_podman_build(rt, bstore, tmp_path, podman_env, name):
+    import subprocess
+
+    from jupyter_contain.runtime.images.archive import import_oci_archive
+
+    cmd, env, base_id, work = podman_env
+    ctx = _ctx(tmp_path, INTEROP[name].format(base="busybox:test"),
+               {"tool.sh": "#!/bin/sh\necho tool\n", "data/one": "1\n", "data/sub/two": "2\n", "a.txt": "a\n",
+                "b.txt": "b\n"})
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for n, data in (("pkg/", b""), ("pkg/lib.txt", b"lib\n")):
+            info = tarfile.TarInfo(n.rstrip("/"))
+            if n.endswith("/"):
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+            else:
+                info.size, info.mode, info.uid = len(data), 0o644, 7
+            t.addfile(info, io.BytesIO(data) if data else None)
+    (ctx / "pkg.tar").write_bytes(buf.getvalue())
+    (ctx / "Containerfile.podman").write_text(INTEROP[name].format(base=base_id))
+    (ctx / ".dockerignore").write_text("Containerfile.podman\n")
+    ours = build(rt, BuildOptions(context=ctx, tags=(f"interop-{name}:ours",)))
+    tag = f"localhost/interop-{name}:podman"
+    _sh(cmd + ["build", "-q", "--network", "none", "-f", str(ctx / "Containerfile.podman"), "-t", tag, str(ctx)], env)
+    oci = tmp_path / "podman.tar"
+    subprocess.run(cmd + ["save", "--format", "oci-archive", "-o", str(oci), tag], env=env, capture_output=True,
+                   check=True)
+    theirs = import_oci_archive(bstore, oci, name=f"interop-{name}:podman")
+    ours_tree = ImageTree(bstore.ensure_unpacked(ours.record))
+    theirs_tree = ImageTree(bstore.ensure_unpacked(theirs))
+    a, b = _listing(ours_tree), _listing(theirs_tree)
+    if "run" not in a and b.get("run", ("dir",))[0] == "dir":
+        b.pop("run", None)   # buildah leaves the mount point it makes for /run/.containerenv in the image
+    diffs = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    assert not diffs, f"rootfs differs from podman's (ours, podman): {diffs}"
+    keys = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "ExposedPorts", "Volumes", "StopSignal")
+    ca, cb = ours.record.config.raw["config"], theirs.config.raw["config"]
+    # Env as a mapping: an ENV that sets PATH keeps it in place here, as Docker does; buildah moves it last
+    assert dict(e.split("=", 1) for e in ca["Env"]) == dict(e.split("=", 1) for e in cb["Env"])
+    keys = keys[1:]
+    # a port range: Docker (and this builder) expose each port, podman 4.3 keeps the range as one key
+    cb = dict(cb, ExposedPorts={f"{p}/{proto}": {} for k in cb.get("ExposedPorts") or {}
+                                for port, proto in [k.split("/")]
+                                for p in range(int(port.split("-")[0]), int(port.split("-")[-1]) + 1)})
+    assert {k: ca.get(k) or None for k in keys} == {k: cb.get(k) or None for k in keys}, (ca, cb)
+    own = ("io.jupyter-contain.", "io.buildah.")
+    assert {k: v for k, v in (ca.get("Labels") or {}).items() if not k.startswith(own)} == \
+        {k: v for k, v in (cb.get("Labels") or {}).items() if not k.startswith(own)}
+    # our image runs under podman, as podman's own does
+    ours_id = _sh(cmd + ["pull", "-q", f"oci:{bstore.root}:{ours.names[0]}"], env).split()[-1]
+    run = subprocess.run(cmd + ["run", "--rm", "--network", "none", ours_id], env=env, capture_output=True,
+                         text=True, check=False)
+    assert run.returncode != 125, run.stderr
+    want = subprocess.run(cmd + ["run", "--rm", "--network", "none", tag], env=env, capture_output=True, text=True,
+                          check=False)
+    assert (run.returncode, run.stdout) == (want.returncode, want.stdout)

@@ -491,10 +491,14 @@ class _Build:
     def _record(self, st: _State, name: str = "build-step") -> ImageRecord:
         """The stage as an (untagged) image in the store: what a RUN container starts from."""
         cfg_bytes = canonical_json(st.config)
-        cfg_digest = self.store.write_blob(cfg_bytes, what="image config")
+        cfg_digest = sha256_digest(cfg_bytes)
+        if not self.store.has_blob(cfg_digest):   # (a cached rebuild has them all: no fsyncs)
+            self.store.write_blob(cfg_bytes, expected_digest=cfg_digest, what="image config")
         manifest = Manifest(OCI_MANIFEST, Descriptor(OCI_CONFIG, cfg_digest, len(cfg_bytes)), tuple(st.layers), {})
         m_bytes = canonical_json(manifest.to_json())
-        m_digest = self.store.write_blob(m_bytes, what="manifest")
+        m_digest = sha256_digest(m_bytes)
+        if not self.store.has_blob(m_digest):
+            self.store.write_blob(m_bytes, expected_digest=m_digest, what="manifest")
         return self.store.record(f"localhost/{name}:{m_digest[7:19]}", m_digest)
 
     def _lowers(self, st: _State) -> list[Path]:
@@ -528,6 +532,7 @@ class _Build:
             for ins in stage.steps:
                 n += 1
                 self._step(stage, st, ins, n, total)
+            self._ensure_workdir(st)
         final = self.stages[p.target]
         unused = set(self.opt.build_args) - self.used_args - PREDEFINED_ARGS
         if unused:
@@ -600,7 +605,7 @@ class _Build:
         t = time.monotonic()
         kw = ins.keyword
         created = now_rfc3339()
-        if kw in ("RUN", "COPY", "ADD", "WORKDIR"):
+        if kw in ("RUN", "COPY", "ADD"):
             self._layer_step(stage, st, ins, created, t)
             return
         parent = st.digest()
@@ -636,6 +641,15 @@ class _Build:
             cfg["Labels"] = labels
         elif kw == "USER":
             cfg["User"] = x(ins.text.strip())
+        elif kw == "WORKDIR":
+            # the folder is made when a step needs it (a RUN) or at the stage's end, if no COPY made
+            # it first: what buildah does, so a COPY --chown into a new WORKDIR owns it, as in podman
+            wd = x(ins.text.strip())
+            if not wd:
+                raise ins.error("WORKDIR needs a path")
+            if not wd.startswith("/"):
+                wd = posixpath.join(cfg.get("WorkingDir") or "/", wd)
+            cfg["WorkingDir"] = posixpath.normpath(wd)
         elif kw == "CMD":
             cfg["Cmd"] = list(ins.exec_form) if ins.exec_form is not None else [*st.shell, ins.text]
             st.cmd_from_base = False
@@ -714,25 +728,8 @@ class _Build:
         extra: dict[str, Any] = {}
         work: Callable[[], tuple[Descriptor, str] | None]
         env = st.expand_env()
-        if kw == "WORKDIR":
-            wd = expand(ins.text.strip(), env, escape=self.escape, fail=ins.error, used=self.used_args)
-            if not wd.startswith("/"):
-                wd = posixpath.join(st.inner.get("WorkingDir") or "/", wd)
-            wd = posixpath.normpath(wd)
-            st.inner["WorkingDir"] = wd
-            lowers = self._lowers(st)
-            view = ImageTree(lowers)
-            real = view.resolve(wd.lstrip("/"), "WORKDIR")
-            if not real or view.lstat(real) is not None:
-                st.add_history(ins.original, empty=True, created=created)
-                self.rep.done(cached=False, seconds=time.monotonic() - t, layer=None)
-                return
-            plan_ = [filesmod.Planned(real, "dir", 0o755, 0, 0, filesmod.fixed_mtime())]
-            content = filesmod.content_hash(plan_)
-
-            def work() -> tuple[Descriptor, str] | None:
-                return self._write_files(view, plan_)
-        elif kw == "RUN":
+        if kw == "RUN":
+            self._ensure_workdir(st)   # the step's parent: the folder made, if it had to be
             argv = self._run_argv(st, ins, env)
             mounts = tuple(_parse_mount(ins, m) for m in ins.flag_all("mount"))
             net = ins.flag("network")
@@ -746,12 +743,13 @@ class _Build:
             def work() -> tuple[Descriptor, str] | None:
                 return self._run(st, ins, argv, mounts, network)
         else:
-            plan_, view, extra_key, cleanup = self._copy_plan(st, ins, env)
+            plan_, view, extra_key, cleanup, owner = self._copy_plan(st, ins, env)
             content = filesmod.content_hash(plan_, extra=extra_key)
 
             def work() -> tuple[Descriptor, str] | None:
                 try:
-                    return self._write_files(view, plan_)
+                    # parents a COPY makes belong to --chown's user, as in buildah
+                    return self._write_files(view, plan_, new_dir_owner=owner or (0, 0))
                 finally:
                     cleanup()
         args_in_scope = {k: v for k, v in st.args.items()}
@@ -774,6 +772,28 @@ class _Build:
         self.cache.put(key, CacheEntry(json.loads(json.dumps(st.config)), result[0] if result else None,
                                        result[1] if result else None))
         self.rep.done(cached=False, seconds=time.monotonic() - t, layer=result[0] if result else None)
+
+    def _ensure_workdir(self, st: _State) -> None:
+        """Make the stage's WORKDIR (0755, root) as a layer of its own if the image lacks it."""
+        wd = st.inner.get("WorkingDir") or "/"
+        if wd == "/" or not st.layers:
+            return
+        view = ImageTree(self._lowers(st))
+        real = view.resolve(wd.lstrip("/"), "WORKDIR")
+        if not real or view.lstat(real) is not None:
+            return
+        plan_ = [filesmod.Planned(real, "dir", 0o755, 0, 0, filesmod.fixed_mtime())]
+        key = step_key(parent=st.digest(), instruction=f"(make WORKDIR) {real}", args={},
+                       content=filesmod.content_hash(plan_))
+        hit = None if self.opt.no_cache else self.cache.get(key)
+        if hit is not None and hit.layer is not None:
+            st.config = json.loads(json.dumps(hit.config))
+            st.layers.append(hit.layer)
+            return
+        desc, diff_id = self._write_files(view, plan_)
+        st.add_layer(desc, diff_id)
+        st.add_history(f"WORKDIR {wd} (made)", empty=False, created=now_rfc3339())
+        self.cache.put(key, CacheEntry(json.loads(json.dumps(st.config)), desc, diff_id))
 
     def _created_by(self, ins: Instruction, st: _State) -> str:
         if ins.keyword == "RUN" and st.args:
@@ -901,7 +921,7 @@ class _Build:
         return ImageTree(self.store.ensure_unpacked(rec)), True
 
     def _copy_plan(self, st: _State, ins: Instruction, env: Mapping[str, str]
-                   ) -> tuple[list[filesmod.Planned], ImageTree, bytes, Callable[[], None]]:
+                   ) -> tuple[list[filesmod.Planned], ImageTree, bytes, Callable[[], None], tuple[int, int] | None]:
         kw = ins.keyword
         x = self._expander(env, ins)
         if ins.exec_form is not None:
@@ -1000,7 +1020,7 @@ class _Build:
             for c in reversed(cleanups):
                 c()
         self.stack.callback(cleanup)
-        return plan_, view, extra_key, cleanup
+        return plan_, view, extra_key, cleanup, owner
 
     def _chown(self, ins: Instruction, view: ImageTree, x: Callable[[str], str]) -> tuple[int, int]:
         from ..containers.container import resolve_user
@@ -1015,7 +1035,8 @@ class _Build:
             gid = uid   # Docker: --chown=UID without a group uses the same number as the group
         return uid, gid
 
-    def _write_files(self, view: ImageTree, plan_: Sequence[filesmod.Planned]) -> tuple[Descriptor, str]:
+    def _write_files(self, view: ImageTree, plan_: Sequence[filesmod.Planned], *,
+                     new_dir_owner: tuple[int, int] = (0, 0)) -> tuple[Descriptor, str]:
         def meta(rel: str) -> filesmod.ParentMeta | None:
             s = view.lstat(rel)
             if s is None or not stat.S_ISDIR(s.st_mode):
@@ -1024,7 +1045,7 @@ class _Build:
 
         stage = Path(tempfile.mkdtemp(dir=self.store.layers_dir, prefix=".build-"))
         try:
-            filesmod.write_layer(stage, plan_, parent_meta=meta)
+            filesmod.write_layer(stage, plan_, parent_meta=meta, new_dir_owner=new_dir_owner)
             desc, diff_id = _store_layer_dir(self.store, stage)
             dest = self.store.layer_dir(diff_id)
             with self.store.layer_lock(diff_id):
