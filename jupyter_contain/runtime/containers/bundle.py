@@ -1,8 +1,10 @@
 """OCI runtime bundles: an image applied into a plain ``rootfs/`` plus ``config.json``.
 
 Owns flattening an image's unpacked layers (overlayfs form: whiteout devices
-and opaque xattrs) into one ordinary directory tree, so runc or crun can run
-it with no overlay involved. Must not mount anything: it copies files.
+and opaque xattrs, as ``images.overlay`` defines them, in either namespace: a
+rootless store marks opaque directories with ``user.overlay.opaque``) into
+one ordinary directory tree, so runc or crun can run it with no overlay
+involved. Must not mount anything: it copies files.
 """
 
 from __future__ import annotations
@@ -15,13 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ... import errors
+from ..images import overlay
 from ..images.store import ImageRecord, Store, remove_tree
-
-_OPAQUE = "trusted.overlay.opaque"
-
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _copy_xattrs(src: str, dst: str) -> None:
@@ -30,7 +27,7 @@ def _copy_xattrs(src: str, dst: str) -> None:
     except OSError:
         return
     for name in names:
-        if name.startswith("trusted.overlay."):
+        if overlay.is_overlay_xattr(name):
             continue
         try:
             os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
@@ -63,12 +60,12 @@ def apply_layers(layers_bottom_first: Sequence[Path], dest: Path) -> None:
                 src = os.path.join(dirpath, name)
                 dst = os.path.join(out_dir, name)
                 st = os.lstat(src)
-                if _is_whiteout(st):
+                if overlay.is_whiteout(st):
                     _remove(dst)
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     existing = os.lstat(dst) if os.path.lexists(dst) else None
-                    opaque = _getxattr(src, _OPAQUE) == b"y"
+                    opaque = overlay.is_opaque(src)
                     if existing is not None and (not stat.S_ISDIR(existing.st_mode) or opaque):
                         _remove(dst)
                         existing = None
@@ -102,13 +99,6 @@ def apply_layers(layers_bottom_first: Sequence[Path], dest: Path) -> None:
             os.lchown(dst, st.st_uid, st.st_gid)
             os.chmod(dst, stat.S_IMODE(st.st_mode))
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def _getxattr(path: str, name: str) -> bytes | None:
-    try:
-        return os.getxattr(path, name, follow_symlinks=False)
-    except OSError:
-        return None
 
 
 def write_bundle(store: Store, image: ImageRecord, dest: Path, *, command: tuple[str, ...] | None = None) -> None:

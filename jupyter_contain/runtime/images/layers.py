@@ -3,7 +3,8 @@
 Owns: decompression of a layer blob (gzip, zstd, plain tar) checked against its
 media type, the DiffID of the uncompressed stream, the translation of OCI
 whiteouts into overlayfs whiteouts (``.wh.NAME`` -> character device 0:0,
-``.wh..wh..opq`` -> ``trusted.overlay.opaque=y``), and every safety check on
+``.wh..wh..opq`` -> ``trusted.overlay.opaque=y``, ``user.`` rootless; the
+format's names and marks are ``overlay``'s), and every safety check on
 the hostile tar input (paths, links, device nodes, xattrs, size). Also the
 pure-Python views of unpacked trees that tests and snapshots compare
 (``tree_manifest``, ``merged_view_manifest``).
@@ -44,19 +45,21 @@ from ..fsutil import remove_tree
 from .. import userns
 from . import deflate
 from . import rootless as rootless_store
+from .overlay import (
+    AUFS_META_PREFIX,
+    OPAQUE_MARKER,
+    WHITEOUT_PREFIX,
+    is_opaque,
+    is_overlay_xattr,
+    is_whiteout,
+    make_whiteout,
+    set_opaque,
+)
 
 log = logging.getLogger(__name__)
 
 #: refuse layers that inflate past this many bytes (uncompressed tar stream)
 DEFAULT_MAX_LAYER_SIZE = 16 * 1024**3
-
-OPAQUE_XATTR = "trusted.overlay.opaque"
-#: a rootless store's layers (overlay mounted with ``userxattr``): trusted.* needs host root
-USER_OPAQUE_XATTR = "user.overlay.opaque"
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-#: AUFS bookkeeping names (``.wh..wh.plnk``, ``.wh..wh.aufs``); Docker skips them
-AUFS_META_PREFIX = ".wh..wh."
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -409,15 +412,10 @@ def _pax_time_ns(value: str | None, fallback: float) -> int:
     return int(round(fallback * 1_000_000_000))
 
 
-def _is_overlay_xattr(name: str) -> bool:
-    # user.overlay.* is what overlayfs reads when mounted with "userxattr"
-    return name.startswith(("trusted.overlay.", "user.overlay.")) or name in ("trusted.overlay", "user.overlay")
-
-
 def _lower_xattrs(path: str) -> list[tuple[str, bytes]]:
     out = []
     for name in os.listxattr(path, follow_symlinks=False):
-        if not _is_overlay_xattr(name):
+        if not is_overlay_xattr(name):
             out.append((name, os.getxattr(path, name, follow_symlinks=False)))
     return out
 
@@ -440,7 +438,6 @@ class _Extractor:
         # in its user namespace), only user.* xattrs can be set, and opaque
         # directories are marked the way overlayfs reads them with userxattr
         self.rootless = rootless
-        self.opaque_xattr = USER_OPAQUE_XATTR if self.rootless else OPAQUE_XATTR
         #: rootless: path -> (container uid, gid, mode, is a symlink) of entries not root's
         self.owners: dict[str, tuple[int, int, int, bool]] = {}
         self._rootless_mapping: userns.IdMapping | None = None
@@ -480,7 +477,7 @@ class _Extractor:
                 if not stat.S_ISDIR(s.st_mode):
                     break  # whiteout or non-directory: hides everything below
                 result.append(i)
-                if _is_opaque(p):
+                if is_opaque(p):
                     break
             st = cache[cur] = tuple(result)
         return st
@@ -514,7 +511,7 @@ class _Extractor:
                 return _DIR, p
             if stat.S_ISLNK(m):
                 return _SYMLINK, p
-            if stat.S_ISCHR(m) and s.st_rdev == 0:
+            if is_whiteout(s):
                 return None
             return _OTHER, p
         return None
@@ -526,7 +523,7 @@ class _Extractor:
                 if name in names:
                     continue
                 s = os.lstat(f"{self.lowers[i]}/{name}")
-                names[name] = not (stat.S_ISCHR(s.st_mode) and s.st_rdev == 0)
+                names[name] = not is_whiteout(s)
         return [n for n, shown in names.items() if shown]
 
     # -- path resolution
@@ -622,7 +619,7 @@ class _Extractor:
     def _set_opaque(self, path: str) -> None:
         if path in self.opaque:
             return
-        os.setxattr(f"{self.root}/{path}", self.opaque_xattr, b"y", follow_symlinks=False)
+        set_opaque(f"{self.root}/{path}", rootless=self.rootless)
         self.opaque.add(path)
 
     def _owner_from_host(self, path: str, s: os.stat_result) -> None:
@@ -700,7 +697,7 @@ class _Extractor:
                 continue
             if not name or "\x00" in name:
                 raise self._unsafe("empty or NUL-containing xattr name")
-            if _is_overlay_xattr(name):
+            if is_overlay_xattr(name):
                 raise self._unsafe(f"xattr {name!r} is reserved for overlayfs")
             if name == "security.selinux":
                 # a label is host policy, set by the runtime, never taken from an image
@@ -884,7 +881,7 @@ class _Extractor:
         path = f"{parent}/{target}" if parent else target
         old = self.created.get(path)
         if old is None:
-            os.mknod(f"{self.root}/{path}", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+            make_whiteout(f"{self.root}/{path}")
             self._record(path, _WHITEOUT)
         elif old == _DIR:
             # image-spec: a whiteout never hides what the same layer adds; it
@@ -904,7 +901,7 @@ class _Extractor:
         for name in self._lower_root_names():
             old = self.created.get(name)
             if old is None:
-                os.mknod(f"{self.root}/{name}", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+                make_whiteout(f"{self.root}/{name}")
                 self._record(name, _WHITEOUT)
             elif old == _DIR:
                 self._set_opaque(name)
@@ -915,16 +912,6 @@ class _Extractor:
             os.utime(f"{self.root}/{path}" if path else self.root, ns=times, follow_symlinks=False)
         if not self.root_meta:
             os.chmod(self.root, 0o755)  # mkdtemp made it 0700
-
-
-def _is_opaque(path: str) -> bool:
-    for name in (OPAQUE_XATTR, USER_OPAQUE_XATTR):
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            pass
-    return False
 
 
 def _check_end(tar: tarfile.TarFile, reader: _TarStream, layer: str) -> None:
@@ -1119,15 +1106,15 @@ def merged_view_manifest(layer_dirs_topmost_first: Sequence[Path]) -> dict[str, 
                     if e.name not in first:
                         first[e.name] = (idx, e.stat(follow_symlinks=False))
         for name, (idx, st) in first.items():
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                continue  # whiteout
+            if is_whiteout(st):
+                continue
             r = f"{rel}/{name}" if rel else name
             top = f"{stack[idx]}/{r}"
             out[r] = _entry(top, st)
             if not stat.S_ISDIR(st.st_mode):
                 continue
             sub = [stack[idx]]
-            if not _is_opaque(top):
+            if not is_opaque(top):
                 for base in stack[idx + 1:]:
                     try:
                         s = os.lstat(f"{base}/{r}")
@@ -1136,7 +1123,7 @@ def merged_view_manifest(layer_dirs_topmost_first: Sequence[Path]) -> dict[str, 
                     if not stat.S_ISDIR(s.st_mode):
                         break
                     sub.append(base)
-                    if _is_opaque(f"{base}/{r}"):
+                    if is_opaque(f"{base}/{r}"):
                         break
             walk(r, sub)
 

@@ -42,7 +42,8 @@ from typing import Any, Literal
 from ... import errors
 from ..fsutil import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
 from ..spec import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor
-from . import deflate
+from .. import userns
+from . import deflate, overlay
 from . import rootless as rootless_mod
 from .store import Store
 
@@ -58,17 +59,6 @@ ZSTD_LEVEL = 3
 _GZIP_BLOCK = 1 << 20
 _CHUNK = 1 << 20
 
-_WHITEOUT_PREFIX = ".wh."
-_OPAQUE_MARKER = ".wh..wh..opq"
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
-_XWHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
-#: overlayfs features that keep data or names outside the upper dir: a copy of
-#: the upper dir alone would be wrong, so refuse rather than write a bad layer
-_UNSUPPORTED_XATTRS = {
-    "trusted.overlay.redirect": "redirect_dir", "user.overlay.redirect": "redirect_dir",
-    "trusted.overlay.metacopy": "metacopy", "user.overlay.metacopy": "metacopy",
-}
-
 # kinds of scanned entries
 DIR, FILE, SYMLINK, FIFO, WHITEOUT = "dir", "file", "symlink", "fifo", "whiteout"
 
@@ -76,19 +66,11 @@ DIR, FILE, SYMLINK, FIFO, WHITEOUT = "dir", "file", "symlink", "fifo", "whiteout
 # --- the image's merged view (read-only lookups in the lower layers) -------------------
 
 
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
 def _getxattr(path: str, name: str) -> bytes | None:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
     except OSError:
         return None
-
-
-def _is_opaque(path: str) -> bool:
-    return any(_getxattr(path, n) == b"y" for n in _OPAQUE_XATTRS)
 
 
 #: directories whose layer stacks a lower view remembers
@@ -131,7 +113,7 @@ class LowerView:
                 if not stat.S_ISDIR(st.st_mode):
                     break   # a whiteout or a non-directory hides everything below it
                 out.append(i)
-                if _is_opaque(p):
+                if overlay.is_opaque(p):
                     break
             self._stacks[d] = below = tuple(out)
         return below
@@ -143,7 +125,7 @@ class LowerView:
                 st = os.lstat(f"{self.lowers[i]}/{rel}")
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            return None if _is_whiteout(st) else st
+            return None if overlay.is_whiteout(st) else st
         return None
 
     def names(self, rel: str) -> list[str]:
@@ -153,7 +135,7 @@ class LowerView:
             with os.scandir(f"{self.lowers[i]}/{rel}" if rel else self.lowers[i]) as it:
                 for e in it:
                     if e.name not in seen:
-                        seen[e.name] = not _is_whiteout(e.stat(follow_symlinks=False))
+                        seen[e.name] = not overlay.is_whiteout(e.stat(follow_symlinks=False))
         return [n for n, shown in seen.items() if shown]
 
 
@@ -259,13 +241,13 @@ def _layer_xattrs(target: int | str, rel: str) -> tuple[tuple[tuple[str, bytes],
     keep = []
     xwhiteout = False
     for n in sorted(names):
-        if n in _UNSUPPORTED_XATTRS:
+        if n in overlay.UNSUPPORTED_XATTRS:
             raise errors.ContainerError(
-                f"/{rel}: the writable layer uses the overlayfs {_UNSUPPORTED_XATTRS[n]} feature, "
+                f"/{rel}: the writable layer uses the overlayfs {overlay.UNSUPPORTED_XATTRS[n]} feature, "
                 "which snapshots do not support")
-        if n in _XWHITEOUT_XATTRS:
+        if n in overlay.XWHITEOUT_XATTRS:
             xwhiteout = True
-        if n.startswith(("trusted.overlay.", "user.overlay.")):
+        if overlay.is_overlay_xattr(n):
             continue
         value = _fd_xattr(target, n) if isinstance(target, int) else _getxattr(target, n)
         if value is not None:
@@ -343,9 +325,9 @@ def walk(root_fd: int, view: LowerView, excl: Excludes, *, tolerant: bool = Fals
                 if r in excl.if_new and view.lookup(r) is None:
                     continue
                 mode = st.st_mode
-                if _is_whiteout(st):
+                if overlay.is_whiteout(st):
                     item = Item(r, WHITEOUT, st)
-                elif name.startswith(_WHITEOUT_PREFIX):
+                elif name.startswith(overlay.WHITEOUT_PREFIX):
                     skip("their names would read as whiteouts in a layer", r)
                     continue
                 elif stat.S_ISDIR(mode):
@@ -353,7 +335,7 @@ def walk(root_fd: int, view: LowerView, excl: Excludes, *, tolerant: bool = Fals
                     try:
                         st = os.fstat(fd)   # what was opened, whatever was swapped in meanwhile
                         xattrs, _ = _layer_xattrs(fd, r)
-                        opaque = any(_fd_xattr(fd, n) == b"y" for n in _OPAQUE_XATTRS)
+                        opaque = any(_fd_xattr(fd, n) == b"y" for n in overlay.OPAQUE_XATTRS)
                         names = listing(fd)
                     except BaseException:
                         os.close(fd)
@@ -483,8 +465,7 @@ def _copy_items_beneath(root_fd: int, items: Sequence[Item], dest: str, stop: th
     dir_times: list[tuple[str, tuple[int, int]]] = []
     # rootless: the copy stays the caller's (as a rootless unpack leaves a
     # layer), with the opaque mark overlayfs reads under userxattr
-    rootless = os.geteuid() != 0
-    opaque_xattr = "user.overlay.opaque" if rootless else "trusted.overlay.opaque"
+    rootless = userns.rootless()
 
     owners: list[rootless_mod.Owner] = []
     current = ""
@@ -508,14 +489,14 @@ def _copy_items_beneath(root_fd: int, items: Sequence[Item], dest: str, stop: th
         current = it.rel
         st = it.st
         if it.kind == WHITEOUT:
-            os.mknod(dst, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+            overlay.make_whiteout(dst)
         elif it.kind == DIR:
             os.mkdir(dst, 0o700)
             chown(dst, st)
             os.chmod(dst, stat.S_IMODE(st.st_mode))   # after chown, which clears setgid
             _set_xattrs(dst, it.xattrs)
             if it.opaque:
-                os.setxattr(dst, opaque_xattr, b"y", follow_symlinks=False)
+                overlay.set_opaque(dst, rootless=rootless)
             dir_times.append((dst, _whole_seconds(st)))
         elif it.kind == FILE:
             key = (st.st_dev, st.st_ino)
@@ -673,7 +654,7 @@ def _write_tar_beneath(root_fd: int, items: Sequence[Item], write: Callable[[byt
         st = it.st
         if it.kind == WHITEOUT:
             head, _, name = rb.rpartition(b"/")
-            emit(_entry((head + b"/" if head else b"") + b".wh." + name))
+            emit(_entry((head + b"/" if head else b"") + overlay.WHITEOUT_PREFIX.encode() + name))
             continue
         uid, gid = ids(st.st_uid, st.st_gid) if ids else (st.st_uid, st.st_gid)
         meta = {"mode": stat.S_IMODE(st.st_mode), "uid": uid, "gid": gid,
@@ -681,7 +662,7 @@ def _write_tar_beneath(root_fd: int, items: Sequence[Item], write: Callable[[byt
         if it.kind == DIR:
             emit(_entry(rb + b"/", typeflag=b"5", xattrs=it.xattrs, **meta))
             if it.opaque:
-                emit(_entry(rb + b"/" + _OPAQUE_MARKER.encode()))
+                emit(_entry(rb + b"/" + overlay.OPAQUE_MARKER.encode()))
         elif it.kind == FILE:
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1:
