@@ -516,3 +516,68 @@ def test_same_rootfs_and_config_as_podman_build(rt, bstore, tmp_path, podman_env
     want = subprocess.run(cmd + ["run", "--rm", "--network", "none", tag], env=env, capture_output=True, text=True,
                           check=False)
     assert (run.returncode, run.stdout) == (want.returncode, want.stdout)
+
+
+# --- the course image (notebooks/Containerfile) and the %%containerfile magic ------------------------
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def test_notebooks_containerfile_builds_the_course_image_from_the_debian_image(tmp_path):
+    from jupyter_contain.runtime.containers.container import ContainerSpec
+    from jupyter_contain.runtime.images import bootstrap
+
+    store = Store(tmp_path / "store")
+    cfg = bootstrap.DEBIAN_KERNEL.config
+    archive.import_rootfs(store, bootstrap.cached_rootfs_tar(bootstrap.DEBIAN_KERNEL), "localhost/debian:bookworm",
+                          env=cfg.get("Env", ()), cmd=cfg.get("Cmd", ()), workdir=cfg.get("WorkingDir", ""))
+    log = Log()
+    res = build(store, BuildOptions(context=NOTEBOOKS, tags=("course:test",)), reporter=log)
+    assert b"planets: 8 rows" in log.out   # the build's own check ran, its output streamed
+    tree, config = _tree(store, "course:test")
+    assert tree.lstat("srv/course/coursetools.py") is not None
+    assert tree.lstat("srv/course/tour.ipynb") is None   # .containerignore keeps notebooks out
+    assert config["config"]["WorkingDir"] == "/root"
+    rt = Runtime(store)
+    r, w = os.pipe()
+    try:
+        info = rt.run(ContainerSpec(image=res.names[0], command=(
+            "python3", "-c", "import coursetools; print(coursetools.datasets(), len(coursetools.load('planets')))")),
+            stdio=(0, w, w), remove=True)
+        os.close(w)
+        w = -1
+        assert (info.code, os.read(r, 4096)) == (0, b"['planets'] 8\n")
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_containerfile_magic_builds_the_cell(bstore, tmp_path, monkeypatch, capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from jupyter_contain.kernel.build_magics import BuildMagics
+
+    monkeypatch.setenv("JUPYTER_CONTAIN_ROOT", str(bstore.root))
+    (tmp_path / "hello.txt").write_text("hello from the notebook's folder\n")
+    monkeypatch.chdir(tmp_path)
+    from traitlets.config import Config
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    cfg = Config()
+    cfg.HistoryManager.enabled = False   # no sqlite file held open past the test
+    ip = InteractiveShell.instance(config=cfg)
+    try:
+        ip.register_magics(BuildMagics)
+        ip.run_cell_magic("containerfile", "magic:1 --build-arg WHO=cell",
+                          "FROM busybox:test\nARG WHO\nCOPY hello.txt /\nRUN echo built by $WHO > /who\n")
+        out = capsys.readouterr().out
+        assert "STEP 4/4: RUN echo built by $WHO > /who" in out
+        assert "localhost/magic:1 sha256:" in out
+        tree, _ = _tree(bstore, "magic:1")
+        assert _read(tree, "who") == b"built by cell\n"
+        assert _read(tree, "hello.txt") == b"hello from the notebook's folder\n"
+        with pytest.raises(BuildError, match="unknown instruction"):
+            ip.run_cell_magic("containerfile", "magic:2", "FROM busybox:test\nNOPE\n")
+    finally:
+        InteractiveShell.clear_instance()
