@@ -315,7 +315,7 @@ def test_the_layer_is_content_addressed_and_its_python_relinked(standins):
 
 
 def test_a_killed_build_leaves_nothing_and_the_next_one_cleans_up(tmp_path):
-    def fails(tmp: Path, say) -> None:
+    def fails(tmp: Path, say) -> dict:
         (tmp / "half").write_text("half-made")
         raise KeyboardInterrupt
 
@@ -327,13 +327,15 @@ def test_a_killed_build_leaves_nothing_and_the_next_one_cleans_up(tmp_path):
     stale.mkdir()
     (stale / "half").write_text("half-made")
 
-    def works(tmp: Path, say) -> None:
+    def works(tmp: Path, say) -> dict:
         (tmp / "whole").write_text("made")
+        return {"made": True}
 
     final = kernel_layer._cached(tmp_path, "layer-0123456789abcdef", works, progress=None, meta={"k": 1})
     assert final == tmp_path / "layer-0123456789abcdef" and (final / "whole").read_text() == "made"
     assert not stale.exists()
-    assert json.loads((final / "jupyter-contain-kernel.json").read_text())["k"] == 1
+    meta = json.loads((final / "jupyter-contain-kernel.json").read_text())
+    assert meta["k"] == 1 and meta["made"] is True
     # found as it is, never rebuilt
     assert kernel_layer._cached(tmp_path, "layer-0123456789abcdef", fails, progress=None, meta={}) == final
 

@@ -86,7 +86,7 @@ SITE_DIR = "/.jupyter-contain-site"
 #: the kernel layer's Python inside the container
 LAYER_PYTHON = f"{LAYER_DIR}/usr/bin/python3"
 #: bump when the assembly changes what ends up in a layer or a site: every machine rebuilds
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 #: the kernel choices a kernelspec records (KernelOptions.kernel_layer): "" the image's own
 #: Python with its ipykernel; "layer": the kernel layer; "site:X.Y": the image's Python X.Y with
@@ -341,7 +341,8 @@ def cached_kernel_layer(*, cache_dir: Path | None = None, progress: Progress | N
     tar, diff_id = _source_tar(progress)
     path = _cached(cache_dir, f"layer-{layer_key(diff_id)[:16]}",
                    lambda tmp, say: _build_layer(tar, tmp, say), progress=progress,
-                   meta={"source": str(tar), "source_diff_id": diff_id, "builder_version": BUILDER_VERSION})
+                   # no host path: the file is readable inside every container that mounts the layer
+                   meta={"source_diff_id": diff_id, "builder_version": BUILDER_VERSION})
     _memo[memo] = path
     return path
 
@@ -350,7 +351,7 @@ def cached_kernel_layer(*, cache_dir: Path | None = None, progress: Progress | N
 _memo: dict[str, Path] = {}
 
 
-def _cached(cache_dir: Path, name: str, build: Callable[[Path, Progress], None], *,
+def _cached(cache_dir: Path, name: str, build: Callable[[Path, Progress], dict | None], *,
             progress: Progress | None, meta: dict) -> Path:
     final = cache_dir / name
     if not final.is_dir():
@@ -365,10 +366,10 @@ def _cached(cache_dir: Path, name: str, build: Callable[[Path, Progress], None],
                 t0 = time.monotonic()
                 try:
                     tmp.mkdir(mode=0o755)
-                    build(tmp, say)
+                    more = build(tmp, say) or {}
                     seconds = time.monotonic() - t0
                     size = _tree_size(tmp)
-                    info = {**meta, "name": name, "size": size, "build_seconds": round(seconds, 1),
+                    info = {**meta, **more, "name": name, "size": size, "build_seconds": round(seconds, 1),
                             "built_at": int(time.time())}
                     (tmp / "jupyter-contain-kernel.json").write_text(json.dumps(info, indent=2) + "\n")
                     os.chmod(tmp / "jupyter-contain-kernel.json", 0o644)
@@ -382,7 +383,7 @@ def _cached(cache_dir: Path, name: str, build: Callable[[Path, Progress], None],
     return final
 
 
-def _build_layer(tar_path: Path, dest: Path, say: Progress) -> None:
+def _build_layer(tar_path: Path, dest: Path, say: Progress) -> dict:
     patchelf = shutil.which("patchelf")
     if patchelf is None:
         raise errors.KernelError("patchelf not found: the kernel layer needs it to point its Python at its own "
@@ -499,6 +500,7 @@ def _build_layer(tar_path: Path, dest: Path, say: Progress) -> None:
     imports = ("import ipykernel.kernelapp, ipywidgets, zmq, sqlite3, ssl, ctypes, pip, readline, lzma, bz2, "
                "hashlib, uuid, decimal, json")
     _run([*run_py, "-I", "-c", imports], what="a check of the layer")
+    return {"libraries": sorted(libs), "files": count}
 
 
 # ------------------------------------------------------------------------- the site
@@ -526,7 +528,7 @@ def cached_kernel_site(version: tuple[int, int], *, cache_dir: Path | None = Non
     return path
 
 
-def _build_site(version: tuple[int, int], dest: Path, say: Progress, *, python: str) -> None:
+def _build_site(version: tuple[int, int], dest: Path, say: Progress, *, python: str) -> dict:
     machine = platform.machine()
     tag = f"{version[0]}{version[1]}"
     platforms = [f"manylinux_2_{n}_{machine}" for n in (28, 27, 26, 24, 17)] + [f"manylinux2014_{machine}"]
@@ -547,6 +549,8 @@ def _build_site(version: tuple[int, int], dest: Path, say: Progress, *, python: 
     for p in dest.rglob("*"):
         if not p.is_symlink():
             os.chmod(p, 0o755 if p.is_dir() or p.stat().st_mode & 0o111 else 0o644)
+    # what the index gave (the requirements float within their ranges): for people and bug reports
+    return {"installed": sorted(p.name.removesuffix(".dist-info") for p in dest.glob("*.dist-info"))}
 
 
 # ------------------------------------------------------------------------- helpers
