@@ -17,10 +17,21 @@ disk and CPU here are noisy), ``--rounds`` rounds after ``--warmup`` rounds:
 - ``bwrap``: ``bwrap --unshare-all --ro-bind ROOTFS / --proc /proc --dev /dev /bin/true``;
 - ``podman``: ``podman run --rm --network none IMG /bin/true`` with the image
   saved by us as an oci-archive and ``podman load``-ed into podman's own temp
-  ``--root``/``--runroot``.
+  ``--root``/``--runroot``;
+- ``cli``: ``jupyter contain --root STORE run --rm IMG /bin/true`` from a shell,
+  as a user types it (jupyter_core's ``jupyter`` finds ``jupyter-contain`` and
+  execs it: two Python starts); ``cli-direct``: ``jupyter-contain ...`` itself
+  (one Python start); ``python``: ``python -c pass`` with this venv's Python.
+  These run with bytecode caching on (``PYTHONDONTWRITEBYTECODE`` dropped: a
+  pip install compiles bytecode; the warm-up rounds write it for a checkout),
+  and the seccomp program cached as the runtime keeps it.
 crun, runc and podman run through one warm helper inside
 ``/work/shared/tools/run-peer`` (their cgroups stay beneath ours) that times
 each command from spawn to exit, so run-peer's set-up is never timed.
+
+After the alternated rounds: ``jupyter contain --version`` and ``ps`` beside
+``python -c pass``, and where the time of ``cli-direct`` goes (the bare
+interpreter, ``site``, each import as ``-X importtime`` reports it, the rest).
 
 Then ``--alone`` (20) back-to-back runs each of ours, crun and crun-same, in
 blocks: a peer's cgroup attach (writing the child's pid to ``cgroup.procs``)
@@ -37,7 +48,8 @@ container, the payload its child), podman's ``conmon``, nothing for ``crun run
 -d`` (the payload is PID 1 and crun exits). Pss splits shared pages among their
 users, so N copies of one static init count once in total.
 
-Budgets (the issue): ours <= 1.0x crun (p50), <= 1 MiB per container.
+Budgets (the issues): ours <= 1.0x crun (p50), <= 1 MiB per container; cli <= 3x crun
+and <= 0.25x podman.
 Run: ``.venv/bin/python bench/bench_start.py [--rounds 40] [--no-podman]``.
 """
 
@@ -49,6 +61,7 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -85,6 +98,8 @@ log = logging.getLogger("bench_start")
 IMAGE = "busybox:bench"
 OURS = ("ours", "ours-host", "ours-start")
 PEERS = ("crun", "crun-same", "runc", "bwrap", "podman")
+CLI = ("cli", "cli-direct")
+BIN = Path(sys.executable).parent
 
 
 def _spec_config(tool: str, dest: Path, rootfs: Path, args: list[str]) -> None:
@@ -222,7 +237,72 @@ class Bench:
         if self.podman:
             out["podman"] = lambda rec: self.peer_run(self.podman + ["run", "--rm", "--network", "none",
                                                                      self.podman_image, "/bin/true"])
+        run = ["--root", str(self.store.root), "run", "--rm", IMAGE, "/bin/true"]
+        out["cli"] = lambda rec: timed_run(self.jupyter + ["contain", *run], env=self.cli_env)
+        out["cli-direct"] = lambda rec: timed_run([str(BIN / "jupyter-contain"), *run], env=self.cli_env)
+        out["python"] = lambda rec: timed_run([sys.executable, "-c", "pass"], env=self.cli_env)
         return out
+
+    @property
+    def jupyter(self) -> list[str]:
+        return [str(BIN / "jupyter") if (BIN / "jupyter").exists() else shutil.which("jupyter") or "jupyter"]
+
+    @property
+    def cli_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env.pop("JUPYTER_CONTAIN_URL", None)
+        return env
+
+    # --- where a CLI start goes -----------------------------------------------------------
+
+    def cli_small(self, rounds: int) -> dict[str, list[float]]:
+        """``--version`` and ``ps`` beside ``python -c pass``, alternated."""
+        cmds = {
+            "python": [sys.executable, "-c", "pass"],
+            "cli --version": self.jupyter + ["contain", "--version"],
+            "cli-direct --version": [str(BIN / "jupyter-contain"), "--version"],
+            "cli-direct ps": [str(BIN / "jupyter-contain"), "--root", str(self.store.root), "ps", "-a"],
+        }
+        out: dict[str, list[float]] = {k: [] for k in cmds}
+        for _, order in rotations(list(cmds), rounds):
+            for name in order:
+                out[name].append(timed_run(cmds[name], env=self.cli_env))
+        return out
+
+    def cli_breakdown(self, rounds: int) -> list[tuple[str, float]]:
+        """Medians: bare interpreter, site, every top-level import of ``run`` (-X importtime), the rest."""
+        run = [str(BIN / "jupyter-contain"), "--root", str(self.store.root), "run", "--rm", IMAGE, "/bin/true"]
+        bare = statistics.median(timed_run([sys.executable, "-S", "-c", "pass"], env=self.cli_env)
+                                 for _ in range(rounds))
+        python = statistics.median(timed_run([sys.executable, "-c", "pass"], env=self.cli_env)
+                                   for _ in range(rounds))
+        wall = statistics.median(timed_run([sys.executable, *run], env=self.cli_env) for _ in range(rounds))
+        imports: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            res = subprocess.run([sys.executable, "-X", "importtime", *run], env=self.cli_env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=True)
+            seen: dict[str, float] = {}
+            for line in res.stderr.splitlines():
+                # "import time: self | cumulative | name": top level only (no indent)
+                parts = line.split("|")
+                if len(parts) == 3 and parts[2].startswith(" ") and not parts[2].startswith("  "):
+                    name = parts[2].strip()
+                    if name != "site":
+                        key = ".".join(name.split(".")[:3]) if name.startswith("jupyter_contain") else \
+                            name.split(".")[0]
+                        seen[key] = seen.get(key, 0.0) + int(parts[1]) / 1e6
+            for k, v in seen.items():
+                imports.setdefault(k, []).append(v)
+        rows = [("interpreter (python -S -c pass)", bare), ("site (python -c pass minus -S)", python - bare)]
+        med = sorted(((k, statistics.median(v + [0.0] * (rounds - len(v)))) for k, v in imports.items()),
+                     key=lambda kv: -kv[1])
+        total_imports = sum(v for _, v in med)
+        rows += [(f"import {k}", v) for k, v in med[:10]]
+        rows.append((f"import (the other {max(len(med) - 10, 0)})", sum(v for _, v in med[10:])))
+        rows.append(("the verb's own work (wall - the above)", wall - python - total_imports))
+        rows.append(("wall (jupyter-contain run --rm)", wall))
+        return rows
 
     # --- memory beside the payload --------------------------------------------------------
 
@@ -352,6 +432,16 @@ def main() -> int:
         print("  ours phases p50 (ms): " + ", ".join(f"{k} {pct(v, 50) * 1000:.1f}" for k, v in bench.phases.items()))
         print("ratios:")
         print_ratios(results, OURS, [p for p in PEERS if p in results], budgets={"crun": 1.0, "runc": 0.5})
+        print("the command line, from a shell:")
+        print_ratios(results, CLI, [p for p in ("crun", "podman", "python") if p in results],
+                     budgets={"crun": 3.0, "podman": 0.25})
+
+        small = bench.cli_small(max(args.rounds // 2, 5))
+        print_times(small, title="\nthe command line's own start, alternated:")
+        print_ratios(small, [k for k in small if k != "python"], ["python"])
+        print("\nwhere `jupyter-contain run --rm IMAGE /bin/true` goes (medians; -X importtime inflates imports):")
+        for what, secs in bench.cli_breakdown(max(args.rounds // 4, 5)):
+            print(f"  {what:44s} {secs * 1000:7.1f} ms")
 
         if args.alone:
             # Each engine in a block of its own: a peer's cgroup attach waits
