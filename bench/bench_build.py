@@ -28,8 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from jupyter_contain.runtime.images import archive, bootstrap  # noqa: E402
-from jupyter_contain.runtime.images.store import Store  # noqa: E402
+from jupyter_contain.runtime.images import archive, bootstrap
+from jupyter_contain.runtime.images.store import Store
 
 RUN_PEER = Path("/work/shared/tools/run-peer")
 CLI = Path(sys.executable).parent / "jupyter-contain"

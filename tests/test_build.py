@@ -465,7 +465,7 @@ def test_same_rootfs_and_config_as_podman_build(rt, bstore, tmp_path, podman_env
 
     from jupyter_contain.runtime.images.archive import import_oci_archive
 
-    cmd, env, base_id, work = podman_env
+    cmd, env, base_id, _work = podman_env
     ctx = _ctx(tmp_path, INTEROP[name].format(base="busybox:test"),
                {"tool.sh": "#!/bin/sh\necho tool\n", "data/one": "1\n", "data/sub/two": "2\n", "a.txt": "a\n",
                 "b.txt": "b\n"})

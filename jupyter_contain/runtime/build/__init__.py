@@ -15,7 +15,7 @@ _WHERE = {
     "parse": ".parser", "Containerfile": ".parser", "Instruction": ".parser",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = ["BuildOptions", "BuildResult", "Containerfile", "Instruction", "build", "parse"]
 
 
 def __getattr__(name: str) -> Any:

@@ -41,13 +41,32 @@ from typing import TYPE_CHECKING, Any, Literal
 from ... import errors
 from ...errors import BuildError, BuildStepFailed
 from ..images.store import ImageRecord, Store, now_rfc3339, remove_tree
-from ..spec import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Manifest, Platform, Reference, \
-    canonical_json, local_name, sha256_digest
+from ..spec import (
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    Descriptor,
+    Manifest,
+    Platform,
+    Reference,
+    canonical_json,
+    local_name,
+    sha256_digest,
+)
 from . import files as filesmod
 from .cache import BuildCache, CacheEntry, step_key
 from .context import ContextTree, Entry, IgnoreRules, ImageTree, load_ignore
-from .parser import Containerfile, Instruction, expand, expand_heredoc, expand_words, parse, parse_instruction, \
-    parse_key_values, split_words
+from .parser import (
+    Containerfile,
+    Instruction,
+    expand,
+    expand_heredoc,
+    expand_words,
+    parse,
+    parse_instruction,
+    parse_key_values,
+    split_words,
+)
 
 if TYPE_CHECKING:
     from ..containers.container import Container, Runtime
@@ -475,7 +494,7 @@ class _Build:
                 if self.opt.pull == "never":
                     raise ins.error(f"image {text!r} is not in the store and --pull=never") from None
         self.rep.note(f"pulling {text}")
-        from ..images import registry   # requests and TLS: only when a pull is needed
+        from ..images import registry  # requests and TLS: only when a pull is needed
         try:
             return registry.pull(self.store, text, platform=platform)
         except errors.ContainError as e:
@@ -811,7 +830,7 @@ class _Build:
             return list(ins.exec_form)
         text = ins.text
         if ins.heredocs:
-            bodies = [h if not h.expand else h for h in ins.heredocs]
+            bodies = list(ins.heredocs)   # the shell expands them itself, as BuildKit leaves it
             if len(bodies) == 1 and re.fullmatch(r"<<-?(['\"]?)" + re.escape(bodies[0].name) + r"\1", text.strip()):
                 # RUN <<EOF: the body is the script (BuildKit runs it with the shell)
                 return [*st.shell, bodies[0].content]
@@ -938,7 +957,7 @@ class _Build:
             raise ins.error(f"{kw} requires at least two arguments")
         # the destination, in the image as a container would see it
         wd = st.inner.get("WorkingDir") or "/"
-        dest_is_dir = dest.endswith("/") or dest.endswith("/.") or dest in (".", "/")
+        dest_is_dir = dest.endswith(("/", "/.")) or dest in (".", "/")
         abs_dest = posixpath.normpath(dest if dest.startswith("/") else posixpath.join(wd, dest))
         view = ImageTree(self._lowers(st))
         real_dest = view.resolve(abs_dest.lstrip("/"), kw)
@@ -1016,11 +1035,11 @@ class _Build:
             plan_.insert(0, filesmod.Planned(real_dest, "dir", 0o755, *(owner or (0, 0)), filesmod.fixed_mtime()))
         plan_.sort(key=lambda p: p.dest.encode("utf-8", "surrogateescape"))
 
-        def cleanup() -> None:
+        def undo() -> None:
             for c in reversed(cleanups):
                 c()
-        self.stack.callback(cleanup)
-        return plan_, view, extra_key, cleanup, owner
+        self.stack.callback(undo)
+        return plan_, view, extra_key, undo, owner
 
     def _chown(self, ins: Instruction, view: ImageTree, x: Callable[[str], str]) -> tuple[int, int]:
         from ..containers.container import resolve_user
@@ -1028,7 +1047,7 @@ class _Build:
         text = x(ins.flag("chown") or "")
         user, _, group = text.partition(":")
         try:
-            uid, gid, _ = resolve_user(text, view.lowers and [Path(p) for p in view.lowers])
+            uid, gid, _ = resolve_user(text, [Path(p) for p in view.lowers])
         except errors.InvalidSpec as e:
             raise ins.error(f"--chown={text}: {e}") from None
         if not group and user.isdigit():
@@ -1067,7 +1086,7 @@ class _Build:
             with os.fdopen(fd, "rb", closefd=False) as f:
                 mode = {"gz": "r:gz", "bz2": "r:bz2", "xz": "r:xz", "tar": "r:"}[kind]
                 try:
-                    with tarfile.open(fileobj=f, mode=mode) as tar:
+                    with tarfile.open(fileobj=f, mode=mode) as tar:  # type: ignore[call-overload]
                         tar.extraction_filter = _safe_filter
                         tar.extractall(out)
                 except (tarfile.TarError, OSError, EOFError) as err:
@@ -1220,7 +1239,10 @@ def _layer_code() -> tuple[Any, Any]:
     They moved (``images/snapshot.py`` -> public names there, container parts in
     ``runtime/commit.py``) while this was written: take whichever form is here.
     """
+    import types
+
     from ..images import snapshot as layer
+    cm: types.ModuleType
     try:
         from .. import commit as cm
     except ImportError:

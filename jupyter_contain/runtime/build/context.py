@@ -89,7 +89,7 @@ class IgnoreRules:
     source: str = ""
 
     @classmethod
-    def parse(cls, text: str, *, source: str = "") -> "IgnoreRules":
+    def parse(cls, text: str, *, source: str = "") -> IgnoreRules:
         rules = []
         for raw in text.splitlines():
             line = raw.strip()
@@ -207,7 +207,7 @@ class ContextTree:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "ContextTree":
+    def __enter__(self) -> ContextTree:  # noqa: PYI034 - a final class
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -334,11 +334,6 @@ class ContextTree:
                 os.close(dfd)
             stack.extend(reversed(children))
 
-    def _st(self, rel: str) -> os.stat_result:
-        st = self.lstat(rel)
-        assert st is not None
-        return st
-
     def glob(self, pattern: str, what: str) -> list[str]:
         """Context paths (not ignored) matching a COPY source pattern, sorted."""
         rx = _glob_regex(pattern, doublestar=False)
@@ -362,13 +357,6 @@ class ContextTree:
 
     def has_glob(self, src: str) -> bool:
         return bool(_GLOB_CHARS.search(src))
-
-
-def _is_dir_at(dfd: int, name: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
 
 
 # --- an image's (or a stage's) merged root ---------------------------------------------------------

@@ -41,10 +41,6 @@ def fixed_mtime() -> int:
         return 0
 
 
-class _Tree:   # what files needs of a tree (ContextTree, ImageTree)
-    def open_file(self, e: Entry) -> int: ...
-
-
 @dataclass(frozen=True)
 class Planned:
     """One entry to write: where, what, with which metadata, and where its bytes come from."""
