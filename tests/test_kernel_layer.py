@@ -200,6 +200,9 @@ def test_a_stock_image_becomes_a_kernel(which, standins, tmp_path):
         # %pip: a local wheel into the container's own writable layer, kept across a restart
         r = run_cell(kc, f"%pip install --no-index --no-deps {wheel}", timeout=120)
         assert "Successfully installed jcprobe-1.0" in r["stdout"], r
+        # importable at once, also when pip just made the site folder (a first %pip in a layer kernel)
+        r = run_cell(kc, "import jcprobe; print(jcprobe.VALUE)")
+        assert r["stdout"].strip() == "from the jcprobe wheel", r
         km.restart_kernel()
         kc.wait_for_ready(READY)
         assert km.provisioner.container.id == c.id

@@ -115,22 +115,52 @@ user = true
 
 #: what the kernel site holds (for the image's Python version, from the package index)
 SITE_REQUIREMENTS = ("ipykernel>=6.17,<7", "ipywidgets==8.1.9", "comm==0.2.3", "pip")
-#: the kernel site's own module, loaded by the kernel's boot line: ``%pip`` with the site's pip
-#: when the image has none (a stock ``python3`` package often comes without it)
-SITE_MODULE = "jupyter_contain_site"
-_SITE_SOURCE = '''"""Written by jupyter-contain into the kernel site (read-only in the container).
+#: the module both folders hold, loaded by the kernel's boot line: it wraps IPython's ``%pip``
+PIP_MODULE = "jupyter_contain_pip"
+_PIP_SOURCE = '''"""Written by jupyter-contain into the kernel layer or site (read-only in the container).
 
-%pip for an image whose Python has no pip: IPython's %pip runs ``sys.executable
--m pip``, which cannot see this folder (it is on the kernel's sys.path only, so
-the image's other Python programs never see it); with no pip in the image, the
-command gets this folder on PYTHONPATH and PEP 668's marker of a distribution's
-Python lifted, for that command only: packages go to the container's own layer.
+Wraps IPython's %pip for kernels whose Python comes from the kernel layer, or
+whose ipykernel comes from the kernel site:
+
+- afterwards, site folders that the install just made (the user site
+  ~/.local/lib/python3.N/site-packages on a first %pip in a kernel layer, or the
+  image's /usr/local/lib/python3.N/dist-packages) are put on sys.path and the
+  import caches cleared, so the package imports in this kernel, as it would
+  had the folder existed at start;
+- with the kernel site and no pip in the image: %pip runs the site's pip, with
+  this folder on PYTHONPATH and PEP 668's marker of a distribution's Python
+  lifted for that command only (the site is on the kernel's sys.path only, so
+  the image's other Python programs never see it); packages go to the
+  container's own layer.
 """
 import os
 import shlex
 import sys
 
-SITE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _place():
+    """Where a new site folder goes on sys.path: before the first one, as site.py would have put it."""
+    for i, p in enumerate(sys.path):
+        if p.endswith(("-packages", "/.jupyter-contain-site", "/.jupyter-contain")):
+            return i
+    return len(sys.path)
+
+
+def _new_site_folders():
+    import importlib
+    import site
+
+    found = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
+    try:
+        found += list(site.getsitepackages())
+    except AttributeError:
+        pass
+    for d in found:
+        if d not in sys.path and os.path.isdir(d):
+            sys.path.insert(_place(), d)
+    importlib.invalidate_caches()
 
 
 def install():
@@ -144,11 +174,14 @@ def install():
         import importlib.util
 
         spec = importlib.util.find_spec("pip")
-        if spec is None or not (spec.origin or "").startswith(SITE + os.sep):
-            return shown(self, line)
-        self.shell.system("PYTHONPATH=%s PIP_BREAK_SYSTEM_PACKAGES=1 %s -m pip %s"
-                          % (shlex.quote(SITE), shlex.quote(sys.executable), line))
-        print("Note: you may need to restart the kernel to use updated packages.")
+        if spec is not None and (spec.origin or "").startswith(os.path.join(HERE, "")) \\
+                and HERE.startswith("/.jupyter-contain-site"):
+            self.shell.system("PYTHONPATH=%s PIP_BREAK_SYSTEM_PACKAGES=1 %s -m pip %s"
+                              % (shlex.quote(HERE), shlex.quote(sys.executable), line))
+            print("Note: you may need to restart the kernel to use updated packages.")
+        else:
+            shown(self, line)
+        _new_site_folders()
 
     pip.__doc__ = shown.__doc__
     packaging.PackagingMagics.pip = pip
@@ -218,10 +251,12 @@ class KernelChoice:
 
 
 def boot_path_lines(choice: KernelChoice) -> str:
-    """The kernel's boot line prefix that puts the kernel site on ``sys.path`` (last: the image's wins)."""
+    """The kernel's boot line prefix: the kernel site on ``sys.path`` (last: the image's wins), our %pip wrapper."""
+    if choice.mode == "layer":
+        return f"import {PIP_MODULE}; {PIP_MODULE}.install(); "
     if choice.mode != "site":
         return ""
-    return f"sys.path.append({SITE_DIR!r}); import {SITE_MODULE}; {SITE_MODULE}.install(); "
+    return f"sys.path.append({SITE_DIR!r}); import {PIP_MODULE}; {PIP_MODULE}.install(); "
 
 
 def site_unsupported(info: dict) -> str | None:
@@ -327,7 +362,7 @@ def _source_tar(progress: Progress | None) -> tuple[Path, str]:
 
 def layer_key(diff_id: str) -> str:
     doc = {"builder": BUILDER_VERSION, "source": diff_id, "at": LAYER_DIR, "preload": list(_PRELOAD),
-           "pip": _PIP_CONF, "arch": _multiarch()}
+           "pip": _PIP_CONF, "arch": _multiarch(), "module": _PIP_SOURCE}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -479,6 +514,9 @@ def _build_layer(tar_path: Path, dest: Path, say: Progress) -> dict:
             put(f"lib/{soname}", m)
         (dest / "usr/pip.conf").write_text(_PIP_CONF)
         os.chmod(dest / "usr/pip.conf", 0o644)
+        module = dest / "usr/local/lib/python3.11/dist-packages" / f"{PIP_MODULE}.py"
+        module.write_text(_PIP_SOURCE)
+        os.chmod(module, 0o644)
     say(f"kernel layer: {count} files, {len(libs)} libraries")
     exe = dest / "usr/bin" / _PY
     preload = [n for n in _PRELOAD if n in libs and n not in info.needed]
@@ -508,7 +546,7 @@ def _build_layer(tar_path: Path, dest: Path, say: Progress) -> dict:
 
 def site_key(version: tuple[int, int]) -> str:
     doc = {"builder": BUILDER_VERSION, "python": list(version), "requirements": list(SITE_REQUIREMENTS),
-           "arch": _multiarch(), "module": _SITE_SOURCE}
+           "arch": _multiarch(), "module": _PIP_SOURCE}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -541,7 +579,7 @@ def _build_site(version: tuple[int, int], dest: Path, say: Progress, *, python: 
     _run(argv, what="pip install of the kernel site", timeout=600)
     # scripts (jupyter, ipython ...) were made for the host's Python: no use in an image
     _rmtree(dest / "bin")
-    (dest / f"{SITE_MODULE}.py").write_text(_SITE_SOURCE)
+    (dest / f"{PIP_MODULE}.py").write_text(_PIP_SOURCE)
     if sys.version_info[:2] == tuple(version):
         # this Python writes the bytecode the image's own would (the site is read-only in containers)
         _run([sys.executable, "-I", "-m", "compileall", "-q", "-j0",
