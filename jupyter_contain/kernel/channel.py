@@ -71,7 +71,8 @@ from ..runtime import (
     parse_cpus,
     parse_memory,
 )
-from .snapshots import diff_summary, snapshot   # with the kernel's labels
+from . import snapshots
+from .snapshots import diff_summary, snapshot   # with the kernel's labels and what a snapshot leaves out
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ MAX_MESSAGE = 2000
 MAX_DISPLAY_NAME = 100
 MAX_TAG = 128
 MAX_DIFF_CHANGES = 1000
+#: left-out entries a diff or snapshot answer lists (all are counted)
+MAX_LEFT_OUT_SHOWN = 50
 #: snapshot progress lines at most this often (the asking kernel is frozen meanwhile: its
 #: socket buffer must absorb them all without the host ever waiting for it)
 PROGRESS_INTERVAL = 0.25
@@ -117,8 +120,8 @@ CELL_LABEL = "jupyter-contain.cell-of"
 #: op -> the fields it takes (anything else in a request is refused)
 OPS: Mapping[str, frozenset[str]] = {
     "stats": frozenset(),
-    "diff": frozenset({"limit"}),
-    "snapshot": frozenset({"tag", "message", "compress"}),
+    "diff": frozenset({"limit", "include_runtime_state", "exclude", "include"}),
+    "snapshot": frozenset({"tag", "message", "compress", "include_runtime_state", "exclude", "include"}),
     "install_kernelspec": frozenset({"image", "display_name"}),
     "reset": frozenset(),
     "images": frozenset(),
@@ -259,6 +262,24 @@ def _str_field(req: Mapping[str, Any], name: str, *, default: str | None = None,
     if len(v) > limit:
         raise errors.ChannelError(f"{name} too long (at most {limit} characters)")
     return v
+
+
+def _leave_out_fields(req: Mapping[str, Any], op: str) -> dict[str, Any]:
+    """What a diff or snapshot request asks to leave out or keep (``kernel.snapshots.LeaveOut``), checked."""
+    keep = req.get("include_runtime_state", False)
+    if not isinstance(keep, bool):
+        raise errors.ChannelError(f"{op}: include_runtime_state must be true or false")
+    out: dict[str, Any] = {"include_runtime_state": keep}
+    for name in ("exclude", "include"):
+        v = req.get(name, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise errors.ChannelError(f"{op}: {name} must be a list of path patterns")
+        out[name] = v
+    try:
+        snapshots.leave_out(**out).check()
+    except errors.InvalidSpec as e:
+        raise errors.ChannelError(f"{op}: {e}") from None
+    return out
 
 
 _SAFE_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
@@ -591,6 +612,7 @@ class HostChannel:
         limit = req.get("limit", 100)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_DIFF_CHANGES:
             raise errors.ChannelError(f"diff: limit must be a number from 0 to {MAX_DIFF_CHANGES}")
+        leave = _leave_out_fields(req, "diff")
         c = self._container()
         # one walk of the layer at a time per kernel: a layer of 300,000 files takes seconds to walk
         if self._diff_running:
@@ -599,12 +621,14 @@ class HostChannel:
         try:
             def walk() -> Any:
                 with _WALKS:
-                    return diff_summary(c, limit=limit)
+                    return diff_summary(c, limit=limit, **leave)
             d = await self._work(walk)
         finally:
             self._diff_running = False
         return {"ok": True, "total": d.total, "bytes": d.bytes, "summary": [f.to_json() for f in d.folders],
-                "changes": [ch.to_json() for ch in d.changes], "truncated": d.truncated}
+                "changes": [ch.to_json() for ch in d.changes], "truncated": d.truncated,
+                "left_out_total": d.left_out_total, "left_out_bytes": d.left_out_bytes,
+                "left_out": [ch.to_json() for ch in d.left_out[:MAX_LEFT_OUT_SHOWN]]}
 
     # --- what this kernel may see and make (worker threads: they read the store and kernelspecs) ---
 
@@ -693,6 +717,8 @@ class HostChannel:
         compress = req.get("compress", "gzip")
         if compress not in ("gzip", "zstd"):
             raise errors.ChannelError(f"snapshot: unknown compression {str(compress)[:20]!r} (gzip or zstd)")
+        leave = _leave_out_fields(req, "snapshot")
+        left: list[Any] = []
         c = self._container()
         assert self._snapshot_lock is not None
         if self._snapshot_lock.locked():
@@ -720,7 +746,7 @@ class HostChannel:
                 with _tag_lock(str(ref)):
                     self._check_snapshot_target(ref)
                     return snapshot(self.ctx.runtime, c, str(ref), message=message, compress=compress,
-                                    progress=progress)
+                                    progress=progress, left_out=left, **leave)
 
             fut = loop.run_in_executor(self._pool, make)
             while True:
@@ -738,7 +764,8 @@ class HostChannel:
             rec: ImageRecord = fut.result()
         self._made.add(rec.name)
         return {"ok": True, "image": rec.familiar, "name": rec.name, "digest": rec.digest, "id": rec.id,
-                "size": rec.size}
+                "size": rec.size, "left_out_total": len(left), "left_out_bytes": sum(ch.size for ch in left),
+                "left_out": [ch.to_json() for ch in left[:MAX_LEFT_OUT_SHOWN]]}
 
     async def _op_install_kernelspec(self, req: dict[str, Any], send: Send, reader: Any) -> dict[str, Any]:
         name = _str_field(req, "image", limit=MAX_TAG + 40)

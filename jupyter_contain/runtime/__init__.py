@@ -22,6 +22,7 @@ _WHERE = {
     "Change": ".commit", "FolderSummary": ".commit", "diff": ".commit",
     "snapshot": ".commit", "summarize": ".commit",
     "DiffSummary": ".commit", "diff_summary": ".commit", "local_alternative": ".spec",
+    "PathPatterns": ".images.snapshot",
     "ImageRecord": ".images.store", "Store": ".images.store", "default_root": ".images.store",
     "Platform": ".spec", "Reference": ".spec",
 }
@@ -48,5 +49,6 @@ if TYPE_CHECKING:   # what type checkers and editors see
     from .containers.container import Container, ContainerSpec, ExitInfo, Runtime, parse_bind
     from .containers.rootfs import Bind, Tmpfs
     from .commit import Change, DiffSummary, FolderSummary, diff, diff_summary, snapshot, summarize
+    from .images.snapshot import PathPatterns
     from .images.store import ImageRecord, Store, default_root
     from .spec import Platform, Reference, local_alternative

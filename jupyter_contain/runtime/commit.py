@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import posixpath
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -49,7 +50,7 @@ from .. import errors
 from .containers.container import Container, Runtime
 from .containers.state import ContainerState
 from .images import snapshot as layer
-from .images.snapshot import Compression, Excludes, IdView, LowerView
+from .images.snapshot import Compression, Excludes, IdView, LowerView, PathPatterns
 from .images.store import ImageRecord, now_rfc3339, remove_tree
 from .spec import Descriptor, Reference, local_name
 
@@ -116,7 +117,7 @@ def summarize(changes: Iterable[Change]) -> list[FolderSummary]:
 # --- what a container's layer leaves out ---------------------------------------------------
 
 
-def _container_excludes(state: ContainerState) -> Excludes:
+def _container_excludes(state: ContainerState, patterns: PathPatterns | None = None) -> Excludes:
     always = set(ETC_STUBS) | set(RUNTIME_TREES)
     for b in state.binds:
         target = posixpath.normpath("/" + b.target).lstrip("/")
@@ -128,7 +129,33 @@ def _container_excludes(state: ContainerState) -> Excludes:
         while d:
             parents.add(d)
             d = posixpath.dirname(d)
-    return Excludes(frozenset(always), frozenset(API_MOUNT_POINTS), frozenset(parents))
+    return Excludes(frozenset(always), frozenset(API_MOUNT_POINTS), frozenset(parents), patterns)
+
+
+def _patterns(exclude: Iterable[str], include: Iterable[str]) -> PathPatterns | None:
+    """The caller's exclude/include lists, validated (InvalidSpec) before any work."""
+    if isinstance(exclude, str) or isinstance(include, str):
+        raise errors.InvalidSpec("exclude and include take lists of path patterns, not one string")
+    pats = PathPatterns(tuple(exclude), tuple(include))
+    return pats if pats.exclude else None
+
+
+class _LeftOut:
+    """Collects what the patterns left out, as changes (at most ``limit`` listed; all counted)."""
+
+    def __init__(self, view: LowerView, into: list[Change] | None, limit: int | None = None) -> None:
+        self.view, self.into, self.limit = view, into, limit
+        self.count = self.bytes = 0
+
+    def __call__(self, rel: str, st: os.stat_result, whiteout: bool) -> None:
+        in_image = self.view.lookup(rel) is not None
+        if whiteout and not in_image:
+            return
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        self.count += 1
+        self.bytes += size
+        if self.into is not None and (self.limit is None or len(self.into) < self.limit):
+            self.into.append(Change("D" if whiteout else "C" if in_image else "A", "/" + rel, size))
 
 
 def _id_view(state: ContainerState) -> IdView | None:
@@ -154,6 +181,8 @@ def _id_view(state: ContainerState) -> IdView | None:
 
 #: distinct top-level folders a diff summary counts one by one; the rest are counted under "/*"
 MAX_SUMMARY_FOLDERS = 500
+#: left-out entries a diff summary lists (all are counted)
+MAX_LEFT_OUT_LISTED = 100
 
 
 def _resolve(runtime: Runtime, container: Container | str) -> Container:
@@ -166,14 +195,16 @@ def _path_key(ch: Change) -> bytes:
     return ch.path.encode("utf-8", "surrogateescape")
 
 
-def _changes(container: Container) -> Iterator[Change]:
+def _changes(container: Container, patterns: PathPatterns | None = None,
+             left_out: Callable[[LowerView], layer.LeftOut] | None = None) -> Iterator[Change]:
     """The container's changes against its image, streamed in walk order (not sorted)."""
     store = container.runtime.store
     view = LowerView(store.layer_dirs(container.image()))
-    excl = _container_excludes(container.state)
+    excl = _container_excludes(container.state, patterns)
     root_fd = layer.open_root(container.upper)
     try:
-        for it in layer.walk(root_fd, view, excl, tolerant=True):
+        for it in layer.walk(root_fd, view, excl, tolerant=True,
+                             on_left_out=left_out(view) if left_out is not None else None):
             in_image = view.lookup(it.rel) is not None
             if it.kind == layer.WHITEOUT:
                 if in_image:
@@ -190,17 +221,25 @@ def _changes(container: Container) -> Iterator[Change]:
         os.close(root_fd)
 
 
-def diff(container: Container, *, runtime: Runtime | None = None) -> list[Change]:
+def diff(container: Container, *, runtime: Runtime | None = None, exclude: Iterable[str] = (),
+         include: Iterable[str] = (), left_out: list[Change] | None = None) -> list[Change]:
     """What the container changed against its image (``docker diff``), sorted by path.
 
     A preview: the container keeps running (a snapshot freezes it). Runtime
-    stubs are left out, as a snapshot leaves them out. The whole list: for a
-    bounded answer about a layer of any size, :func:`diff_summary`.
+    stubs are left out, as a snapshot leaves them out, and so is what
+    ``exclude``/``include`` leave out (:class:`~.images.snapshot.PathPatterns`):
+    those go to ``left_out`` (sorted, the top of each left-out tree) if given.
+    The whole list: for a bounded answer about a layer of any size,
+    :func:`diff_summary`.
     """
+    patterns = _patterns(exclude, include)
     if runtime is not None:
         container = _resolve(runtime, container)
-    changes = list(_changes(container))
+    changes = list(_changes(container, patterns,
+                            (lambda view: _LeftOut(view, left_out)) if left_out is not None else None))
     changes.sort(key=_path_key)
+    if left_out is not None:
+        left_out.sort(key=_path_key)
     return changes
 
 
@@ -212,13 +251,18 @@ class DiffSummary:
     bytes: int
     folders: tuple[FolderSummary, ...]
     changes: tuple[Change, ...]
+    #: what the exclude list left out: how many entries, their bytes, the first of them by path
+    left_out_total: int = 0
+    left_out_bytes: int = 0
+    left_out: tuple[Change, ...] = ()
 
     @property
     def truncated(self) -> bool:
         return self.total > len(self.changes)
 
 
-def diff_summary(container: Container, *, limit: int = 100, runtime: Runtime | None = None) -> DiffSummary:
+def diff_summary(container: Container, *, limit: int = 100, runtime: Runtime | None = None,
+                 exclude: Iterable[str] = (), include: Iterable[str] = ()) -> DiffSummary:
     """:func:`diff` of a layer of any size in memory bounded by ``limit``: what the host channel answers.
 
     Keeps the ``limit`` first changes by path (a buffer of at most twice that,
@@ -229,12 +273,22 @@ def diff_summary(container: Container, *, limit: int = 100, runtime: Runtime | N
     """
     if limit < 0:
         raise ValueError("limit must not be negative")
+    patterns = _patterns(exclude, include)
     if runtime is not None:
         container = _resolve(runtime, container)
     total = size = 0
     folders: dict[str, list[int]] = {}
     first: list[Change] = []
-    for ch in _changes(container):
+    # what the patterns leave out is usually a handful of files and folders: the first
+    # MAX_LEFT_OUT_LISTED are listed (walk order), all of them counted
+    left: list[Change] = []
+    got: list[_LeftOut] = []
+
+    def collector(view: LowerView) -> _LeftOut:
+        got.append(_LeftOut(view, left, MAX_LEFT_OUT_LISTED))
+        return got[0]
+
+    for ch in _changes(container, patterns, collector):
         total += 1
         size += ch.size
         top = "/" + ch.path.lstrip("/").split("/", 1)[0]
@@ -249,8 +303,9 @@ def diff_summary(container: Container, *, limit: int = 100, runtime: Runtime | N
                 first.sort(key=_path_key)
                 del first[limit:]
     first.sort(key=_path_key)
+    left.sort(key=_path_key)
     return DiffSummary(total, size, tuple(FolderSummary(k, c, b) for k, (c, b) in sorted(folders.items())),
-                       tuple(first[:limit]))
+                       tuple(first[:limit]), got[0].count if got else 0, got[0].bytes if got else 0, tuple(left))
 
 
 # --- snapshot ----------------------------------------------------------------------------------
@@ -327,25 +382,31 @@ def _new_config(base: ImageRecord, diff_id: str, *, container: Container, messag
 
 def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message: str = "",
              compress: Compression = "gzip", progress: Progress | None = None,
-             unpack: bool = False, labels: Mapping[str, str | None] | None = None) -> ImageRecord:
+             unpack: bool = False, labels: Mapping[str, str | None] | None = None,
+             exclude: Iterable[str] = (), include: Iterable[str] = (),
+             left_out: list[Change] | None = None) -> ImageRecord:
     """Commit ``container``'s writable layer as a new image tagged ``tag``; returns it.
 
     ``labels`` are set on the new image's config (a value of None removes a
     label the base image carried); the OCI created/base labels and the source
-    container's id are always set. The container is frozen (if it runs) while
+    container's id are always set. ``exclude``/``include``: path patterns the
+    layer leaves out (:class:`~.images.snapshot.PathPatterns`, beside the
+    runtime stubs it always leaves out); what they left out is appended to
+    ``left_out`` if given, and logged. The container is frozen (if it runs) while
     its writable layer is archived (and, with ``unpack``, copied into the
     store's unpacked layers), and thawed whatever happens. Without ``unpack``
     the new layer is unpacked from its blob by the first container that uses
     it (the base layers are never extracted again either way): creating a
     snapshot's inodes a second time costs about as long as archiving it, and
     doing that while the user's kernel is frozen is the wrong place. Raises
-    ``InvalidReference`` for a bad tag and ``InvalidSpec`` for bad labels
-    (before any work), ``ContainerNotFound``; on failure nothing is tagged and
+    ``InvalidReference`` for a bad tag and ``InvalidSpec`` for bad labels or
+    patterns (before any work), ``ContainerNotFound``; on failure nothing is tagged and
     nothing half-written remains (debris of a crash is ``gc``'s).
     """
     ref = _check_tag(tag)
     mtype = layer.media_type(compress)
     extra = _check_labels(labels or {})
+    patterns = _patterns(exclude, include)
     c = _resolve(runtime, container)
     store = runtime.store
     base = c.image()
@@ -360,13 +421,14 @@ def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message:
     with store.writing():
         lowers = store.ensure_unpacked(base)
         view = LowerView(lowers)
-        excl = _container_excludes(c.state)
+        excl = _container_excludes(c.state, patterns)
         ids = _id_view(c.state)
+        left = _LeftOut(view, [] if left_out is None else left_out)
         tmp = tempfile.mkdtemp(dir=store.layers_dir, prefix=".snapshot-") if unpack else None
         try:
             with store.blob_writer(what="snapshot layer") as w:
                 with _frozen(c):
-                    items = layer.scan(c.upper, view, excl)
+                    items = layer.scan(c.upper, view, excl, on_left_out=left)
                     total = sum(it.st.st_size for it in items if it.kind == layer.FILE)
                     if tmp is None:
                         diff_id = layer.archive(c.upper, items, w.write, compress=compress, progress=on_file,
@@ -404,14 +466,20 @@ def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message:
         annotations = {LABEL_CREATED: created, LABEL_BASE_NAME: base.name, LABEL_BASE_DIGEST: base.digest}
         # an OCI manifest, whatever the base's form: a Docker schema2 base's layers keep their
         # blobs (and digests) under the OCI media types of the same compression
-        rec = store.add_image(name=ref, config=cfg, layers=[*base.manifest.oci_form().layers, desc],
+        rec = store.add_image(name=str(ref), config=cfg, layers=[*base.manifest.oci_form().layers, desc],
                               annotations=annotations)
     log.info("snapshot of container %s: %s (layer %s, %d bytes)", c.id[:12], rec.name, diff_id, desc.size)
+    if left.count:
+        shown = ", ".join(ch.path for ch in (left.into or [])[:5])
+        log.info("snapshot of container %s left out %d entries (%d bytes): %s%s", c.id[:12], left.count, left.bytes,
+                 shown, ", ..." if left.count > 5 else "")
+    if left_out is not None:
+        left_out.sort(key=_path_key)
     return rec
 
 
 __all__ = [
-    "API_MOUNT_POINTS", "ETC_STUBS", "MAX_SUMMARY_FOLDERS", "RUNTIME_TREES",
+    "API_MOUNT_POINTS", "ETC_STUBS", "MAX_LEFT_OUT_LISTED", "MAX_SUMMARY_FOLDERS", "RUNTIME_TREES",
     "Change", "ChangeKind", "Compression", "DiffSummary", "FolderSummary", "Progress", "diff", "diff_summary",
     "snapshot", "summarize",
 ]

@@ -154,7 +154,8 @@ def death_json(info: ExitInfo | None) -> dict[str, Any] | None:
             "memory_limit": info.memory_limit, "memory_peak": info.memory_peak, "finished": info.finished or None}
 
 
-def diff_json(changes: list[Change]) -> dict[str, Any]:
+def diff_json(changes: list[Change], left_out: list[Change] | None = None) -> dict[str, Any]:
+    """A diff answer; ``left_out``: what a snapshot would leave out (the kernel's runtime state)."""
     folders: dict[str, dict[str, int]] = {}
     for ch in changes:
         top = "/" + ch.path.lstrip("/").split("/", 1)[0]
@@ -166,6 +167,7 @@ def diff_json(changes: list[Change]) -> dict[str, Any]:
         "summary": [{"path": p, **v} for p, v in sorted(folders.items())],
         "changes": [c.to_json() for c in changes[:MAX_DIFF_CHANGES]],
         "truncated": len(changes) > MAX_DIFF_CHANGES,
+        "left_out": [c.to_json() for c in (left_out or [])[:MAX_DIFF_CHANGES]],
     }
 
 
@@ -468,7 +470,7 @@ class Service:
 
     async def diff(self, ref: str) -> dict[str, Any]:
         c = await self._get(ref)
-        return await self.run(lambda: diff_json(_kernel_snapshots().diff(c)))
+        return await self.run(self._diff, c)
 
     async def logs(self, ref: str) -> dict[str, Any]:
         c = await self._get(ref)
@@ -477,8 +479,15 @@ class Service:
 
     async def commit(self, ref: str, body: Mapping[str, Any]) -> Operation:
         tag, message, compress = self._commit_args(body)
+        leave = validate.leave_out(body)
         c = await self._get(ref)
-        return self._start_commit(c, tag, message, compress)
+        return self._start_commit(c, tag, message, compress, leave=leave)
+
+    @staticmethod
+    def _diff(c: Container) -> dict[str, Any]:   # worker thread
+        left: list[Change] = []
+        changes = _kernel_snapshots().diff(c, left_out=left)
+        return diff_json(changes, left)
 
     def _commit_args(self, body: Mapping[str, Any]) -> tuple[str, str, str]:
         tag = validate.snapshot_tag(validate.text(body, "tag", required=True) or "")
@@ -487,11 +496,13 @@ class Service:
 
     def _start_commit(self, c: Container, tag: str, message: str, compress: str, *,
                       after: Callable[[Any], dict[str, Any]] | None = None,
-                      on_done: Callable[[Operation], None] | None = None) -> Operation:
+                      on_done: Callable[[Operation], None] | None = None,
+                      leave: Mapping[str, Any] | None = None) -> Operation:
         def work(op: Operation) -> dict[str, Any]:
+            left: list[Change] = []
             rec = _kernel_snapshots().snapshot(c.runtime, c, tag, message=message, compress=compress,
-                                               progress=snapshot_progress(op))
-            out = {"image": image_json(rec)}
+                                               progress=snapshot_progress(op), left_out=left, **(leave or {}))
+            out = {"image": image_json(rec), "left_out": [ch.to_json() for ch in left[:MAX_DIFF_CHANGES]]}
             if after is not None:
                 out.update(after(rec))
             return out
@@ -611,10 +622,11 @@ class Service:
 
     async def kernel_diff(self, kid: str) -> dict[str, Any]:
         c = self._contained(kid)
-        return await self.run(lambda: diff_json(_kernel_snapshots().diff(c)))
+        return await self.run(self._diff, c)
 
     async def kernel_commit(self, kid: str, body: Mapping[str, Any]) -> Operation:
         tag, message, compress = self._commit_args(body)
+        leave = validate.leave_out(body)
         install = validate.flag(body, "install_kernelspec", False)
         display = validate.text(body, "display_name", limit=200)
         c = self._contained(kid)
@@ -638,7 +650,7 @@ class Service:
                 self.on_event({"event": "snapshot", "kernel_id": kid, "container_id": c.id,
                                "image": op.result["image"]["name"]})
 
-        return self._start_commit(c, tag, message, compress, after=after, on_done=done)
+        return self._start_commit(c, tag, message, compress, after=after, on_done=done, leave=leave)
 
     async def kernel_reset(self, kid: str) -> dict[str, Any]:
         self._contained(kid)

@@ -28,8 +28,9 @@ FIELDS: dict[str, frozenset[str]] = {
     "import": frozenset({"path", "name", "format"}),
     "save": frozenset({"path", "format"}),
     "gc": frozenset(),
-    "commit": frozenset({"tag", "message", "compress"}),
-    "kernel_commit": frozenset({"tag", "message", "compress", "install_kernelspec", "display_name"}),
+    "commit": frozenset({"tag", "message", "compress", "include_runtime_state", "exclude", "include"}),
+    "kernel_commit": frozenset({"tag", "message", "compress", "install_kernelspec", "display_name",
+                                "include_runtime_state", "exclude", "include"}),
     "stop": frozenset({"timeout"}),
     "reset": frozenset(),
     "kernelspec": frozenset({"image", "name", "display_name", "memory", "cpus", "pids", "network", "probe",
@@ -142,6 +143,30 @@ def kernel_name(value: str) -> str:
         raise BadRequest(f"invalid kernel name {value[:100]!r} (lowercase letters, digits, . _ -)",
                          "invalid_kernel_name")
     return value
+
+
+#: path patterns a commit may name to leave out or keep, and their length
+MAX_PATTERNS = 64
+MAX_PATTERN = 256
+
+
+def leave_out(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A commit's ``include_runtime_state`` flag and ``exclude``/``include`` path-pattern lists."""
+    out: dict[str, Any] = {"include_runtime_state": flag(body, "include_runtime_state", False)}
+    for name in ("exclude", "include"):
+        v = body.get(name, [])
+        if not isinstance(v, list) or len(v) > MAX_PATTERNS or not all(
+                isinstance(x, str) and x.startswith("/") and len(x) <= MAX_PATTERN and "\x00" not in x for x in v):
+            raise BadRequest(f"field {name} must be a list of at most {MAX_PATTERNS} absolute path patterns "
+                             f"(e.g. /root/.cache/**)", "invalid_field")
+        out[name] = v
+    from ..kernel import snapshots  # the patterns as the commit will read them
+
+    try:
+        snapshots.leave_out(**out).check()
+    except InvalidSpec as exc:
+        raise BadRequest(str(exc), "invalid_field") from None
+    return out
 
 
 def compression(body: Mapping[str, Any]) -> str:

@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import stat
 import struct
 import threading
@@ -40,9 +41,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ... import errors
+from .. import userns
 from ..fsutil import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
 from ..spec import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor
-from .. import userns
 from . import deflate, overlay
 from . import rootless as rootless_mod
 from .store import Store
@@ -167,11 +168,93 @@ class Item:
     names: frozenset[str] = frozenset()
 
 
+#: at most this many patterns, each at most this long (they may come from a kernel's request)
+MAX_PATTERNS = 64
+MAX_PATTERN_LENGTH = 256
+
+
+def _glob_regex(pattern: str) -> str:
+    """A path pattern as a regex over a layer-relative path (no leading ``/``).
+
+    ``*`` matches within one name, ``?`` one character of a name, ``[...]`` a
+    class (``[!...]`` negated); a ``**`` component any number of whole
+    names, zero included. Everything else is literal.
+    """
+    parts = pattern.strip("/").split("/")
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        j, piece = 0, []
+        while j < len(part):
+            ch = part[j]
+            if ch == "*":
+                piece.append("[^/]*")
+            elif ch == "?":
+                piece.append("[^/]")
+            elif ch == "[" and (k := part.find("]", j + 2 if part[j + 1:j + 2] in ("!", "^") else j + 1)) > j:
+                body = part[j + 1:k]
+                if body[:1] in ("!", "^"):
+                    body = "^" + body[1:]
+                piece.append("[" + body.replace("\\", "\\\\") + "]")
+                j = k
+            else:
+                piece.append(re.escape(ch))
+            j += 1
+        out.append("".join(piece) + ("" if last else "/"))
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class PathPatterns:
+    """What a layer leaves out by name: paths matching ``exclude`` and no ``include`` pattern.
+
+    Patterns are absolute container paths with shell globs (see
+    :func:`_glob_regex`): ``/root/.cache/pip``, ``/**/__pycache__``,
+    ``/**/.ipython/profile_*/history.sqlite*``. A match leaves out the entry
+    with everything beneath it; ``include`` keeps an entry an ``exclude``
+    pattern would leave out (it cannot reach beneath a directory that is
+    itself left out). Validated at construction (InvalidSpec): they may come
+    from a kernel's request.
+    """
+
+    exclude: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for what, pats in (("exclude", self.exclude), ("include", self.include)):
+            if not isinstance(pats, tuple) or len(pats) > MAX_PATTERNS:
+                raise errors.InvalidSpec(f"{what}: at most {MAX_PATTERNS} path patterns, as a tuple")
+            for p in pats:
+                if not isinstance(p, str) or not p.startswith("/") or len(p) > MAX_PATTERN_LENGTH \
+                        or not p.strip("/") or any(ord(c) < 0x20 for c in p) \
+                        or any(part in (".", "..") for part in p.split("/")):
+                    raise errors.InvalidSpec(
+                        f"{what}: {str(p)[:80]!r} is not a path pattern (an absolute container path, "
+                        f"at most {MAX_PATTERN_LENGTH} characters, globs * ? [] and ** allowed, no . or ..)")
+        object.__setattr__(self, "_ex", re.compile("|".join(f"(?:{_glob_regex(p)})" for p in self.exclude))
+                           if self.exclude else None)
+        object.__setattr__(self, "_in", re.compile("|".join(f"(?:{_glob_regex(p)})" for p in self.include))
+                           if self.include else None)
+
+    def leaves_out(self, rel: str) -> bool:
+        """True if the entry at layer-relative path ``rel`` is left out."""
+        ex: re.Pattern[str] | None = self._ex   # type: ignore[attr-defined]
+        if ex is None or not ex.fullmatch(rel):
+            return False
+        inc: re.Pattern[str] | None = self._in   # type: ignore[attr-defined]
+        return inc is None or not inc.fullmatch(rel)
+
+
 @dataclass(frozen=True)
 class Excludes:
     always: frozenset[str]      # skipped with everything beneath
     if_new: frozenset[str]      # skipped unless the image has them
     parents: frozenset[str]     # mount-point parents: skipped when empty and made by the runtime
+    #: left out by name (the caller's list); reported through ``walk``'s ``on_left_out``
+    patterns: PathPatterns | None = None
 
 
 def _open_beneath(root_fd: int, rel: str, flags: int) -> int:
@@ -258,19 +341,31 @@ def _layer_xattrs(target: int | str, rel: str) -> tuple[tuple[tuple[str, bytes],
 class _Frame:
     """One directory of the walk: its entries, the next one to look at, and its fd (or -1: closed)."""
 
-    __slots__ = ("rel", "fd", "names", "i", "pending")
+    __slots__ = ("rel", "fd", "names", "i", "pending", "left_out")
 
     def __init__(self, rel: str, fd: int, names: list[str], pending: Item | None) -> None:
         self.rel, self.fd, self.names, self.i, self.pending = rel, fd, names, 0, pending
+        #: something beneath was left out by a pattern (an emptied directory is not worth keeping)
+        self.left_out = False
 
 
-def walk(root_fd: int, view: LowerView, excl: Excludes, *, tolerant: bool = False) -> Iterator[Item]:
+#: on_left_out(rel, stat, is_whiteout): an entry ``Excludes.patterns`` left out (its subtree with it)
+LeftOut = Callable[[str, os.stat_result, bool], None]
+
+
+def walk(root_fd: int, view: LowerView, excl: Excludes, *, tolerant: bool = False,
+         on_left_out: LeftOut | None = None) -> Iterator[Item]:
     """The entries beneath ``root_fd`` that belong in a layer, parents before children, names sorted.
 
     Streams (constant memory but the current path's listings) and iterates
     (no recursion: a layer may be deeper than Python's stack). ``tolerant``:
     skip what vanishes or changes while we look (a preview of a running
-    container); otherwise such a change is an error.
+    container); otherwise such a change is an error. Entries matching
+    ``excl.patterns`` are left out (and told to ``on_left_out``); a directory
+    left with nothing but such entries beneath it is left out too when it
+    changes nothing else (new, or a copy-up of the image's with the same mode
+    and owner), so ``/root/.ipython/profile_default/`` does not stay behind
+    as an empty husk of the history it held.
     """
     def listing(fd: int) -> list[str]:
         # byte order, so that the order does not depend on the locale or on undecodable names
@@ -279,6 +374,7 @@ def walk(root_fd: int, view: LowerView, excl: Excludes, *, tolerant: bool = Fals
     def raced(e: OSError) -> bool:
         return tolerant and e.errno in _RACES
 
+    patterns = excl.patterns if excl.patterns is not None and excl.patterns.exclude else None
     stack: list[_Frame] = [_Frame("", root_fd, listing(root_fd), None)]
     # mount-point parents held back until something beneath them is kept (else they were made by the runtime)
     held: list[Item] = []
@@ -302,7 +398,13 @@ def walk(root_fd: int, view: LowerView, excl: Excludes, *, tolerant: bool = Fals
                 if top.pending is not None and held and held[-1] is top.pending:
                     held.pop()
                     it = top.pending
-                    if not _runtime_made(it.st, view.lookup(it.rel)):
+                    # held as a mount-point parent: dropped when the runtime made it; held for the
+                    # patterns: dropped only when what it held was left out (an empty new folder stays)
+                    droppable = it.rel in excl.parents or top.left_out
+                    if droppable and _runtime_made(it.st, view.lookup(it.rel)):
+                        if top.left_out and stack:
+                            stack[-1].left_out = True
+                    else:
                         yield from held
                         held.clear()
                         yield it
@@ -324,6 +426,11 @@ def walk(root_fd: int, view: LowerView, excl: Excludes, *, tolerant: bool = Fals
                 st = os.stat(name, dir_fd=top.fd, follow_symlinks=False)
                 if r in excl.if_new and view.lookup(r) is None:
                     continue
+                if patterns is not None and patterns.leaves_out(r):
+                    top.left_out = True
+                    if on_left_out is not None:
+                        on_left_out(r, st, overlay.is_whiteout(st))
+                    continue
                 mode = st.st_mode
                 if overlay.is_whiteout(st):
                     item = Item(r, WHITEOUT, st)
@@ -341,7 +448,7 @@ def walk(root_fd: int, view: LowerView, excl: Excludes, *, tolerant: bool = Fals
                         os.close(fd)
                         raise
                     item = Item(r, DIR, st, opaque, xattrs, frozenset(names) if opaque else frozenset())
-                    pending = item if r in excl.parents and not opaque else None
+                    pending = item if (r in excl.parents or patterns is not None) and not opaque else None
                     if pending is not None:
                         held.append(pending)
                     else:
@@ -382,11 +489,12 @@ def walk(root_fd: int, view: LowerView, excl: Excludes, *, tolerant: bool = Fals
                         ", ..." if len(paths) > 3 else "", why)
 
 
-def scan(upper: Path, view: LowerView, excl: Excludes, *, tolerant: bool = False) -> list[Item]:
+def scan(upper: Path, view: LowerView, excl: Excludes, *, tolerant: bool = False,
+         on_left_out: LeftOut | None = None) -> list[Item]:
     """The upper dir's entries that belong in the layer, parents before children (see :func:`walk`)."""
     root_fd = open_root(upper)
     try:
-        return list(walk(root_fd, view, excl, tolerant=tolerant))
+        return list(walk(root_fd, view, excl, tolerant=tolerant, on_left_out=on_left_out))
     finally:
         os.close(root_fd)
 
@@ -657,7 +765,7 @@ def _write_tar_beneath(root_fd: int, items: Sequence[Item], write: Callable[[byt
             emit(_entry((head + b"/" if head else b"") + overlay.WHITEOUT_PREFIX.encode() + name))
             continue
         uid, gid = ids(st.st_uid, st.st_gid) if ids else (st.st_uid, st.st_gid)
-        meta = {"mode": stat.S_IMODE(st.st_mode), "uid": uid, "gid": gid,
+        meta: dict[str, Any] = {"mode": stat.S_IMODE(st.st_mode), "uid": uid, "gid": gid,
                 "mtime": st.st_mtime_ns // 1_000_000_000}
         if it.kind == DIR:
             emit(_entry(rb + b"/", typeflag=b"5", xattrs=it.xattrs, **meta))
@@ -856,7 +964,7 @@ def store_layer_dir(store: Store, root: Path, *, compress: Compression = "gzip",
 
 
 __all__ = [
-    "DIR", "FIFO", "FILE", "NO_EXCLUDES", "SYMLINK", "WHITEOUT", "Compression", "Excludes", "IdView", "Item",
-    "LowerView", "archive", "copy_items", "media_type", "open_root", "scan", "store_layer_dir", "walk",
+    "DIR", "FIFO", "FILE", "MAX_PATTERNS", "NO_EXCLUDES", "SYMLINK", "WHITEOUT", "Compression", "Excludes", "IdView",
+    "Item", "LeftOut", "LowerView", "PathPatterns", "archive", "copy_items", "media_type", "open_root", "scan", "store_layer_dir", "walk",
     "write_layer_tar",
 ]

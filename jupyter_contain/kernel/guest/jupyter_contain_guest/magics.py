@@ -30,6 +30,8 @@ USAGE = """\
 %container snapshot               a form that makes an image of those changes (a widget)
 %container snapshot TAG [-m MSG] [--compress gzip|zstd]
                                   make that image now, tagged TAG (e.g. myenv:v1)
+    diff and snapshot leave out the kernel's runtime state (IPython history, caches);
+    --include-runtime-state keeps it, --exclude PATTERN / --include PATTERN adjust the list
 %container install IMAGE [--display-name NAME]
                                   install a kernelspec for IMAGE (e.g. a snapshot)
 %container images                 the images this kernel may use
@@ -68,6 +70,10 @@ def _line_parser():
     s.add_argument("tag", nargs="?")
     s.add_argument("-m", "--message", default="")
     s.add_argument("--compress", choices=("gzip", "zstd"), default="gzip")
+    for sp in (d, s):
+        sp.add_argument("--include-runtime-state", action="store_true")
+        sp.add_argument("--exclude", action="append", default=[])
+        sp.add_argument("--include", action="append", default=[])
     i = sub.add_parser("install", add_help=False)
     i.add_argument("image")
     i.add_argument("--display-name", default=None)
@@ -75,6 +81,18 @@ def _line_parser():
         sp.error = p.error   # subparsers are plain ArgumentParsers: route their errors too
         sp.exit = p.exit
     return p
+
+
+def _leave_out(args):
+    """The request fields for what a diff or snapshot leaves out (only those the user set)."""
+    fields = {}
+    if args.include_runtime_state:
+        fields["include_runtime_state"] = True
+    if args.exclude:
+        fields["exclude"] = list(args.exclude)
+    if args.include:
+        fields["include"] = list(args.include)
+    return fields
 
 
 def _cell_parser():
@@ -111,7 +129,8 @@ class ContainerMagics(Magics):
         elif cmd == "stats":
             print(fmt.stats_text(request("stats", _timeout=30)["stats"]))
         elif cmd == "diff":
-            print(fmt.diff_text(request("diff", limit=max(0, min(args.n, 1000)), _timeout=300)))
+            print(fmt.diff_text(request("diff", limit=max(0, min(args.n, 1000)), _timeout=300,
+                                        **_leave_out(args))))
         elif cmd == "snapshot":
             if not args.tag:
                 from .widgets import snapshot_widget
@@ -153,8 +172,11 @@ class ContainerMagics(Magics):
             if pct // 25 != shown[0] // 25 or pct == 100:   # a few lines, not hundreds
                 shown[0] = pct
                 print("snapshot: %s %d%%" % (ev.get("stage"), pct))
-        a = request("snapshot", tag=args.tag, message=args.message, compress=args.compress, _on_event=on_event)
+        a = request("snapshot", tag=args.tag, message=args.message, compress=args.compress, _on_event=on_event,
+                    **_leave_out(args))
         print("%s %s (%s)" % (a["image"], a["digest"], fmt.size(a.get("size"))))
+        if a.get("left_out_total"):
+            print(fmt.left_out_text(a))
         return None
 
     def _run_cell(self, line, cell):
