@@ -286,7 +286,8 @@ class Bench:
             for line in res.stderr.splitlines():
                 # "import time: self | cumulative | name": top level only (no indent)
                 parts = line.split("|")
-                if len(parts) == 3 and parts[2].startswith(" ") and not parts[2].startswith("  "):
+                if (len(parts) == 3 and parts[1].strip().isdigit() and parts[2].startswith(" ")
+                        and not parts[2].startswith("  ")):
                     name = parts[2].strip()
                     if name != "site":
                         key = ".".join(name.split(".")[:3]) if name.startswith("jupyter_contain") else \
