@@ -28,7 +28,9 @@ built atomically), and the choice between them:
   the copies already loaded, never to the image's glibc pieces.
   ``pip install`` goes to the user site (``~/.local`` in the container's own
   writable layer: kept across restarts, captured by snapshots), set by the
-  layer's site ``pip.conf``.
+  layer's site ``pip.conf``; a wrapper of IPython's ``%pip`` in both folders
+  (:data:`PIP_MODULE`) puts a site folder the install just made on ``sys.path``,
+  so the package imports at once.
 - The **kernel site** (:func:`cached_kernel_site`), mounted at
   :data:`SITE_DIR`: for images with a Python (3.8+, glibc) but no ipykernel,
   ipykernel and ipywidgets 8 as wheels for *that* Python version from the
