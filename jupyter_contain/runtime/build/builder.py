@@ -442,6 +442,8 @@ class _Build:
         self.tmp = Path(tempfile.mkdtemp(prefix="build-", dir=self.store.tmp_dir))
         self.stack.callback(remove_tree, self.tmp)
         self.cached = self.ran = 0
+        self.file_hashes = self.cache.file_hashes()
+        self._hashes_known = len(self.file_hashes)
 
     @property
     def rt(self) -> Runtime:
@@ -557,6 +559,8 @@ class _Build:
         if unused:
             self.rep.note(f"[Warning] one or more build args were not consumed: {', '.join(sorted(unused))}")
         result = self._commit(final, t0)
+        if len(self.file_hashes) != self._hashes_known:
+            self.cache.save_file_hashes(self.file_hashes)
         return result
 
     def close(self) -> None:
@@ -763,7 +767,7 @@ class _Build:
                 return self._run(st, ins, argv, mounts, network)
         else:
             plan_, view, extra_key, cleanup, owner = self._copy_plan(st, ins, env)
-            content = filesmod.content_hash(plan_, extra=extra_key)
+            content = filesmod.content_hash(plan_, extra=extra_key, known=self.file_hashes)
 
             def work() -> tuple[Descriptor, str] | None:
                 try:
@@ -846,7 +850,7 @@ class _Build:
         entries = list(self.ctx.walk(rel))
         plan_ = filesmod.plan_entries(self.ctx, entries, src_root=rel, dest="", is_dir_source=entries[0].kind == "dir",
                                       dest_is_dir=False, owner=None, keep_owner=False, chmod=None)
-        return filesmod.content_hash(plan_)
+        return filesmod.content_hash(plan_, known=self.file_hashes)
 
     def _run(self, st: _State, ins: Instruction, argv: list[str], mounts: Sequence[Mount],
              network: Network) -> tuple[Descriptor, str]:
@@ -1207,7 +1211,7 @@ def _safe_filter(member: Any, path: str) -> Any:
     import tarfile
 
     if member.ischr() or member.isblk():
-        raise tarfile.FilterError(f"{member.name}: device nodes are not extracted")  # type: ignore[attr-defined]
+        raise tarfile.FilterError(f"{member.name}: device nodes are not extracted")
     return tarfile.tar_filter(member, path)
 
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: bump when what a key covers changes: old entries then simply miss
 KEY_VERSION = "jc-build-1"
+FILE_HASHES = "file-hashes.json"
+MAX_FILE_HASHES = 200_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,24 @@ class BuildCache:
             doc["diff_id"] = entry.diff_id
         # not fsynced: a cache entry lost in a power cut is a rebuilt step, nothing worse
         atomic_write(self.dir / f"{key}.json", json.dumps(doc).encode(), durable=False)
+
+    # file digests by stat stamp (see files.content_hash) --------------------------------
+
+    def file_hashes(self) -> dict[str, str]:
+        """The known file digests; a damaged or missing file is an empty cache."""
+        try:
+            doc = json.loads(read_small(self.dir / FILE_HASHES))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(doc, dict):
+            return {}
+        return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str) and len(v) == 64}
+
+    def save_file_hashes(self, known: Mapping[str, str]) -> None:
+        if len(known) > MAX_FILE_HASHES:   # bounded: start over rather than grow without end
+            known = {}
+        self.dir.mkdir(exist_ok=True)
+        atomic_write(self.dir / FILE_HASHES, json.dumps(known, separators=(",", ":")).encode(), durable=False)
 
     def clear(self) -> int:
         n = 0

@@ -171,6 +171,8 @@ class Entry:
     mtime: int          # whole seconds
     link: str = ""      # symlink target
     ino: tuple[int, int] = (0, 0)
+    #: (dev, ino, size, mtime_ns, ctime_ns): what the file hash cache recognises a file by
+    stamp: tuple[int, ...] = ()
 
 
 def _kind(st: os.stat_result) -> str | None:
@@ -187,7 +189,8 @@ def _entry(rel: str, st: os.stat_result, link: str = "") -> Entry:
     kind = _kind(st)
     assert kind is not None
     return Entry(rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size if kind == "file" else 0,
-                 int(st.st_mtime), link, (st.st_dev, st.st_ino))
+                 int(st.st_mtime), link, (st.st_dev, st.st_ino),
+                 (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 class ContextTree:

@@ -23,7 +23,7 @@ import hashlib
 import os
 import posixpath
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,11 +86,15 @@ def plan_entries(tree: object, entries: Sequence[Entry], *, src_root: str, dest:
     return out
 
 
-def content_hash(plan: Sequence[Planned], *, extra: bytes = b"") -> str:
+def content_hash(plan: Sequence[Planned], *, extra: bytes = b"",
+                 known: MutableMapping[str, str] | None = None) -> str:
     """A hash of what the layer will hold (names, kinds, modes, owners, sizes, link targets, bytes).
 
     Mtimes are left out, as Docker's content checksums leave them out: a
-    touched file with the same bytes hits the cache.
+    touched file with the same bytes hits the cache. ``known``: file digests
+    by stat stamp (device, inode, size, mtime and ctime in ns, as git's index
+    recognises unchanged files): a file whose stamp is known is not read
+    again (a 20 MB context: 15 of a cached rebuild's 22 ms).
     """
     h = hashlib.sha256(extra)
     for p in plan:
@@ -100,14 +104,20 @@ def content_hash(plan: Sequence[Planned], *, extra: bytes = b"") -> str:
             if p.data is not None:
                 h.update(hashlib.sha256(p.data).digest())
                 continue
-            fd = p.open()
-            try:
-                fh = hashlib.sha256()
-                while chunk := os.read(fd, _CHUNK):
-                    fh.update(chunk)
-                h.update(fh.digest())
-            finally:
-                os.close(fd)
+            stamp = ":".join(map(str, p.entry.stamp)) if p.entry is not None and p.entry.stamp else ""
+            got = known.get(stamp) if known is not None and stamp else None
+            if got is None:
+                fd = p.open()
+                try:
+                    fh = hashlib.sha256()
+                    while chunk := os.read(fd, _CHUNK):
+                        fh.update(chunk)
+                finally:
+                    os.close(fd)
+                got = fh.hexdigest()
+                if known is not None and stamp:
+                    known[stamp] = got
+            h.update(bytes.fromhex(got))
     return "sha256:" + h.hexdigest()
 
 
