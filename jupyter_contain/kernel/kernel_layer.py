@@ -88,7 +88,7 @@ SITE_DIR = "/.jupyter-contain-site"
 #: the kernel layer's Python inside the container
 LAYER_PYTHON = f"{LAYER_DIR}/usr/bin/python3"
 #: bump when the assembly changes what ends up in a layer or a site: every machine rebuilds
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 #: the kernel choices a kernelspec records (KernelOptions.kernel_layer): "" the image's own
 #: Python with its ipykernel; "layer": the kernel layer; "site:X.Y": the image's Python X.Y with
@@ -469,8 +469,9 @@ def _build_layer(tar_path: Path, dest: Path, say: Progress) -> dict:
             if m.isdir():
                 (dest / rel).mkdir(parents=True, exist_ok=True, mode=0o755)
             elif m.issym():
-                if m.linkname.startswith("/") or ".." in m.linkname.split("/"):
-                    continue   # Debian's links to /usr/share/... (docs, certificates): not needed
+                target = posixpath.normpath(posixpath.join(posixpath.dirname(name), m.linkname))
+                if m.linkname.startswith("/") or not (target + "/").startswith(_TREES):
+                    continue   # Debian's links out of these trees (/etc, /usr/share): not needed
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
                 os.symlink(m.linkname, dest / rel)
             elif m.isreg():
