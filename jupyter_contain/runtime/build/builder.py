@@ -442,6 +442,8 @@ class _Build:
         self.tmp = Path(tempfile.mkdtemp(prefix="build-", dir=self.store.tmp_dir))
         self.stack.callback(remove_tree, self.tmp)
         self.cached = self.ran = 0
+        self._pool: Any = None
+        self._removing: list[Any] = []
         self.file_hashes = self.cache.file_hashes()
         self._hashes_known = len(self.file_hashes)
 
@@ -563,8 +565,22 @@ class _Build:
             self.cache.save_file_hashes(self.file_hashes)
         return result
 
+    def _remover(self) -> Any:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="jc-build-rm")
+        return self._pool
+
     def close(self) -> None:
-        self.stack.close()
+        try:
+            for f in self._removing:
+                exc = f.exception()
+                if exc is not None:   # gc finds what is left (its creator, this process, will be gone)
+                    log.warning("could not remove a build container: %s", exc)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self.stack.close()
 
     # FROM ----------------------------------------------------------------------------
 
@@ -894,9 +910,14 @@ class _Build:
                     raise BuildStepFailed(f"the command {_show(argv)} returned a non-zero code: {code}",
                                           code=code, output=tail, file=ins.file, line=ins.line,
                                           instruction=ins.keyword)
-                return _commit_layer(self.store, c, self.store.ensure_unpacked(rec), self.tmp)
-            finally:
+                layer = _commit_layer(self.store, c, self.store.ensure_unpacked(rec), self.tmp)
+            except BaseException:
                 c.remove(force=True)
+                raise
+            # its writable layer is committed: removing its files (thousands, for a pip install) runs
+            # beside the next steps; close() waits for it, so a build never returns with it still there
+            self._removing.append(self._remover().submit(c.remove, force=True))
+            return layer
 
     def _run_container(self, c: Container) -> tuple[int, str]:
         r, w = os.pipe2(os.O_CLOEXEC)
