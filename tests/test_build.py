@@ -581,3 +581,59 @@ def test_containerfile_magic_builds_the_cell(bstore, tmp_path, monkeypatch, caps
             ip.run_cell_magic("containerfile", "magic:2", "FROM busybox:test\nNOPE\n")
     finally:
         InteractiveShell.clear_instance()
+
+
+def test_platform_args_and_from_platform(rt, bstore, tmp_path):
+    from jupyter_contain.runtime.spec import Platform
+
+    host = Platform.host()
+    ctx = _ctx(tmp_path, "FROM --platform=$BUILDPLATFORM busybox:test\nARG TARGETARCH\n"
+                         "RUN echo $TARGETARCH > /arch\n")
+    build(rt, BuildOptions(context=ctx, tags=("plat:1",)))
+    tree, _ = _tree(bstore, "plat:1")
+    assert _read(tree, "arch") == f"{host.architecture}\n".encode()
+    other = "arm64" if host.architecture != "arm64" else "amd64"
+    bad = _ctx(tmp_path / "b", f"FROM --platform=linux/{other} busybox:test\n")
+    with pytest.raises(BuildError, match="no emulation"):
+        build(rt, BuildOptions(context=bad, tags=("plat:2",)))
+
+
+def test_run_bind_mount_of_the_context_is_read_only_and_keyed_on_its_content(rt, bstore, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nRUN --mount=type=bind,source=src,target=/src "
+                         "cat /src/in > /out && ! touch /src/new 2>/dev/null\n", {"src/in": "one\n"})
+    build(rt, BuildOptions(context=ctx, tags=("bind:1",)))
+    tree, _ = _tree(bstore, "bind:1")
+    assert _read(tree, "out") == b"one\n"
+    assert tree.lstat("src") is None   # the mount point the runtime made is not in the layer
+    (ctx / "src" / "in").write_text("two\n")
+    log = Log()
+    build(rt, BuildOptions(context=ctx, tags=("bind:1",)), reporter=log)
+    assert log.hits == 0
+    tree, _ = _tree(bstore, "bind:1")
+    assert _read(tree, "out") == b"two\n"
+
+
+def test_cli_build_quiet_iidfile_stdin_and_errors(bstore, tmp_path, monkeypatch, capsys):
+    import io as _io
+
+    from jupyter_contain.cli import main
+
+    ctx = _ctx(tmp_path, "FROM busybox:test\nCOPY f /f\nLABEL x=y\n", {"f": "f\n"})
+    root = ["--root", str(bstore.root)]
+    assert main([*root, "build", "-q", "-t", "cli:1", "-t", "cli:alias", "--iidfile", str(tmp_path / "iid"),
+                 str(ctx)]) == 0
+    out = capsys.readouterr().out
+    iid = (tmp_path / "iid").read_text()
+    assert out == iid + "\n" and iid.startswith("sha256:")
+    assert bstore.resolve("cli:alias").id == iid == bstore.resolve("cli:1").id
+    # plain progress: a line per step and its result; the Containerfile from standard input
+    monkeypatch.setattr("sys.stdin", _io.TextIOWrapper(_io.BytesIO(b"FROM busybox:test\nENV A=1\n")))
+    assert main([*root, "build", "--progress", "plain", "-f", "-", "-t", "cli:2", str(ctx)]) == 0
+    out = capsys.readouterr().out
+    assert "STEP 1/2: FROM busybox:test\n" in out and "STEP 2/2: ENV A=1\n" in out
+    assert "Successfully tagged localhost/cli:2" in out
+    # a failing step: exit code 1, one error line naming the file, line and instruction
+    (ctx / "Containerfile").write_text("FROM busybox:test\nRUN exit 3\n")
+    assert main([*root, "build", "-t", "cli:3", str(ctx)]) == 1
+    err = capsys.readouterr().err
+    assert "Containerfile:2: RUN: the command" in err and "non-zero code: 3" in err

@@ -542,7 +542,8 @@ class _Build:
         self.ctx = self.stack.enter_context(ContextTree(self.opt.context, ignore))
         self.escape = cf.escape
         # global args: for FROM lines (and re-declared ARGs inside stages)
-        self.global_args: dict[str, str] = {}
+        # BuildKit's automatic platform args: in FROM lines, and in a stage once declared (ARG TARGETARCH)
+        self.global_args: dict[str, str] = _platform_args()
         for ins in p.global_args:
             self._declare(ins, self.global_args, self.global_args)
         total = sum(1 + len(p.stages[i].steps) for i in p.needed)
@@ -589,6 +590,15 @@ class _Build:
         self.rep.step(n, total, stage.name or str(stage.index), ins.original)
         t = time.monotonic()
         text = expand(stage.base, self.global_args, escape=self.escape, fail=ins.error, used=self.used_args)
+        plat = ins.flag("platform")
+        if plat is not None:
+            want = expand(plat, self.global_args, escape=self.escape, fail=ins.error)
+            try:
+                ok = Platform.parse(want).matches(Platform.host())
+            except errors.InvalidReference as e:
+                raise ins.error(str(e)) from None
+            if not ok:
+                raise ins.error(f"--platform={want}: this machine runs {Platform.host()} and builds run no emulation")
         if not text:
             raise ins.error(f"base name ({stage.base}) should not be blank")
         names = {s.name: s.index for s in self.plan.stages if s.name}
@@ -1199,6 +1209,15 @@ class _Build:
             if rec.digest != digest:
                 return None
         return rec
+
+
+def _platform_args() -> dict[str, str]:
+    p = Platform.host()
+    out = {}
+    for prefix in ("TARGET", "BUILD"):
+        out.update({f"{prefix}PLATFORM": str(p), f"{prefix}OS": p.os, f"{prefix}ARCH": p.architecture,
+                    f"{prefix}VARIANT": p.variant or ""})
+    return out
 
 
 def ignore_hit(ctx: ContextTree, rel: str) -> bool:
