@@ -637,3 +637,13 @@ def test_cli_build_quiet_iidfile_stdin_and_errors(bstore, tmp_path, monkeypatch,
     assert main([*root, "build", "-t", "cli:3", str(ctx)]) == 1
     err = capsys.readouterr().err
     assert "Containerfile:2: RUN: the command" in err and "non-zero code: 3" in err
+
+
+def test_run_heredoc_with_a_shebang_runs_as_a_script_and_leaves_no_trace(rt, bstore, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nRUN <<EOF\n#!/bin/sh -e\necho \"script args: $#\" > /script-ran\nEOF\n"
+                         "RUN cat <<A <<-B > /two\nfirst\nA\n\tsecond\n\tB\n")
+    build(rt, BuildOptions(context=ctx, tags=("shebang:1",)))
+    tree, _ = _tree(bstore, "shebang:1")
+    assert _read(tree, "script-ran") == b"script args: 0\n"
+    assert _read(tree, "two") == b"second\n"   # the shell's own heredocs: the last one is cat's stdin
+    assert tree.lstat(".jupyter-contain") is None

@@ -82,6 +82,8 @@ LABEL_CONTAINERFILE = "io.jupyter-contain.build.containerfile.digest"
 LABEL_BUILD_ARGS = "io.jupyter-contain.build.args"
 #: the tail of a failed RUN's output an error keeps
 _OUTPUT_TAIL = 64 << 10
+#: where a RUN heredoc with a #! line is bound in (the runtime's own tree: never part of a layer)
+HEREDOC_DIR = "/.jupyter-contain/build-heredoc"
 #: largest ADD download (a URL is untrusted: a server could stream forever)
 MAX_DOWNLOAD = 8 << 30
 Network = Literal["none", "host", "bridge"]
@@ -862,6 +864,10 @@ class _Build:
         if ins.heredocs:
             bodies = list(ins.heredocs)   # the shell expands them itself, as BuildKit leaves it
             if len(bodies) == 1 and re.fullmatch(r"<<-?(['\"]?)" + re.escape(bodies[0].name) + r"\1", text.strip()):
+                if bodies[0].content.startswith("#!"):
+                    # a script with its own interpreter: a file, bound in read-only and executed (as
+                    # BuildKit does at /dev/pipes/NAME; here in the runtime's tree, never in a layer)
+                    return [HEREDOC_DIR + "/" + bodies[0].name]
                 # RUN <<EOF: the body is the script (BuildKit runs it with the shell)
                 return [*st.shell, bodies[0].content]
             # RUN cmd <<EOF ...: the shell reads the heredocs itself, so hand it the whole text
@@ -889,6 +895,11 @@ class _Build:
         run_env.update({k: v for k, v in self.opt.build_args.items() if k in PREDEFINED_ARGS and k not in env_cfg})
         binds: list[Bind] = []
         tmpfs: list[Tmpfs] = []
+        if len(argv) == 1 and argv[0].startswith(HEREDOC_DIR + "/") and ins.heredocs:
+            script = Path(tempfile.mkdtemp(dir=self.tmp, prefix="heredoc-")) / "script"
+            script.write_text(ins.heredocs[0].content)
+            script.chmod(0o755)
+            binds.append(Bind(script, argv[0], readonly=True))
         with contextlib.ExitStack() as stack:
             for m in mounts:
                 if m.type == "cache":
