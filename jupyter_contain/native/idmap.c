@@ -18,6 +18,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -133,11 +134,107 @@ static int jc_create_as(int fsfd, long uid, long gid)
  * writable layer alike (a snapshot sees container ids, a restart with other
  * host ids sees the same files). Upper and work must be on one mount for
  * overlayfs, so their common directory is cloned once. */
+/* The same overlay for kernels whose overlayfs takes no detached layers:
+ * before 6.15 overlayfs clones each layer with clone_private_mount(), which
+ * refuses a mount outside the caller's mount namespace (EINVAL; seen on
+ * Debian 12's 6.1, whose overlay has no "lowerdir+" either). A thread of our
+ * own unshares a private mount namespace (its own fs struct: the process's
+ * other threads and the host's mount table never see it), attaches each
+ * idmapped clone over its own path there, and makes the overlay from those
+ * paths the old way ("lowerdir=a:b"); overlayfs keeps private clones of
+ * them, so the overlay outlives the thread and its namespace. */
+struct jc_legacy_ovl {
+    const struct jc_mount *m;
+    const char *upper_parent; /* NULL without a writable layer */
+    int userns_fd;
+    long ruid, rgid;
+    struct jc_failure *f;
+    int mfd;
+};
+
+static void *jc_legacy_ovl_thread(void *arg)
+{
+    struct jc_legacy_ovl *L = arg;
+    const struct jc_mount *m = L->m;
+    char opts[4096];
+    size_t n = 0;
+    int fsfd = -1;
+
+    if (unshare(CLONE_NEWNS | CLONE_FS) < 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) {
+        jc_pfail(L->f, "mount-rootfs", errno, m->target);
+        return NULL;
+    }
+    for (int i = 0; i <= m->n_lowerdirs; i++) {
+        const char *path = i < m->n_lowerdirs ? m->lowerdirs[i] : L->upper_parent;
+        if (!path)
+            continue;
+        int fd = jc_idmapped_clone(path, L->userns_fd, L->f, i < m->n_lowerdirs ? "idmap-layer" : "idmap-upper");
+        if (fd < 0)
+            return NULL;
+        int r = move_mount(fd, "", AT_FDCWD, path, MOVE_MOUNT_F_EMPTY_PATH);
+        int e = errno;
+        close(fd);
+        if (r < 0) {
+            jc_pfail(L->f, "mount-rootfs", e, path);
+            return NULL;
+        }
+        /* "lowerdir=a:b" cannot carry these; store paths never hold them */
+        if (i < m->n_lowerdirs && (strpbrk(path, ":,\\") || n + strlen(path) + 2 >= sizeof opts)) {
+            jc_pfail(L->f, "mount-rootfs", E2BIG, path);
+            return NULL;
+        }
+        if (i < m->n_lowerdirs) {
+            if (n)
+                opts[n++] = ':';
+            memcpy(opts + n, path, strlen(path) + 1);
+            n += strlen(path);
+        }
+    }
+    fsfd = fsopen("overlay", FSOPEN_CLOEXEC);
+    if (fsfd < 0 || fsconfig(fsfd, FSCONFIG_SET_STRING, "lowerdir", opts, 0) < 0 ||
+        (m->upperdir && fsconfig(fsfd, FSCONFIG_SET_STRING, "upperdir", m->upperdir, 0) < 0) ||
+        (m->workdir && m->upperdir && fsconfig(fsfd, FSCONFIG_SET_STRING, "workdir", m->workdir, 0) < 0)) {
+        jc_pfail(L->f, "mount-rootfs", errno, m->target);
+        goto out;
+    }
+    for (int i = 0; i < m->n_options; i++) {
+        const char *k = m->options[2 * i], *v = m->options[2 * i + 1];
+        if ((v ? fsconfig(fsfd, FSCONFIG_SET_STRING, k, v, 0) : fsconfig(fsfd, FSCONFIG_SET_FLAG, k, NULL, 0)) < 0) {
+            jc_pfail(L->f, "mount-rootfs", errno, m->target);
+            goto out;
+        }
+    }
+    if (jc_create_as(fsfd, L->ruid, L->rgid) < 0) {
+        jc_pfail(L->f, "mount-rootfs", errno, m->target);
+        goto out;
+    }
+    L->mfd = fsmount(fsfd, FSMOUNT_CLOEXEC, (unsigned int)(m->attrs & ~(uint64_t)JC_ATTR_RDONLY));
+    if (L->mfd < 0)
+        jc_pfail(L->f, "mount-rootfs", errno, m->target);
+out:
+    if (fsfd >= 0)
+        close(fsfd);
+    return NULL;
+}
+
+static int jc_prep_overlay_legacy(const struct jc_mount *m, const char *upper_parent, int userns_fd, long ruid,
+                                  long rgid, struct jc_failure *f)
+{
+    struct jc_legacy_ovl L = {.m = m, .upper_parent = upper_parent, .userns_fd = userns_fd,
+                              .ruid = ruid, .rgid = rgid, .f = f, .mfd = -1};
+    pthread_t t;
+    int e = pthread_create(&t, NULL, jc_legacy_ovl_thread, &L);
+    if (e != 0)
+        return -jc_pfail(f, "mount-rootfs", e, m->target);
+    pthread_join(t, NULL);
+    return L.mfd;
+}
+
 static int jc_prep_overlay(const struct jc_config *cfg, const struct jc_mount *m, int userns_fd,
                            struct jc_failure *f)
 {
-    char buf[4200];
-    int fsfd = -1, pfd = -1, mfd = -1, nl = 0;
+    char buf[4200], upper_parent[4200] = "";
+    int fsfd = -1, pfd = -1, mfd = -1, nl = 0, legacy = 0;
     int *lfds = NULL;
     const char *up = NULL, *wk = NULL;
     long ruid = jc_map_root(cfg->uid_map), rgid = jc_map_root(cfg->gid_map);
@@ -153,6 +250,7 @@ static int jc_prep_overlay(const struct jc_config *cfg, const struct jc_mount *m
             return -jc_pfail(f, "idmap-upper", EINVAL, m->upperdir);
         memcpy(buf, m->upperdir, ul);
         buf[ul] = 0;
+        memcpy(upper_parent, buf, ul + 1);
         pfd = jc_idmapped_clone(buf, userns_fd, f, "idmap-upper");
         if (pfd < 0)
             return -1;
@@ -178,7 +276,9 @@ static int jc_prep_overlay(const struct jc_config *cfg, const struct jc_mount *m
         lfds[nl++] = lfd;
         snprintf(buf, sizeof buf, "/proc/self/fd/%d", lfd);
         if (fsconfig(fsfd, FSCONFIG_SET_STRING, "lowerdir+", buf, 0) < 0) {
-            jc_pfail(f, "mount-rootfs", errno, m->lowerdirs[i]);
+            legacy = i == 0 && errno == EINVAL; /* 6.5-6.7: no "lowerdir+" */
+            if (!legacy)
+                jc_pfail(f, "mount-rootfs", errno, m->lowerdirs[i]);
             goto out;
         }
     }
@@ -203,7 +303,10 @@ static int jc_prep_overlay(const struct jc_config *cfg, const struct jc_mount *m
         }
     }
     if (jc_create_as(fsfd, ruid, rgid) < 0) {
-        jc_pfail(f, "mount-rootfs", errno, m->target);
+        /* < 6.15: detached layers refused (< 6.5: "lowerdir+" too, seen only now) */
+        legacy = errno == EINVAL;
+        if (!legacy)
+            jc_pfail(f, "mount-rootfs", errno, m->target);
         goto out;
     }
     mfd = fsmount(fsfd, FSMOUNT_CLOEXEC, (unsigned int)(m->attrs & ~(uint64_t)JC_ATTR_RDONLY));
@@ -217,6 +320,8 @@ out:
         close(fsfd);
     if (pfd >= 0)
         close(pfd);
+    if (legacy)
+        return jc_prep_overlay_legacy(m, m->upperdir ? upper_parent : NULL, userns_fd, ruid, rgid, f);
     return mfd;
 }
 

@@ -430,18 +430,12 @@ static void jc_mount_file(struct jc_ctx *c, const struct jc_mount *m)
     if (sfd < 0 && errno == EINVAL) {
         /* Before 6.15 a detached mount cannot be cloned (EINVAL; seen on
          * Debian 12's 6.1): attach the tmpfs first (once: then clones work),
-         * over the overlay's work dir in our private mount namespace, where
-         * neither the overlay (it holds that dentry, not the path) nor the
-         * container (outside its root) sees it; the old root's detach at
-         * pivot_root takes it away, the binds of its files stay. */
-        const char *work = NULL;
-        for (int i = 0; i < c->cfg->n_mounts && !work; i++)
-            if (c->cfg->mounts[i].kind == JC_MOUNT_OVERLAY)
-                work = c->cfg->mounts[i].workdir;
-        if (!work)
-            jc_fail(c, "file-mount", EINVAL, m->target);
-        if (move_mount(c->files_fd, "", AT_FDCWD, work, MOVE_MOUNT_F_EMPTY_PATH) < 0)
-            jc_fail(c, "file-mount", errno, work);
+         * stacked on the new root, which nothing of the container sees before
+         * jc_enter_rootfs takes it off again (lookups here start at rootfd,
+         * beneath it). In a user namespace the child can reach no host folder,
+         * so the root is the one place that serves both kinds of start. */
+        if (move_mount(c->files_fd, "", c->rootfd, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) < 0)
+            jc_fail(c, "file-mount", errno, m->target);
         sfd = open_tree(c->files_fd, name, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
     }
     if (sfd < 0)
@@ -543,6 +537,12 @@ void jc_enter_rootfs(struct jc_ctx *c)
 {
     const struct jc_config *cfg = c->cfg;
     if (c->files_fd >= 0) { /* its files are bound where they belong */
+        char path[32] = "/proc/self/fd/";
+        jc_utoa(path + strlen(path), (unsigned)c->files_fd);
+        /* attached over the root (kernels < 6.15, see jc_mount_file): off again;
+         * a detached one is no mount of ours (EINVAL), nothing to do */
+        if (umount2(path, MNT_DETACH) < 0 && errno != EINVAL)
+            jc_fail(c, "file-mount", errno, "/");
         close(c->files_fd);
         c->files_fd = -1;
     }

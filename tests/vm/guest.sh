@@ -87,12 +87,19 @@ fi
 
 # --- the tests ----------------------------------------------------------------------------
 cd "$REPO" || finish 3
-SELECTION="$(grep -v '^#' tests/vm/selection.txt | tr '\n' ' ')"
+# the driver's --native: a freshly built extension tried in the guest only (the guest's root is
+# an overlay: the host's checkout is unchanged)
+[ -f "$RESULTS/_native.abi3.so" ] && cp "$RESULTS/_native.abi3.so" jupyter_contain/native/_native.abi3.so
+# the driver's --select / --pytest-args (a developer's narrower run) win over the lane's list
+SEL_FILE=tests/vm/selection.txt
+[ -s "$RESULTS/selection.txt" ] && SEL_FILE="$RESULTS/selection.txt"
+SELECTION="$(grep -v '^#' "$SEL_FILE" | tr '\n' ' ')"
+EXTRA="$(cat "$RESULTS/pytest-args" 2>/dev/null)"
 say "running: $SELECTION"
 (
     echo $BASHPID > $CG/system.slice/lane.service/cgroup.procs
     exec timeout --signal=KILL "$(param timeout)" .venv/bin/python -m pytest -p no:cacheprovider --junitxml="$RESULTS/junit.xml" -q -rfEs --durations=15 \
-        -m "not needs_tools" $SELECTION
+        -m "not needs_tools" $EXTRA $SELECTION
 ) 2>&1 | tee "$RESULTS/pytest.log" >/dev/console
 rc=${PIPESTATUS[0]}
 # leftovers the leak checks could miss: any jupyter-contain cgroup or overlay mount

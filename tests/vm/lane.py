@@ -129,7 +129,8 @@ def build_initrd(work: Path, version: str) -> Path:
     return out
 
 
-def run(*, timeout: int = DEFAULT_TIMEOUT, memory_mib: int = 3072, cpus: int = 2, keep: bool = False) -> int:
+def run(*, timeout: int = DEFAULT_TIMEOUT, memory_mib: int = 3072, cpus: int = 2, keep: bool = False,
+        select: list[str] | None = None, pytest_args: str = "", native: Path | None = None) -> int:
     why = available()
     if why:
         print(f"vm-lane: cannot run: {why}", file=sys.stderr)
@@ -140,6 +141,12 @@ def run(*, timeout: int = DEFAULT_TIMEOUT, memory_mib: int = 3072, cpus: int = 2
     try:
         results = work / "results"
         results.mkdir()
+        if select:
+            (results / "selection.txt").write_text("\n".join(select) + "\n")
+        if pytest_args:
+            (results / "pytest-args").write_text(pytest_args)
+        if native is not None:
+            shutil.copy2(native, results / "_native.abi3.so")
         initrd = build_initrd(work, version)
         scratch = work / "scratch.img"
         with open(scratch, "wb") as f:
@@ -147,7 +154,7 @@ def run(*, timeout: int = DEFAULT_TIMEOUT, memory_mib: int = 3072, cpus: int = 2
         subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", str(scratch)],
                        check=True)
         cmdline = " ".join([
-            "console=ttyS0", "panic=-1", "loglevel=4",
+            "console=ttyS0", "panic=-1", "loglevel=3",
             # the unified hierarchy only, as every current distribution has it
             "cgroup_no_v1=all", "systemd.unified_cgroup_hierarchy=1",
             f"jc.repo={REPO}", f"jc.cache={CACHE}", f"jc.user={SUBID_USER}",
@@ -226,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT)
     r.add_argument("--memory", type=int, default=3072, help="guest memory, MiB")
     r.add_argument("--keep", action="store_true", help="keep the work folder (console log, results)")
+    r.add_argument("--select", action="append", help="a test (file, ::node) instead of tests/vm/selection.txt")
+    r.add_argument("--pytest-args", default="", help="more pytest arguments, e.g. '-x -k oom'")
+    r.add_argument("--native", type=Path, help="a built _native.abi3.so to try in the guest instead of the checkout's")
     sub.add_parser("available", help="exit 0 if the lane can run here, else say why")
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
@@ -236,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             print(why)
         return 1 if why else 0
-    return run(timeout=args.timeout, memory_mib=args.memory, keep=args.keep)
+    return run(timeout=args.timeout, memory_mib=args.memory, keep=args.keep, select=args.select,
+               pytest_args=args.pytest_args, native=args.native)
 
 
 if __name__ == "__main__":
