@@ -224,17 +224,31 @@ def test_a_stock_image_becomes_a_kernel(which, standins, tmp_path):
             names = [m.name.removeprefix("./").rstrip("/") for m in tar]
         assert where.lstrip("/") in names
         assert not [n for n in names if n.startswith((".jupyter-contain-kernel", ".jupyter-contain-site"))]
+        standins.store.untag(snap)
+
+        # the kernel's own snapshot and kernelspec (%container): a kernelspec with the kernel's choice
+        # (its kernels need the kernel layer or site as much as this one did)
+        r = run_cell(kc, f"%container snapshot kl-{which}:1\n%container install kl-{which}:1", timeout=120)
+        assert r["error"] is None and "installed kernel" in r["stdout"], r
+        snap = f"localhost/kernel-snapshot/kl-{which}:1"
+        snap_name = r["stdout"].strip().splitlines()[-1].rsplit("(", 1)[1].rstrip(")")
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
 
-    # a kernel from the snapshot: the same choice, and the wheel is there
-    snap_name, path = kernelspec.install(store=standins.store, image_name=snap, name=f"snap-{which}",
-                                         prefix=str(tmp_path / "prefix"))
-    assert json.loads((Path(path) / "kernel.json").read_text())["metadata"]["kernel_provisioner"]["config"].get(
-        "kernel_layer") == CHOICES[which]
-    km = KernelManager(kernel_name=snap_name, kernel_spec_manager=KernelSpecManager(
-        kernel_dirs=[str(tmp_path / "prefix/share/jupyter/kernels")]))
+    # a kernel from that snapshot: the same choice, and the wheel is there
+    path = standins.kernels_dir / snap_name
+    try:
+        assert json.loads((path / "kernel.json").read_text())["metadata"]["kernel_provisioner"]["config"].get(
+            "kernel_layer") == CHOICES[which]
+        _kernel_from_snapshot(standins, snap_name, notebooks)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        standins.store.untag(snap)
+
+
+def _kernel_from_snapshot(standins: Standins, snap_name: str, notebooks: Path) -> None:
+    km = KernelManager(kernel_name=snap_name, kernel_spec_manager=standins.ksm())
     km.start_kernel(cwd=str(notebooks))
     kc = km.client()
     kc.start_channels()
@@ -245,7 +259,6 @@ def test_a_stock_image_becomes_a_kernel(which, standins, tmp_path):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-        standins.store.untag(snap)
 
 
 def test_never_refuses_images_without_python_or_ipykernel(standins, tmp_path):

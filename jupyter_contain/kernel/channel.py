@@ -388,6 +388,8 @@ class KernelContext:
     #: what ``run_cell`` and ``images`` may see besides the kernel's own image and its snapshots
     #: (the kernelspec's ``allowed_images``: references or glob patterns, see :func:`image_allowed`)
     allowed_images: tuple[str, ...] = ()
+    #: the kernel's ``kernel_layer`` option: a kernelspec for its snapshot gets the same
+    kernel_layer: str = ""
 
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -808,7 +810,8 @@ class HostChannel:
             kernel_name, _path = kernelspec.install(
                 store=self.ctx.runtime.store, image_name=rec.name, name=name, display_name=shown,
                 memory=str(lim.memory) if lim.memory else None, cpus=str(lim.cpus) if lim.cpus else None,
-                pids=lim.pids or 0, network=self.ctx.network, probe=False, create_only=True, **target)
+                pids=lim.pids or 0, network=self.ctx.network, probe=False, create_only=True,
+                kernel_layer=self.ctx.kernel_layer, **target)
         except errors.KernelError as exc:
             raise errors.ChannelError(f"install_kernelspec: {exc}; remove it on the host "
                                       f"(jupyter kernelspec remove {name}) or snapshot under another tag") from None

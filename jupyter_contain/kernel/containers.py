@@ -299,7 +299,8 @@ def kernel_context(options: KernelOptions, *, kernel_id: str, runtime: Runtime,
     return KernelContext(kernel_id=kernel_id, runtime=runtime, container=container, python=options.python,
                          limits=options.limits(), network=options.network, kernelspec_dir=kernelspec_dir,
                          request_reset=request_reset, userns=resolve_userns(runtime, options.userns),
-                         seccomp=options.container_seccomp, allowed_images=options.allowed_images)
+                         seccomp=options.container_seccomp, allowed_images=options.allowed_images,
+                         kernel_layer=options.kernel_layer)
 
 
 def runtime_for(options: KernelOptions) -> Runtime:

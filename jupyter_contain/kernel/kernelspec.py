@@ -242,6 +242,13 @@ def describe_kernel_layer(config: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _given_choice(text: str, *, progress: Callable[[str], None] | None) -> kernel_layer.KernelChoice:
+    """A choice made before (a kernel's own, for its snapshot), checked, its folder made if missing."""
+    choice = kernel_layer.KernelChoice.parse(text)
+    kernel_layer.binds(choice, progress=progress or log.debug)
+    return choice
+
+
 def kernel_json(*, image: ImageRecord, display_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "argv": [sys.executable, "-m", "jupyter_contain.kernel.launcher", "-f", "{connection_file}",
@@ -277,7 +284,8 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
             network: str | None = None, user: bool = False, prefix: str | None = None,
             probe: bool = True, userns: str | None = None, seccomp: str | None = None,
             create_only: bool = False, start_dialog: bool = False,
-            kernel_layer_mode: str = "auto", progress: Callable[[str], None] | None = None) -> tuple[str, str]:
+            kernel_layer_mode: str = "auto", progress: Callable[[str], None] | None = None,
+            kernel_layer: str | None = None) -> tuple[str, str]:
     """Install a kernelspec for ``image_name``; returns (kernel name, install path).
 
     ``create_only`` (a kernel's request through its host channel): the
@@ -289,7 +297,9 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
     has no Python with ipykernel (:func:`choose_kernel`); the display name is
     "Contained Python (<image>)" either way. ``progress`` hears about a kernel
     layer or site being built (once per machine: seconds, or a minute when the
-    bootstrap root filesystem is built first).
+    bootstrap root filesystem is built first). ``kernel_layer`` (a kernel's own
+    ``kernel_layer`` option, for a kernelspec of its snapshot): that choice, with
+    no probe: a snapshot of a kernel-layer kernel has no Python of its own either.
     """
     image = store.resolve(image_name)
     name = name or default_kernel_name(image)
@@ -319,7 +329,10 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
         config["seccomp"] = seccomp
     if store.root != Store().root:
         config["store_root"] = str(store.root)
-    choice, info = choose_kernel(Runtime(store), image, mode=kernel_layer_mode, probe=probe, progress=progress)
+    if kernel_layer is not None:
+        choice, info = _given_choice(kernel_layer, progress=progress), None
+    else:
+        choice, info = choose_kernel(Runtime(store), image, mode=kernel_layer_mode, probe=probe, progress=progress)
     if choice.mode != "image":
         config["kernel_layer"] = str(choice)
     elif info is not None:

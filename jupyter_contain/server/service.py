@@ -642,7 +642,8 @@ class Service:
                 store=c.runtime.store, image_name=rec.name, display_name=display,
                 memory=str(options.memory) if options.memory else None,
                 cpus=str(options.cpus) if options.cpus else None, pids=options.pids or 0,
-                network=options.network, probe=False, user=self.kernelspec_user)
+                network=options.network, probe=False, user=self.kernelspec_user,
+                kernel_layer=options.kernel_layer)
             return {"kernelspec": name}
 
         def done(op: Operation) -> None:   # on the loop
