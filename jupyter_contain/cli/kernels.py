@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from types import ModuleType
 
 from ..errors import ContainerError
@@ -40,6 +41,7 @@ def cmd_ks_install(args: argparse.Namespace) -> int:
         memory=args.memory, cpus=args.cpus, pids=args.pids_limit, network=args.network,
         userns=args.userns, seccomp=seccomp_mode(args.security_opt),
         probe=not args.no_probe, kernel_layer_mode=args.kernel_layer, start_dialog=args.start_dialog,
+        pin=args.pin,
         progress=lambda msg: print(f"kernelspec: {msg}", flush=True), **_install_location(args))
     print(f"installed kernelspec {name} in {path}")
     _say_kernel_layer(path)
@@ -58,6 +60,29 @@ def _say_kernel_layer(path: str) -> None:
     said = _kernelspec().describe_kernel_layer(spec.get("metadata", {}).get("kernel_provisioner", {}).get("config", {}))
     if said:
         print(said)
+
+
+def cmd_ks_export(args: argparse.Namespace) -> int:
+    from ..kernel import classroom
+
+    info = classroom.export_bundle(args.name, args.output, notebooks=args.notebooks,
+                                   store=runtime.Store(args.root) if args.root else None,
+                                   progress=lambda msg: print(f"export: {msg}", flush=True))
+    print(f"wrote {args.output}: kernelspec {info.kernel_name}, image {info.image}"
+          + (f", {len(info.notebooks)} notebook files" if info.notebooks else ""))
+    return 0
+
+
+def cmd_ks_import(args: argparse.Namespace) -> int:
+    from ..kernel import classroom
+
+    info, path, notebooks = classroom.import_bundle(
+        args.bundle, store=runtime.Store(args.root), name=args.name, notebooks_dir=args.notebooks_dir,
+        progress=lambda msg: print(f"import: {msg}", flush=True), **_install_location(args))
+    print(f"installed kernelspec {args.name or info.kernel_name} in {path} (image {info.image})")
+    if notebooks is not None:
+        print(f"notebooks in {notebooks}")
+    return 0
 
 
 def cmd_ks_list(args: argparse.Namespace) -> int:
@@ -170,8 +195,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start-dialog", action="store_true",
                    help="in JupyterLab, ask for memory, CPUs, network and image tag before each kernel of it "
                         "starts (within the server's ceilings)")
+    p.add_argument("--pin", action="store_true",
+                   help="name the image by its digest (NAME@sha256:...): kernels start from exactly this "
+                        "content or refuse, saying how to get it")
     _location_options(p)
     p.set_defaults(func=cmd_ks_install)
+    p = kss.add_parser("export", help="write a kernelspec, its image and notebooks into one archive (a class bundle)",
+                       description="Write kernelspec NAME, its image (pinned to the digest it has now) and, "
+                                   "with --notebooks, a folder of notebooks into one tar that `kernelspec import` "
+                                   "installs on another machine with no network.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="the archive to write")
+    p.add_argument("--notebooks", type=Path, metavar="DIR", help="a folder of notebooks to include")
+    p.set_defaults(func=cmd_ks_export)
+    p = kss.add_parser("import", help="install a class bundle: its image into the store, its kernelspec, "
+                                      "its notebooks (no network)",
+                       description="Install a bundle written by `kernelspec export`: every blob is verified and "
+                                   "the image must have the pinned digest; the kernelspec is rebuilt from a few "
+                                   "allowed options (never the bundle's mounts, environment or security "
+                                   "settings). Nothing existing is replaced; a failed import leaves nothing.")
+    p.add_argument("bundle", type=Path, metavar="FILE")
+    p.add_argument("--name", help="kernel name (default: the bundle's)")
+    p.add_argument("--notebooks-dir", type=Path, metavar="DIR",
+                   help="where the notebooks go (default: ./<kernel name>-notebooks; must not exist)")
+    _location_options(p)
+    p.set_defaults(func=cmd_ks_import)
     p = kss.add_parser("list", help="list contained-kernel kernelspecs")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ks_list)

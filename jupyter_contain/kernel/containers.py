@@ -206,6 +206,10 @@ def kernel_env(options: KernelOptions, *, kernel_id: str, folder: KernelFolder,
 
 def resolve_image(rt: Runtime, options: KernelOptions) -> ImageRecord:
     """The image record for ``options.image``, pulling it as the pull policy says."""
+    if "@" in options.image:   # pinned by digest: exactly that content, or an error saying how to get it
+        from .classroom import resolve_pinned
+
+        return resolve_pinned(rt, options.image, pull_policy=options.pull_policy)
     if options.pull_policy == "always":
         return _pull(rt, options.image)
     try:

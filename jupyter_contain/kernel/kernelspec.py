@@ -285,7 +285,7 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
             probe: bool = True, userns: str | None = None, seccomp: str | None = None,
             create_only: bool = False, start_dialog: bool = False,
             kernel_layer_mode: str = "auto", progress: Callable[[str], None] | None = None,
-            kernel_layer: str | None = None) -> tuple[str, str]:
+            kernel_layer: str | None = None, pin: bool = False) -> tuple[str, str]:
     """Install a kernelspec for ``image_name``; returns (kernel name, install path).
 
     ``create_only`` (a kernel's request through its host channel): the
@@ -300,6 +300,9 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
     bootstrap root filesystem is built first). ``kernel_layer`` (a kernel's own
     ``kernel_layer`` option, for a kernelspec of its snapshot): that choice, with
     no probe: a snapshot of a kernel-layer kernel has no Python of its own either.
+    ``pin``: the kernelspec names the image by its digest (``NAME@sha256:...``,
+    :func:`.classroom.pinned_reference`), so its kernels start from exactly
+    this content or not at all.
     """
     image = store.resolve(image_name)
     name = name or default_kernel_name(image)
@@ -340,6 +343,10 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
         # widgets: the image's ipywidgets, the host's lent one (guest_files), or a warning saying what to do
         fine, said = guest_files.widgets_plan(versions["ipywidgets"], image=image.familiar)
         (log.info if fine else log.warning)("%s", said)
+    if pin:
+        from .classroom import pinned_reference
+
+        config["image"] = pinned_reference(image)
     spec = kernel_json(image=image, display_name=display_name or default_display_name(image), config=config)
     if start_dialog:
         # read by the Lab extension only: ask for memory/CPUs/network/tag before a kernel of it starts
