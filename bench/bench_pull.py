@@ -46,10 +46,10 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from common import PeerShell, rotations, run_checked, timed_run, write_containers_conf  # noqa: E402
+from registry_fixture import start_registry  # noqa: E402
 
 from jupyter_contain.runtime.images import archive, bootstrap, registry  # noqa: E402
 from jupyter_contain.runtime.images.store import Store, remove_tree  # noqa: E402
-from registry_fixture import start_registry  # noqa: E402
 
 BUDGETS = {"podman": 0.5, "skopeo+umoci": 0.8}
 

@@ -129,11 +129,11 @@ def main() -> int:
     args = ap.parse_args()
 
     import requests
+    from registry_fixture import start_registry
 
     from jupyter_contain.kernel import kernelspec
     from jupyter_contain.runtime import Runtime, Store
     from jupyter_contain.runtime.images import archive, bootstrap, registry
-    from registry_fixture import start_registry
 
     work = Path(tempfile.mkdtemp(prefix="bench-server-"))
     proc = None

@@ -28,9 +28,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from jupyter_contain.runtime import commit as snap
 from jupyter_contain.runtime.containers.container import ContainerSpec, Runtime
 from jupyter_contain.runtime.images import archive, bootstrap
-from jupyter_contain.runtime import commit as snap
 from jupyter_contain.runtime.images.store import Store
 
 RUN_PEER = Path("/work/shared/tools/run-peer")

@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from common import pct  # noqa: E402  (bench/ is the script's folder)
+
 from jupyter_contain.runtime.containers.container import ContainerSpec, Runtime  # noqa: E402
 from jupyter_contain.runtime.images import archive, bootstrap  # noqa: E402
 from jupyter_contain.runtime.images.store import Store, remove_tree  # noqa: E402

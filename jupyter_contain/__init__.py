@@ -3,7 +3,9 @@
 This top-level module only names the version and the IPython extension hooks
 (``%load_ext jupyter_contain`` gives an ordinary kernel the host-side
 ``%container`` magics, imported on load); importing it has no side effects.
-The rooms (see DESIGN.md) are ``errors <- native <- runtime <- kernel <- server, cli``.
+The rooms (see the README's "How it works", the design document of record) are
+``errors <- native <- runtime <- kernel <- server, cli``; ``tests/test_rooms.py`` checks
+that every import follows them.
 """
 
 __version__ = "0.1.0"

@@ -74,12 +74,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
 from kernel_fixtures import IMAGE, kernel_env  # noqa: F401 - the session fixture this lane builds on
 
 REPO = Path(__file__).resolve().parents[1]

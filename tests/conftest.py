@@ -17,7 +17,6 @@ import pytest
 
 from jupyter_contain.runtime.images.store import Store
 
-
 #: mount points under these prefixes (colon-separated) are not checked: for a
 #: developer running a benchmark beside the suite (CI leaves it unset)
 _IGNORED_MOUNTS = tuple(p for p in os.environ.get("JC_LEAK_CHECK_IGNORE_MOUNTS", "").split(":") if p)

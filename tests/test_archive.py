@@ -10,8 +10,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from helpers import make_rootfs_tar
+
 from jupyter_contain.errors import ContainError, ImageError
 from jupyter_contain.runtime.images import archive
 from jupyter_contain.runtime.images.store import Store

@@ -75,7 +75,7 @@ def closed_by_host(s: socket.socket) -> bool:
         while s.recv(65536):
             pass
         return True
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         return False
 
 

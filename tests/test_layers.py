@@ -13,16 +13,26 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
-from jupyter_contain.runtime.fsutil import remove_tree
-
-from jupyter_contain import errors
-from jupyter_contain.runtime.images import layers as L
-
 from layer_helpers import (
-    MEDIA, MTIME, compress, dev, dir_, fifo, hard, make_tar, opq, reg, sha256, sym, wh,
+    MEDIA,
+    MTIME,
+    compress,
+    dev,
+    dir_,
+    fifo,
+    hard,
+    make_tar,
+    opq,
+    reg,
+    sha256,
+    sym,
+    wh,
     write_oci_layout,
 )
+
+from jupyter_contain import errors
+from jupyter_contain.runtime.fsutil import remove_tree
+from jupyter_contain.runtime.images import layers as L
 
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service=ep, not UTF-8
 

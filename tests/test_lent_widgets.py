@@ -23,7 +23,7 @@ from kernel_fixtures import *
 from kernel_fixtures import IMAGE
 
 from jupyter_contain.kernel import guest_files, kernelspec
-from jupyter_contain.runtime import ContainerSpec, Runtime, snapshot
+from jupyter_contain.runtime import ContainerSpec, snapshot
 
 
 def _site(base: Path, **packages: str) -> Path:

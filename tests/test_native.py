@@ -30,7 +30,13 @@ from jupyter_contain.runtime.containers import rootfs, spawn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from native_helpers import (  # noqa: E402
-    Box, build_busybox_rootfs, child_pids, mountinfo, open_fds, read_pty, smaps_rollup,
+    Box,
+    build_busybox_rootfs,
+    child_pids,
+    mountinfo,
+    open_fds,
+    read_pty,
+    smaps_rollup,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

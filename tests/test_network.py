@@ -91,7 +91,7 @@ def settings(namespaces, tmp_path) -> network.Settings:
 
 
 def _links(netns: str) -> set[str]:
-    return set(_ipr_do(netns, lambda ipr: [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]))
+    return set(_ipr_do(netns, lambda ipr: [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]))
 
 
 def _rules(netns: str) -> list[dict]:
@@ -140,7 +140,7 @@ class Server:
         while not self._stop.is_set():
             try:
                 conn, peer = self.sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             with conn:
                 self.peers.append(peer[0])

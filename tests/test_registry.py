@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from registry_fixture import inspect_with_skopeo, start_registry
 
 from jupyter_contain.cli import main as cli_main
 from jupyter_contain.errors import AuthenticationError, ImageNotFound, ManifestError
@@ -28,7 +29,6 @@ from jupyter_contain.runtime.images import archive, auth, registry
 from jupyter_contain.runtime.images.progress import EXISTS, ProgressEvent
 from jupyter_contain.runtime.images.store import Store
 from jupyter_contain.runtime.spec import Platform
-from registry_fixture import inspect_with_skopeo, start_registry
 
 pytestmark = pytest.mark.needs_tools
 

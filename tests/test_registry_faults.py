@@ -19,18 +19,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from registry_fixture import start_registry
+from test_registry import (  # noqa: F401 - docker_config is a fixture
+    build_layout,
+    docker_config,
+    fast_config,
+    make_tar,
+    push_layout,
+    simple_image,
+    store_is_empty,
+)
 
 from jupyter_contain.errors import DigestMismatch, ManifestError, RegistryError, StoreError
 from jupyter_contain.runtime.images import registry
 from jupyter_contain.runtime.images.store import Store
-from registry_fixture import start_registry
-from test_registry import (  # noqa: F401 - docker_config is a fixture
-    build_layout, docker_config, fast_config, make_tar, push_layout, simple_image, store_is_empty,
-)
 
 pytestmark = pytest.mark.needs_tools
 
@@ -120,7 +126,7 @@ class FaultProxy:
         self.address = f"127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import stat
 import subprocess
 import sys
@@ -28,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from probes import PROBE_C
 
 from jupyter_contain.runtime.fsutil import remove_tree
-from probes import PROBE_C
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

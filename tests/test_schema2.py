@@ -30,18 +30,20 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from kernel_fixtures import IMAGE, kernel_env, run_cell  # noqa: F401  (the session's Debian kernel image)
+from registry_fixture import start_registry
 
 from jupyter_contain.errors import ImageError, ManifestError
+from jupyter_contain.runtime import commit as snap
 from jupyter_contain.runtime.containers.container import ContainerSpec, Runtime
 from jupyter_contain.runtime.images import archive, registry
-from jupyter_contain.runtime import commit as snap
 from jupyter_contain.runtime.images.store import ANNOTATION_INDEX, ANNOTATION_MANIFEST, Store
 from jupyter_contain.runtime.spec import (
     DOCKER_CONFIG,
+    DOCKER_FOREIGN_LAYER_GZIP,
     DOCKER_LAYER,
     DOCKER_LAYER_GZIP,
     DOCKER_LAYER_ZSTD,
-    DOCKER_FOREIGN_LAYER_GZIP,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_CONFIG,
@@ -52,8 +54,6 @@ from jupyter_contain.runtime.spec import (
     Platform,
     sha256_digest,
 )
-from kernel_fixtures import IMAGE, kernel_env, run_cell  # noqa: F401  (the session's Debian kernel image)
-from registry_fixture import start_registry
 
 pytestmark = pytest.mark.needs_tools
 

@@ -21,11 +21,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from probes import PROBE_C
 
 from jupyter_contain import errors
 from jupyter_contain.runtime.containers import seccomp, spawn
 from jupyter_contain.runtime.containers.container import ContainerSpec, Runtime, parse_bind
-from probes import PROBE_C
 
 REPO = Path(__file__).resolve().parent.parent
 EPERM, ENOSYS, EINVAL = 1, 38, 22

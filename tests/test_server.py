@@ -22,8 +22,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from kernel_fixtures import *  # noqa: F403
@@ -385,7 +386,7 @@ def _code_routes() -> dict[str, set[str]]:
     out = {}
     for path, cls in handlers.ROUTES:
         names = iter(re.findall(r"\{(\w+)\}", _spec_path_for(path)))
-        out["/" + re.sub(r"\(\[\^/\]\+\)", lambda _m: "{" + next(names) + "}", path)] = {
+        out["/" + re.sub(r"\(\[\^/\]\+\)", lambda _m, names=names: "{" + next(names) + "}", path)] = {
             m for m in ("get", "post", "delete") if m in cls.__dict__}
     return out
 
@@ -582,7 +583,7 @@ class SlowProxy:
         while not self._stop.is_set():
             try:
                 client, _ = self.sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             upstream = socket.create_connection(self.target)
             self._conns += [client, upstream]

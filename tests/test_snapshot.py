@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 
 from jupyter_contain import errors
+from jupyter_contain.kernel import snapshots as kernel_snapshots
+from jupyter_contain.runtime import commit
 from jupyter_contain.runtime.containers.container import (
     ContainerSpec,
     Runtime,
     parse_bind,
 )
 from jupyter_contain.runtime.images import archive
-from jupyter_contain.kernel import snapshots as kernel_snapshots
-from jupyter_contain.runtime import commit
 from jupyter_contain.runtime.images import snapshot as snap
 from jupyter_contain.runtime.images.layers import (
     merged_view_manifest,

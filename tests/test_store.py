@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import make_rootfs_tar
+
 from jupyter_contain.errors import DigestMismatch, ImageInUse, ImageNotFound, StoreError
 from jupyter_contain.runtime.images import archive
 from jupyter_contain.runtime.images.store import Store, default_root

@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()     # help, or an error that lists every verb
     args = parser.parse_args(argv)
 
-    import logging   # after parsing: --version and -h never pay for it
+    import logging  # after parsing: --version and -h never pay for it
 
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.url:
-            from . import remote   # the remote verbs (and requests) only when a server is named
+            from . import remote  # the remote verbs (and requests) only when a server is named
 
             rc = remote.run(args)
         else:

@@ -12,12 +12,11 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
-
 from typing import TYPE_CHECKING
 
-from .. import runtime   # lazy: a name loads its module when a verb first uses it
+from .. import runtime  # lazy: a name loads its module when a verb first uses it
 from ..errors import ContainError, InvalidSpec
 from .output import print_containers, print_stats
 
@@ -113,7 +112,7 @@ def _copy_pty(master: int, done: Callable[[], bool]) -> None:
                 break
     finally:
         signal.signal(signal.SIGWINCH, old_winch)
-        if saved is not None:
+        if saved is not None and stdin_fd is not None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
 
 
@@ -305,7 +304,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from ..runtime.containers import bundle as bundle_mod   # only this verb needs it
+    from ..runtime.containers import bundle as bundle_mod  # only this verb needs it
 
     store = runtime.Store(args.root)
     bundle_mod.write_bundle(store, store.resolve(args.image), Path(args.dir),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
-
 from types import ModuleType
 
 from ..errors import ImageError

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from types import ModuleType
 
+from .. import runtime  # lazy: a name loads its module when a verb first uses it
 from ..errors import ContainerError
-from .. import runtime   # lazy: a name loads its module when a verb first uses it
 from ..runtime.containers import NETWORK_MODES
 from .containers import seccomp_mode
 from .output import emit_json, table

@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-
 from types import ModuleType
 
-from .. import runtime   # lazy: a name loads its module when a verb first uses it
+from .. import runtime  # lazy: a name loads its module when a verb first uses it
 from ..errors import AuthenticationError
 
 

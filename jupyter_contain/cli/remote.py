@@ -17,7 +17,8 @@ import argparse
 import json
 import sys
 import urllib.parse
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..errors import ContainError
 from .output import emit_json, human_size, print_containers, print_stats, shown, table

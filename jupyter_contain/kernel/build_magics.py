@@ -53,7 +53,7 @@ def _parser() -> _Parser:
 
 
 @magics_class
-class BuildMagics(Magics):  # type: ignore[misc]
+class BuildMagics(Magics):
     """``%%containerfile``: the cell is the Containerfile."""
 
     @cell_magic

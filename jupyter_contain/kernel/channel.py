@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .. import errors
 from ..runtime import (
@@ -72,7 +72,7 @@ from ..runtime import (
     parse_memory,
 )
 from . import snapshots
-from .snapshots import diff_summary, snapshot   # with the kernel's labels and what a snapshot leaves out
+from .snapshots import diff_summary, snapshot  # with the kernel's labels and what a snapshot leaves out
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,10 @@ class KernelContext:
     kernel_layer: str = ""
 
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+class Send(Protocol):
+    """How an op answers: one JSON line to the asking kernel (``drain=False``: no wait for the socket)."""
+
+    def __call__(self, msg: dict[str, Any], *, drain: bool = True) -> Awaitable[None]: ...
 
 
 class HostChannel:
@@ -729,13 +732,13 @@ class HostChannel:
             loop = asyncio.get_running_loop()
             latest: list[tuple[str, int, int]] = []
             wake = asyncio.Event()
-            last = [0.0, ""]
+            last_at, last_stage = [0.0], [""]
 
             def progress(stage: str, done: int, total: int) -> None:   # worker thread
                 now = time.monotonic()
-                if stage == last[1] and now - last[0] < PROGRESS_INTERVAL and done < total:
+                if stage == last_stage[0] and now - last_at[0] < PROGRESS_INTERVAL and done < total:
                     return
-                last[0], last[1] = now, stage
+                last_at[0], last_stage[0] = now, stage
 
                 def post() -> None:
                     latest[:] = [(stage, done, total)]
@@ -752,7 +755,7 @@ class HostChannel:
 
             fut = loop.run_in_executor(self._pool, make)
             while True:
-                waiter = asyncio.ensure_future(wake.wait())
+                waiter: asyncio.Future[Any] = asyncio.ensure_future(wake.wait())
                 await asyncio.wait({fut, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 if latest:
@@ -879,7 +882,7 @@ class HostChannel:
                                                                   cancel=cancel, image=image))
         try:
             while True:
-                getter = asyncio.ensure_future(queue.get())
+                getter: asyncio.Future[Any] = asyncio.ensure_future(queue.get())
                 await asyncio.wait({fut, getter}, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     items = [getter.result()]

@@ -58,7 +58,12 @@ from typing import Any
 from .. import errors
 from ..runtime import Bind, Tmpfs
 from ..runtime.fsutil import (
-    RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_NO_XDEV, atomic_write, openat2,
+    RESOLVE_BENEATH,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
+    RESOLVE_NO_XDEV,
+    atomic_write,
+    openat2,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +99,7 @@ class KernelFolder:
     base: Path
 
     @classmethod
-    def make(cls, kernel_id: str) -> "KernelFolder":
+    def make(cls, kernel_id: str) -> KernelFolder:
         if not kernel_id or "/" in kernel_id or kernel_id in (".", "..") or "\0" in kernel_id:
             raise errors.KernelError(f"invalid kernel id {kernel_id!r}")
         top = kernel_runtime_dir()

@@ -81,7 +81,7 @@ def _size(n: int | None) -> str:
 
 
 @magics_class
-class HostContainerMagics(Magics):  # type: ignore[misc]
+class HostContainerMagics(Magics):
     """``%container`` / ``%%container`` over the host's store (default root)."""
 
     _runtime: Runtime | None = None
@@ -154,7 +154,7 @@ class HostContainerMagics(Magics):  # type: ignore[misc]
 
 def load_ipython_extension(ip: Any) -> None:
     ip.register_magics(HostContainerMagics)
-    from .build_magics import BuildMagics   # %%containerfile (#17)
+    from .build_magics import BuildMagics  # %%containerfile (#17)
 
     ip.register_magics(BuildMagics)
 

@@ -128,7 +128,7 @@ class PoolSettings:
             raise errors.InvalidSpec(f"pool min_available {self.min_available!r} must be in [0, 1)")
 
     @classmethod
-    def from_config(cls, value: Any, *, where: str = "kernelspec") -> "PoolSettings":
+    def from_config(cls, value: Any, *, where: str = "kernelspec") -> PoolSettings:
         """``{"size": 2, "idle_ttl": 600, "memory_budget": "2g"}``, or a bare size; ``None``/``{}``: no pool."""
         if value in (None, "", {}):
             return cls()

@@ -17,8 +17,9 @@ and an id), so every per-start option went through :func:`StartOptions.parse`.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .. import errors
 from ..runtime import NETWORK_MODES, Reference, parse_cpus, parse_memory
@@ -55,7 +56,7 @@ class StartOptions:
     tag: str | None = None
 
     @classmethod
-    def parse(cls, body: Any, *, limits: StartLimits) -> "StartOptions":
+    def parse(cls, body: Any, *, limits: StartLimits) -> StartOptions:
         """Check a client's JSON object; every problem is an :class:`~jupyter_contain.errors.InvalidSpec`."""
         if body is None:
             return cls()

@@ -44,11 +44,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:   # what type checkers and editors see
-    from .containers.cgroups import Limits, Stats, parse_cpus, parse_memory
+    from .commit import Change, DiffSummary, FolderSummary, diff, diff_summary, snapshot, summarize
     from .containers import NETWORK_MODES
+    from .containers.cgroups import Limits, Stats, parse_cpus, parse_memory
     from .containers.container import Container, ContainerSpec, ExitInfo, Runtime, parse_bind
     from .containers.rootfs import Bind, Tmpfs
-    from .commit import Change, DiffSummary, FolderSummary, diff, diff_summary, snapshot, summarize
     from .images.snapshot import PathPatterns
     from .images.store import ImageRecord, Store, default_root
     from .spec import Platform, Reference, local_alternative

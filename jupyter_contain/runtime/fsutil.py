@@ -8,8 +8,9 @@ import itertools
 import os
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -87,7 +88,7 @@ def read_small(path: Path | str) -> bytes:
     """A small file's bytes with three syscalls (``Path.read_bytes`` makes about seven)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             b = os.read(fd, 65536)
             if not b:

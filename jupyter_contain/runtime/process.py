@@ -132,6 +132,9 @@ class ProcessSpec:
             raise errors.InvalidSpec(f"invalid hostname {self.hostname!r}")
 
 
+_Str = str   # for annotations inside Arena, whose method ``str`` hides the builtin there
+
+
 class Arena:
     """Keeps every cffi allocation a config points to alive while it is used."""
 
@@ -144,7 +147,7 @@ class Arena:
         self.keep.append(obj)
         return obj
 
-    def str(self, value: str | os.PathLike[str] | None) -> Any:
+    def str(self, value: _Str | os.PathLike[_Str] | None) -> Any:
         if value is None:
             return self.ffi.NULL
         data = os.fsencode(value)
@@ -152,14 +155,14 @@ class Arena:
             raise errors.InvalidSpec(f"string {value!r} contains a NUL byte")
         return self.new("char[]", data)
 
-    def strv(self, values: Iterable[str | os.PathLike[str] | None], *, terminate: bool = True) -> Any:
+    def strv(self, values: Iterable[_Str | os.PathLike[_Str] | None], *, terminate: bool = True) -> Any:
         items = [self.str(v) for v in values]
         if terminate:
             items.append(self.ffi.NULL)
         return self.new("char *[]", items) if items else self.ffi.NULL
 
-    def options(self, opts: Iterable[tuple[str, str | None]]) -> tuple[Any, int]:
-        flat: list[str | None] = []
+    def options(self, opts: Iterable[tuple[_Str, _Str | None]]) -> tuple[Any, int]:
+        flat: list[_Str | None] = []
         for key, value in opts:
             flat += [key, value]
         return self.strv(flat, terminate=False), len(flat) // 2

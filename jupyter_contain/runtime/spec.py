@@ -12,8 +12,9 @@ import hashlib
 import json
 import platform as _platform
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import InvalidReference, ManifestError
 
@@ -122,7 +123,7 @@ class Reference:
     digest: str | None = None
 
     @classmethod
-    def parse(cls, text: str, *, default_tag: str = "latest") -> "Reference":
+    def parse(cls, text: str, *, default_tag: str = "latest") -> Reference:
         """Parse with Docker's rules (``ubuntu`` -> ``docker.io/library/ubuntu:latest``)."""
         if not isinstance(text, str) or not text or text != text.strip():
             raise InvalidReference(f"invalid image reference {text!r}")
@@ -171,7 +172,7 @@ class Reference:
             name = self.repository.removeprefix("library/")
         return name + self._suffix()
 
-    def with_tag(self, tag: str) -> "Reference":
+    def with_tag(self, tag: str) -> Reference:
         if not _TAG_RE.match(tag):
             raise InvalidReference(f"invalid tag {tag!r}")
         return Reference(self.registry, self.repository, tag, None)
@@ -212,7 +213,7 @@ class Platform:
     variant: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Platform":
+    def parse(cls, text: str) -> Platform:
         """``linux/amd64`` or ``linux/arm64/v8``."""
         parts = text.split("/")
         if len(parts) not in (2, 3) or not all(parts):
@@ -220,11 +221,11 @@ class Platform:
         return cls(parts[0], normalize_arch(parts[1]), parts[2] if len(parts) == 3 else None)
 
     @classmethod
-    def host(cls) -> "Platform":
+    def host(cls) -> Platform:
         arch = normalize_arch(_platform.machine())
         return cls("linux", arch, "v8" if arch == "arm64" else None)
 
-    def matches(self, other: "Platform") -> bool:
+    def matches(self, other: Platform) -> bool:
         if self.os != other.os or self.architecture != other.architecture:
             return False
         if self.variant and other.variant and self.variant != other.variant:
@@ -258,7 +259,7 @@ class Descriptor:
     urls: tuple[str, ...] = ()
 
     @classmethod
-    def from_json(cls, d: Any, *, where: str = "descriptor") -> "Descriptor":
+    def from_json(cls, d: Any, *, where: str = "descriptor") -> Descriptor:
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: not an object")
         mt, digest, size = d.get("mediaType"), d.get("digest"), d.get("size")
@@ -292,7 +293,7 @@ class Descriptor:
             d["urls"] = list(self.urls)
         return d
 
-    def with_annotations(self, annotations: Mapping[str, str]) -> "Descriptor":
+    def with_annotations(self, annotations: Mapping[str, str]) -> Descriptor:
         return Descriptor(self.media_type, self.digest, self.size, dict(annotations), self.platform, self.urls)
 
 
@@ -309,7 +310,7 @@ class Manifest:
     def is_oci(self) -> bool:
         return self.media_type == OCI_MANIFEST
 
-    def oci_form(self) -> "Manifest":
+    def oci_form(self) -> Manifest:
         """The same image as an OCI manifest: the same config and layer blobs, OCI media types.
 
         What ``skopeo copy --format oci`` makes of a Docker schema2 manifest; peers that
@@ -446,7 +447,7 @@ class ImageConfig:
     raw: Mapping[str, Any]
 
     @classmethod
-    def parse(cls, data: bytes) -> "ImageConfig":
+    def parse(cls, data: bytes) -> ImageConfig:
         try:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:

@@ -25,7 +25,7 @@ from . import contents, events, handlers, validate
 from .service import KERNEL_LABEL, Service
 
 
-class ContainApp(ExtensionApp):  # type: ignore[misc]
+class ContainApp(ExtensionApp):
     """jupyter-contain's REST API (``/jupyter-contain/api/v1/``) and kernel-container events."""
 
     name = "jupyter_contain"
@@ -85,6 +85,7 @@ class ContainApp(ExtensionApp):  # type: ignore[misc]
         from ..runtime import Store
 
         sa = self.serverapp
+        assert sa is not None   # jupyter_server sets it before initialize_settings
         store = Store(self.store_root or None)
         if self.switch_interval > 0:
             # a pull runs 4-5 threads that take the GIL in turns of the switch interval; the loop's
@@ -125,6 +126,7 @@ class ContainApp(ExtensionApp):  # type: ignore[misc]
 
     async def _shutdown_contained_kernels(self, service: Service) -> None:
         """Shut down this server's contained kernels (their provisioners remove their containers)."""
+        assert self.serverapp is not None
         km = self.serverapp.kernel_manager
         kids = []
         containers = []

@@ -39,7 +39,7 @@ SSE_INTERVAL = 0.2
 SSE_KEEPALIVE = 15.0
 
 
-class BaseHandler(ExtensionHandlerMixin, APIHandler):  # type: ignore[misc]
+class BaseHandler(ExtensionHandlerMixin, APIHandler):
     """JSON errors, body parsing with the allowlist, and the service."""
 
     auth_resource = AUTH_RESOURCE

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ContainError, InvalidReference, InvalidSpec
 from ..runtime import NETWORK_MODES, Reference, parse_cpus, parse_memory

@@ -13,8 +13,8 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ... import errors
 from ..images import overlay

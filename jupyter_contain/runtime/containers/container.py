@@ -53,22 +53,28 @@ import secrets
 import signal
 import stat
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from ... import errors
 from ..fsutil import (
-    RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, atomic_write, file_lock, openat2, read_small, remove_tree,
+    RESOLVE_IN_ROOT,
+    RESOLVE_NO_MAGICLINKS,
+    atomic_write,
+    file_lock,
+    openat2,
+    read_small,
+    remove_tree,
 )
 from ..images import rootless as rootless_store
 from ..images.store import ImageRecord, Store, now_rfc3339
-from . import idmap
+from ..userns import IdMapping, rootless_mapping
+from . import idmap, rootfs, seccomp, slirp, spawn
 from . import network as netmod
-from . import NETWORK_MODES, rootfs, seccomp, slirp, spawn
 from .cgroups import DEFAULT_PIDS_LIMIT, CgroupRoot, Cgroups, Limits, Stats, find_orphans
 from .cgroups import detect as detect_cgroups
-from ..userns import IdMapping, rootless_mapping
 from .state import ContainerState, ExitInfo, Network, Status
 
 log = logging.getLogger(__name__)
@@ -209,7 +215,7 @@ def _alive(pid: int | None, start_time: int | None) -> bool:
 class Container:
     """A container on disk; a handle, cheap to make (``Runtime.get``)."""
 
-    def __init__(self, runtime: "Runtime", cid: str) -> None:
+    def __init__(self, runtime: Runtime, cid: str) -> None:
         self.runtime = runtime
         self.id = cid
         self.dir = runtime.store.containers_dir / cid
@@ -698,6 +704,53 @@ class Container:
             proc.close()
             raise
         return proc
+
+    def attach_bind(self, bind: rootfs.Bind) -> None:
+        """Bind host folder ``bind`` into the running container now, and at every later start.
+
+        For a kernel handed out of a warm pool: its notebook folder is known
+        only at hand-out. The same mount a start would make (``nosuid,nodev``,
+        one-id idmapped for ``bind.idmap``), attached in the container's own
+        mount namespace (``spawn.attach_bind``); recorded in the state only
+        once attached, so a restart in place makes it again.
+        """
+        st = self.state
+        pid = self.pid
+        if pid is None or self.refresh_status(st) != "running":
+            raise errors.ContainerError(f"container {st.name} is not running")
+        if st.rootless:
+            raise errors.ContainerError(f"container {st.name}: a folder cannot be bound into a running "
+                                        "rootless container")
+        target = rootfs.container_path(bind.target, what="bind target")
+        if any(rootfs.container_path(b.target) == target for b in st.binds):
+            raise errors.InvalidSpec(f"container {st.name}: {target} is bound already")
+        op = rootfs.BindMount(Path(bind.source), target, readonly=bind.readonly, recursive=bind.recursive,
+                              idmap=bind.idmap, attrs=rootfs.HOST_FOLDER_ATTRS)
+        spawn.attach_bind(pid, op, userns=st.userns)
+        with self._lock():
+            st = self.state
+            self._write_state(replace(st, binds=(*st.binds, replace(bind, source=op.source, target=target))))
+
+    def amend(self, *, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+              cwd: str | None = None, labels: Mapping[str, str] | None = None) -> None:
+        """Change what the container's next start runs (argv, env, cwd) and its labels.
+
+        The running process is not touched. For a kernel handed out of a warm
+        pool: its restarts run the kernel as a cold start would have, not the
+        pool's waiting boot, and ``ps`` names the kernel it serves.
+        """
+        with self._lock():
+            st = self.state
+            changes: dict[str, Any] = {}
+            if argv is not None:
+                changes["argv"] = tuple(argv)
+            if env is not None:
+                changes["env"] = dict(env)
+            if cwd is not None:
+                changes["cwd"] = cwd
+            process = replace(st.process, **changes)   # validated (ProcessSpec) before it is recorded
+            self._write_state(replace(st, process=process,
+                                      labels={**st.labels, **(labels or {})}))
 
     def _etc_lookup_dirs(self) -> list[Path]:
         layers = self.runtime.store.layer_dirs(self.image())

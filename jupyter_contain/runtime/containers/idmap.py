@@ -30,10 +30,8 @@ import pwd
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 from jupyter_contain import errors
 from jupyter_contain.runtime.userns import (  # re-exported: moved below both halves of the runtime

@@ -62,9 +62,10 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from ... import errors
 from ..fsutil import file_lock
@@ -142,7 +143,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, state_dir: Path | str | None = None, *, owner: str = "",
-                 environ: Mapping[str, str] | None = None) -> "Settings":
+                 environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from ``JUPYTER_CONTAIN_BRIDGE`` / ``_SUBNET`` / ``_HOST_NETNS`` (defaults otherwise).
 
         ``state_dir`` None: the machine-wide table of that bridge (:func:`default_state_dir`).

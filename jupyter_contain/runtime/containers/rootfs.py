@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 from jupyter_contain import errors
 from jupyter_contain.runtime.process import container_path  # the rule for a container path
@@ -83,7 +83,7 @@ _RESERVED = ("/proc", "/sys")
 #: characters the overlay option syntax reserves (legacy mount data)
 _OVERLAY_UNSAFE = (",", ":", "\\", "\n")
 
-Options = tuple[tuple[str, Union[str, None]], ...]
+Options = tuple[tuple[str, str | None], ...]
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ class CgroupFs:
         object.__setattr__(self, "hierarchies", hs)
 
 
-MountOp = Union[OverlayMount, BindMount, FileMount, FsMount, Symlink, MaskPath, ReadonlyPath, RemountReadonly]
+MountOp = OverlayMount | BindMount | FileMount | FsMount | Symlink | MaskPath | ReadonlyPath | RemountReadonly
 
 _ATTRS = frozenset({"ro", "nosuid", "nodev", "noexec", "noatime", "strictatime"})
 

@@ -20,10 +20,12 @@ import os
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping, Sequence
+from typing import Any, BinaryIO
 
 from ...errors import DigestMismatch, ImageError, ManifestError
+from ..fsutil import atomic_writer
 from ..spec import (
     ANNOTATION_REF_NAME,
     DOCKER_MANIFEST,
@@ -47,7 +49,6 @@ from ..spec import (
     parse_document,
     sha256_digest,
 )
-from ..fsutil import atomic_writer
 from . import deflate
 from .store import ANNOTATION_MANIFEST, MAX_DOCUMENT_SIZE, ImageRecord, Staging, Store, now_rfc3339
 
@@ -82,7 +83,7 @@ def _open_decompressed(f: BinaryIO) -> BinaryIO:
     if head.startswith(_ZSTD_MAGIC):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(f)  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(f)
     return f
 
 
@@ -492,15 +493,16 @@ def save_docker_archive(store: Store, image: ImageRecord, dest: Path) -> None:
     ref = Reference.parse(image.name)
     tag = ref.familiar if ref.tag else None
     layer_names = [f"blobs/sha256/{digest_hex(d)}" for d in image.config.diff_ids]
+    config_name = f"blobs/sha256/{digest_hex(image.id)}"
     manifest = [{
-        "Config": f"blobs/sha256/{digest_hex(image.id)}",
+        "Config": config_name,
         "RepoTags": [tag] if tag else [],
         "Layers": layer_names,
     }]
 
     def write(f: BinaryIO) -> None:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            _add_blob(tar, store, manifest[0]["Config"], image.id)
+            _add_blob(tar, store, config_name, image.id)
             written: set[str] = set()
             for desc, diff_id, n in zip(image.manifest.layers, image.config.diff_ids, layer_names):
                 if n in written:

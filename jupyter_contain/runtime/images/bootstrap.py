@@ -599,8 +599,7 @@ def _filter_tar(stream, dest: Path) -> None:
                 continue
             if name.startswith("dev/") and name != "dev/":
                 continue
-            for k in ("mtime", "atime", "ctime"):
-                m.pax_headers.pop(k, None)
+            m.pax_headers = {k: v for k, v in m.pax_headers.items() if k not in ("mtime", "atime", "ctime")}
             m.mtime = min(int(m.mtime), SOURCE_DATE_EPOCH)
             out.addfile(m, src.extractfile(m) if m.isreg() else None)
 

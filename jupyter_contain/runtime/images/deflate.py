@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import zlib
 from types import ModuleType
+from typing import Any
 
-try:
-    from isal import isal_zlib as _isal
-except ImportError:  # pragma: no cover - the dependency is declared; a source install may lack it
-    _isal = None
+
+def _load_isal() -> Any:
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - the dependency is declared; a source install may lack it
+        return None
+    return isal_zlib
+
+
+_isal: Any = _load_isal()
 
 #: module with zlib's API used for gzip streams
 impl: ModuleType = _isal if _isal is not None else zlib

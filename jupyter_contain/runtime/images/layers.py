@@ -32,17 +32,18 @@ import stat
 import tarfile
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import IO, Protocol, cast
 from urllib.parse import unquote_to_bytes
 
 import zstandard
 
 from ... import errors
 from .. import spec as _spec
-from ..fsutil import remove_tree
 from .. import userns
+from ..fsutil import remove_tree
 from . import deflate
 from . import rootless as rootless_store
 from .overlay import (
@@ -102,6 +103,12 @@ def compression_for(media_type: str, *, layer: str = "") -> str:
 
 # --- streams ----------------------------------------------------------------
 
+class Readable(Protocol):
+    """What a layer source needs to be: a stream read forward (a file, a download being followed)."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
 class _SourceError(Exception):
     """Carries an error of ``src.read`` past the handlers meant for the tree."""
 
@@ -109,7 +116,7 @@ class _SourceError(Exception):
 class _Prefixed:
     """The blob stream with the bytes peeked for the magic put back in front."""
 
-    def __init__(self, src: BinaryIO, prefix: bytes) -> None:
+    def __init__(self, src: Readable, prefix: bytes) -> None:
         self._src = src
         self._prefix = prefix
 
@@ -366,7 +373,7 @@ class _SafeTarInfo(tarfile.TarInfo):
         return super()._proc_member(tarfile_)
 
 
-def _read_magic(src: BinaryIO, n: int = 4) -> bytes:
+def _read_magic(src: Readable, n: int = 4) -> bytes:
     buf = b""
     while len(buf) < n:
         chunk = src.read(n - len(buf))
@@ -830,13 +837,14 @@ class _Extractor:
                     xattrs: list[tuple[str, bytes]]) -> None:
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            stream = tar.fileobj
+            stream = cast(_TarStream, tar.fileobj)   # the TarFile unpack_layer made over a _TarStream
             stream.seek(m.offset_data)  # a no-op in stream mode unless tarfile lags
             if m.sparse is None:
                 self._copy(stream, fd, m.size)
             else:
                 # write only the data blocks: a tiny layer must not fill the disk with zeros
-                for offset, length in m.sparse:
+                # typeshed types TarInfo.sparse as an int; tarfile sets a list of (offset, size)
+                for offset, length in cast("list[tuple[int, int]]", m.sparse):
                     os.lseek(fd, offset, os.SEEK_SET)
                     self._copy(stream, fd, length)
                 os.ftruncate(fd, m.size)
@@ -866,6 +874,7 @@ class _Extractor:
         if tkind not in (_FILE, _SYMLINK, _FIFO):
             what = "a directory" if tkind == _DIR else "not an entry of this layer"
             raise self._unsafe(f"hardlink target {m.linkname!r} is {what}")
+        assert tpath is not None   # a created entry's path (tkind is one)
         parent = self._parent_of(comps)
         path = f"{parent}/{comps[-1]}" if parent else comps[-1]
         if path == tpath or tpath.startswith(path + "/"):
@@ -928,7 +937,7 @@ def _check_end(tar: tarfile.TarFile, reader: _TarStream, layer: str) -> None:
         raise errors.UnsafeLayer(layer, "<stream>", f"invalid tar header at offset {end}")
 
 
-def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
+def unpack_layer(src: Readable, dest: Path, *, media_type: str, layer: str,
                  expected_diff_id: str | None = None, lower_dirs: Sequence[Path] = (),
                  max_size: int = DEFAULT_MAX_LAYER_SIZE, rootless: bool | None = None) -> UnpackResult:
     """Stream one layer blob into the new directory ``dest`` in overlayfs form.
@@ -968,10 +977,13 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
                 f"{'an uncompressed tar (or not a tar)' if found == 'tar' else found}"
             )
         raw = _Prefixed(src, magic)
+        inner: Readable
         if compression == "gzip":
             inner = _GzipReader(raw, layer)
         elif compression == "zstd":
-            inner = zstandard.ZstdDecompressor().stream_reader(raw, read_size=_RAW_CHUNK, read_across_frames=True)
+            # zstandard reads only raw.read(n): any forward stream does, though its stubs ask for IO
+            inner = zstandard.ZstdDecompressor().stream_reader(cast("IO[bytes]", raw), read_size=_RAW_CHUNK,
+                                                               read_across_frames=True)
         else:
             inner = raw
         inflow = _Inflow(inner, max_size=max_size, layer=layer)
@@ -981,13 +993,13 @@ def unpack_layer(src: BinaryIO, dest: Path, *, media_type: str, layer: str,
         try:
             # a TarFile over our forward-only stream reads it as tarfile.open(mode="r|")
             # would, without tarfile's own (slow) stream adapter in between
-            with tarfile.TarFile(fileobj=reader, mode="r", tarinfo=_SafeTarInfo) as tar:
+            with tarfile.TarFile(fileobj=cast("IO[bytes]", reader), mode="r", tarinfo=_SafeTarInfo) as tar:
                 while True:
                     m = tar.next()
                     if m is None:
                         break
                     ext.apply(m, tar)
-                    tar.members.clear()  # TarFile keeps every TarInfo otherwise
+                    tar.members.clear()  # type: ignore[attr-defined]  # TarFile keeps every TarInfo otherwise
                 _check_end(tar, reader, layer)
             reader.drain()
             inflow.join()  # it ends once it queued the end of the stream, which drain took

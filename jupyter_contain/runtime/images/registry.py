@@ -37,10 +37,11 @@ import re
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import requests
 import urllib3
@@ -112,7 +113,7 @@ class RegistryConfig:
     docker_config: Path | None = None
 
     @classmethod
-    def load(cls, root: Path | str | None = None, *, environ: Mapping[str, str] | None = None) -> "RegistryConfig":
+    def load(cls, root: Path | str | None = None, *, environ: Mapping[str, str] | None = None) -> RegistryConfig:
         env = os.environ if environ is None else environ
         doc: dict[str, Any] = {}
         if root is not None:
@@ -227,12 +228,14 @@ class Client:
         # sockets to the garbage collector): close them, so no socket outlives the client
         for adapter in self.session.adapters.values():
             manager = getattr(adapter, "poolmanager", None)
-            for key in list(manager.pools.keys()) if manager is not None else ():
+            if manager is None:
+                continue
+            for key in list(manager.pools.keys()):
                 with contextlib.suppress(KeyError):
                     manager.pools[key].close()
         self.session.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *_: Any) -> None:
@@ -681,12 +684,12 @@ def pull(store: Store, reference: str, *, platform: Platform | None = None,
     hosts.append((ref.registry, None))
     last_exc: ContainError | None = None
     for i, (host, plain) in enumerate(hosts):
-        mirror = i < len(hosts) - 1
+        is_mirror = i < len(hosts) - 1
         client = Client(host, config=config, tls_verify=tls_verify, plain_http=plain)
         try:
             return _pull_from(client, store, ref, platform=platform, tracker=tracker, config=config)
         except (RegistryError, ImageNotFound) as exc:
-            if not mirror:
+            if not is_mirror:
                 raise
             log.warning("mirror %s failed for %s: %s; trying the next", host, ref, exc)
             last_exc = exc

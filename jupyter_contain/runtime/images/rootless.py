@@ -104,7 +104,7 @@ def remove_tree(path: str | os.PathLike[str], *, ids: IdMapping | None = None, r
     :func:`userns.rootless` (for callers that hold no store).
     """
     try:
-        _remove_tree(path)
+        _remove_tree(os.fspath(path))
     except PermissionError:
         if not (userns.rootless() if rootless is None else rootless):
             raise

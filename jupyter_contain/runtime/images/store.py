@@ -40,15 +40,15 @@ import os
 import stat
 import tempfile
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Callable, Iterator, Sequence
+from typing import IO, Any, BinaryIO
 
-from ..fsutil import atomic_write, file_lock, fsync_dir, read_small
-from .. import userns
-from .rootless import remove_tree   # fsutil's, with the rootless fallback
 from ...errors import DigestMismatch, ImageInUse, ImageNotFound, ManifestError, StoreError
+from .. import userns
+from ..fsutil import atomic_write, file_lock, fsync_dir, read_small
 from ..spec import (
     ANNOTATION_REF_NAME,
     DOCKER_MANIFEST,
@@ -70,6 +70,7 @@ from ..spec import (
     parse_document,
     sha256_digest,
 )
+from .rootless import remove_tree  # fsutil's, with the rootless fallback
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class DiskUsage:
 class BlobWriter:
     """Streams one blob into ``tmp/``; ``commit()`` verifies it and moves it into place."""
 
-    def __init__(self, store: "Store", *, expected_digest: str | None, expected_size: int | None,
+    def __init__(self, store: Store, *, expected_digest: str | None, expected_size: int | None,
                  what: str) -> None:
         self._store = store
         self.expected_digest = check_digest(expected_digest) if expected_digest else None
@@ -213,7 +214,7 @@ class BlobWriter:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp)
 
-    def __enter__(self) -> "BlobWriter":
+    def __enter__(self) -> BlobWriter:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -229,11 +230,11 @@ class Staging:
     needs) the folder goes away and the store is exactly as before.
     """
 
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
         self.dir = Path(tempfile.mkdtemp(dir=store.tmp_dir, prefix="stage-"))
 
-    def add(self, src: BinaryIO, *, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    def add(self, src: IO[bytes], *, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
         """Copy a stream in; returns its (digest, size)."""
         h = hashlib.sha256()
         size = 0
@@ -431,10 +432,10 @@ class Store:
         if index_digest is not None and not self.has_blob(index_digest):
             raise StoreError(f"cannot tag {ref_name}: index {index_digest} is not stored")
         entry = self._entry(descriptor, index_digest=index_digest)
-        entry = entry.with_annotations({**entry.annotations, ANNOTATION_REF_NAME: ref_name}).to_json()
+        doc = entry.with_annotations({**entry.annotations, ANNOTATION_REF_NAME: ref_name}).to_json()
         with self._lock("index", exclusive=True):
             entries = [e for e in self._read_index() if _ref_name(e) != ref_name]
-            entries.append(entry)
+            entries.append(doc)
             self._write_index(entries)
         log.info("tagged %s -> %s", ref_name, descriptor.digest)
         return ref_name
@@ -771,7 +772,8 @@ class Store:
                 diff_ids.update(self.config(doc.config.digest).diff_ids)
 
         for e in self._read_index():
-            ann = e.get("annotations") if isinstance(e.get("annotations"), dict) else {}
+            raw = e.get("annotations")
+            ann = raw if isinstance(raw, dict) else {}
             # the entry's manifest, and what was served: the Docker manifest, the index
             for d in (e.get("digest"), ann.get(ANNOTATION_MANIFEST), ann.get(ANNOTATION_INDEX)):
                 if isinstance(d, str):

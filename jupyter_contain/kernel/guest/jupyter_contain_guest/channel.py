@@ -46,7 +46,7 @@ def request(op, _on_event=None, _timeout=None, **fields):
             s.connect(path)
         except OSError as exc:
             raise HostError("cannot reach the host channel (%s): was the kernel started by the "
-                            "jupyter-contain provisioner?" % (exc.strerror or exc))
+                            "jupyter-contain provisioner?" % (exc.strerror or exc)) from None
         s.sendall(json.dumps(msg).encode("utf-8") + b"\n")
         f = s.makefile("rb")
         try:
@@ -54,7 +54,7 @@ def request(op, _on_event=None, _timeout=None, **fields):
                 try:
                     answer = json.loads(line.decode("utf-8"))
                 except ValueError:
-                    raise HostError("the host sent a malformed line")
+                    raise HostError("the host sent a malformed line") from None
                 if "event" in answer:
                     if _on_event is not None:
                         _on_event(answer)
@@ -66,6 +66,6 @@ def request(op, _on_event=None, _timeout=None, **fields):
             f.close()
         raise HostError("the host closed the channel without an answer")
     except socket.timeout:
-        raise HostError("the host did not answer %r in time" % op)
+        raise HostError("the host did not answer %r in time" % op) from None
     finally:
         s.close()

@@ -122,7 +122,7 @@ class ContainerMagics(Magics):
         try:
             args = _line_parser().parse_args(shlex.split(line))
         except ValueError as exc:   # shlex: unbalanced quotes
-            raise UsageError("%%container: %s" % exc)
+            raise UsageError("%%container: %s" % exc) from None
         cmd = args.cmd or "help"
         if cmd == "help":
             print(USAGE)
@@ -183,7 +183,7 @@ class ContainerMagics(Magics):
         try:
             args = _cell_parser().parse_args(shlex.split(line))
         except ValueError as exc:
-            raise UsageError("%%%%container: %s" % exc)
+            raise UsageError("%%%%container: %s" % exc) from None
         fields = {"code": cell, "shell": bool(args.shell), "network": args.network}
         for name in ("image", "memory", "cpus"):
             value = getattr(args, name)

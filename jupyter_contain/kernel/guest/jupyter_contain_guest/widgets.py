@@ -20,7 +20,7 @@ __all__ = ["register_control_target", "resources_widget", "snapshot_widget", "va
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _TAG_RE = re.compile(r"^%s(?:/%s)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$" % (_COMPONENT, _COMPONENT))
-_classes = {}
+_classes = {}  # type: dict  # the widget classes, made once ipywidgets is imported
 #: the description column of the forms: wide enough for "Compression", "Kernel name" and
 #: "Processes" (ipywidgets' default, 80px, cut them to "Compress..." and "Kernel na...")
 DESCRIPTION_WIDTH = "7.5em"
@@ -43,7 +43,7 @@ def _ipywidgets():
         import ipywidgets
     except Exception as exc:  # ImportError, or a broken install
         raise HostError("widgets need ipywidgets, which this kernel cannot import (%s); "
-                        "the %%container magics work without them" % exc)
+                        "the %%container magics work without them" % exc) from None
     return ipywidgets
 
 
