@@ -92,10 +92,10 @@ PROFILE_PATH = Path(__file__).with_name("seccomp_default.json")
 # Docker's capability defaults, repeated here rather than imported from
 # spawn (which imports native): this module stays importable without the
 # compiled extension. Kept equal to spawn.DEFAULT_CAPABILITIES (a test checks).
-# (Docker's minus CAP_FSETID and CAP_SETFCAP: see spawn)
+# (Docker's minus CAP_FSETID, CAP_SETFCAP and CAP_NET_RAW: see runtime/process.py)
 _DOCKER_DEFAULT_CAPS: frozenset[str] = frozenset({
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_MKNOD",
-    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
     "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 })
 

@@ -52,6 +52,7 @@ from jupyter_contain.runtime.process import (  # re-exported: a container's proc
     DEFAULT_CAPABILITIES,
     DEFAULT_PATH,
     ProcessSpec,
+    capability_set,
     fill_process,
 )
 from jupyter_contain.runtime.process import Arena as _Arena
@@ -67,6 +68,7 @@ __all__ = [
     "ProcessSpec",
     "SpawnConfig",
     "build_config",
+    "capability_set",
     "join",
     "spawn",
     "start",

@@ -24,7 +24,7 @@ from ... import errors
 from .cgroups import Limits
 from .idmap import IdMapping
 from .rootfs import Bind, Tmpfs
-from .spawn import ProcessSpec
+from .spawn import DEFAULT_CAPABILITIES, ProcessSpec
 
 __all__ = ["STATE_VERSION", "ContainerState", "ExitInfo", "Network", "Status"]
 
@@ -136,7 +136,8 @@ class ContainerState:
             "id": self.id, "name": self.name, "status": self.status, "created": self.created,
             "image_name": self.image_name, "image_digest": self.image_digest,
             "process": {"argv": list(p.argv), "env": dict(p.env), "cwd": p.cwd, "uid": p.uid, "gid": p.gid,
-                        "additional_gids": list(p.additional_gids), "hostname": p.hostname, "tty": p.tty},
+                        "additional_gids": list(p.additional_gids), "hostname": p.hostname, "tty": p.tty,
+                        "capabilities": sorted(p.capabilities)},
             "rlimits": {k: list(v) for k, v in p.rlimits.items()},
             "binds": [{"source": str(b.source), "target": b.target, "readonly": b.readonly, "idmap": b.idmap}
                       for b in self.binds],
@@ -183,6 +184,9 @@ class ContainerState:
                 argv=tuple(proc["argv"]), env=proc["env"], cwd=proc["cwd"], uid=proc["uid"], gid=proc["gid"],
                 additional_gids=tuple(proc.get("additional_gids", ())), hostname=proc.get("hostname"),
                 tty=bool(proc.get("tty")),
+                # records made before --cap-add/--cap-drop: the default set of this version
+                capabilities=frozenset(str(c) for c in proc["capabilities"]) if "capabilities" in proc
+                else DEFAULT_CAPABILITIES,
                 rlimits={k: (int(v[0]), int(v[1])) for k, v in (data.get("rlimits") or {}).items()})
             known = {f.name for f in fields(ExitInfo)}
             exit_ = data.get("exit")
