@@ -147,6 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         network=args.network, name=args.name, tty=args.tty, readonly_rootfs=args.read_only,
         publish=tuple(args.publish or ()),
         seccomp=seccomp_mode(args.security_opt), userns=args.userns,
+        cap_add=tuple(args.cap_add or ()), cap_drop=tuple(args.cap_drop or ()),
         # a foreground container belongs to this command: if it is killed, gc removes the container
         owner_pid=None if args.detach else os.getpid(),
     )
@@ -335,6 +336,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--userns", choices=["host", "auto"], default="host",
                    help="auto: a user namespace with its own subordinate host ids (container root is not "
                         "host root); host: container ids are host ids (default)")
+    p.add_argument("--cap-add", action="append", metavar="CAP",
+                   help="add a capability to the default set (e.g. NET_RAW for raw sockets; ALL); repeatable")
+    p.add_argument("--cap-drop", action="append", metavar="CAP",
+                   help="drop a capability from the default set (ALL: start from none); repeatable")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

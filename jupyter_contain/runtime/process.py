@@ -32,6 +32,7 @@ __all__ = [
     "TOOL_CAPABILITIES",
     "Arena",
     "ProcessSpec",
+    "capability_set",
     "container_path",
     "fill_process",
 ]
@@ -42,10 +43,13 @@ __all__ = [
 #: in a host folder: without CAP_FSETID (of the initial namespace: with the
 #: host's ids) the kernel clears setuid/setgid on every write to such a file,
 #: as it does for a user namespace's root; without CAP_SETFCAP no
-#: security.capability is ever written, seccomp filter or not
+#: security.capability is ever written, seccomp filter or not. Without CAP_NET_RAW too, as
+#: Podman: raw and packet sockets (spoofing, sniffing, a frequent kernel attack surface);
+#: ping still works through ``net.ipv4.ping_group_range``, which a start sets in the
+#: container's network namespace, and ``--cap-add NET_RAW`` gives it back
 DEFAULT_CAPABILITIES: frozenset[str] = frozenset({
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_MKNOD",
-    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
     "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 })
 #: Docker's default set as it is, for the runtime's own tools (never a container's
@@ -53,6 +57,29 @@ DEFAULT_CAPABILITIES: frozenset[str] = frozenset({
 TOOL_CAPABILITIES: frozenset[str] = DEFAULT_CAPABILITIES | {"CAP_FSETID", "CAP_SETFCAP"}
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _cap_name(name: str) -> str:
+    key = str(name).strip().upper()
+    key = key if key.startswith("CAP_") else "CAP_" + key
+    if key != "CAP_ALL" and key not in native.CAPABILITIES:
+        raise errors.InvalidSpec(f"unknown capability {name!r} (e.g. NET_RAW, SYS_PTRACE, ALL)")
+    return key
+
+
+def capability_set(*, add: Iterable[str] = (), drop: Iterable[str] = (),
+                   base: frozenset[str] = DEFAULT_CAPABILITIES) -> frozenset[str]:
+    """``base`` changed as Docker's ``--cap-add``/``--cap-drop`` do: names with or without
+    ``CAP_``, any case; ``ALL`` in ``drop`` starts from nothing, ``ALL`` in ``add`` from
+    every capability (the shim still intersects with the host's bounding set)."""
+    adds, drops = {_cap_name(n) for n in add}, {_cap_name(n) for n in drop}
+    caps = set(base)
+    if "CAP_ALL" in drops:
+        caps = set()
+    if "CAP_ALL" in adds:
+        caps = set(native.CAPABILITIES)
+    caps = (caps - drops) | (adds - {"CAP_ALL"})
+    return frozenset(caps - {"CAP_ALL"})
 
 _RLIM_INFINITY = 2**64 - 1
 

@@ -145,9 +145,13 @@ class ContainerSpec:
     #: "host": container ids are host ids (root is host root); "auto": a user
     #: namespace with its own 65536 subordinate host ids (``idmap``)
     userns: Literal["host", "auto"] = "host"
+    #: Docker's ``--cap-add``/``--cap-drop`` over the default set (``process.capability_set``)
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         seccomp.check_mode(self.seccomp)
+        spawn.capability_set(add=self.cap_add, drop=self.cap_drop)   # names checked now
         if self.userns not in ("host", "auto"):
             raise errors.InvalidSpec(f"unknown user namespace mode {self.userns!r} (host or auto)")
         if self.network not in ("none", "host", "bridge"):
@@ -383,6 +387,9 @@ class Container:
                     # nothing else finds a released init then: its pid before the release
                     self._update(pid=proc.pid, pid_start=pid_start)
                 net = self._attach_network(st, proc, slirp_r, undo)
+                if st.network != "host" and not st.rootless:
+                    # ping without CAP_NET_RAW (a rootless parent may not enter the namespace)
+                    netmod.allow_ping(proc.pid)
                 _fault("start:network")
                 if pin:
                     # the child mounts while we record it: pin once it has pivoted into its root
@@ -688,7 +695,8 @@ class Container:
         if user:
             uid, gid, groups = resolve_user(user, self._etc_lookup_dirs())
         process = spawn.ProcessSpec(argv=tuple(argv), env=base_env, cwd=workdir or st.process.cwd,
-                                    uid=uid, gid=gid, additional_gids=tuple(groups), tty=tty)
+                                    uid=uid, gid=gid, additional_gids=tuple(groups), tty=tty,
+                                    capabilities=st.process.capabilities)
         ns = frozenset(spawn.NAMESPACES - ({"network"} if st.network == "host" else set()))
         if st.userns is not None:
             ns |= {"user"}
@@ -980,7 +988,8 @@ class Runtime:
             # validated now, not at start
             process = spawn.ProcessSpec(argv=argv, env=env, cwd=spec.workdir or cfg.working_dir, uid=uid, gid=gid,
                                         additional_gids=tuple(groups), hostname=hostname, tty=spec.tty,
-                                        rlimits=spec.rlimits)
+                                        rlimits=spec.rlimits,
+                                        capabilities=spawn.capability_set(add=spec.cap_add, drop=spec.cap_drop))
             state = ContainerState(
                 # "creating" until its first start released the payload: till then the
                 # container is its creator's, and garbage once the creator is gone
@@ -1404,7 +1413,7 @@ def oci_config(process: spawn.ProcessSpec, image: ImageRecord, *, limits: Limits
         resources["cpu"] = {"quota": int(limits.cpus * 100000), "period": 100000}
     if limits.pids:
         resources["pids"] = {"limit": limits.pids}
-    caps = sorted(spawn.DEFAULT_CAPABILITIES)
+    caps = sorted(process.capabilities)
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
     if network != "host":
         namespaces.append({"type": "network"})

@@ -306,6 +306,16 @@ def run_in_netns(netns: str | None, fn: Callable[..., T], /, *args: Any, **kwarg
     return box["value"]
 
 
+#: every group may open ICMP echo sockets (``socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)``): ping
+#: without CAP_NET_RAW, as Docker and Podman set it in a container's own network namespace
+PING_GROUP_RANGE = "0 2147483647"
+
+
+def allow_ping(pid: int) -> None:
+    """Set ``net.ipv4.ping_group_range`` in process ``pid``'s network namespace (one thread, ~0.1 ms)."""
+    run_in_netns(f"/proc/{pid}/ns/net", _sysctl, "net.ipv4.ping_group_range", PING_GROUP_RANGE)
+
+
 def _sysctl(key: str, value: str) -> None:
     """Write ``/proc/sys/<key>`` as seen by the calling thread's network namespace (only if different)."""
     path = "/proc/sys/" + key.replace(".", "/")
