@@ -647,3 +647,12 @@ def test_run_heredoc_with_a_shebang_runs_as_a_script_and_leaves_no_trace(rt, bst
     assert _read(tree, "script-ran") == b"script args: 0\n"
     assert _read(tree, "two") == b"second\n"   # the shell's own heredocs: the last one is cat's stdin
     assert tree.lstat(".jupyter-contain") is None
+
+
+def test_special_files_in_the_context_are_left_out_never_opened(rt, bstore, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nCOPY . /ctx/\n", {"plain": "p\n"})
+    os.mkfifo(ctx / "fifo")   # opening it would block the build forever
+    build(rt, BuildOptions(context=ctx, tags=("special:1",)))
+    tree, _ = _tree(bstore, "special:1")
+    assert _read(tree, "ctx/plain") == b"p\n"
+    assert tree.lstat("ctx/fifo") is None
