@@ -47,6 +47,7 @@ PASS_ENV = ("JPY_SESSION_NAME", "LANG", "LC_ALL", "TZ")
 OPTION_NAMES = frozenset({
     "image", "memory", "cpus", "pids", "network", "mounts", "env", "pull_policy", "mount_cwd", "reset",
     "store_root", "python", "shutdown_wait", "userns", "seccomp", "allowed_images", "kernel_layer",
+    "pool",   # the warm pool's settings (kernel/pool.py), not the container's
 })
 
 

@@ -36,11 +36,13 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Any as TAny
 from traitlets import Bool, Dict, Float, Int, List, Unicode
 from traitlets import Enum as TEnum
 
@@ -49,8 +51,10 @@ from ..runtime import NETWORK_MODES, ExitInfo, Runtime
 from . import containers
 from .channel import socket_path
 from .containers import KernelOptions
+from . import pool
 from .folder import KernelFolder, SocketPins, kernel_runtime_dir, write_connection_file
 from .start_options import StartLimits, StartOptions, from_kwargs
+from .trace import StartTrace
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,10 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     allowed_images = List(Unicode(), [], config=True,
                           help="Images %%container cells and %container images may use besides the kernel's own "
                                "image and its snapshots: references or glob patterns ('python:*'; '*': all).")
+    pool = TAny(None, allow_none=True, config=True,
+               help="A warm pool of pre-started kernels of this kernelspec: a size, or {'size': N, 'idle_ttl': "
+                    "seconds (600), 'memory_budget': '2g', 'min_available': 0.15, 'max_pressure': 10}. "
+                    "0: none. Unset: the Jupyter server's ContainApp.kernel_pool (1), or none outside a server.")
     kernel_layer = Unicode("", config=True,
                            help="How the kernel gets ipykernel (set by `jupyter contain kernelspec install`): empty: the "
                                 "image's own; 'layer': the host-made kernel layer's Python (images without Python); "
@@ -105,6 +113,8 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _exit_recorded = False
     _channel: Any = None
     _reset_requested = False
+    _handed_out = False    # a pooled kernel taken at this start: it runs already
+    _trace: StartTrace | None = None
     _start_options: StartOptions | None = None   # the start dialog's choices, kept for restarts
 
     @property
@@ -142,6 +152,9 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             where += " with start options"
         return KernelOptions.from_config(config, where=where)
 
+    def _where(self) -> str:
+        return f"kernelspec {getattr(self.parent, 'kernel_name', '') or '?'}"
+
     def _runtime(self) -> Runtime:
         if not hasattr(self, "_rt"):
             self._rt = containers.runtime_for(self.options())
@@ -176,7 +189,22 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _pre_launch(self, options: KernelOptions, km: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         kernel_id = str(kwargs.get("kernel_id") or self.kernel_id)
-        self.folder = KernelFolder.make(kernel_id)
+        trace = self._trace = StartTrace(kernel_id)
+        loop = asyncio.get_running_loop()
+        extra = kwargs.pop("extra_arguments", [])
+        kwargs = await super().pre_launch(**kwargs)   # the kernel's launch environment, finalised
+        pooled = None
+        if self._container is None and self._pins is None and self._start_options is None:
+            # a warm kernel of this kernelspec, if its pool has one (never with per-start options)
+            pooled = await loop.run_in_executor(None, self._take_pooled, options, kwargs)
+            trace.mark("pool looked up")
+        if pooled is not None:
+            self.folder = pooled.folder
+            self._container = pooled.container
+            self.container_id = pooled.container.id
+        else:
+            # a restart keeps its folder (a pooled kernel's is named after its pool slot)
+            self.folder = KernelFolder.make(self.folder.kernel_id if self.folder is not None else kernel_id)
         if self._pins is None:
             # the host's side: ipc paths in the host-only links folder, pinned to the kernel's sockets
             km.transport = "ipc"
@@ -186,14 +214,50 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._pins = SocketPins(self.folder.links_dir, _ports(self.connection_info))
             # the kernel's side: the same ports and key, its own socket folder
             self._kernel_info = {**json.loads(Path(km.connection_file).read_text()), "ip": self.folder.kernel_ip}
-        extra = kwargs.pop("extra_arguments", [])
-        cmd = containers.kernel_command(options, self.folder.connection_file_inside, extra)
-        kwargs = await super().pre_launch(cmd=cmd, **kwargs)
+        kwargs["cmd"] = containers.kernel_command(options, self.folder.connection_file_inside, extra)
+        trace.mark("folder and pins")
         # before the container exists: host.sock is bound into it at creation
         await self._start_channel()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._prepare_container, options, kwargs)
+        trace.mark("host channel")
+        if pooled is not None:
+            await loop.run_in_executor(None, self._hand_out, pooled, options, kwargs, extra)
+        else:
+            await loop.run_in_executor(None, self._prepare_container, options, kwargs)
+            trace.mark("container made" if self._container is not None else "container kept")
         return kwargs
+
+    def _take_pooled(self, options: KernelOptions, kwargs: dict[str, Any]) -> pool.PooledKernel | None:
+        """A pooled kernel for this start, if the kernelspec has a pool holding one (worker thread)."""
+        settings = (pool.PoolSettings.from_config(self.pool, where=self._where()) if self.pool is not None
+                    else pool.default_settings())
+        rt = self._runtime()
+        if settings.size <= 0 or rt.rootless:
+            return None
+        containers.gc_once(rt, logger=self.log)
+        image = containers.resolve_image(rt, options)
+        env = containers.kernel_env(options, kernel_id=str(self.kernel_id), folder=KernelFolder(Path("/")),
+                                    launch_env=kwargs.get("env") or {}, spec_env=self.kernel_spec.env or {})
+        spec_dir = getattr(self.kernel_spec, "resource_dir", None)
+        recipe = pool.pool_key(kernel_name=getattr(self.parent, "kernel_name", "") or "", options=options,
+                               settings=settings, env=env, image_digest=image.digest,
+                               spec_file=Path(spec_dir) / "kernel.json" if spec_dir else None)
+        return pool.take(recipe, rt)
+
+    def _hand_out(self, pk: pool.PooledKernel, options: KernelOptions, kwargs: dict[str, Any],
+                  extra: list[str]) -> None:
+        """Make the pooled kernel this one (worker thread): folder, env, cwd, connection file, then go."""
+        assert self.folder is not None and self._pins is not None
+        env = containers.kernel_env(options, kernel_id=str(self.kernel_id), folder=self.folder,
+                                    launch_env=kwargs.get("env") or {}, spec_env=self.kernel_spec.env or {})
+        pool.hand_out(pk, kernel_id=str(self.kernel_id), options=options, env=env, cwd=kwargs.get("cwd"),
+                      argv=pool.guest_argv(self.folder.connection_file_inside, extra), cold_cmd=kwargs["cmd"],
+                      write_connection=self._write_connection_file,
+                      kernel_name=getattr(self.parent, "kernel_name", "") or "", trace=self._trace.mark)
+        c = pk.container
+        self._pins.watch(c.pinned(self.folder.sockets_inside), alive=lambda: c.poll() is None)
+        self._handed_out = True
+        self._previous_death = None
+        log.info("kernel %s: a pooled kernel (container %s) handed out", self.kernel_id, c.id[:12])
 
     def _prepare_container(self, options: KernelOptions, kwargs: dict[str, Any]) -> None:
         """Find or make this kernel's container (worker thread: may pull and unpack)."""
@@ -223,7 +287,17 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self._start)
+            if self._handed_out:
+                # a pooled kernel runs already (its restarts start below); it binds its sockets within
+                # milliseconds: return once they are pinned, so that clients connecting now are not
+                # refused and left to ZMQ's reconnect interval (100 ms)
+                self._handed_out = False
+                await loop.run_in_executor(None, self._await_pins, 5.0)
+            else:
+                await loop.run_in_executor(None, self._start)
+            if self._trace is not None:
+                self._trace.mark("container started")
+                self._trace.log()
         except BaseException:
             if not self._started_once:
                 await self._abandon()
@@ -233,6 +307,14 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._killed_by_us = False
         self._exit_recorded = False
         return self.connection_info
+
+    def _await_pins(self, timeout: float) -> None:
+        pins, c, t0 = self._pins, self._container, time.monotonic()
+        while pins is not None and not pins.complete and c is not None and c.poll() is None \
+                and time.monotonic() - t0 < timeout:
+            time.sleep(0.001)
+        if self._trace is not None:
+            self._trace.mark("sockets bound")
 
     async def _abandon(self) -> None:
         """Undo a first start that failed: nothing of this kernel stays (jupyter_client will not clean up)."""

@@ -55,6 +55,10 @@ class ContainApp(ExtensionApp):
     switch_interval = Float(0.001, config=True,
                             help="The interpreter's thread switch interval in seconds (sys.setswitchinterval) "
                                  "while the extension runs; 0: leave Python's 0.005.")
+    kernel_pool = Int(1, config=True,
+                      help="Kernels kept warm per contained kernelspec that sets no 'pool' of its own (0: none): "
+                           "filled after the kernelspec's first start, ready in milliseconds; idle ones end after "
+                           "10 minutes (see the README's 'Warm pools').")
     shutdown_kernels = Bool(True, config=True,
                             help="At stop, shut down this server's contained kernels and remove their containers.")
     guard_contents = Bool(True, config=True,
@@ -86,6 +90,9 @@ class ContainApp(ExtensionApp):
 
         sa = self.serverapp
         assert sa is not None   # jupyter_server sets it before initialize_settings
+        from ..kernel import pool
+
+        pool.set_default(pool.PoolSettings(size=max(0, self.kernel_pool)))
         store = Store(self.store_root or None)
         if self.switch_interval > 0:
             # a pull runs 4-5 threads that take the GIL in turns of the switch interval; the loop's
@@ -116,6 +123,10 @@ class ContainApp(ExtensionApp):
     async def stop_extension(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        # warm pools (kernel/pool.py): their idle kernels go with the server, whatever shutdown_kernels says
+        from ..kernel import pool
+
+        await asyncio.get_running_loop().run_in_executor(None, pool.drain_all)
         service = self.service
         if service is None:
             return
