@@ -785,3 +785,30 @@ def test_cgroups_open_dispatches_on_the_record(systemd_tree):
     assert isinstance(Cgroups.backend(1)("x", {}), cg.CgroupsV1)
     again.destroy()
     assert not c.paths["unified"].exists()
+
+
+# --- kernels' default memory limit (issue #20) ------------------------------------------------
+
+def test_default_memory_limit_is_half_the_machine_at_most_8_gib():
+    from jupyter_contain.runtime.containers.cgroups import DEFAULT_MEMORY_CAP, default_memory_limit
+    assert default_memory_limit("MemTotal:        4000000 kB\n") == (4000000 * 1024 // 2) >> 20 << 20
+    assert default_memory_limit("MemTotal:       24000000 kB\n") == DEFAULT_MEMORY_CAP == 8 << 30
+    assert default_memory_limit("nothing here\n") == DEFAULT_MEMORY_CAP
+    total = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines()
+                     if ln.startswith("MemTotal:")).split()[1]) * 1024
+    assert default_memory_limit() == min(8 << 30, total // 2) >> 20 << 20
+
+
+def test_kernels_get_the_default_unless_the_kernelspec_or_server_says_otherwise():
+    from jupyter_contain.kernel.containers import KernelOptions
+    from jupyter_contain.kernel.start_options import StartLimits, StartOptions
+    from jupyter_contain.runtime.containers.cgroups import default_memory_limit
+    assert KernelOptions.from_config({}, where="k").limits().memory == default_memory_limit()
+    assert KernelOptions.from_config({"memory": ""}, where="k").memory == default_memory_limit()
+    assert KernelOptions.from_config({"memory": "none"}, where="k").limits().memory is None
+    assert KernelOptions.from_config({"memory": "512m"}, where="k").memory == 512 * MiB
+    with pytest.raises(InvalidSpec, match="option memory"):
+        KernelOptions.from_config({"memory": "lots"}, where="k")
+    # the start dialog's "none" stays "no limit", not the default
+    chosen = StartOptions.parse({"memory": "none"}, limits=StartLimits())
+    assert KernelOptions.from_config(chosen.apply({"memory": "1g"}), where="k").memory is None

@@ -73,6 +73,8 @@ def test_tour(jupyter_path, kernel_env, kernel_runtime, tmp_path):
 
 
 def test_tour_with_default_kernelspec(jupyter_path, kernel_env, kernel_runtime, tmp_path):
-    """The kernelspec `jupyter contain bootstrap` installs (no limits): the tour still runs clean."""
+    """The kernelspec `jupyter contain bootstrap` installs (no limits given): the tour runs clean
+    and shows the machine's default memory limit (half its memory, at most 8 GiB)."""
+    from jupyter_contain.runtime import default_memory_limit
     nb = _execute(NOTEBOOKS / "tour.ipynb", KERNEL_NAME, tmp_path)
-    assert "memory limit:  none" in _text(nb, "limits")
+    assert f"memory limit:  {default_memory_limit() >> 20} MiB" in _text(nb, "limits")

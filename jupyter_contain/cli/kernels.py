@@ -177,7 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--name", help="kernel name (default: contained-<image name>)")
     p.add_argument("--display-name", help='default: "Contained Python (<image name>)"')
-    p.add_argument("-m", "--memory", help="memory limit per kernel, e.g. 1g")
+    p.add_argument("-m", "--memory", help="memory limit per kernel, e.g. 1g; 'none': no limit "
+                                           "(default: half this machine's memory, at most 8 GiB)")
     p.add_argument("--cpus", help="CPU quota per kernel, e.g. 1.5")
     p.add_argument("--pids-limit", type=int, help="process limit per kernel")
     p.add_argument("--network", choices=list(NETWORK_MODES),

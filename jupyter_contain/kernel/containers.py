@@ -24,7 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 from .. import errors
 from ..runtime import (
     NETWORK_MODES,
-    Bind, Container, ContainerSpec, ImageRecord, Limits, Runtime, Store, parse_bind, parse_cpus, parse_memory,
+    Bind, Container, ContainerSpec, ImageRecord, Limits, Runtime, Store, default_memory_limit, parse_bind, parse_cpus,
+    parse_memory,
 )
 from . import guest_files, kernel_layer
 from .channel import KernelContext, parse_allowed_images
@@ -97,7 +98,12 @@ class KernelOptions:
         if config.get("image"):
             kw["image"] = str(config["image"])
         mem = config.get("memory")
-        if mem not in (None, ""):
+        if mem in (None, ""):
+            # not set by the kernelspec nor the server: half the machine, at most 8 GiB
+            kw["memory"] = default_memory_limit()
+        elif str(mem).strip().lower() in ("none", "0"):
+            kw["memory"] = None   # asked for: no limit
+        else:
             try:
                 kw["memory"] = mem if isinstance(mem, int) and mem > 0 else parse_memory(str(mem))
             except errors.InvalidSpec as exc:

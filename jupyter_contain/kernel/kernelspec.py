@@ -310,8 +310,10 @@ def install(*, store: Store, image_name: str, name: str | None = None, display_n
         raise errors.InvalidSpec(f"invalid kernel name {name!r} (lowercase letters, digits, . _ -)")
     config: dict[str, Any] = {}
     if memory:
-        parse_memory(memory)
-        config["memory"] = memory
+        # unset: the machine's default at each start (half its memory, at most 8 GiB); "none": no limit
+        if memory.strip().lower() not in ("none", "0"):
+            parse_memory(memory)
+        config["memory"] = "none" if memory.strip().lower() in ("none", "0") else memory
     if cpus:
         parse_cpus(cpus)
         config["cpus"] = cpus

@@ -65,7 +65,8 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """Start each kernel in its own container from an OCI image."""
 
     image = Unicode("debian:bookworm", config=True, help="Image the kernel container starts from.")
-    memory = Unicode("", config=True, help="Memory limit, e.g. '1g' (no swap beyond it). Empty: none.")
+    memory = Unicode("", config=True, help="Memory limit, e.g. '1g' (no swap beyond it). Empty: the machine's "
+                                             "default (half its memory, at most 8 GiB); 'none': no limit.")
     cpus = Unicode("", config=True, help="CPU quota in cores, e.g. '1.5'. Empty: none.")
     pids = Int(512, config=True, help="Process limit (0: none).")
     network = TEnum(list(NETWORK_MODES), "none", config=True,

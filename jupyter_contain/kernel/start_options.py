@@ -112,7 +112,7 @@ class StartOptions:
         """A kernelspec's provisioner ``config`` with these choices over it."""
         out = dict(config)
         if self.memory is not None:
-            out["memory"] = "" if self.memory == "none" else self.memory
+            out["memory"] = self.memory   # "none": no limit (empty would mean the machine's default)
         if self.cpus is not None:
             out["cpus"] = self.cpus
         if self.network is not None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 _WHERE = {
     "Limits": ".containers.cgroups", "Stats": ".containers.cgroups", "parse_cpus": ".containers.cgroups",
-    "parse_memory": ".containers.cgroups",
+    "parse_memory": ".containers.cgroups", "default_memory_limit": ".containers.cgroups",
     "NETWORK_MODES": ".containers", "Container": ".containers.container",
     "ContainerSpec": ".containers.container", "ExitInfo": ".containers.container",
     "Runtime": ".containers.container", "parse_bind": ".containers.container",
@@ -46,7 +46,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:   # what type checkers and editors see
     from .commit import Change, DiffSummary, FolderSummary, diff, diff_summary, snapshot, summarize
     from .containers import NETWORK_MODES
-    from .containers.cgroups import Limits, Stats, parse_cpus, parse_memory
+    from .containers.cgroups import Limits, Stats, default_memory_limit, parse_cpus, parse_memory
     from .containers.container import Container, ContainerSpec, ExitInfo, Runtime, parse_bind
     from .containers.rootfs import Bind, Tmpfs
     from .images.snapshot import PathPatterns

@@ -73,7 +73,7 @@ from ..images.store import ImageRecord, Store, now_rfc3339
 from ..userns import IdMapping, rootless_mapping
 from . import idmap, rootfs, seccomp, slirp, spawn
 from . import network as netmod
-from .cgroups import DEFAULT_PIDS_LIMIT, CgroupRoot, Cgroups, Limits, Stats, find_orphans
+from .cgroups import DEFAULT_PIDS_LIMIT, CgroupRoot, Cgroups, Limits, Stats, default_memory_limit, find_orphans
 from .cgroups import detect as detect_cgroups
 from .state import ContainerState, ExitInfo, Network, Status
 
@@ -880,14 +880,25 @@ class Runtime:
 
         Without cgroups delegated to this user (cgroup v1, or a v2 tree
         without ``Delegate=yes``) there are no quotas: a limit the caller
-        asked for is refused; the default process limit is dropped with a
-        warning, once per process.
+        asked for is refused; the default process and memory limits (kernels') are
+        dropped with a warning, once per process. With a delegated subtree that lacks
+        a controller, a default limit needing it is dropped the same way (an asked one
+        is refused by ``Cgroups.create``, naming what to delegate).
         """
-        reason = self.cgroups_here().unusable_reason()
+        root = self.cgroups_here()
+        reason = root.unusable_reason()
+        defaults = {"pids": limits.pids == DEFAULT_PIDS_LIMIT,
+                    "memory": limits.memory is not None and limits.memory == default_memory_limit()}
         if reason is None:
+            drop = {c: None for c in root.missing(limits) if defaults.get(c)}
+            if drop:
+                log.warning("rootless containers run without the default %s limit: this user's cgroup "
+                            "subtree does not delegate that controller", " and ".join(drop))
+                limits = replace(limits, **drop)
             return limits, True
-        asked = [n for n, v in (("memory", limits.memory), ("cpus", limits.cpus)) if v is not None]
-        if limits.pids is not None and limits.pids != DEFAULT_PIDS_LIMIT:
+        asked = [n for n, v in (("memory", limits.memory), ("cpus", limits.cpus)) if v is not None
+                 and not defaults.get(n)]
+        if limits.pids is not None and not defaults["pids"]:
             asked.append("pids")
         if asked:
             raise errors.InvalidSpec(f"cannot limit {', '.join(asked)} of a rootless container: {reason}")
@@ -895,7 +906,7 @@ class Runtime:
         if not _warned_no_cgroups:
             _warned_no_cgroups = True
             log.warning("rootless containers run without memory, CPU and process quotas: %s", reason)
-        return replace(limits, pids=None), False
+        return replace(limits, pids=None, memory=None), False
 
     def cgroups_here(self) -> CgroupRoot:
         """Where this process's container cgroups go (``cgroup_root``, else detected).
