@@ -10,6 +10,7 @@ import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
 import { Death, DiffFolder, Progress, Stats } from './format';
+import { StartOptions } from './options';
 import { SSEParser } from './sse';
 
 export const API_PATH = 'jupyter-contain/api/v1';
@@ -103,6 +104,8 @@ export interface KernelContainer {
   container?: Container;
   image?: { name: string; digest: string };
   death?: Death | null;
+  /** what the start dialog chose for this kernel (null: the kernelspec's values) */
+  start_options?: StartOptions | null;
 }
 
 export interface Operation {
@@ -133,11 +136,13 @@ export interface KernelSpecInfo {
   cpus: number | string | null;
   pids: number | null;
   network: string | null;
+  /** ask for start options before a kernel of it starts */
+  start_dialog?: boolean;
 }
 
 export interface ServerConfig {
   version: string;
-  limits: { max_memory: number | null; max_cpus: number | null };
+  limits: { max_memory: number | null; max_cpus: number | null; max_pids: number | null; networks: string[] };
   start_options: boolean;
 }
 
@@ -214,6 +219,12 @@ export async function installKernelspec(body: {
 
 export async function listKernelspecs(): Promise<KernelSpecInfo[]> {
   return (await requestAPI<{ kernelspecs: KernelSpecInfo[] }>('kernelspecs')).kernelspecs;
+}
+
+/** Starts a contained kernel with per-start options; the caller attaches its session to the id. */
+export function startKernel(body: { name: string; path?: string; options: StartOptions }):
+    Promise<{ kernel: { id: string; name: string }; options: StartOptions }> {
+  return requestAPI('kernels', { method: 'POST', body: JSON.stringify(body) });
 }
 
 export function serverConfig(): Promise<ServerConfig> {

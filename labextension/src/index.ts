@@ -2,7 +2,7 @@
  * The jupyter-contain JupyterLab 4 extension: wires the widgets into the application.
  *
  * Owns: plugin activation (status bar meter, Containers panel, snapshot toolbar button,
- * death dialog, image record in notebook metadata) and the settings. Must not: talk to
+ * death dialog, image record in notebook metadata, start options) and the settings. Must not: talk to
  * anything but the server extension's REST API (src/api.ts).
  */
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
@@ -16,6 +16,7 @@ import { ContainerMeter } from './meter';
 import { watchImageRecord } from './metadata';
 import { ContainersPanel } from './panel';
 import { SnapshotButtonExtension, snapshotNotebook } from './snapshot';
+import { startWithOptionsCommand, watchStarts } from './startoptions';
 
 const PLUGIN_ID = 'jupyter-contain:plugin';
 
@@ -28,6 +29,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
   activate: async (app: JupyterFrontEnd, tracker: INotebookTracker, labShell: ILabShell | null,
                    statusBar: IStatusBar | null, settingRegistry: ISettingRegistry | null,
                    palette: ICommandPalette | null): Promise<void> => {
+    // first, before any await: a notebook's first kernel start is taken over before its
+    // session starts one by itself (start options), so this must see every notebook
+    const specs = app.serviceManager.kernelspecs;
+    tracker.widgetAdded.connect((_, nbPanel) => watchStarts(nbPanel, specs));
     let refreshMs = 3000;
     if (settingRegistry) {
       try {
@@ -77,7 +82,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
       isEnabled: () => tracker.currentWidget !== null,
       execute: () => tracker.currentWidget ? snapshotNotebook(tracker.currentWidget, hooks) : undefined
     });
+    app.commands.addCommand('jupyter-contain:start-with-options', {
+      label: 'Start Contained Kernel with Options…',
+      caption: 'Pick a contained kernel and its memory, CPUs, network and image tag for this notebook',
+      isEnabled: () => tracker.currentWidget !== null,
+      execute: () => tracker.currentWidget ? startWithOptionsCommand(tracker.currentWidget, specs) : undefined
+    });
     palette?.addItem({ command: 'jupyter-contain:open-panel', category: 'Containers' });
+    palette?.addItem({ command: 'jupyter-contain:start-with-options', category: 'Containers' });
     palette?.addItem({ command: 'jupyter-contain:snapshot', category: 'Containers' });
     // the browser tests read this mark to measure the extension's load time
     performance.mark('jupyter-contain:activated');

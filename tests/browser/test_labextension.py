@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from browser_fixtures import IMAGE, KERNEL_DISPLAY_NAME, cell, notebook_json, open_notebook, run_cell, screenshot, \
-    wait_kernel_idle
+    shutdown_kernels, wait_kernel_idle
 
 from jupyter_contain.kernel import kernelspec
 from jupyter_contain.runtime import Runtime
@@ -399,3 +399,97 @@ def test_recorded_digest_missing_from_the_store_is_pulled_and_installed(page, la
         for name in _image_names(lab):
             if "jc-lab/pin" in name:
                 _remove_image(lab, name)
+
+
+DIALOG = "contained-dialog"
+DIALOG_NAME = "Contained Python (debian, asks)"
+DIALOG_TAG = "localhost/debian:lab-dialog"
+
+
+@pytest.fixture(scope="module")
+def dialog_spec(lab):
+    """A kernelspec that asks for start options (256 MiB by default), and a second tag of its image."""
+    image = lab.store.resolve(IMAGE)
+    spec = kernelspec.kernel_json(image=image, display_name=DIALOG_NAME,
+                                  config={"store_root": str(lab.store.root), "memory": "256m"})
+    spec["metadata"]["jupyter_contain"] = {"start_dialog": True}
+    spec_dir = lab.kernels_dir / DIALOG
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    kernelspec.write_logos(spec_dir)
+    lab.store.tag(DIALOG_TAG, image.descriptor)
+    yield DIALOG
+    lab.store.untag(DIALOG_TAG)
+
+
+def _only_kernel(lab) -> dict:
+    kernels = lab.api("GET", "/api/kernels")
+    assert len(kernels) == 1, kernels
+    return lab.api("GET", f"{API}/kernels/{kernels[0]['id']}/container")
+
+
+def test_start_options_dialog_starts_with_the_choice_and_the_notebook_keeps_it(page, lab, dialog_spec):
+    page.evaluate("() => window.jupyterapp.serviceManager.kernelspecs.refreshSpecs()")
+    page.locator(".jp-Launcher .jp-LauncherCard:visible", has_text=DIALOG_NAME).first.click()
+    form = page.locator(".jp-Dialog .jc-start-form")
+    form.wait_for(timeout=60000)
+    assert page.locator(".jp-Dialog-header").inner_text().startswith(f"Start {DIALOG_NAME}")
+    assert form.locator(".jc-start-memory").get_attribute("placeholder") == "kernelspec: 256m"
+    tags = form.locator(".jc-start-tag option").all_inner_texts()
+    assert "bookworm (kernelspec)" in tags and "lab-dialog" in tags, tags
+    assert lab.api("GET", "/api/kernels") == []            # nothing started behind the dialog
+    # checked while typed
+    form.locator(".jc-start-memory").fill("lots")
+    page.wait_for_selector(".jc-start-error-memory:has-text('a size such as 512m')")
+    screenshot(page, "start-dialog-invalid")
+    form.locator(".jc-start-memory").fill("192m")
+    form.locator(".jc-start-cpus").fill("0.5")
+    form.locator(".jc-start-tag").select_option("lab-dialog")
+    assert form.locator(".jc-start-error-memory").inner_text() == ""
+    screenshot(page, "start-dialog")
+    page.locator(".jp-Dialog .jp-mod-accept").click()
+    wait_kernel_idle(page)
+
+    # the container has what was chosen: checked on the host, and in the meter
+    info = _only_kernel(lab)
+    assert info["container"]["limits"]["memory"] == 192 * MiB and info["container"]["limits"]["cpus"] == 0.5, info
+    assert info["image"]["name"] == DIALOG_TAG, info
+    assert info["start_options"] == {"memory": "192m", "cpus": "0.5", "tag": "lab-dialog"}
+    page.wait_for_selector(".jc-meter-memory:has-text('/ 192 MiB')", timeout=30000)
+    screenshot(page, "start-options-meter")
+
+    # recorded in the notebook, and reused when it is opened again (the dialog shows the choice)
+    page.wait_for_function("""() => !!window.jupyterapp.shell.currentWidget.context.model
+                                  .getMetadata('jupyter_contain')?.start_options""")
+    # the context's own save: the docmanager:save command would ask for a name (first save of an Untitled)
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.context.save()")
+    path = page.evaluate("() => window.jupyterapp.shell.currentWidget.context.path")
+    saved = json.loads((lab.notebook_dir / path).read_text())["metadata"]["jupyter_contain"]
+    assert saved["start_options"] == {"memory": "192m", "cpus": "0.5", "tag": "lab-dialog"}, saved
+    shutdown_kernels(lab)
+    page.goto(f"{lab.url}/lab/workspaces/{page.workspace}-again/tree/{path}?token={lab.token}")
+    form = page.locator(".jp-Dialog .jc-start-form")
+    form.wait_for(timeout=60000)
+    assert form.locator(".jc-start-memory").input_value() == "192m"
+    assert form.locator(".jc-start-tag").input_value() == "lab-dialog"
+    # one click to skip: the kernelspec's own values
+    page.locator(".jp-Dialog .jp-mod-reject", has_text="Skip").click()
+    wait_kernel_idle(page)
+    info = _only_kernel(lab)
+    assert info["container"]["limits"]["memory"] == 256 * MiB and info["image"]["name"] == IMAGE, info
+    assert info["start_options"] is None
+
+
+def test_recorded_start_options_are_reused_without_a_dialog(page, lab):
+    nb = notebook_json(["import os; print(os.getpid())"])
+    nb["metadata"]["jupyter_contain"] = {"start_options": {"memory": "160m", "network": "none", "evil": "x"}}
+    lab.api("PUT", "/api/contents/recorded.ipynb", {"type": "notebook", "format": "json", "content": nb})
+    page.goto(f"{lab.url}/lab/workspaces/{page.workspace}/tree/recorded.ipynb?token={lab.token}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+    wait_kernel_idle(page)
+    assert page.locator(".jp-Dialog").count() == 0
+    info = _only_kernel(lab)
+    assert info["container"]["limits"]["memory"] == 160 * MiB, info
+    assert info["start_options"] == {"memory": "160m", "network": "none"}
+    page.wait_for_selector(".jc-meter-memory:has-text('/ 160 MiB')", timeout=30000)
+    screenshot(page, "recorded-start-options")
