@@ -42,7 +42,7 @@ from native_helpers import (  # noqa: E402
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 # Docker's well-known default effective set (14 capabilities)
-DOCKER_DEFAULT_CAPS = 0x00000000A80425FB & ~(1 << 4 | 1 << 31)   # Docker's, less CAP_FSETID and CAP_SETFCAP
+DOCKER_DEFAULT_CAPS = 0x00000000A80425FB & ~(1 << 4 | 1 << 13 | 1 << 31)   # Docker's, less CAP_FSETID, CAP_NET_RAW, CAP_SETFCAP
 
 
 @pytest.fixture(scope="module")
