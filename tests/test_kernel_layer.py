@@ -306,8 +306,17 @@ def test_a_bad_kernel_layer_option_fails_clearly():
                                      "/c.json")[0] == kernel_layer.LAYER_PYTHON
 
 
-def test_the_layer_is_content_addressed_and_its_python_relinked(standins):
+def test_the_layer_is_content_addressed_and_its_python_relinked(standins, monkeypatch):
     layer = kernel_layer.cached_kernel_layer()
+    # a kernel start finds it without the bootstrap tarball (removed from the cache since, say)
+    from jupyter_contain.runtime.images import bootstrap
+
+    def no_tar(*a, **kw):
+        raise AssertionError("a kernel start must not need the bootstrap tarball")
+
+    monkeypatch.setattr(bootstrap, "cached_rootfs_tar", no_tar)
+    monkeypatch.setattr(kernel_layer, "_memo", {})
+    assert kernel_layer.cached_kernel_layer() == layer
     assert layer.name.startswith("layer-") and layer.parent == kernel_layer.default_cache_dir()
     meta = json.loads((layer / "jupyter-contain-kernel.json").read_text())
     assert meta["size"] > 50e6 and meta["source_diff_id"].startswith("sha256:")

@@ -75,6 +75,7 @@ from pathlib import Path
 
 from .. import errors
 from ..runtime import Bind
+from ..runtime.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -362,24 +363,47 @@ def _source_tar(progress: Progress | None) -> tuple[Path, str]:
     return tar, str(diff_id)
 
 
+def _rules() -> dict:
+    """Everything but the source that decides a layer's content."""
+    return {"builder": BUILDER_VERSION, "at": LAYER_DIR, "preload": list(_PRELOAD), "pip": _PIP_CONF,
+            "arch": _multiarch(), "module": _PIP_SOURCE}
+
+
 def layer_key(diff_id: str) -> str:
-    doc = {"builder": BUILDER_VERSION, "source": diff_id, "at": LAYER_DIR, "preload": list(_PRELOAD),
-           "pip": _PIP_CONF, "arch": _multiarch(), "module": _PIP_SOURCE}
+    doc = {**_rules(), "source": diff_id}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def cached_kernel_layer(*, cache_dir: Path | None = None, progress: Progress | None = None) -> Path:
-    """The kernel layer's folder, built once per machine (see the module docstring)."""
+    """The kernel layer's folder, built once per machine (see the module docstring).
+
+    A kernel start finds it through a pointer file named after the bootstrap
+    recipe and these build rules (no tar is read, nothing hashed but a few
+    constants), so a start never waits for the bootstrap root filesystem, even
+    when its tarball has been removed from the cache since.
+    """
+    from ..runtime.images import bootstrap
+
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     memo = f"{cache_dir}/layer"
     found = _memo.get(memo)
     if found is not None and found.is_dir():
         return found
+    rules = hashlib.sha256(json.dumps(_rules(), sort_keys=True).encode()).hexdigest()
+    pointer = cache_dir / f".layer-for-{bootstrap.DEBIAN_KERNEL.cache_key()[:16]}-{rules[:16]}"
+    try:
+        name = pointer.read_text().strip()
+    except OSError:
+        name = ""
+    if re.fullmatch(r"layer-[0-9a-f]{16}", name) and (cache_dir / name).is_dir():
+        _memo[memo] = path = cache_dir / name
+        return path
     tar, diff_id = _source_tar(progress)
     path = _cached(cache_dir, f"layer-{layer_key(diff_id)[:16]}",
                    lambda tmp, say: _build_layer(tar, tmp, say), progress=progress,
                    # no host path: the file is readable inside every container that mounts the layer
                    meta={"source_diff_id": diff_id, "builder_version": BUILDER_VERSION})
+    atomic_write(pointer, path.name.encode() + b"\n")
     _memo[memo] = path
     return path
 
