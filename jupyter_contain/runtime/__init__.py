@@ -16,7 +16,8 @@ _WHERE = {
     "Limits": ".containers.cgroups", "Stats": ".containers.cgroups", "parse_cpus": ".containers.cgroups",
     "parse_memory": ".containers.cgroups", "default_memory_limit": ".containers.cgroups",
     "NETWORK_MODES": ".containers", "Container": ".containers.container",
-    "ContainerSpec": ".containers.container", "ExitInfo": ".containers.container",
+    "ContainerSpec": ".containers.container", "ExitInfo": ".containers.state",
+    "ContainerState": ".containers.state",
     "Runtime": ".containers.container", "parse_bind": ".containers.container",
     "Bind": ".containers.rootfs", "Tmpfs": ".containers.rootfs",
     "Change": ".commit", "FolderSummary": ".commit", "diff": ".commit",
@@ -47,8 +48,9 @@ if TYPE_CHECKING:   # what type checkers and editors see
     from .commit import Change, DiffSummary, FolderSummary, diff, diff_summary, snapshot, summarize
     from .containers import NETWORK_MODES
     from .containers.cgroups import Limits, Stats, default_memory_limit, parse_cpus, parse_memory
-    from .containers.container import Container, ContainerSpec, ExitInfo, Runtime, parse_bind
+    from .containers.container import Container, ContainerSpec, Runtime, parse_bind
     from .containers.rootfs import Bind, Tmpfs
+    from .containers.state import ContainerState, ExitInfo
     from .images.snapshot import PathPatterns
     from .images.store import ImageRecord, Store, default_root
     from .spec import Platform, Reference, local_alternative
