@@ -1375,6 +1375,11 @@ def build(runtime: Runtime | Store, options: BuildOptions, *, reporter: Reporter
     a failed step: :class:`~jupyter_contain.errors.BuildStepFailed`) and
     leaves no tag, container or half-written layer behind on any failure.
     """
+    if os.geteuid() != 0:
+        # COPY/ADD layers carry owners (0:0, --chown, a tar's) that only root can write into the
+        # unpacked layer; a rootless store keeps them shifted through its user namespace, which
+        # this builder does not do yet
+        raise BuildError("building images needs root for now (rootless builds are not supported yet)")
     if isinstance(runtime, Store):
         b = _Build(None, runtime, options, reporter or Reporter())
     else:
