@@ -2,7 +2,8 @@
 
 Stand-ins (``tests/standin_images.py``, built once per machine, imported once per
 session): busybox (no Python, no libc), Debian minbase (no python3, as stock
-``debian``/``ubuntu``), Debian minbase with python3 only (no ipykernel, no pip).
+``debian``/``ubuntu``), Debian minbase with python3 only (no ipykernel, no pip); and Debian bullseye
+minbase, whose glibc (2.31) is older than the kernel layer's (2.36).
 For each, ``kernelspec install`` (auto) chooses, and a real kernel over ZMQ
 executes, sees the image as ``/`` with the image's own tools and libc, is
 interrupted, opens an ipywidgets 8 comm, ``%pip install``\\ s a local wheel that a
@@ -38,8 +39,8 @@ from jupyter_contain.runtime import Runtime, Store
 
 READY = 90
 #: what auto chooses for each stand-in
-CHOICES = {"busybox": "layer", "minbase": "layer", "python3": "site:3.11"}
-SHOWN = {"busybox": "busybox", "minbase": "minbase", "python3": "python3only"}
+CHOICES = {"busybox": "layer", "minbase": "layer", "python3": "site:3.11", "bullseye": "layer"}
+SHOWN = {"busybox": "busybox", "minbase": "minbase", "python3": "python3only", "bullseye": "bullseye"}
 
 
 @dataclass(frozen=True)
@@ -387,3 +388,31 @@ def test_argv_launcher_runs_a_layer_kernel(standins, tmp_path):
         kc.stop_channels()
         km.shutdown_kernel(now=False)
     assert Runtime(standins.store).containers() == []
+
+
+def test_an_image_with_an_older_glibc_keeps_it_for_its_programs(standins, tmp_path):
+    """glibc of any age: the kernel runs on the layer's glibc 2.36, the image's programs on its own 2.31."""
+    name = standins.names["bullseye"]
+    spec = json.loads((standins.kernels_dir / name / "kernel.json").read_text())
+    assert spec["display_name"] == "Contained Python (bullseye)"
+    assert spec["metadata"]["kernel_provisioner"]["config"]["kernel_layer"] == "layer"
+    km = KernelManager(kernel_name=name, kernel_spec_manager=standins.ksm())
+    km.start_kernel(cwd=str(tmp_path))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(READY)
+        r = run_cell(kc, "import os, subprocess\n"
+                         "print(os.confstr('CS_GNU_LIBC_VERSION'))\n"
+                         "print(subprocess.run(['getconf', 'GNU_LIBC_VERSION'], capture_output=True, text=True)"
+                         ".stdout.strip())\n"
+                         "print(open('/etc/debian_version').read().split('.')[0])")
+        assert r["stdout"].split("\n")[:3] == ["glibc 2.36", "glibc 2.31", "11"], r
+        msgs: list[dict] = []
+        kc.execute_interactive("import ipywidgets\ndisplay(ipywidgets.Button(description='ok'))",
+                               timeout=60, output_hook=msgs.append)
+        assert any(m["msg_type"] == "comm_open" and m["content"]["data"]["state"]["_model_name"] == "ButtonModel"
+                   for m in msgs)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
