@@ -438,7 +438,8 @@ def snapshot(runtime: Runtime, container: Container | str, tag: str, *, message:
                         # archive (compression, in deflate threads): both read the frozen upper dir
                         stop = threading.Event()
                         with ThreadPoolExecutor(1, thread_name_prefix="jc-snapshot-copy") as pool:
-                            copy = pool.submit(layer.copy_items, c.upper, items, tmp, stop, ids)
+                            copy = pool.submit(layer.copy_items, c.upper, items, tmp, stop, ids,
+                                               rootless=store.rootless)
                             try:
                                 diff_id = layer.archive(c.upper, items, w.write, compress=compress,
                                                         progress=on_file, ids=ids)

@@ -548,15 +548,17 @@ def _copy_data(src: int, dst: int) -> int:
 
 
 def copy_items(upper: Path, items: Sequence[Item], dest: str, stop: threading.Event | None = None,
-                ids: IdView | None = None) -> None:
+                ids: IdView | None = None, *, rootless: bool | None = None) -> None:
     """Write ``items`` of ``upper`` into the empty directory ``dest`` in overlay (lowerdir) form.
 
     Gives up early (raising) once ``stop`` is set. Reads beneath a held fd of
-    ``upper`` (see :func:`_open_beneath`), never through a path.
+    ``upper`` (see :func:`_open_beneath`), never through a path. ``rootless``: the
+    store's answer (``Store.rootless``); None asks :func:`userns.rootless`.
     """
     root_fd = open_root(upper)
     try:
-        _copy_items_beneath(root_fd, items, dest, stop, ids)
+        _copy_items_beneath(root_fd, items, dest, stop, ids,
+                            rootless=userns.rootless() if rootless is None else rootless)
     finally:
         os.close(root_fd)
 
@@ -568,12 +570,11 @@ def _same_file(fd: int, st: os.stat_result, rel: str) -> None:
 
 
 def _copy_items_beneath(root_fd: int, items: Sequence[Item], dest: str, stop: threading.Event | None,
-                        ids: IdView | None) -> None:
+                        ids: IdView | None, *, rootless: bool) -> None:
     first_link: dict[tuple[int, int], str] = {}
     dir_times: list[tuple[str, tuple[int, int]]] = []
     # rootless: the copy stays the caller's (as a rootless unpack leaves a
     # layer), with the opaque mark overlayfs reads under userxattr
-    rootless = userns.rootless()
 
     owners: list[rootless_mod.Owner] = []
     current = ""
