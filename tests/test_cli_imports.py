@@ -103,13 +103,18 @@ def test_verb_table_matches_what_the_modules_register():
         assert registered == {v for v, m in cli.VERBS.items() if m == module_name}, module_name
 
 
-def test_run_of_an_unpacked_image_loads_no_layer_codecs_and_no_seccomp_compiler(tmp_path, image_store,
-                                                                                 monkeypatch):
-    """``run --rm``: no tarfile/zstandard (layers are unpacked), no cffi/pycparser (the cached program)."""
-    monkeypatch.setenv("JUPYTER_CONTAIN_SECCOMP_CACHE", str(tmp_path / "seccomp-cache"))
+def test_run_of_an_unpacked_image_loads_no_layer_codecs_and_compiles_no_seccomp_program(tmp_path, image_store,
+                                                                                       monkeypatch):
+    """``run --rm``: no tarfile/zstandard (layers are unpacked); the second run reads the cached program."""
+    cache = tmp_path / "seccomp-cache"
+    monkeypatch.setenv("JUPYTER_CONTAIN_SECCOMP_CACHE", str(cache))
     args = ("--root", str(image_store.root), "run", "--rm", "busybox:test", "/bin/true")
-    assert "cffi" in _imported(tmp_path, *args)     # the first run compiles the program and caches it
+    _imported(tmp_path, *args)     # the first run compiles the program and caches it
+    (entry,) = cache.glob("*.bpf")
+    written = entry.stat()
     modules = _imported(tmp_path, *args)
+    # not compiled again: a compile replaces the file (a new inode, by rename)
+    assert (entry.stat().st_ino, entry.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     for name in HEAVY:
         if name != "jupyter_contain.native._native":   # run starts a container: the extension, nothing else
             assert not _loaded(modules, name), name

@@ -4,13 +4,14 @@ Owns the profile data (``seccomp_default.json``, in moby's
 ``profiles/seccomp/default.json`` schema), its resolution for one container
 (capabilities, native architecture and its sub-architectures, kernel
 version: the includes/excludes rules as Docker applies them), compiling it with
-libseccomp (cffi ABI mode, ``libseccomp.so.2``) in *this* process, the cache of
+libseccomp (``libseccomp.so.2`` through ctypes: declared here, nothing parsed at run
+time) in *this* process, the cache of
 compiled programs (per process, and on disk: see below), and the profile as an
 OCI runtime-spec ``linux.seccomp`` section for ``config.json``.
 
 The program is compiled once per machine, not once per process: compiling
-costs 30-50 ms here (cffi's parse of the declarations with pycparser, then
-libseccomp), and every ``jupyter contain run`` is a new process. A compiled
+cost 30-50 ms here (44 ms: cffi parsing the declarations with pycparser, then
+libseccomp; 20 ms since the binding is ctypes), and every ``jupyter contain run`` is a new process. A compiled
 program is kept in :func:`cache_dir` (``/run/jupyter-contain-cache/seccomp``
 for root, ``$XDG_RUNTIME_DIR/jupyter-contain-cache/seccomp`` otherwise), one
 file per key: the resolved profile (which holds the profile's rules, the
@@ -98,25 +99,6 @@ _DOCKER_DEFAULT_CAPS: frozenset[str] = frozenset({
     "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
     "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 })
-
-_CDEF = """
-typedef void *scmp_filter_ctx;
-struct scmp_version { unsigned int major; unsigned int minor; unsigned int micro; };
-struct scmp_arg_cmp { unsigned int arg; int op; uint64_t datum_a; uint64_t datum_b; };
-const struct scmp_version *seccomp_version(void);
-scmp_filter_ctx seccomp_init(uint32_t def_action);
-void seccomp_release(scmp_filter_ctx ctx);
-uint32_t seccomp_arch_native(void);
-uint32_t seccomp_arch_resolve_name(const char *arch_name);
-int seccomp_arch_add(scmp_filter_ctx ctx, uint32_t arch_token);
-int seccomp_attr_set(scmp_filter_ctx ctx, int attr, uint32_t value);
-int seccomp_syscall_resolve_name(const char *name);
-int seccomp_syscall_resolve_name_arch(uint32_t arch_token, const char *name);
-int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
-                           unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
-int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
-int seccomp_export_bpf_mem(const scmp_filter_ctx ctx, void *buf, size_t *len);
-"""
 
 # libseccomp constants (seccomp.h)
 _ACT_KILL_PROCESS = 0x80000000
@@ -249,36 +231,75 @@ def _with_guard(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _lib_lock = threading.Lock()
-_lib_pair: tuple[Any, Any] | None = None
+_lib: Any = None        # the ctypes library (see _libseccomp)
+_ArgCmp: Any = None     # its struct scmp_arg_cmp
 _cache_lock = threading.Lock()
 _cache: dict[frozenset[str], bytes] = {}
 _sections: dict[frozenset[str], dict[str, Any]] = {}   # resolved profiles, per capability set
 _sections_lock = threading.Lock()
 
 
-def _libseccomp() -> tuple[Any, Any]:
-    """(ffi, lib) for libseccomp.so.2, opened once per process."""
-    global _lib_pair
-    if _lib_pair is None:
-        with _lib_lock:
-            if _lib_pair is None:
-                import cffi
+def _libseccomp() -> Any:
+    """libseccomp.so.2 with the signatures of the functions we call, opened once per process.
 
-                ffi = cffi.FFI()
-                ffi.cdef(_CDEF)
+    ctypes, not cffi: cffi's ABI mode parses C declarations with pycparser at run time
+    (about 25 ms of the 44 a compile took), and a compiled binding would make libseccomp's
+    headers a build dependency. Loaded only to compile (a cache miss) or to check the
+    architecture of an unusual process, so ctypes is imported here, not with the module.
+    """
+    global _lib, _ArgCmp
+    if _lib is None:
+        with _lib_lock:
+            if _lib is None:
+                import ctypes
+                from ctypes import POINTER, c_char_p, c_int, c_size_t, c_uint, c_uint32, c_uint64, c_void_p
+
+                class ScmpVersion(ctypes.Structure):
+                    _fields_ = [("major", c_uint), ("minor", c_uint), ("micro", c_uint)]
+
+                class ScmpArgCmp(ctypes.Structure):
+                    # struct scmp_arg_cmp: enum scmp_compare is an int, scmp_datum_t a uint64_t
+                    _fields_ = [("arg", c_uint), ("op", c_int), ("datum_a", c_uint64), ("datum_b", c_uint64)]
+
+                required = {
+                    "seccomp_version": (POINTER(ScmpVersion), []),
+                    "seccomp_init": (c_void_p, [c_uint32]),
+                    "seccomp_release": (None, [c_void_p]),
+                    "seccomp_arch_native": (c_uint32, []),
+                    "seccomp_arch_resolve_name": (c_uint32, [c_char_p]),
+                    "seccomp_arch_add": (c_int, [c_void_p, c_uint32]),
+                    "seccomp_attr_set": (c_int, [c_void_p, c_int, c_uint32]),
+                    "seccomp_syscall_resolve_name": (c_int, [c_char_p]),
+                    "seccomp_syscall_resolve_name_arch": (c_int, [c_uint32, c_char_p]),
+                    "seccomp_rule_add_array": (c_int, [c_void_p, c_uint32, c_int, c_uint, POINTER(ScmpArgCmp)]),
+                    "seccomp_export_bpf": (c_int, [c_void_p, c_int]),
+                }
+                optional = {"seccomp_export_bpf_mem": (c_int, [c_void_p, c_void_p, POINTER(c_size_t)])}  # >= 2.6
                 try:
-                    lib = ffi.dlopen("libseccomp.so.2")
+                    lib = ctypes.CDLL("libseccomp.so.2")
                 except OSError as exc:
                     raise errors.ContainerError(
                         f"cannot load libseccomp.so.2 ({exc}): install libseccomp2, "
                         "or run the container with seccomp=unconfined") from None
-                _lib_pair = (ffi, lib)
-    return _lib_pair
+                for table in (required, optional):
+                    for name, (restype, argtypes) in table.items():
+                        try:
+                            fn = getattr(lib, name)
+                        except AttributeError:
+                            if table is optional:
+                                continue
+                            raise errors.ContainerError(
+                                f"libseccomp.so.2 has no {name}: libseccomp >= 2.5 is needed "
+                                "(or run the container with seccomp=unconfined)") from None
+                        fn.restype = restype
+                        fn.argtypes = argtypes
+                _ArgCmp = ScmpArgCmp
+                _lib = lib
+    return _lib
 
 
 def libseccomp_version() -> tuple[int, int, int]:
-    _, lib = _libseccomp()
-    v = lib.seccomp_version()
+    v = _libseccomp().seccomp_version().contents
     return (v.major, v.minor, v.micro)
 
 
@@ -332,7 +353,7 @@ def _native_arch() -> str:
 
 def _libseccomp_native_arch() -> str:
     """The SCMP_ARCH_* name libseccomp gives this process's architecture."""
-    _, lib = _libseccomp()
+    lib = _libseccomp()
     token = lib.seccomp_arch_native()
     for name, short in _SCMP_ARCH_NAMES.items():
         if lib.seccomp_arch_resolve_name(short.encode()) == token:
@@ -419,11 +440,11 @@ def compile_profile(resolved: Mapping[str, Any]) -> bytes:
     :func:`_enosys_stub` goes in front of it. Names libseccomp does not know are
     skipped, as runc skips them.
     """
-    ffi, lib = _libseccomp()
+    lib = _libseccomp()
     default_errno = int(resolved.get("defaultErrnoRet", _EPERM))
     default = _action(resolved["defaultAction"], default_errno)
     ctx = lib.seccomp_init(default)
-    if ctx == ffi.NULL:
+    if not ctx:
         raise errors.ContainerError("seccomp_init failed")
     try:
         # we set no_new_privs ourselves, in the child; this only matters for
@@ -454,7 +475,7 @@ def compile_profile(resolved: Mapping[str, Any]) -> bytes:
             if action == default:
                 continue   # libseccomp refuses a rule that repeats the default action
             args = rule.get("args") or ()
-            cmp = ffi.new("struct scmp_arg_cmp[]", max(len(args), 1))
+            cmp = (_ArgCmp * max(len(args), 1))()
             for i, a in enumerate(args):
                 op = _CMP_OPS.get(a["op"])
                 if op is None:
@@ -475,7 +496,7 @@ def compile_profile(resolved: Mapping[str, Any]) -> bytes:
         if skipped:
             log.debug("seccomp: libseccomp %s does not know %s, skipped",
                       ".".join(map(str, libseccomp_version())), ", ".join(sorted(skipped)))
-        program = _export(ffi, lib, ctx)
+        program = _export(lib, ctx)
     finally:
         lib.seccomp_release(ctx)
     stub = _enosys_stub(lib, tokens, used)
@@ -487,17 +508,16 @@ def _check(rc: int, what: str) -> None:
         raise errors.ContainerError(f"{what} failed: {os.strerror(-rc)}")
 
 
-def _export(ffi: Any, lib: Any, ctx: Any) -> bytes:
-    try:
-        export_mem = lib.seccomp_export_bpf_mem   # libseccomp >= 2.6
-    except AttributeError:
-        export_mem = None
+def _export(lib: Any, ctx: Any) -> bytes:
+    import ctypes
+
+    export_mem = getattr(lib, "seccomp_export_bpf_mem", None)   # libseccomp >= 2.6
     if export_mem is not None:
-        size = ffi.new("size_t *", 0)
-        _check(export_mem(ctx, ffi.NULL, size), "seccomp_export_bpf_mem")
-        buf = ffi.new("char[]", size[0])
-        _check(export_mem(ctx, buf, size), "seccomp_export_bpf_mem")
-        return bytes(ffi.buffer(buf, size[0]))
+        size = ctypes.c_size_t(0)
+        _check(export_mem(ctx, None, ctypes.byref(size)), "seccomp_export_bpf_mem")
+        buf = ctypes.create_string_buffer(size.value)
+        _check(export_mem(ctx, buf, ctypes.byref(size)), "seccomp_export_bpf_mem")
+        return buf.raw[:size.value]
     fd = os.memfd_create("jc-seccomp", os.MFD_CLOEXEC)
     try:
         _check(lib.seccomp_export_bpf(ctx, fd), "seccomp_export_bpf")
