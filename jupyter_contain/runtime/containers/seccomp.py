@@ -521,8 +521,8 @@ def _export(lib: Any, ctx: Any) -> bytes:
     fd = os.memfd_create("jc-seccomp", os.MFD_CLOEXEC)
     try:
         _check(lib.seccomp_export_bpf(ctx, fd), "seccomp_export_bpf")
-        size = os.fstat(fd).st_size
-        return os.pread(fd, size, 0)
+        length = os.fstat(fd).st_size
+        return os.pread(fd, length, 0)
     finally:
         os.close(fd)
 

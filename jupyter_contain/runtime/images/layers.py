@@ -366,11 +366,11 @@ class _OversizedHeader(Exception):
 class _SafeTarInfo(tarfile.TarInfo):
     """TarInfo that refuses to read a huge extended header into memory."""
 
-    def _proc_member(self, tarfile_):
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                          tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > _MAX_EXTENDED_HEADER:
             raise _OversizedHeader(f"extended tar header of {self.size} bytes")
-        return super()._proc_member(tarfile_)
+        return super()._proc_member(tarfile_)  # type: ignore[misc]  # private tarfile hook, not in typeshed
 
 
 def _read_magic(src: Readable, n: int = 4) -> bytes:
