@@ -21,8 +21,8 @@ import time
 import pytest
 from test_rootless import HERE, SUBID_USER, User, _home, lone_user  # noqa: F401 (a fixture)
 
-from jupyter_contain.runtime.fsutil import remove_tree
 from jupyter_contain.runtime.containers.cgroups import V2_CONTROLLERS, detect
+from jupyter_contain.runtime.fsutil import remove_tree
 
 MiB = 1 << 20
 
