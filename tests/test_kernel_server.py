@@ -9,8 +9,8 @@ container behind, and the next server's first kernel start removes it.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess

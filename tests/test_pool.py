@@ -21,7 +21,7 @@ import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.manager import KernelManager
 from kernel_fixtures import *  # noqa: F403
-from kernel_fixtures import make_spec, run_cell
+from kernel_fixtures import KERNEL_NAME, make_spec, run_cell
 
 from jupyter_contain import errors
 from jupyter_contain.kernel import pool
@@ -237,3 +237,77 @@ def test_drain_all_leaves_nothing(ksm, kernel_env, kernel_runtime, tmp_path):
     assert not [c for c in kernel_runtime.containers() if c.state.labels.get(POOL_LABEL)]
     assert not folders & {p.name for p in kernel_runtime_dir().glob("pool-*")}
     assert pool.pools() == {}
+
+
+def test_failed_hand_out_starts_cold(ksm, kernel_env, kernel_runtime, tmp_path, monkeypatch):
+    """A pooled kernel that cannot be handed out is removed; the start goes on cold, nothing is left."""
+    from jupyter_contain.runtime import Container
+
+    name = make_spec(kernel_env, "t-pool6", pool=1)
+    _seed_and_wait(ksm, name, tmp_path)
+    (waiting,) = [c.id for c in kernel_runtime.containers() if c.state.labels.get(POOL_LABEL)]
+
+    def refuse(self, bind):
+        raise errors.ContainerError("attach refused (test)")
+
+    monkeypatch.setattr(Container, "attach_bind", refuse)
+    km, kc = _start(ksm, name, tmp_path)
+    try:
+        assert not _pooled(km)
+        assert km.provisioner.container.id != waiting
+        r = run_cell(kc, "import os; print(os.getcwd())")
+        assert r["stdout"].strip() == str(tmp_path)
+        with pytest.raises(errors.ContainerNotFound):
+            kernel_runtime.get(waiting)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def _waiting_pooled(rt: Runtime) -> list[str]:
+    """Pooled containers whose kernel waits for its hand-out (as pool.PooledKernel.waiting looks)."""
+    out = []
+    for c in rt.containers():
+        if not c.state.labels.get(POOL_LABEL) or c.pid is None:
+            continue
+        try:
+            kids = Path(f"/proc/{c.pid}/task/{c.pid}/children").read_text().split()
+            if any(Path(f"/proc/{k}/wchan").read_text() in ("wait_for_partner", "fifo_open") for k in kids):
+                out.append(c.id)
+        except OSError:
+            continue
+    return out
+
+
+def test_pool_through_jupyter_server(tmp_path, kernel_env, kernel_runtime):
+    """A Jupyter server (its default ContainApp.kernel_pool: 1) hands a notebook's session a warm kernel
+    in that notebook's folder with its session name; its stop leaves no pooled kernel behind."""
+    from test_kernel_server import Server, _execute
+
+    srv = Server(tmp_path, kernel_env)
+    try:
+        (srv.root / "week1").mkdir()
+        code, s1 = srv.request("POST", "/api/sessions", {"path": "week1/a.ipynb", "type": "notebook",
+                                                          "kernel": {"name": KERNEL_NAME}})
+        assert code == 201, s1
+        rt = Runtime(kernel_env.store)
+        deadline = time.monotonic() + 90
+        while not (waiting := _waiting_pooled(rt)):
+            assert time.monotonic() < deadline, "the server's pool did not fill"
+            time.sleep(0.2)
+        code, s2 = srv.request("POST", "/api/sessions", {"path": "week1/b.ipynb", "type": "notebook",
+                                                          "kernel": {"name": KERNEL_NAME}})
+        assert code == 201, s2
+        kid = s2["kernel"]["id"]
+        (c,) = [c for c in rt.containers() if c.state.labels.get("jupyter-contain.kernel-id") == kid]
+        assert c.id in waiting, "the second session did not get the pooled kernel"
+        ws = srv.channels(kid)
+        try:
+            r = _execute(ws, "import os; print(os.getcwd()); print(os.environ.get('JPY_SESSION_NAME'))")
+        finally:
+            ws.close()
+        cwd, session = r["stdout"].split()
+        assert cwd == str(srv.root / "week1") and session.endswith("week1/b.ipynb"), r
+    finally:
+        srv.stop()
+    assert Runtime(kernel_env.store).containers() == []

@@ -48,10 +48,9 @@ from traitlets import Enum as TEnum
 
 from .. import errors
 from ..runtime import NETWORK_MODES, ExitInfo, Runtime
-from . import containers
+from . import containers, pool
 from .channel import socket_path
 from .containers import KernelOptions
-from . import pool
 from .folder import KernelFolder, SocketPins, kernel_runtime_dir, write_connection_file
 from .start_options import StartLimits, StartOptions, from_kwargs
 from .trace import StartTrace
@@ -188,14 +187,16 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 await self._abandon()
             raise
 
-    async def _pre_launch(self, options: KernelOptions, km: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    async def _pre_launch(self, options: KernelOptions, km: Any, kwargs: dict[str, Any], *,
+                          pooling: bool = True) -> dict[str, Any]:
         kernel_id = str(kwargs.get("kernel_id") or self.kernel_id)
         trace = self._trace = StartTrace(kernel_id)
         loop = asyncio.get_running_loop()
+        given = dict(kwargs)
         extra = kwargs.pop("extra_arguments", [])
         kwargs = await super().pre_launch(**kwargs)   # the kernel's launch environment, finalised
         pooled = None
-        if self._container is None and self._pins is None and self._start_options is None:
+        if pooling and self._container is None and self._pins is None and self._start_options is None:
             # a warm kernel of this kernelspec, if its pool has one (never with per-start options)
             pooled = await loop.run_in_executor(None, self._take_pooled, options, kwargs)
             trace.mark("pool looked up")
@@ -221,7 +222,16 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         await self._start_channel()
         trace.mark("host channel")
         if pooled is not None:
-            await loop.run_in_executor(None, self._hand_out, pooled, options, kwargs, extra)
+            try:
+                await loop.run_in_executor(None, self._hand_out, pooled, options, kwargs, extra)
+            except (errors.ContainError, OSError) as exc:
+                # never seen by a client: removed, and this start goes on cold
+                log.warning("kernel %s: the pooled kernel could not be handed out (%s); starting it cold",
+                            self.kernel_id, exc)
+                await self._abandon()
+                self.container_id, self.folder = None, None
+                km.cleanup_connection_file()
+                return await self._pre_launch(options, km, given, pooling=False)
         else:
             await loop.run_in_executor(None, self._prepare_container, options, kwargs)
             trace.mark("container made" if self._container is not None else "container kept")
