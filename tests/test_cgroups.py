@@ -812,3 +812,105 @@ def test_kernels_get_the_default_unless_the_kernelspec_or_server_says_otherwise(
     # the start dialog's "none" stays "no limit", not the default
     chosen = StartOptions.parse({"memory": "none"}, limits=StartLimits())
     assert KernelOptions.from_config(chosen.apply({"memory": "1g"}), where="k").memory is None
+
+
+# --- v2 controllers, for real (the VM lane; any v2 machine run as root) ------------------------
+
+class RecordingFS(CgroupFS):
+    """The real cgroupfs, noting every write (to show which mechanism was used)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str]] = []
+
+    def write(self, path: Path, value: str) -> None:
+        self.writes.append((path.name, value))
+        super().write(path, value)
+
+
+@pytest.fixture
+def v2real() -> CgroupRoot:
+    root = detect(version=2, parent_name=PREFIX, fs=RecordingFS())
+    if root.version != 2 or not {"memory", "cpu", "pids"} <= root.hierarchies[0].controllers:
+        pytest.skip("no cgroup v2 tree delegating memory, cpu and pids here (the VM lane has one)")
+    return root
+
+
+def test_v2_real_memory_limit_oom_kills_and_is_reported(v2real, make, spawn):
+    c = make("oom", Limits(memory=64 * MiB), v2real)
+    assert (c.paths["unified"] / "memory.max").read_text().strip() == str(64 * MiB)
+    p = spawn("a = bytearray(200 << 20)\nprint('survived')", python=True)
+    c.attach(p.pid)
+    release(p)
+    assert p.wait(timeout=60) == -signal.SIGKILL and p.stdout.read() == b""
+    oom, limit, peak = c.memory_outcome()
+    assert oom and limit == 64 * MiB and peak is not None and 32 * MiB < peak <= 64 * MiB
+    assert c.stats().oom_kills >= 1
+
+
+def test_v2_real_cpu_quota_within_20_percent(v2real, make, spawn):
+    c = make("cpu", Limits(cpus=0.5), v2real)
+    assert (c.paths["unified"] / "cpu.max").read_text().split() == ["50000", "100000"]
+    p = spawn("while :; do :; done")
+    c.attach(p.pid)
+    release(p)
+    time.sleep(0.3)
+    u0, t0 = c.stats().cpu_usage_ns, time.monotonic()
+    time.sleep(2.0)
+    u1, t1 = c.stats().cpu_usage_ns, time.monotonic()
+    throttled = cg.REAL_FS.read_keyed(c.paths["unified"] / "cpu.stat").get("nr_throttled", 0)
+    c.kill_all()
+    ratio = (u1 - u0) / 1e9 / (t1 - t0)
+    assert ratio <= 0.6 and throttled > 0 and ratio > 0.1, (ratio, throttled)
+
+
+def test_v2_real_pids_limit_and_kill_all_through_cgroup_kill(v2real, make, spawn):
+    c = make("bomb", Limits(pids=20), v2real)
+    p = spawn("for i in $(seq 200); do sleep 30 </dev/null >/dev/null 2>&1 & done; echo done; sleep 30")
+    c.attach(p.pid)
+    release(p)
+    deadline = time.monotonic() + 30
+    while c.pids_outcome()[1] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    limit, refused = c.pids_outcome()
+    assert limit == 20 and refused >= 1 and 0 < len(c.pids()) <= 20
+    v2real.fs.writes.clear()
+    c.kill_all()
+    assert c.pids() == [] and p.wait(timeout=5) == -signal.SIGKILL
+    assert ("cgroup.kill", "1") in v2real.fs.writes          # one write, no fork race
+
+
+def test_v2_real_freeze_stops_everything_and_thaws(v2real, make, spawn):
+    c = make("frz", Limits(pids=None), v2real)
+    p = spawn("while :; do :; done & while :; do :; done")
+    c.attach(p.pid)
+    release(p)
+    time.sleep(0.2)
+    c.freeze()
+    ticks = {pid: cpu_ticks(pid) for pid in c.pids()}
+    assert len(ticks) == 2
+    time.sleep(0.3)
+    assert {pid: cpu_ticks(pid) for pid in c.pids()} == ticks, "a frozen process made progress"
+    c.thaw()
+    time.sleep(0.3)
+    assert all(cpu_ticks(pid) > t for pid, t in ticks.items())
+    c.kill_all()
+    assert p.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_v2_real_container_is_born_in_its_cgroup(v2real, image_store):
+    """A container's init is cloned into its cgroup (CLONE_INTO_CGROUP): nobody writes cgroup.procs."""
+    from jupyter_contain.runtime.containers.container import ContainerSpec, Runtime
+    rt = Runtime(image_store, cgroup_root=v2real)
+    c = rt.create(ContainerSpec(image="busybox:test", command=("sleep", "30"), limits=Limits(memory=32 * MiB)))
+    try:
+        v2real.fs.writes.clear()
+        c.start()
+        d = Path(c.state.cgroup["unified"])
+        assert d.parent.name == PREFIX and d.parent.parent == v2real.hierarchies[0].base
+        mount = v2real.hierarchies[0].mountpoint
+        assert Path(f"/proc/{c.pid}/cgroup").read_text().strip() == f"0::/{d.relative_to(mount)}"
+        assert not [w for w in v2real.fs.writes if w[0] == "cgroup.procs"], v2real.fs.writes
+        assert c.stats()["memory_limit"] == 32 * MiB
+    finally:
+        c.remove(force=True)
+    assert not d.exists()
