@@ -33,13 +33,23 @@ from __future__ import annotations
 
 from .base import Cgroups, find_orphans
 from .fs import REAL_FS, CgroupFS
-from .limits import CPU_PERIOD_US, DEFAULT_PIDS_LIMIT, MIN_CPUS, Limits, Stats, parse_cpus, parse_memory
+from .limits import (
+    CPU_PERIOD_US,
+    DEFAULT_MEMORY_CAP,
+    DEFAULT_PIDS_LIMIT,
+    MIN_CPUS,
+    Limits,
+    Stats,
+    default_memory_limit,
+    parse_cpus,
+    parse_memory,
+)
 from .placement import PARENT_NAME, V1_CONTROLLERS, V2_CONTROLLERS, CgroupRoot, Hierarchy, detect
 from .v1 import CgroupsV1
 from .v2 import CgroupsV2
 
 __all__ = [
-    "CPU_PERIOD_US", "DEFAULT_PIDS_LIMIT", "MIN_CPUS", "PARENT_NAME", "REAL_FS", "V1_CONTROLLERS",
+    "CPU_PERIOD_US", "DEFAULT_MEMORY_CAP", "DEFAULT_PIDS_LIMIT", "MIN_CPUS", "PARENT_NAME", "REAL_FS", "V1_CONTROLLERS",
     "V2_CONTROLLERS", "CgroupFS", "CgroupRoot", "Cgroups", "CgroupsV1", "CgroupsV2", "Hierarchy", "Limits",
-    "Stats", "detect", "find_orphans", "parse_cpus", "parse_memory",
+    "Stats", "default_memory_limit", "detect", "find_orphans", "parse_cpus", "parse_memory",
 ]

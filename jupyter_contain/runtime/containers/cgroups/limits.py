@@ -1,7 +1,9 @@
 """What a container may use (:class:`Limits`) and what it used (:class:`Stats`): values only.
 
-Owns parsing Docker's ``--memory``/``--cpus`` forms and checking limits when
-they are built. Must not read or write any file.
+Owns parsing Docker's ``--memory``/``--cpus`` forms, checking limits when
+they are built, and the machine-derived default memory limit for kernels
+(:func:`default_memory_limit`, which reads ``/proc/meminfo`` once). Must not
+read or write any other file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from decimal import Decimal
 from jupyter_contain.errors import InvalidSpec
 
 DEFAULT_PIDS_LIMIT = 512
+#: kernels' default memory limit: this share of the machine's memory...
+DEFAULT_MEMORY_SHARE = 0.5
+#: ...and never more than this
+DEFAULT_MEMORY_CAP = 8 << 30
 CPU_PERIOD_US = 100_000
 #: the kernel refuses a CFS quota below 1 ms
 MIN_CPUS = 0.01
@@ -41,6 +47,29 @@ def parse_memory(text: str) -> int:
     if value <= 0:
         raise InvalidSpec(f"invalid memory size {text!r}: must be more than 0 bytes")
     return value
+
+
+def default_memory_limit(meminfo: str | None = None) -> int:
+    """The memory limit a kernel gets unless its kernelspec or the server says otherwise.
+
+    Half of the machine's memory (``MemTotal``), at most 8 GiB, in whole MiB:
+    a runaway cell (``bytearray(30 << 30)``) then meets its own limit, and the
+    OOM reason reaches the notebook, instead of pushing the whole machine into
+    its OOM killer, which may pick the Jupyter server. Half leaves the other
+    half to the server, the other kernels' working sets and the system (a
+    4 GiB laptop: 2 GiB per kernel); the cap keeps one kernel on a large shared
+    server (30 students on 256 GiB) from taking what others need, while 8 GiB
+    still fits the data sets a notebook usually holds. Not a quota on the sum
+    of kernels: each kernel has its own. ``memory none`` opts out.
+    """
+    if meminfo is None:
+        with open("/proc/meminfo") as f:
+            meminfo = f.read()
+    total = next((int(line.split()[1]) * 1024 for line in meminfo.splitlines()
+                  if line.startswith("MemTotal:")), None)
+    if total is None:
+        return DEFAULT_MEMORY_CAP
+    return min(DEFAULT_MEMORY_CAP, int(total * DEFAULT_MEMORY_SHARE)) // (1 << 20) << 20
 
 
 def parse_cpus(text: str) -> float:
