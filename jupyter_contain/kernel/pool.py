@@ -55,8 +55,8 @@ from .folder import KernelFolder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HANDOUT_FIFO", "PoolSettings", "PooledKernel", "Recipe", "drain", "drain_all", "hand_out",
-           "pool_key", "pools", "take", "wait_ready"]
+__all__ = ["HANDOUT_FIFO", "PoolSettings", "PooledKernel", "Recipe", "default_settings", "drain", "drain_all",
+           "hand_out", "pool_key", "pools", "set_default", "take", "wait_ready"]
 
 #: the FIFO in the kernel folder's read-only part (``ch/``) a pooled kernel waits on
 HANDOUT_FIFO = "handout"
@@ -255,6 +255,18 @@ class _Pool:
 
 _lock = threading.Lock()
 _pools: dict[str, _Pool] = {}
+#: the pool of a kernelspec that names none: none, unless a Jupyter server set one (set_default)
+_default = PoolSettings()
+
+
+def set_default(settings: PoolSettings) -> None:
+    """The pool of kernelspecs that do not set ``pool`` (the server extension's ``ContainApp.kernel_pool``)."""
+    global _default
+    _default = settings
+
+
+def default_settings() -> PoolSettings:
+    return _default
 _wake = threading.Event()
 _thread: threading.Thread | None = None
 _stopping = False
