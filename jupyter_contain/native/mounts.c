@@ -9,7 +9,9 @@
  * (fsopen/fsmount, open_tree, move_mount, mount_setattr); resolving every
  * container path inside the rootfs (openat2 RESOLVE_IN_ROOT: a symlink or
  * ".." in an image can never lead out of it); pivot_root into the rootfs,
- * the hostname and the loopback interface.
+ * the hostname and the loopback interface. And, for the warm pool's hand-out
+ * ("bind-mount", "idmap-bind", "attach-*"), attaching a bind to a running
+ * container (jc_attach_bind, from the caller's side).
  * Must not: plan (rootfs.py made the list; a kind or order this file does not
  * know is an error, never a guess), or reach a host path as container root
  * in a user namespace (the parent made those mounts: idmap.c).
@@ -20,13 +22,16 @@
 #include <net/if.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <linux/openat2.h>
 
 #include "shim.h"
@@ -556,4 +561,133 @@ void jc_enter_rootfs(struct jc_ctx *c)
         jc_fail(c, "sethostname", errno, cfg->hostname);
     if (cfg->loopback_up)
         jc_loopback_up(c);
+}
+
+/* ---- attaching a bind to a running container ------------------------------- */
+
+struct jc_attach {
+    int pidfd;            /* the container's init */
+    int join;             /* CLONE_NEW* to join: CLONE_NEWNS, | CLONE_NEWUSER with a user namespace */
+    int rootfd;           /* O_PATH of the container's root (/proc/PID/root, opened by the caller) */
+    int mntfd;            /* the detached mount */
+    const char *target;
+    char step[32];
+    int err;
+};
+
+/* The helper: a CLONE_VM child with its own fs_struct and fd table copy, so
+ * that setns(CLONE_NEWNS) (refused to a process whose fs_struct is shared,
+ * i.e. any thread of the threaded caller) and setns(CLONE_NEWUSER) (refused
+ * to a thread group of more than one) work. Raw syscalls only, as in
+ * jc_ns_helper_main: it shares the caller's memory; the result goes back
+ * through `a` (the caller reads it after reaping us). */
+static int jc_attach_main(void *arg)
+{
+    struct jc_attach *a = arg;
+    int tfd;
+
+    if (syscall(SYS_setns, a->pidfd, a->join) < 0) {
+        jc_strlcpy(a->step, "attach-setns", sizeof a->step);
+        goto fail;
+    }
+    if (a->join & CLONE_NEWUSER) {
+        /* container root, as the cold start's child is: mount points it makes are
+         * owned by container root, through the writable layer's idmap */
+        if (syscall(SYS_setgroups, (size_t)0, NULL) < 0 || syscall(SYS_setresgid, 0, 0, 0) < 0 ||
+            syscall(SYS_setresuid, 0, 0, 0) < 0) {
+            jc_strlcpy(a->step, "attach-setuid", sizeof a->step);
+            goto fail;
+        }
+    }
+    /* resolved and made inside the container's root: a symlink or ".." the
+     * container planted on the way stays inside it (RESOLVE_IN_ROOT) */
+    tfd = jc_resolve(a->rootfd, a->target, 1);
+    if (tfd < 0) {
+        jc_strlcpy(a->step, "attach-mountpoint", sizeof a->step);
+        goto fail;
+    }
+    if (jc_move_to(a->mntfd, tfd) < 0) {
+        jc_strlcpy(a->step, "attach-move-mount", sizeof a->step);
+        goto fail;
+    }
+    syscall(SYS_exit, 0);
+    return 0;
+fail:
+    a->err = errno ? errno : EIO;
+    syscall(SYS_exit, 1);
+    return 1;
+}
+
+int jc_attach_bind(int pid, const struct jc_mount *m, long ruid, long rgid, struct jc_failure *failure)
+{
+    struct jc_attach a;
+    char path[64];
+    struct stat st;
+    int rec = (m->flags & JC_MF_RECURSIVE) ? AT_RECURSIVE : 0;
+    int mfd = -1, nsfd = -1, ret = 0, status;
+    void *stack = MAP_FAILED;
+    const size_t stack_size = 256 * 1024;
+    long child;
+
+    memset(&a, 0, sizeof a);
+    a.pidfd = a.rootfd = -1;
+    memset(failure, 0, sizeof *failure);
+    /* the bind, made with the caller's (host) credentials, as jc_prep_bind makes it */
+    mfd = open_tree(AT_FDCWD, m->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | rec);
+    if (mfd < 0) {
+        ret = jc_pfail(failure, "bind-mount", errno, m->source);
+        goto out;
+    }
+    if (m->attrs && jc_setattr(mfd, rec != 0, m->attrs) < 0) {
+        ret = jc_pfail(failure, "bind-mount", errno, m->source);
+        goto out;
+    }
+    if ((m->flags & JC_MF_IDMAP) && ruid >= 0) {
+        if (fstat(mfd, &st) < 0 || (nsfd = jc_one_id_userns(st.st_uid, ruid, st.st_gid, rgid)) < 0 ||
+            jc_idmap(mfd, nsfd, rec != 0) < 0) {
+            ret = jc_pfail(failure, "idmap-bind", errno, m->source);
+            goto out;
+        }
+    }
+    a.pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (a.pidfd < 0) {
+        ret = jc_pfail(failure, "pidfd-open", errno, "");
+        goto out;
+    }
+    snprintf(path, sizeof path, "/proc/%d/root", pid);
+    a.rootfd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (a.rootfd < 0) {
+        ret = jc_pfail(failure, "attach-root", errno, path);
+        goto out;
+    }
+    a.join = CLONE_NEWNS | (ruid >= 0 ? CLONE_NEWUSER : 0);
+    a.mntfd = mfd;
+    a.target = m->target;
+    stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) {
+        ret = jc_pfail(failure, "attach-helper", errno, "");
+        goto out;
+    }
+    /* no exit signal: only our waitpid(__WALL) reaps it (see jc_one_id_userns) */
+    child = clone(jc_attach_main, (char *)stack + stack_size, CLONE_VM, &a);
+    if (child < 0) {
+        ret = jc_pfail(failure, "attach-helper", errno, "");
+        goto out;
+    }
+    while (waitpid((pid_t)child, &status, __WALL) < 0 && errno == EINTR)
+        ;
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        ret = jc_pfail(failure, a.step[0] ? a.step : "attach-helper", a.err ? a.err : EIO, m->target);
+out:
+    if (stack != MAP_FAILED)
+        munmap(stack, stack_size);
+    if (a.rootfd >= 0)
+        close(a.rootfd);
+    if (a.pidfd >= 0)
+        close(a.pidfd);
+    if (nsfd >= 0)
+        close(nsfd);
+    if (mfd >= 0)
+        close(mfd);
+    return ret;
 }

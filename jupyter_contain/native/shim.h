@@ -175,7 +175,8 @@ int jc_attach_bind(int pid, const struct jc_mount *m, long ruid, long rgid, stru
  *   idmap.c     id maps: the user namespace's maps, one-id namespaces, and the
  *               detached mounts the parent makes for a child in a user namespace
  *   mounts.c    the mount plan in the child, one function per JC_MOUNT_* kind;
- *               pivot_root, hostname, loopback
+ *               pivot_root, hostname, loopback; jc_attach_bind (a bind into a
+ *               running container: the warm pool's hand-out)
  *   security.c  credentials, capabilities, no_new_privs, seccomp
  *   process.c   the payload and PID 1: stdio, terminal, rlimits, exec, jc-init
  */
