@@ -370,3 +370,20 @@ def test_a_failed_create_leaves_nothing(runtime, monkeypatch):
         after = ({p.name for p in runtime.store.containers_dir.iterdir()}, set(runtime.store.pins()),
                  set(allocator.owners()))
         assert after == before, step   # no folder, no image pin, no user namespace slice
+
+
+def test_state_is_checked_when_built_and_frozen_all_the_way(runtime):
+    import dataclasses
+
+    c = runtime.create(ContainerSpec(image="busybox:test", command=("true",), labels={"k": "v"}))
+    try:
+        st = c.state
+        with pytest.raises(errors.ContainerError, match="unknown status 'paused'"):
+            dataclasses.replace(st, status="paused")
+        with pytest.raises(TypeError):
+            st.labels["k"] = "changed"           # type: ignore[index]
+        with pytest.raises(errors.ContainerError, match="unknown network"):
+            ContainerState.from_json({**json.loads((c.dir / "state.json").read_text()), "network": "overlay"})
+        assert c.state.labels == {"k": "v"}
+    finally:
+        c.remove()

@@ -7,6 +7,8 @@ ended) and the file format: :meth:`ContainerState.to_json` writes format
 files written before the format had a number (the same keys, read as
 version 1), and refuses a newer format with a clear error, so that an older
 jupyter-contain never rewrites (and so loses fields of) a newer one's record.
+A field whose loss would change what a start does (an older reader drops
+what it does not know when it writes the record back) bumps the version.
 
 Must not: read or write files, or decide anything about a container's life
 (``container`` does, under the container's lock). Pure data; no I/O.
@@ -18,6 +20,7 @@ import signal
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from ... import errors
@@ -28,8 +31,11 @@ from .spawn import DEFAULT_CAPABILITIES, ProcessSpec
 
 __all__ = ["STATE_VERSION", "ContainerState", "ExitInfo", "Network", "Status"]
 
-#: the ``state.json`` format this module writes (and the newest it reads)
-STATE_VERSION = 1
+#: the ``state.json`` format this module writes (and the newest it reads).
+#: 1: the first. 2: ``process.capabilities`` (``--cap-add``/``--cap-drop``): a
+#: version-1 reader would write the record back without them, and the
+#: container's next start would get that reader's default set
+STATE_VERSION = 2
 
 Network = Literal["none", "host", "bridge"]
 #: what a state file says; "dead" is never written: a "creating" container
@@ -126,6 +132,19 @@ class ContainerState:
     net: Mapping[str, Any] | None = None
     exit: ExitInfo | None = None
 
+    def __post_init__(self) -> None:
+        # checked when built (a replace() too), so no reader re-checks
+        if self.status not in _WRITTEN_STATUSES:
+            raise errors.ContainerError(f"container {self.id}: unknown status {self.status!r}")
+        if self.network not in ("none", "host", "bridge"):
+            raise errors.ContainerError(f"container {self.id}: unknown network {self.network!r}")
+        # frozen all the way down: the mappings are read-only views of copies
+        object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
+        for name in ("cgroup", "net"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, MappingProxyType(dict(value)))
+
     # --- the file format -----------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
@@ -174,12 +193,8 @@ class ContainerState:
                 f"(up to {STATE_VERSION}): use the newer jupyter-contain that made it")
         try:
             proc = data["process"]
-            status = data["status"]
-            if status not in _WRITTEN_STATUSES:
-                raise ValueError(f"unknown status {status!r}")
+            status = data["status"]            # both checked by __post_init__
             network = data.get("network", "none")
-            if network not in ("none", "host", "bridge"):
-                raise ValueError(f"unknown network {network!r}")
             process = ProcessSpec(
                 argv=tuple(proc["argv"]), env=proc["env"], cwd=proc["cwd"], uid=proc["uid"], gid=proc["gid"],
                 additional_gids=tuple(proc.get("additional_gids", ())), hostname=proc.get("hostname"),
