@@ -11,25 +11,36 @@ the launcher do that), and talks to the runtime through
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import threading
 import time
-import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from .. import errors
 from ..runtime import (
     NETWORK_MODES,
-    Bind, Container, ContainerSpec, ImageRecord, Limits, Runtime, Store, default_memory_limit, parse_bind, parse_cpus,
+    Bind,
+    Container,
+    ContainerSpec,
+    ImageRecord,
+    Limits,
+    Runtime,
+    Store,
+    default_memory_limit,
+    parse_bind,
+    parse_cpus,
     parse_memory,
 )
 from . import guest_files, kernel_layer
 from .channel import KernelContext, parse_allowed_images
 from .folder import KernelFolder, kernel_runtime_dir
+from .kernel_layer import KernelChoice  # by name: the field kernel_layer hides the module in the class
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +95,7 @@ class KernelOptions:
     kernel_layer: str = ""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, where: str = "kernelspec") -> "KernelOptions":
+    def from_config(cls, config: Mapping[str, Any], *, where: str = "kernelspec") -> KernelOptions:
         """Validate ``config``; every problem is an :class:`~jupyter_contain.errors.InvalidSpec` naming it."""
         unknown = sorted(set(config) - OPTION_NAMES)
         if unknown:
@@ -165,7 +176,7 @@ class KernelOptions:
         return cls(**kw)
 
     @property
-    def kernel_choice(self) -> kernel_layer.KernelChoice:
+    def kernel_choice(self) -> KernelChoice:
         return kernel_layer.KernelChoice.parse(self.kernel_layer)
 
     def limits(self) -> Limits:

@@ -31,8 +31,17 @@ import uuid
 from pathlib import Path
 
 import pytest
-from browser_fixtures import IMAGE, KERNEL_DISPLAY_NAME, cell, notebook_json, open_notebook, run_cell, screenshot, \
-    shutdown_kernels, wait_kernel_idle
+from browser_fixtures import (
+    IMAGE,
+    KERNEL_DISPLAY_NAME,
+    cell,
+    notebook_json,
+    open_notebook,
+    run_cell,
+    screenshot,
+    shutdown_kernels,
+    wait_kernel_idle,
+)
 
 from jupyter_contain.kernel import kernelspec
 from jupyter_contain.runtime import Runtime
@@ -384,7 +393,7 @@ def test_recorded_digest_missing_from_the_store_is_pulled_and_installed(page, la
         dialog.wait_for(timeout=120000)
         assert "not in the image store" in dialog.inner_text()
         dialog.locator("button", has_text="Pull recorded image").click()
-        page.wait_for_selector(f".jc-pin:has-text('Installed kernel')", timeout=180000)
+        page.wait_for_selector(".jc-pin:has-text('Installed kernel')", timeout=180000)
         screenshot(page, "pinned-digest-installed")
         specs = {k["name"]: k for k in lab.api("GET", f"{API}/kernelspecs")["kernelspecs"]}
         assert f"pinned-pin-{hex12}" in specs, sorted(specs)
