@@ -81,6 +81,10 @@ class ExitInfo:
         return asdict(self)
 
 
+#: what an ``exit`` record may hold (others, from a newer writer, are ignored)
+_EXIT_FIELDS = frozenset(f.name for f in fields(ExitInfo))
+
+
 @dataclass(frozen=True)
 class ContainerState:
     """Everything ``state.json`` records about one container.
@@ -203,7 +207,6 @@ class ContainerState:
                 capabilities=frozenset(str(c) for c in proc["capabilities"]) if "capabilities" in proc
                 else DEFAULT_CAPABILITIES,
                 rlimits={k: (int(v[0]), int(v[1])) for k, v in (data.get("rlimits") or {}).items()})
-            known = {f.name for f in fields(ExitInfo)}
             exit_ = data.get("exit")
             return cls(
                 id=str(data["id"]), name=str(data["name"]), status=status, created=str(data["created"]),
@@ -224,7 +227,7 @@ class ContainerState:
                 cgroup={str(k): str(v) for k, v in data["cgroup"].items()} if data.get("cgroup") else None,
                 pid=data.get("pid"), pid_start=data.get("pid_start"), started=data.get("started"),
                 net=dict(data["net"]) if data.get("net") else None,
-                exit=ExitInfo(**{k: v for k, v in exit_.items() if k in known}) if exit_ else None,
+                exit=ExitInfo(**{k: v for k, v in exit_.items() if k in _EXIT_FIELDS}) if exit_ else None,
             )
         except errors.ContainerError:
             raise
