@@ -220,7 +220,9 @@ def lab(kernel_env, tmp_path_factory) -> Iterator[Lab]:  # noqa: F811 - kernel_e
             # window.jupyterapp: the helpers ask the app itself whether a kernel is connected and idle
             "--LabApp.expose_app_in_browser=True",
             # the REST API (jupyter_contain.server) works on the test store, never the machine's
-            f"--ContainApp.store_root={kernel_env.store.root}"]
+            f"--ContainApp.store_root={kernel_env.store.root}",
+            # no warm pool: each test's kernels are gone after it (shutdown_kernels waits for their containers)
+            "--ContainApp.kernel_pool=0"]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(argv, cwd=nbdir, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -116,7 +116,10 @@ class ApiServer:
              f"--ServerApp.root_dir={self.root}", "--KernelSpecManager.ensure_native_kernel=False", "--allow-root",
              # enabled by the installed config file too (test_extension_enabled_by_installed_config)
              "--ServerApp.jpserver_extensions=jupyter_contain.server=True",
-             f"--ContainApp.store_root={store.root}", *extra],
+             f"--ContainApp.store_root={store.root}",
+             # no warm pool (its default is one kernel per used kernelspec): a test's containers are its
+             # own; tests/test_pool.py covers the pool through a server
+             "--ContainApp.kernel_pool=0", *extra],
             env=environ, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 90
         while True:
