@@ -459,8 +459,16 @@ int jc_one_id_userns(unsigned long uid_in, long uid_out, unsigned long gid_in, l
 out:
     if (ready_w >= 0)
         close(ready_w);
-    if (h.wait[1] >= 0)
-        close(h.wait[1]); /* EOF: the helper exits */
+    if (h.wait[1] >= 0) {
+        /* a byte, not only EOF: a container child that another thread cloned
+         * meanwhile (no CLONE_FILES: a copy of our fd table) holds a copy of
+         * this write end until it execs, and may be waiting for a release
+         * that thread cannot give until its own helper exits: 30 concurrent
+         * kernel starts deadlocked so (bench_kernel.py --concurrent 30) */
+        b = 0;
+        (void)!write(h.wait[1], &b, 1);
+        close(h.wait[1]);
+    }
     if (pid > 0)
         while (waitpid(pid, &st, __WALL) < 0 && errno == EINTR)
             ;
