@@ -357,7 +357,7 @@ def main() -> int:
         if args.pool_memory:
             n = args.pool_memory
             rss0 = _rss()
-            _km_ready(ksm, "pool-n") if not args.concurrent else None
+            _km_ready(ksm, "pool-n")        # makes the pool (drained after --concurrent)
             pool.wait_ready("pool-n", n, timeout=600)
             time.sleep(2)
             rt = Runtime(store)

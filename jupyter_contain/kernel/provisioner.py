@@ -303,7 +303,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 # milliseconds: return once they are pinned, so that clients connecting now are not
                 # refused and left to ZMQ's reconnect interval (100 ms)
                 self._handed_out = False
-                await loop.run_in_executor(None, self._await_pins, 5.0)
+                await self._await_pins(5.0)
             else:
                 await loop.run_in_executor(None, self._start)
             if self._trace is not None:
@@ -319,11 +319,12 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._exit_recorded = False
         return self.connection_info
 
-    def _await_pins(self, timeout: float) -> None:
+    async def _await_pins(self, timeout: float) -> None:
+        # on the event loop, not in a worker thread: 30 hand-outs at once would hold every worker
         pins, c, t0 = self._pins, self._container, time.monotonic()
         while pins is not None and not pins.complete and c is not None and c.poll() is None \
                 and time.monotonic() - t0 < timeout:
-            time.sleep(0.001)
+            await asyncio.sleep(0.002)
         if self._trace is not None:
             self._trace.mark("sockets bound")
 
