@@ -246,6 +246,97 @@ void jc_close_fds(const int *fds, int n)
 
 /* ---- the child: its steps in order ------------------------------------------ */
 
+/* With a user namespace, the parent's detached mounts come first
+ * (JC_TAG_MOUNT packets, one fd each, into prep); JC_TAG_SETUP follows once
+ * the id maps exist. Anything else: the parent aborted (or died). */
+static void jc_await_setup(struct jc_ctx *c, int *prep)
+{
+    for (;;) {
+        char b = 0;
+        int fd = -1;
+        ssize_t n = jc_recv_tag(c->sync_fd, &b, &fd);
+        if (n == 1 && b == JC_TAG_MOUNT && fd >= 0 && c->n_prep < JC_MAX_PREPARED) {
+            prep[c->n_prep++] = fd;
+            continue;
+        }
+        if (fd >= 0)
+            close(fd);
+        if (n != 1 || b != JC_TAG_SETUP)
+            _exit(JC_EXIT_ABORTED);
+        return;
+    }
+}
+
+/* Before the release: the container's own setup, while the parent records it
+ * (and attaches its network). With cgroup_by_caller only the mounts that do
+ * not depend on the cgroup: meanwhile the parent moves us into it. Nothing
+ * here forks or runs container code, so nothing escapes the limits by running
+ * early. Returns how many mounts of the plan are made. */
+static int jc_setup_before_release(struct jc_ctx *c)
+{
+    const struct jc_config *cfg = c->cfg;
+    int early = 0;
+
+    if (cfg->join_pidfd >= 0)
+        return 0; /* exec: everything happens in the container's namespaces */
+    if (cfg->clone_flags & CLONE_NEWUSER) {
+        c->prepped = !cfg->caller_maps;
+        jc_become_ns_root(c);
+    }
+    if (cfg->clone_flags & CLONE_NEWNS) {
+        if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+            jc_fail(c, "make-private", errno, "/");
+    }
+    if (cfg->cgroup_by_caller) {
+        early = cfg->n_early_mounts < cfg->n_mounts ? cfg->n_early_mounts : cfg->n_mounts;
+        for (int i = 0; i < early; i++)
+            jc_do_mount(c, &cfg->mounts[i]);
+        return early;
+    }
+    /* in its final cgroup already: the namespace's root is that cgroup */
+    if (cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
+        jc_fail(c, "unshare-cgroupns", errno, "");
+    for (int i = 0; i < cfg->n_mounts; i++)
+        jc_do_mount(c, &cfg->mounts[i]);
+    jc_enter_rootfs(c);
+    return cfg->n_mounts;
+}
+
+/* The release byte: the parent attached the cgroup (and the network). */
+static void jc_await_release(struct jc_ctx *c)
+{
+    char b = 0;
+    int fd = -1;
+    ssize_t n = jc_recv_tag(c->sync_fd, &b, &fd);
+    if (fd >= 0)
+        close(fd);
+    if (n != 1 || b != JC_TAG_RELEASE)
+        _exit(JC_EXIT_ABORTED);
+}
+
+/* After the release: exec joins the running container's namespaces; a start
+ * with cgroup_by_caller makes the rest of its mounts (from `done` on), now
+ * in its cgroup. */
+static void jc_setup_after_release(struct jc_ctx *c, int done)
+{
+    const struct jc_config *cfg = c->cfg;
+
+    if (cfg->join_pidfd >= 0) {
+        if (setns(cfg->join_pidfd, cfg->join_flags) < 0)
+            jc_fail(c, "setns", errno, "");
+        if (cfg->join_flags & CLONE_NEWUSER)
+            jc_become_ns_root(c);
+    } else if (cfg->cgroup_by_caller) {
+        /* after the attach: the namespace's root is the container's cgroup */
+        if (cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
+            jc_fail(c, "unshare-cgroupns", errno, "");
+        for (int i = done; i < cfg->n_mounts; i++)
+            jc_do_mount(c, &cfg->mounts[i]);
+        jc_enter_rootfs(c);
+    }
+}
+
+/* The child, from clone3 to the exec of PID 1: the steps in order. */
 JC_NORETURN static void jc_child(const struct jc_config *cfg, int sync_fd, int init_fd, const int *cg_fds)
 {
     int prep[JC_MAX_PREPARED];
@@ -263,8 +354,6 @@ JC_NORETURN static void jc_child(const struct jc_config *cfg, int sync_fd, int i
         .n_files = 0,
     };
     struct jc_ctx *c = &ctx;
-    char b = 0;
-    ssize_t n;
 
     /* stdio setup dup2s onto 0..2: keep the status socket out of the way */
     if (sync_fd < 3) {
@@ -272,25 +361,9 @@ JC_NORETURN static void jc_child(const struct jc_config *cfg, int sync_fd, int i
         if (fd < 0)
             _exit(JC_EXIT_ABORTED);
         close(sync_fd);
-        ctx.sync_fd = sync_fd = fd;
+        ctx.sync_fd = fd;
     }
-
-    /* with a user namespace, the parent's detached mounts come first
-     * (JC_TAG_MOUNT packets, one fd each); JC_TAG_SETUP follows once the id
-     * maps exist */
-    for (;;) {
-        int fd = -1;
-        n = jc_recv_tag(sync_fd, &b, &fd);
-        if (n == 1 && b == JC_TAG_MOUNT && fd >= 0 && ctx.n_prep < JC_MAX_PREPARED) {
-            prep[ctx.n_prep++] = fd;
-            continue;
-        }
-        if (fd >= 0)
-            close(fd);
-        if (n != 1 || b != JC_TAG_SETUP)
-            _exit(JC_EXIT_ABORTED); /* the parent aborted (or died) */
-        break;
-    }
+    jc_await_setup(c, prep);
     /* no Python-level handlers survive, and no SIG_IGN either. Done here,
      * before the payload exists: setting SIGCHLD to SIG_DFL later would
      * discard a SIGCHLD already pending (default action "ignore") */
@@ -299,45 +372,8 @@ JC_NORETURN static void jc_child(const struct jc_config *cfg, int sync_fd, int i
     /* the init executable (init_fd) lives on the host: the parent opened it
      * before the clone, while it is reachable with the host's credentials */
     jc_enter_cgroups(c, cg_fds);
-
-    /* Before the release: the container's own setup, while the parent
-     * records it (and attaches its network). With cgroup_by_caller only the
-     * mounts that do not depend on the cgroup: meanwhile the parent moves us
-     * into it. Nothing here forks or runs container code, so nothing escapes
-     * the limits by running early. */
-    int early = 0;
-    if (cfg->join_pidfd < 0) {
-        if (cfg->clone_flags & CLONE_NEWUSER) {
-            ctx.prepped = !cfg->caller_maps;
-            jc_become_ns_root(c);
-        }
-        if (cfg->clone_flags & CLONE_NEWNS) {
-            if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
-                jc_fail(c, "make-private", errno, "/");
-        }
-        if (cfg->cgroup_by_caller) {
-            early = cfg->n_early_mounts < cfg->n_mounts ? cfg->n_early_mounts : cfg->n_mounts;
-            for (int i = 0; i < early; i++)
-                jc_do_mount(c, &cfg->mounts[i]);
-        } else {
-            /* in its final cgroup already: the namespace's root is that cgroup */
-            if (cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
-                jc_fail(c, "unshare-cgroupns", errno, "");
-            for (int i = 0; i < cfg->n_mounts; i++)
-                jc_do_mount(c, &cfg->mounts[i]);
-            jc_enter_rootfs(c);
-        }
-    }
-
-    /* the release byte: the parent attached the cgroup (and the network) */
-    {
-        int fd = -1;
-        n = jc_recv_tag(sync_fd, &b, &fd);
-        if (fd >= 0)
-            close(fd);
-        if (n != 1 || b != JC_TAG_RELEASE)
-            _exit(JC_EXIT_ABORTED);
-    }
+    int done = jc_setup_before_release(c);
+    jc_await_release(c);
     /* not dumpable from here on: the container cannot read this copy of the
      * parent's memory through /proc/1/{mem,environ,maps} (no CAP_SYS_PTRACE
      * in it). Not before: until the release nothing of the container runs, and
@@ -347,25 +383,11 @@ JC_NORETURN static void jc_child(const struct jc_config *cfg, int sync_fd, int i
      * user namespace of other host ids, becoming its root made us
      * non-dumpable already; root's CAP_SYS_PTRACE reaches us anyway. */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-
-    if (cfg->join_pidfd >= 0) {
-        if (setns(cfg->join_pidfd, cfg->join_flags) < 0)
-            jc_fail(c, "setns", errno, "");
-        if (cfg->join_flags & CLONE_NEWUSER)
-            jc_become_ns_root(c);
-    } else if (cfg->cgroup_by_caller) {
-        /* after the attach: the namespace's root is the container's cgroup */
-        if (cfg->new_cgroupns && unshare(CLONE_NEWCGROUP) < 0)
-            jc_fail(c, "unshare-cgroupns", errno, "");
-        for (int i = early; i < cfg->n_mounts; i++)
-            jc_do_mount(c, &cfg->mounts[i]);
-        jc_enter_rootfs(c);
-    }
+    jc_setup_after_release(c, done);
     if (setsid() < 0 && errno != EPERM)
         jc_fail(c, "setsid", errno, "");
     if (cfg->terminal)
         jc_open_pty(c); /* inside the container: after pivot_root / setns */
-
     jc_start_init(c, init_fd); /* the payload, and PID 1 (process.c) */
 }
 
