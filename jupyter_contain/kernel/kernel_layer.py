@@ -15,7 +15,7 @@ built atomically), and the choice between them:
   binary itself runs in any image -- glibc of any age, musl, or no libc at all
   (busybox) -- with no ``LD_LIBRARY_PATH``, no ``PYTHONHOME``, no wrapper and no
   shell: ``sys.executable`` is a real executable, so ``%pip``, ``subprocess``
-  of ``sys.executable``, ``multiprocessing`` and ``venv`` work, while every
+  of ``sys.executable``, and ``multiprocessing`` work, while every
   other program the kernel starts is the image's, with the image's libc.
   Why not ``ld.so --library-path`` as the kernel's argv: ``sys.executable``
   would then be a binary that cannot be exec'd in the image (``%pip`` runs
