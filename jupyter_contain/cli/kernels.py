@@ -135,7 +135,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _same_rootfs(image, tar) -> bool:
+def _same_rootfs(image: runtime.ImageRecord, tar: Path) -> bool:
     import json
 
     meta = tar.with_suffix(".json")

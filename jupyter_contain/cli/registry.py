@@ -10,9 +10,13 @@ import argparse
 import getpass
 import sys
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from .. import runtime  # lazy: a name loads its module when a verb first uses it
 from ..errors import AuthenticationError
+
+if TYPE_CHECKING:   # the verbs import it when they run
+    from ..runtime.images.progress import ProgressCallback
 
 
 def _registry() -> ModuleType:
@@ -30,7 +34,7 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
-def _progress(args: argparse.Namespace):
+def _progress(args: argparse.Namespace) -> ProgressCallback | None:
     from ..runtime.images.progress import renderer_for
     return None if args.quiet else renderer_for(sys.stderr)
 

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from jupyter_contain.errors import ImageError
 from jupyter_contain.runtime.fsutil import atomic_write, fsync_dir
@@ -583,7 +584,7 @@ def _build_debian(recipe: RootfsRecipe, dest: Path, *, mirror: str | None, say: 
         raise ImageError(f"mmdebstrap failed with exit code {rc}{cause}; last lines:\n{detail}") from error
 
 
-def _filter_tar(stream, dest: Path) -> None:
+def _filter_tar(stream: IO[bytes], dest: Path) -> None:
     """Copy mmdebstrap's tar stream to ``dest``, dropping device nodes and /dev.
 
     The runtime builds a minimal /dev per container; image layers carry none
@@ -675,7 +676,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _jsonable(value):
+def _jsonable(value: Any) -> Any:
     """Mappings/tuples -> plain dicts/lists so recipes hash and serialise stably."""
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}

@@ -36,10 +36,10 @@ MAX_LEVEL = 3 if _isal is not None else 9
 errors: tuple[type[Exception], ...] = (zlib.error, _isal.error) if _isal is not None else (zlib.error,)
 
 
-def compressobj(level: int, wbits: int):  # noqa: ANN201 - the module's own compressobj type
+def compressobj(level: int, wbits: int) -> Any:   # zlib's or ISA-L's compressor object
     """A compressor at ``level`` (clamped to what ``impl`` accepts) writing ``wbits`` framing."""
     return impl.compressobj(min(level, MAX_LEVEL), impl.DEFLATED, wbits)
 
 
-def decompressobj(wbits: int):  # noqa: ANN201
+def decompressobj(wbits: int) -> Any:   # zlib's or ISA-L's decompressor object
     return impl.decompressobj(wbits=wbits)

@@ -32,7 +32,7 @@ import stat
 import tarfile
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol, cast
@@ -184,7 +184,7 @@ class _Inflow(threading.Thread):
     raised in the extractor's thread when it gets there.
     """
 
-    def __init__(self, inner, *, max_size: int, layer: str) -> None:
+    def __init__(self, inner: Readable, *, max_size: int, layer: str) -> None:
         super().__init__(name="unpack-inflate", daemon=True)
         self._read = inner.read
         self._max = max_size
@@ -250,7 +250,7 @@ class _TarStream:
     _KEEP = 64 * 1024
 
     def __init__(self, inflow: _Inflow) -> None:
-        self._get = inflow.queue.get
+        self._get: Callable[[], bytes | BaseException | None] = inflow.queue.get
         self._buf = b""
         self._off = 0
         self._eof = False
@@ -349,7 +349,7 @@ class _TarStream:
             self._buf, self._off = b"", 0
 
 
-def _raiser(exc: BaseException):  # noqa: ANN202
+def _raiser(exc: BaseException) -> Callable[[], bytes]:
     def get() -> bytes:
         raise exc
     return get

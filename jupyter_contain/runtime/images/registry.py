@@ -37,7 +37,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1021,7 +1021,7 @@ class _CountingFile:
             self._f.close()
         return data
 
-    def __iter__(self):  # requests streams iterables; read in 1 MiB pieces
+    def __iter__(self) -> Iterator[bytes]:  # requests streams iterables; read in 1 MiB pieces
         while data := self.read(1 << 20):
             yield data
 
