@@ -318,6 +318,13 @@ def test_newer_state_format_is_refused_and_gc_leaves_it_alone(runtime, caplog):
             removed = runtime.gc()
         assert c.id not in removed and c.dir.exists()
         assert f"gc: left container {c.id[:12]} alone" in caplog.text
+        # ps says so and lists the rest
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+        res = subprocess.run([sys.executable, "-m", "jupyter_contain.cli", "--root", str(runtime.store.root),
+                              "ps", "-a", "--json"], capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert c.id not in {r["id"] for r in json.loads(res.stdout)}
+        assert f"format version {STATE_VERSION + 1}, newer" in res.stderr
         assert json.loads(path.read_text()) == newer               # never rewritten by an older reader
     finally:
         path.write_bytes(original)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import runtime  # lazy: a name loads its module when a verb first uses it
-from ..errors import ContainError, InvalidSpec
+from ..errors import ContainerNotFound, ContainError, InvalidSpec
 from .output import print_containers, print_stats
 
 if TYPE_CHECKING:
@@ -227,7 +227,11 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for c in rt.containers():
         try:
             info = c.info()
-        except ContainError:
+        except ContainerNotFound:
+            continue   # removed meanwhile
+        except ContainError as exc:
+            # a record this version cannot read (a newer jupyter-contain's): said, not shown
+            print(f"jupyter-contain: {exc}", file=sys.stderr)
             continue
         if not args.all and info["status"] != "running":
             continue
