@@ -289,6 +289,21 @@ def test_add_extracts_a_local_tar_keeping_owners(rt, bstore, tmp_path):
     assert tree.lstat("opt/pkg.tar.gz") is None
 
 
+def test_add_extracts_a_zstd_tar(rt, bstore, tmp_path):
+    import zstandard
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("z.txt")
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"zz\n"))
+    ctx = _ctx(tmp_path, "FROM busybox:test\nADD a.tar.zst /z/\n",
+               {"a.tar.zst": zstandard.ZstdCompressor().compress(buf.getvalue())})
+    build(rt, BuildOptions(context=ctx, tags=("zst:1",)))
+    tree, _ = _tree(bstore, "zst:1")
+    assert _read(tree, "z/z.txt") == b"zz\n"
+
+
 def test_add_refuses_a_tar_with_a_device_node(rt, bstore, tmp_path):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as t:

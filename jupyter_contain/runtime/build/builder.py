@@ -1130,12 +1130,18 @@ class _Build:
         fd = tree.open_file(e)
         try:
             with os.fdopen(fd, "rb", closefd=False) as f:
-                mode = {"gz": "r:gz", "bz2": "r:bz2", "xz": "r:xz", "tar": "r:"}[kind]
+                src: Any = f
+                if kind == "zst":
+                    import zstandard
+
+                    src, mode = zstandard.ZstdDecompressor().stream_reader(f), "r|"
+                else:
+                    mode = {"gz": "r:gz", "bz2": "r:bz2", "xz": "r:xz", "tar": "r:"}[kind]
                 try:
-                    with tarfile.open(fileobj=f, mode=mode) as tar:  # type: ignore[call-overload]
+                    with tarfile.open(fileobj=src, mode=mode) as tar:  # type: ignore[call-overload]
                         tar.extraction_filter = _safe_filter
                         tar.extractall(out)
-                except (tarfile.TarError, OSError, EOFError) as err:
+                except (tarfile.TarError, OSError, EOFError, ValueError) as err:
                     raise ins.error(f"cannot extract {e.rel!r}: {err}") from None
         finally:
             os.close(fd)
@@ -1240,7 +1246,7 @@ def _is_url(s: str) -> bool:
 
 
 def _archive_kind(tree: ContextTree, e: Entry) -> str | None:
-    """A tar Docker's ADD extracts (plain, gzip, bzip2, xz), by its first bytes, else None."""
+    """A tar ADD extracts (plain, gzip, bzip2, xz, zstd as moby's archive package), by its first bytes."""
     fd = tree.open_file(e)
     try:
         head = os.pread(fd, 512, 0)
@@ -1252,6 +1258,8 @@ def _archive_kind(tree: ContextTree, e: Entry) -> str | None:
         return "bz2"
     if head.startswith(b"\xfd7zXZ\x00"):
         return "xz"
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return "zst"
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "tar"
     return None
