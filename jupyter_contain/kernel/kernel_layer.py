@@ -530,13 +530,13 @@ def _build_layer(tar_path: Path, dest: Path, say: Progress) -> dict:
             for soname in names:
                 if soname in libs:
                     continue
-                m = next((r for d in lib_dirs if (r := resolve(f"{d}/{soname}")) is not None), None)
-                if m is None:
+                lib = next((r for d in lib_dirs if (r := resolve(f"{d}/{soname}")) is not None), None)
+                if lib is None:
                     if soname in _PRELOAD:
                         continue   # not in this image: nothing to preload
                     raise errors.KernelError(f"the bootstrap image has no {soname} (needed by the kernel layer)")
-                libs[soname] = m
-                todo.append(read(m))
+                libs[soname] = lib
+                todo.append(read(lib))
         for soname, m in sorted(libs.items()):
             put(f"lib/{soname}", m)
         (dest / "usr/pip.conf").write_text(_PIP_CONF)
