@@ -279,8 +279,10 @@ def main() -> int:
                                              config={"store_root": str(store.root), "pool": 1,
                                                      **json.loads(args.contained_config)}),
             "pool-n": kernelspec.kernel_json(image=image, display_name="bench pool of N",
-                                             config={"store_root": str(store.root),
-                                                     "pool": max(args.concurrent, args.pool_memory, 1),
+                                             config={"store_root": str(store.root), "pool": max(args.concurrent, 1),
+                                                     **json.loads(args.contained_config)}),
+            "pool-m": kernelspec.kernel_json(image=image, display_name="bench idle pool",
+                                             config={"store_root": str(store.root), "pool": max(args.pool_memory, 1),
                                                      **json.loads(args.contained_config)}),
             "local": {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                       "display_name": "bench local", "language": "python"},
@@ -357,8 +359,8 @@ def main() -> int:
         if args.pool_memory:
             n = args.pool_memory
             rss0 = _rss()
-            _km_ready(ksm, "pool-n")        # makes the pool (drained after --concurrent)
-            pool.wait_ready("pool-n", n, timeout=600)
+            _km_ready(ksm, "pool-m")        # makes the pool
+            pool.wait_ready("pool-m", n, timeout=600)
             time.sleep(2)
             rt = Runtime(store)
             mem = [c.stats()["memory_current"] or 0 for c in rt.containers()

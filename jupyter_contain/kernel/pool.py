@@ -51,7 +51,7 @@ from .. import errors
 from ..runtime import Bind, Container, Runtime, parse_memory
 from . import containers, guest_files
 from .containers import KernelOptions
-from .folder import KernelFolder
+from .folder import KernelFolder, write_connection_file
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +69,26 @@ _MAX_MESSAGE = 60 * 1024
 
 #: how a cold start's boot line (``containers.kernel_command``) ends: ipykernel starts
 LAUNCH_TAIL = "from ipykernel.kernelapp import launch_new_instance; launch_new_instance()"
-#: what a pooled kernel's boot does instead: ipykernel imported before the wait (what
-#: IPKernelApp.initialize imports anyway, so the hand-out only binds and builds the shell), then the
-#: kernel's environment, working directory and arguments read from the hand-out FIFO
+#: what a pooled kernel's boot does instead: ipykernel imported and initialised (its sockets bound on
+#: the pool's connection file, its shell built, the guest extension loaded), then it waits for the
+#: hand-out (the kernel's environment and working directory) and only starts its event loop
 POOL_TAIL = (
-    "import json, os, ipykernel.kernelapp, ipykernel.ipkernel, ipykernel.zmqshell; "
+    "import json, os; from ipykernel.kernelapp import IPKernelApp as _A; "
+    "_app = _A.instance(); _app.initialize(%(argv)r); "
     "f = open(%(fifo)r, 'rb'); m = json.loads(f.read() or b'null'); f.close(); "
     "m or sys.exit(0); "
-    "os.environ.clear(); os.environ.update(m['env']); os.chdir(m['cwd']); sys.argv[1:] = m['argv']; "
-    + LAUNCH_TAIL
+    "os.environ.clear(); os.environ.update(m['env']); os.chdir(m['cwd']); "
+    # IPython's directory history (_dh) began where the kernel was made: it begins at the notebook
+    "_dh = getattr(_app, 'shell', None) and _app.shell.user_ns.get('_dh'); "
+    "isinstance(_dh, list) and _dh.__setitem__(slice(None), [m['cwd']]); "
+    "_app.start()"
 )
+#: the ipc "ports" of every pooled kernel: names of its sockets in its own socket tmpfs and of the
+#: host's links in its own folder, so they never collide; the kernel manager takes them at hand-out
+POOL_PORTS = (1, 2, 3, 4, 5)
 
 
-def pool_command(options: KernelOptions, fifo: str) -> list[str] | None:
+def pool_command(options: KernelOptions, fifo: str, connection_file: str) -> list[str] | None:
     """The pooled kernel's argv: a cold start's Python and boot line, waiting for the hand-out at the end.
 
     Made from :func:`containers.kernel_command` so that whatever a cold start
@@ -96,7 +103,8 @@ def pool_command(options: KernelOptions, fifo: str) -> list[str] | None:
     boot = cold[i + 1]
     if not boot.endswith(LAUNCH_TAIL):
         return None
-    return [*cold[:i], "-c", boot[: -len(LAUNCH_TAIL)] + POOL_TAIL % {"fifo": fifo}]
+    argv = guest_argv(connection_file, ())
+    return [*cold[:i], "-c", boot[: -len(LAUNCH_TAIL)] + POOL_TAIL % {"fifo": fifo, "argv": argv}]
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,8 @@ class PooledKernel:
     made: float
     #: the environment its process started with (the hand-out replaces the per-kernel part)
     env: Mapping[str, str] = field(default_factory=dict)
+    #: the HMAC key of its connection file (its ports are :data:`POOL_PORTS`): the kernel manager's at hand-out
+    key: str = ""
 
     def waiting(self) -> bool:
         """Whether the kernel's Python has imported ipykernel and waits on its FIFO (read in /proc)."""
@@ -270,6 +280,10 @@ def default_settings() -> PoolSettings:
 _wake = threading.Event()
 _thread: threading.Thread | None = None
 _stopping = False
+#: refills wait this long after the last hand-out: a burst of starts (a class clicking at once)
+#: gets the CPU first; 30 hand-outs with refills running beside them took 6.3 s (p50), see the README
+REFILL_QUIET = 2.0
+_last_take = 0.0
 
 
 def pools() -> dict[str, tuple[str, int, int]]:
@@ -306,9 +320,10 @@ def take(recipe: Recipe, runtime: Runtime) -> PooledKernel | None:
         log.info("pool: kernelspec %s or its image changed: draining %d pooled kernel(s)",
                  p.recipe.kernel_name, len(p.ready))
         _close(p)
+    global _last_take
     got = None
     with pool.lock:
-        pool.last_demand = time.monotonic()
+        pool.last_demand = _last_take = time.monotonic()
         while pool.ready:
             pk = pool.ready.popleft()
             if pk.alive():
@@ -410,6 +425,9 @@ def _refill_loop() -> None:
         now = time.monotonic()
         for p in pools_now:
             _expire(p, now)
+        if now - _last_take < REFILL_QUIET:
+            busy = True
+            continue
         warming = sum(1 for p in pools_now for k in list(p.ready) if not k.waiting())
         for p in pools_now:
             with p.lock:
@@ -473,7 +491,7 @@ def _make(p: _Pool) -> PooledKernel:
         os.mkfifo(fifo, 0o600)
         os.chmod(fifo, 0o644)   # the image's kernel user reads it through the idmapped ch/
         env = {**r.env, "JUPYTER_CONTAIN_KERNEL_ID": pool_id, "JUPYTER_CONTAIN_KERNEL_DIR": folder.inside}
-        cmd = pool_command(r.options, f"{folder.inside}/{HANDOUT_FIFO}")
+        cmd = pool_command(r.options, f"{folder.inside}/{HANDOUT_FIFO}", folder.connection_file_inside)
         if cmd is None:
             raise errors.KernelError("this kernel's boot line cannot wait for a hand-out")
         c = containers.create_container(p.runtime, r.options, kernel_id=pool_id, folder=folder,
@@ -481,9 +499,18 @@ def _make(p: _Pool) -> PooledKernel:
                                         kernel_name=r.kernel_name)
         try:
             c.amend(labels={POOL_LABEL: r.key})
+            key = secrets.token_hex(32)
+            info = {"shell_port": POOL_PORTS[0], "iopub_port": POOL_PORTS[1], "stdin_port": POOL_PORTS[2],
+                    "control_port": POOL_PORTS[3], "hb_port": POOL_PORTS[4], "ip": folder.kernel_ip, "key": key,
+                    "transport": "ipc", "signature_scheme": "hmac-sha256", "kernel_name": r.kernel_name}
+
+            def connection(pinned: Mapping[str, int]) -> None:
+                # as a cold start's: through the socket tmpfs pinned before the container runs anything
+                write_connection_file(pinned[folder.sockets_inside], info, owner=c.process_host_ids())
+
             null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                c.start(stdio=(null, 1, 2), pin=[folder.sockets_inside])
+                c.start(stdio=(null, 1, 2), pin=[folder.sockets_inside], prepare=connection)
             finally:
                 os.close(null)
         except BaseException:
@@ -493,24 +520,22 @@ def _make(p: _Pool) -> PooledKernel:
         folder.remove()
         raise
     log.debug("pool %s: pooled kernel %s started (container %s)", r.kernel_name, pool_id, c.id[:12])
-    return PooledKernel(container=c, folder=folder, pool_id=pool_id, made=time.monotonic(), env=env)
+    return PooledKernel(container=c, folder=folder, pool_id=pool_id, made=time.monotonic(), env=env, key=key)
 
 
 # --- the hand-out ---------------------------------------------------------------------
 
 
 def hand_out(pk: PooledKernel, *, kernel_id: str, options: KernelOptions, env: Mapping[str, str],
-             cwd: str | None, argv: Sequence[str], cold_cmd: Sequence[str],
-             write_connection: Callable[[Mapping[str, int]], None], kernel_name: str,
+             cwd: str | None, cold_cmd: Sequence[str], kernel_name: str,
              trace: Callable[[str], None] = lambda _: None, timeout: float = 30.0) -> None:
     """Make the pooled kernel ``pk`` kernel ``kernel_id`` (worker thread; the provisioner owns it after).
 
-    ``env``: the kernel's environment as a cold start computes it; ``argv``:
-    ipykernel's arguments (connection file, extension, the client's extras);
-    ``cold_cmd``: the command a cold start would run, recorded for restarts;
-    ``write_connection(pinned)``: writes the connection file into the
-    socket tmpfs (pinned when the container started). On any failure the
-    caller removes the kernel (it was never seen by a client).
+    ``env``: the kernel's environment as a cold start computes it;
+    ``cold_cmd``: the command a cold start would run, recorded for restarts
+    (the connection file it names is the pooled one's: same folder, and the
+    kernel manager took its ports and key). On any failure the caller
+    removes the kernel (it was never seen by a client).
     """
     c = pk.container
     workdir = None
@@ -524,11 +549,10 @@ def hand_out(pk: PooledKernel, *, kernel_id: str, options: KernelOptions, env: M
     full = {k: v for k, v in st.process.env.items() if k not in pk.env}
     full.update(env)
     cwd_inside = workdir or st.process.cwd
-    write_connection({p: c.pinned(p) for p in (pk.folder.sockets_inside,)})
     c.amend(argv=cold_cmd, env=full, cwd=cwd_inside,
             labels={"jupyter-contain.kernel-id": kernel_id, "jupyter-contain.kernel-name": kernel_name,
                     POOL_LABEL: ""})
-    msg = json.dumps({"env": full, "cwd": cwd_inside, "argv": list(argv)}).encode()
+    msg = json.dumps({"env": full, "cwd": cwd_inside}).encode()
     if len(msg) > _MAX_MESSAGE:
         raise errors.KernelError(f"the kernel's environment is too large for a pooled start ({len(msg)} bytes)")
     _send(pk.folder.channel_dir / HANDOUT_FIFO, msg, alive=pk.alive, timeout=timeout)

@@ -198,7 +198,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         pooled = None
         if pooling and self._container is None and self._pins is None and self._start_options is None:
             # a warm kernel of this kernelspec, if its pool has one (never with per-start options)
-            pooled = await loop.run_in_executor(None, self._take_pooled, options, kwargs)
+            pooled = await loop.run_in_executor(None, self._take_pooled, options, kwargs, extra)
             trace.mark("pool looked up")
         if pooled is not None:
             self.folder = pooled.folder
@@ -208,6 +208,10 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             # a restart keeps its folder (a pooled kernel's is named after its pool slot)
             self.folder = KernelFolder.make(self.folder.kernel_id if self.folder is not None else kernel_id)
         if self._pins is None:
+            if pooled is not None:
+                # the pooled kernel listens already: its ports (socket names) and HMAC key become the manager's
+                (km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port) = pool.POOL_PORTS
+                km.session.key = pooled.key.encode()
             # the host's side: ipc paths in the host-only links folder, pinned to the kernel's sockets
             km.transport = "ipc"
             km.ip = self.folder.host_ip
@@ -237,13 +241,14 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             trace.mark("container made" if self._container is not None else "container kept")
         return kwargs
 
-    def _take_pooled(self, options: KernelOptions, kwargs: dict[str, Any]) -> pool.PooledKernel | None:
+    def _take_pooled(self, options: KernelOptions, kwargs: dict[str, Any],
+                     extra: list[str]) -> pool.PooledKernel | None:
         """A pooled kernel for this start, if the kernelspec has a pool holding one (worker thread)."""
         settings = (pool.PoolSettings.from_config(self.pool, where=self._where()) if self.pool is not None
                     else pool.default_settings())
         rt = self._runtime()
-        if settings.size <= 0 or rt.rootless:
-            return None
+        if settings.size <= 0 or rt.rootless or extra:
+            return None   # a pooled kernel is initialised already: a client's extra arguments need a cold one
         containers.gc_once(rt, logger=self.log)
         image = containers.resolve_image(rt, options)
         env = containers.kernel_env(options, kernel_id=str(self.kernel_id), folder=KernelFolder(Path("/")),
@@ -261,9 +266,8 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         env = containers.kernel_env(options, kernel_id=str(self.kernel_id), folder=self.folder,
                                     launch_env=kwargs.get("env") or {}, spec_env=self.kernel_spec.env or {})
         pool.hand_out(pk, kernel_id=str(self.kernel_id), options=options, env=env, cwd=kwargs.get("cwd"),
-                      argv=pool.guest_argv(self.folder.connection_file_inside, extra), cold_cmd=kwargs["cmd"],
-                      write_connection=self._write_connection_file,
-                      kernel_name=getattr(self.parent, "kernel_name", "") or "", trace=self._trace.mark)
+                      cold_cmd=kwargs["cmd"], kernel_name=getattr(self.parent, "kernel_name", "") or "",
+                      trace=self._trace.mark if self._trace is not None else lambda _: None)
         c = pk.container
         self._pins.watch(c.pinned(self.folder.sockets_inside), alive=lambda: c.poll() is None)
         self._handed_out = True
