@@ -62,6 +62,7 @@ PEER_SCRIPT = r"""
 while read -r cmd a b; do
   case "$cmd" in
     run) crun run -b "$a" "$b" </dev/null >/dev/null 2>&1 & ;;
+    kill) crun kill "$a" KILL >/dev/null 2>&1 ;;
     wait) wait; echo done ;;
   esac
 done
@@ -234,10 +235,12 @@ class CrunAnchor:
         try:
             _first_reply(kc, 120)
             t = time.perf_counter() - t0
-            kc.wait_for_ready(120)   # every channel connected: the shutdown request must arrive
-            kc.shutdown()
         finally:
             kc.stop_channels()
+            # not a shutdown request: the control channel may not be connected yet, and a lost
+            # request would leave the container running (and the peer's `wait` with it)
+            self.peer.stdin.write(f"kill {cid}\n")
+            self.peer.stdin.flush()
         self.peer.stdin.write("wait\n")
         self.peer.stdin.flush()
         assert self.peer.stdout.readline().strip() == "done"

@@ -4,16 +4,18 @@ Owns: the pool settings a kernelspec (or the server's config) gives
 (:class:`PoolSettings`), which starts a pooled kernel may serve (:func:`pool_key`:
 same kernelspec file, image digest, options and environment, so that a start
 with other per-start options gets a cold start), the pooled kernels themselves
-(a container started with the image's Python, the guest and ipykernel imported,
-blocked on a FIFO in its folder's read-only part), the background refill
-(paced: at most one container made at a time and no more kernels warming
-than there are cores; none while the host is short of memory or its memory
-pressure stalls, nor beyond the pool's memory budget), idle expiry, draining
-(a changed kernelspec or image, :func:`drain_all` at server shutdown and at
-exit), and the hand-out (:func:`hand_out`): the notebook folder attached at
-its path in the running container, the kernel's environment and working
-directory, the container's record amended so that a restart runs the kernel
-as a cold start would, then the FIFO message that lets it bind its sockets.
+(a container started with the image's Python running the cold start's boot
+line up to ipykernel's ``initialize``, on a connection file of the pool's, then
+blocked on a FIFO in its folder's read-only part before its event loop
+starts), the background refill (paced: at most one container made at a time,
+no more kernels warming than there are cores, none within
+:data:`REFILL_QUIET` of a hand-out; none while the host is short of memory or
+its memory pressure stalls, nor beyond the pool's memory budget), idle
+expiry, draining (a changed kernelspec or image, :func:`drain_all` at server
+shutdown and at exit), and the hand-out (:func:`hand_out`): the notebook
+folder attached at its path in the running container, the container's record
+amended so that a restart runs the kernel as a cold start would, then the
+FIFO message (environment, working directory) that lets it start.
 
 Must not: start, signal or wait for a kernel once handed out (the provisioner
 owns it from then on, as it owns a cold one), hand a kernel out twice (a
@@ -217,7 +219,10 @@ class PooledKernel:
 
     def waiting(self) -> bool:
         """Whether the kernel's Python has imported ipykernel and waits on its FIFO (read in /proc)."""
-        pid = self.container.pid
+        try:
+            pid = self.container.pid
+        except errors.ContainError:   # removed meanwhile (expired, drained)
+            return False
         if pid is None:
             return False
         try:
@@ -228,7 +233,10 @@ class PooledKernel:
             return False
 
     def alive(self) -> bool:
-        return self.container.attached and self.container.poll() is None
+        try:
+            return self.container.attached and self.container.poll() is None
+        except errors.ContainError:
+            return False
 
     def discard(self) -> None:
         try:
@@ -411,60 +419,71 @@ def _memory_ok(settings: PoolSettings) -> tuple[bool, str]:
 
 
 def _refill_loop() -> None:
-    said: dict[str, str] = {}
-    busy = False
+    """The refill thread: never ends on an error (a pool that cannot refill leaves starts cold)."""
+    state: dict[str, Any] = {"said": {}, "busy": False}
     while True:
-        # while kernels warm up, look again soon: the next refill waits for one of them
-        _wake.wait(0.1 if busy else 1.0)
-        _wake.clear()
-        busy = False
-        with _lock:
-            if _stopping:
+        try:
+            if not _refill_once(state):
                 return
-            pools_now = list(_pools.values())
-        now = time.monotonic()
-        for p in pools_now:
-            _expire(p, now)
-        if now - _last_take < REFILL_QUIET:
-            busy = True
+        except Exception:
+            log.exception("pool: refill")
+            time.sleep(1.0)
+
+
+def _refill_once(state: dict[str, Any]) -> bool:
+    """One round of the refill thread (at most one pooled kernel made); False once it should stop."""
+    said: dict[str, str] = state["said"]
+    # while kernels warm up or starts come in, look again soon
+    _wake.wait(0.1 if state["busy"] else 1.0)
+    _wake.clear()
+    state["busy"] = False
+    with _lock:
+        if _stopping:
+            return False
+        pools_now = list(_pools.values())
+    now = time.monotonic()
+    for p in pools_now:
+        _expire(p, now)
+    if now - _last_take < REFILL_QUIET:
+        state["busy"] = True
+        return True
+    warming = sum(1 for p in pools_now for k in list(p.ready) if not k.waiting())
+    for p in pools_now:
+        with p.lock:
+            need = p.wanted(now) - len(p.ready) - p.making
+        if need <= 0:
             continue
-        warming = sum(1 for p in pools_now for k in list(p.ready) if not k.waiting())
-        for p in pools_now:
-            with p.lock:
-                need = p.wanted(now) - len(p.ready) - p.making
-            if need <= 0:
-                continue
-            # pacing: one container made at a time, and no more kernels importing than cores
-            if warming >= (os.cpu_count() or 1):
-                busy = True
-                break
-            ok, why = _memory_ok(p.recipe.settings)
-            if not ok:
-                if said.get(p.recipe.key) != why:
-                    log.info("pool %s: not refilling: %s", p.recipe.kernel_name, why)
-                    said[p.recipe.key] = why
-                continue
-            said.pop(p.recipe.key, None)
-            with p.lock:
-                p.making += 1
-            try:
-                pk = _make(p)
-            except Exception as exc:   # a pool that cannot fill must never hurt the server: cold starts
-                log.warning("pool %s: could not start a pooled kernel: %s", p.recipe.kernel_name, exc)
-                with p.lock:
-                    p.making -= 1
-                    p.closed = True    # no retry loop; the next change of the kernelspec makes a new pool
-                continue
+        # pacing: one container made at a time, and no more kernels importing than cores
+        if warming >= (os.cpu_count() or 1):
+            state["busy"] = True
+            return True
+        ok, why = _memory_ok(p.recipe.settings)
+        if not ok:
+            if said.get(p.recipe.key) != why:
+                log.info("pool %s: not refilling: %s", p.recipe.kernel_name, why)
+                said[p.recipe.key] = why
+            continue
+        said.pop(p.recipe.key, None)
+        with p.lock:
+            p.making += 1
+        try:
+            pk = _make(p)
+        except Exception as exc:   # a pool that cannot fill must never hurt the server: cold starts
+            log.warning("pool %s: could not start a pooled kernel: %s", p.recipe.kernel_name, exc)
             with p.lock:
                 p.making -= 1
-                keep = not p.closed
-                if keep:
-                    p.ready.append(pk)
-            if not keep:
-                pk.discard()
-            warming += 1
-            _wake.set()   # more to do: come back at once
-            break
+                p.closed = True    # no retry loop; the next change of the kernelspec makes a new pool
+            continue
+        with p.lock:
+            p.making -= 1
+            keep = not p.closed
+            if keep:
+                p.ready.append(pk)
+        if not keep:
+            pk.discard()
+        _wake.set()   # more to do: come back at once
+        return True
+    return True
 
 
 def _expire(p: _Pool, now: float) -> None:
