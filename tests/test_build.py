@@ -671,3 +671,22 @@ def test_special_files_in_the_context_are_left_out_never_opened(rt, bstore, tmp_
     tree, _ = _tree(bstore, "special:1")
     assert _read(tree, "ctx/plain") == b"p\n"
     assert tree.lstat("ctx/fifo") is None
+
+
+@pytest.mark.parametrize("order", ["dir-then-link", "link-then-dir"])
+def test_a_symlink_in_one_source_cannot_carry_another_source_s_files_out(rt, bstore, tmp_path, order):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    ctx = _ctx(tmp_path, "", {"withdir/x/evil": "evil\n"})
+    (ctx / "withlink").mkdir()
+    os.symlink(str(outside), ctx / "withlink" / "x")   # absolute, to a host folder
+    srcs = "withdir/ withlink/" if order == "dir-then-link" else "withlink/ withdir/"
+    (ctx / "Containerfile").write_text(f"FROM busybox:test\nCOPY {srcs} /dst/\n")
+    build(rt, BuildOptions(context=ctx, tags=(f"escape:{order}",)))
+    assert list(outside.iterdir()) == []   # nothing written through the link
+    tree, _ = _tree(bstore, f"escape:{order}")
+    x = tree.lstat("dst/x")
+    if order == "dir-then-link":   # the later source wins, as in Docker
+        assert stat.S_ISLNK(x.st_mode) and tree.readlink("dst/x") == str(outside)
+    else:
+        assert stat.S_ISDIR(x.st_mode) and _read(tree, "dst/x/evil") == b"evil\n"

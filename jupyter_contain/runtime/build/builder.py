@@ -1079,7 +1079,8 @@ class _Build:
         if dest_is_dir and real_dest and (dst_st is None):
             # the destination folder itself, made by this step (owned by --chown's user, as BuildKit does)
             plan_.insert(0, filesmod.Planned(real_dest, "dir", 0o755, *(owner or (0, 0)), filesmod.fixed_mtime()))
-        plan_.sort(key=lambda p: p.dest.encode("utf-8", "surrogateescape"))
+        # (kept in source order: a later source replaces an earlier one, as in Docker; the layer's
+        # tar sorts its entries anyway)
 
         def undo() -> None:
             for c in reversed(cleanups):

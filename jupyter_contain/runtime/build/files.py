@@ -28,7 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BuildError
+from ..fsutil import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
 from .context import Entry
+
+_BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
 _CHUNK = 1 << 20
 
@@ -131,13 +134,31 @@ class ParentMeta:
 
 def write_layer(stage: Path, plan: Sequence[Planned], *, parent_meta: Callable[[str], ParentMeta | None],
                 new_dir_owner: tuple[int, int] = (0, 0), progress: Callable[[int], None] | None = None) -> None:
-    """Write ``plan`` into ``stage`` (a fresh private folder) in overlay form.
+    """Write ``plan`` into ``stage`` (a fresh private folder) in overlay form, in the plan's order.
 
     ``parent_meta(rel)``: what the image has at a parent folder (its
-    metadata is kept in the layer), None where the build creates it.
+    metadata is kept in the layer), None where the build creates it. A later
+    entry replaces an earlier one at the same path, as Docker's copy of one
+    source after another does. The plan comes from untrusted input (a
+    context may hold a symlink ``x -> /etc`` in one source and ``x/file`` in
+    another): every entry is made relative to its parent folder opened
+    beneath ``stage`` with no symlink followed, so nothing lands outside it.
     """
     made_dirs: dict[str, tuple[int, int, int, int]] = {}   # rel -> mode, uid, gid, mtime (set at the end)
     fixed = fixed_mtime()
+    root = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def open_dir(rel: str, flags: int = os.O_PATH) -> int:
+        if not rel:
+            return os.dup(root)
+        try:
+            return openat2(root, rel, flags | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, _BENEATH)
+        except OSError as e:
+            raise BuildError(f"/{rel}: not a folder where the copy needs one ({e.strerror})") from None
+
+    def forget_below(rel: str) -> None:
+        for d in [d for d in made_dirs if d == rel or d.startswith(rel + "/")]:
+            del made_dirs[d]
 
     def ensure_parent(rel: str) -> None:
         parent = posixpath.dirname(rel)
@@ -147,72 +168,90 @@ def write_layer(stage: Path, plan: Sequence[Planned], *, parent_meta: Callable[[
             parent = posixpath.dirname(parent)
         for d in reversed(chain):
             meta = parent_meta(d)
-            if meta is None:
-                made_dirs[d] = (0o755, *new_dir_owner, fixed)
-            else:
-                made_dirs[d] = (meta.mode, meta.uid, meta.gid, meta.mtime)
-            p = stage / d
+            made_dirs[d] = (0o755, *new_dir_owner, fixed) if meta is None else \
+                (meta.mode, meta.uid, meta.gid, meta.mtime)
+            pfd = open_dir(posixpath.dirname(d))
+            name = posixpath.basename(d)
             try:
-                st = os.lstat(p)
-                if not stat.S_ISDIR(st.st_mode):
-                    os.unlink(p)
-                    os.mkdir(p, 0o700)
-            except FileNotFoundError:
-                os.mkdir(p, 0o700)
-
-    for item in plan:
-        if not item.dest:
-            continue   # the root itself
-        ensure_parent(item.dest)
-        target = stage / item.dest
-        try:
-            st = os.lstat(target)
-        except FileNotFoundError:
-            st = None
-        if st is not None and not (stat.S_ISDIR(st.st_mode) and item.kind == "dir"):
-            # a later source replaces an earlier one at the same path (as Docker's copy does)
-            if stat.S_ISDIR(st.st_mode):
-                import shutil
-                shutil.rmtree(target)
-            else:
-                os.unlink(target)
-            st = None
-        if item.kind == "dir":
-            if st is None:
-                os.mkdir(target, 0o700)
-            made_dirs[item.dest] = (item.mode, item.uid, item.gid, item.mtime)
-        elif item.kind == "symlink":
-            os.symlink(item.link, target)
-            os.lchown(target, item.uid, item.gid)
-            os.utime(target, (item.mtime, item.mtime), follow_symlinks=False)
-        else:
-            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                if item.data is not None:
-                    os.write(out, item.data)
-                    written = len(item.data)
-                else:
-                    src = item.open()
-                    try:
-                        written = _copy(src, out)
-                    finally:
-                        os.close(src)
-                if item.entry is not None and written != item.size:
-                    raise BuildError(f"{item.entry.rel!r} changed size while the build copied it")
-                os.fchown(out, item.uid, item.gid)
-                os.fchmod(out, item.mode)
-                os.utime(out, (item.mtime, item.mtime))
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        os.unlink(name, dir_fd=pfd)
+                        os.mkdir(name, 0o700, dir_fd=pfd)
+                except FileNotFoundError:
+                    os.mkdir(name, 0o700, dir_fd=pfd)
             finally:
-                os.close(out)
-            if progress is not None:
-                progress(written)
-    # folders last, deepest first: writing into a folder changes its mtime
-    for rel in sorted(made_dirs, key=lambda r: r.count("/"), reverse=True):
-        mode, uid, gid, mtime = made_dirs[rel]
-        p = stage / rel
-        os.lchown(p, uid, gid)
-        os.chmod(p, mode)
-        os.utime(p, (mtime, mtime), follow_symlinks=False)
+                os.close(pfd)
+
+    try:
+        for item in plan:
+            if not item.dest:
+                continue   # the root itself
+            ensure_parent(item.dest)
+            pfd = open_dir(posixpath.dirname(item.dest))
+            name = posixpath.basename(item.dest)
+            try:
+                try:
+                    st: os.stat_result | None = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and not (stat.S_ISDIR(st.st_mode) and item.kind == "dir"):
+                    # a later source replaces an earlier one at the same path (as Docker's copy does)
+                    if stat.S_ISDIR(st.st_mode):
+                        import shutil
+                        shutil.rmtree(name, dir_fd=pfd)  # type: ignore[call-arg]  # fd-based: no symlink followed
+                        forget_below(item.dest)
+                    else:
+                        os.unlink(name, dir_fd=pfd)
+                    st = None
+                if item.kind == "dir":
+                    if st is None:
+                        os.mkdir(name, 0o700, dir_fd=pfd)
+                    made_dirs[item.dest] = (item.mode, item.uid, item.gid, item.mtime)
+                elif item.kind == "symlink":
+                    os.symlink(item.link, name, dir_fd=pfd)
+                    os.chown(name, item.uid, item.gid, dir_fd=pfd, follow_symlinks=False)
+                    os.utime(name, (item.mtime, item.mtime), dir_fd=pfd, follow_symlinks=False)
+                else:
+                    written = _write_file(pfd, name, item)
+                    if progress is not None:
+                        progress(written)
+            finally:
+                os.close(pfd)
+        # folders last, deepest first: writing into a folder changes its mtime
+        for rel in sorted(made_dirs, key=lambda r: r.count("/"), reverse=True):
+            mode, uid, gid, mtime = made_dirs[rel]
+            fd = open_dir(rel, os.O_RDONLY)
+            try:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, mode)
+                os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root)
+
+
+def _write_file(pfd: int, name: str, item: Planned) -> int:
+    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+    try:
+        if item.data is not None:
+            os.write(out, item.data)
+            written = len(item.data)
+        else:
+            src = item.open()
+            try:
+                written = _copy(src, out)
+            finally:
+                os.close(src)
+        if item.entry is not None and written != item.size:
+            raise BuildError(f"{item.entry.rel!r} changed size while the build copied it")
+        os.fchown(out, item.uid, item.gid)
+        os.fchmod(out, item.mode)
+        os.utime(out, (item.mtime, item.mtime))
+    finally:
+        os.close(out)
+    return written
 
 
 def _copy(src: int, dst: int) -> int:
