@@ -85,6 +85,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .. import runtime
     from ..runtime.build.builder import BuildOptions, build
 
+    if args.pull not in ("missing", "always", "never"):
+        if args.context is not None:
+            raise BuildError(f"--pull {args.pull!r}: missing, always or never")
+        # `build --pull CONTEXT`, docker build's boolean --pull: the word was the context
+        args.context, args.pull = args.pull, "always"
+    if args.context is None:
+        raise BuildError("give the build context folder (CONTEXT)")
     context = Path(args.context)
     text = None
     cf = None
@@ -136,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "runs in a sandboxed container (network none unless --network); COPY/ADD read only CONTEXT "
                     "(less what .containerignore or .dockerignore exclude). Names without a registry go under "
                     "localhost/.")
-    p.add_argument("context", metavar="CONTEXT", help="the build context folder")
+    p.add_argument("context", metavar="CONTEXT", nargs="?", help="the build context folder")
     p.add_argument("-t", "--tag", action="append", metavar="NAME[:TAG]", help="name the image (repeatable)")
     p.add_argument("-f", "--file", metavar="FILE", help="the Containerfile (default: CONTEXT/Containerfile or "
                                                         "CONTEXT/Dockerfile; - reads standard input)")
@@ -146,8 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--network", choices=["none", "bridge", "host"], default="none",
                    help="network of RUN steps (default none)")
     p.add_argument("--no-cache", action="store_true", help="run every step (the results still fill the cache)")
-    p.add_argument("--pull", choices=["missing", "always", "never"], default="missing", nargs="?", const="always",
-                   help="pull base images: missing (default), always (--pull alone), never")
+    p.add_argument("--pull", default="missing", nargs="?", const="always", metavar="missing|always|never",
+                   help="pull base images: missing (default), always (--pull alone, as docker build --pull), never")
     p.add_argument("--platform", metavar="OS/ARCH", help="only this machine's platform can be built")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label on the image (repeatable)")
     p.add_argument("--iidfile", metavar="FILE", help="write the image id to FILE")
