@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 def _reporter(progress: str, quiet: bool, out: TextIO) -> object:
-    from ..runtime.build.builder import Reporter
+    from ..runtime.build import Reporter
 
     class Lines(Reporter):
         """One line per step, its result after it; RUN output as it comes (``plain``); ``tty``
@@ -83,7 +83,7 @@ def _key_values(items: list[str], what: str, *, env_fallback: bool = False) -> d
 
 def cmd_build(args: argparse.Namespace) -> int:
     from .. import runtime
-    from ..runtime.build.builder import BuildOptions, build
+    from ..runtime.build import BuildOptions, build
 
     if args.pull not in ("missing", "always", "never"):
         if args.context is not None:

@@ -60,7 +60,7 @@ class BuildMagics(Magics):
     def containerfile(self, line: str, cell: str) -> None:
         """Build the cell as a Containerfile and tag the image (see %%containerfile with no arguments)."""
         from ..runtime import Runtime, Store
-        from ..runtime.build.builder import BuildOptions, Reporter, build
+        from ..runtime.build import BuildOptions, Reporter, build
 
         try:
             args = _parser().parse_args(shlex.split(line))
