@@ -470,16 +470,15 @@ def v2root() -> CgroupRoot:
 
 
 def test_v2_real_core_files(v2root, make, spawn):
-    own = v2root.hierarchies[0].own
-    delegated = set((own / "cgroup.subtree_control").read_text().split())
-    if "pids" not in delegated:
+    base = v2root.hierarchies[0].base      # our own cgroup, or the ancestor that delegates
+    if "pids" not in v2root.hierarchies[0].controllers:
         # e.g. this machine's controller-less unified mount: the error says what to delegate
         with pytest.raises(CgroupError, match=r"pids.*subtree_control"):
             Cgroups.create("v2real", Limits(), root=v2root)
-        assert not (own / PREFIX).exists()
+        assert not (base / PREFIX).exists()
     c = make("v2real", Limits(pids=None), v2root)
     d = c.paths["unified"]
-    assert d == own / PREFIX / "v2real" and set(c.paths) == {"unified"}
+    assert d == base / PREFIX / "v2real" and set(c.paths) == {"unified"}
     p = spawn("while :; do :; done")
     c.attach(p.pid)
     assert c.pids() == [p.pid]
@@ -875,7 +874,8 @@ def test_v2_real_pids_limit_and_kill_all_through_cgroup_kill(v2real, make, spawn
     assert limit == 20 and refused >= 1 and 0 < len(c.pids()) <= 20
     v2real.fs.writes.clear()
     c.kill_all()
-    assert c.pids() == [] and p.wait(timeout=5) == -signal.SIGKILL
+    # the shell itself may have given up already (exit 2: "can't fork"); its sleepers are what is left
+    assert c.pids() == [] and p.wait(timeout=5) in (-signal.SIGKILL, 2)
     assert ("cgroup.kill", "1") in v2real.fs.writes          # one write, no fork race
 
 

@@ -868,8 +868,8 @@ def test_join_with_a_terminal(box: Box) -> None:
 # --- the container's own cgroup at /sys/fs/cgroup -------------------------------------
 
 def test_own_cgroup_v1_mounted_read_only(box: Box) -> None:
-    line = next(ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in ln)
-    if line.split(":")[1] != "memory":
+    line = next((ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in ln), "0::/")
+    if line.split(":")[1] != "memory":   # also cgroup v2 only (the VM lane)
         pytest.skip("no separate cgroup v1 memory hierarchy")
     mine = Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")
     if not mine.is_dir():

@@ -309,11 +309,16 @@ def test_probe_denials(runtime, tmp_path, probe_dir):
     # without the filter the same calls get past the syscall entry: the filter is what refused them
     assert free["unshare_user"] == 0 and free["clone_newuser"] == 0
     assert free["personality_addr_no_randomize"] == 0
-    # (reboot, kexec_load and init_module check their capability first on most kernels: for those,
-    # test_program_decisions_x86_64 shows the program refuses them)
-    passed = {k: free[k] for k in denied if k not in ("reboot", "kexec_load", "init_module")}
+    # (reboot, kexec_load and init_module check their capability first on most kernels, and so
+    # does open_by_handle_at before 6.9 (CAP_DAC_READ_SEARCH; seen on 6.1 in the VM lane): for
+    # those, test_program_decisions_x86_64 shows the program refuses them)
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    first = ("reboot", "kexec_load", "init_module") + (("open_by_handle_at",) if release < (6, 9) else ())
+    passed = {k: free[k] for k in denied if k not in first}
     assert EPERM not in passed.values(), passed
-    assert free["clone3"] == EINVAL and free["listmount"] not in (EPERM, ENOSYS)
+    assert free["clone3"] == EINVAL
+    # listmount is new in 6.8: before, the kernel itself has none
+    assert free["listmount"] not in (EPERM, ENOSYS) if release >= (6, 8) else free["listmount"] == ENOSYS
 
 
 def test_busybox_denied_and_allowed(runtime, tmp_path):

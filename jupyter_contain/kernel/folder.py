@@ -81,12 +81,28 @@ SOCKET_TMPFS = {"size": 64 * 1024, "nr_inodes": 128}
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
 
 
+_OLD_KERNEL_RUN_DIR = Path("/var/lib/jupyter-contain/run")
+
+
+def _kernel_release() -> tuple[int, int]:
+    try:
+        major, minor = os.uname().release.split("-")[0].split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (99, 0)
+
+
 def kernel_runtime_dir() -> Path:
     """Per-kernel folders live here (short paths: unix socket paths are limited to 107 bytes)."""
     base = os.environ.get("JUPYTER_CONTAIN_RUN_DIR")
     if base:
         return Path(base)
     if os.geteuid() == 0:
+        # The kernel's channel folder is bound in idmapped (one id), and tmpfs (/run) takes
+        # idmapped mounts only since Linux 6.3: before that (Debian 12's 6.1, seen in the VM
+        # lane: idmap-bind EINVAL) the folders go to the store's disk (ext4, xfs, btrfs take them)
+        if _kernel_release() < (6, 3):
+            return _OLD_KERNEL_RUN_DIR
         return Path("/run/jupyter-contain")
     xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/jupyter-contain-{os.geteuid()}"
     return Path(xdg) / "jupyter-contain"
@@ -127,7 +143,13 @@ class KernelFolder:
 
     @property
     def inside(self) -> str:
-        """The folder's path inside the container (the same as on the host: short, and known to the guest)."""
+        """The folder's path inside the container (the same as on the host: short, and known to the guest).
+
+        Root's folders on kernels before 6.3 live on the store's disk (see
+        :func:`kernel_runtime_dir`): inside they keep the usual ``/run/jupyter-contain/<id>``.
+        """
+        if self.base.parent == _OLD_KERNEL_RUN_DIR:
+            return f"/run/jupyter-contain/{self.base.name}"
         return str(self.base)
 
     @property

@@ -174,11 +174,27 @@ static void jc_overlay_legacy(struct jc_ctx *c, const struct jc_mount *m)
         n += l_;                                                      \
         data[n] = 0;                                                  \
     } while (0)
+    /* Many long layer paths do not fit in the page: name them by fds instead
+     * (overlayfs follows /proc/self/fd/N to the directory; 16 bytes a layer) */
+    size_t total = 0;
+    for (int i = 0; i < m->n_lowerdirs; i++)
+        total += strlen(m->lowerdirs[i]) + 1;
+    int by_fd = total > cap / 2, nfd = 0;
+    int fds[m->n_lowerdirs > 0 ? m->n_lowerdirs : 1];
     JC_APPEND("lowerdir=");
     for (int i = 0; i < m->n_lowerdirs; i++) {
         if (i)
             JC_APPEND(":");
-        JC_APPEND(m->lowerdirs[i]);
+        if (by_fd) {
+            char fdpath[32] = "/proc/self/fd/";
+            fds[nfd] = open(m->lowerdirs[i], O_PATH | O_DIRECTORY | O_CLOEXEC);
+            if (fds[nfd] < 0)
+                jc_fail(c, "mount-rootfs", errno, m->lowerdirs[i]);
+            jc_utoa(fdpath + strlen(fdpath), (unsigned)fds[nfd++]);
+            JC_APPEND(fdpath);
+        } else {
+            JC_APPEND(m->lowerdirs[i]);
+        }
     }
     if (m->upperdir) {
         JC_APPEND(",upperdir=");
@@ -197,6 +213,8 @@ static void jc_overlay_legacy(struct jc_ctx *c, const struct jc_mount *m)
 #undef JC_APPEND
     if (mount("overlay", m->target, "overlay", 0, data) < 0)
         jc_fail(c, "mount-rootfs", errno, m->target);
+    for (int i = 0; i < nfd; i++)
+        close(fds[i]);
 }
 
 static void jc_mount_overlay(struct jc_ctx *c, const struct jc_mount *m)
@@ -222,7 +240,9 @@ static void jc_mount_overlay(struct jc_ctx *c, const struct jc_mount *m)
     } else {
         for (int i = 0; i < m->n_lowerdirs; i++) {
             if (fsconfig(fsfd, FSCONFIG_SET_STRING, "lowerdir+", m->lowerdirs[i], 0) < 0) {
-                if (i == 0 && errno == EINVAL) { /* kernel without lowerdir+ */
+                /* kernel without lowerdir+ (6.5-6.7: refused at once; before 6.5 the
+                 * old-style parser takes it as text until its page is full) */
+                if (errno == EINVAL) {
                     close(fsfd);
                     fsfd = -1;
                     break;

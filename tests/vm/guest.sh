@@ -62,8 +62,10 @@ for m in overlay veth bridge br_netfilter nf_tables nft_nat nft_masq nft_chain_n
     modprobe "$m" 2>/dev/null || say "module $m not loaded"
 done
 
-# --- network: loopback only (tests make their own namespaces and bridges) --------------------
+# --- network: loopback and a dummy NIC (tests make their own namespaces and bridges) ---------
 ip link set lo up
+# a NIC as every machine has one (tests count the host's interfaces), with no way out of the guest
+modprobe dummy 2>/dev/null && ip link add eth0 type dummy && ip link set eth0 up
 hostname vm-lane
 
 # --- cgroups as systemd lays them out -----------------------------------------------------
