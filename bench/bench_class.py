@@ -56,10 +56,13 @@ async def start_class(ksm: KernelSpecManager, name: str, n: int, cwd: Path) -> t
     clients = []
 
     async def one(i: int, t0: float) -> float:
-        km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-        kms.append(km)
         folder = cwd / f"s{i:02}"
         folder.mkdir(parents=True, exist_ok=True)
+        # ipc, as contained kernels use: 30 local kernels picking free TCP ports at once collide
+        # ("Address already in use": a kernel dies before its first reply)
+        km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm, transport="ipc",
+                                ip=str(folder / "k"))
+        kms.append(km)
         await km.start_kernel(cwd=str(folder))
         kc = km.client()
         clients.append(kc)
