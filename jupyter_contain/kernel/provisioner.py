@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Any as TAny
 from traitlets import Bool, Dict, Float, Int, List, Unicode
@@ -52,6 +53,7 @@ from . import containers, pool
 from .channel import socket_path
 from .containers import KernelOptions
 from .folder import KernelFolder, SocketPins, kernel_runtime_dir, write_connection_file
+from .pool import PooledKernel  # by name: the traitlet ``pool`` hides the module in the class
 from .start_options import StartLimits, StartOptions, from_kwargs
 from .trace import StartTrace
 
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ContainedProvisioner", "kernel_runtime_dir"]
 
 
-class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+class ContainedProvisioner(KernelProvisionerBase):
     """Start each kernel in its own container from an OCI image."""
 
     image = Unicode("debian:bookworm", config=True, help="Image the kernel container starts from.")
@@ -242,7 +244,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return kwargs
 
     def _take_pooled(self, options: KernelOptions, kwargs: dict[str, Any],
-                     extra: list[str]) -> pool.PooledKernel | None:
+                     extra: list[str]) -> PooledKernel | None:
         """A pooled kernel for this start, if the kernelspec has a pool holding one (worker thread)."""
         settings = (pool.PoolSettings.from_config(self.pool, where=self._where()) if self.pool is not None
                     else pool.default_settings())
@@ -259,7 +261,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                                spec_file=Path(spec_dir) / "kernel.json" if spec_dir else None)
         return pool.take(recipe, rt)
 
-    def _hand_out(self, pk: pool.PooledKernel, options: KernelOptions, kwargs: dict[str, Any],
+    def _hand_out(self, pk: PooledKernel, options: KernelOptions, kwargs: dict[str, Any],
                   extra: list[str]) -> None:
         """Make the pooled kernel this one (worker thread): folder, env, cwd, connection file, then go."""
         assert self.folder is not None and self._pins is not None
@@ -299,7 +301,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             env=env, cwd=kwargs.get("cwd"), kernel_name=getattr(self.parent, "kernel_name", "") or "")
         self.container_id = self._container.id
 
-    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         loop = asyncio.get_running_loop()
         try:
             if self._handed_out:
@@ -493,7 +495,7 @@ class ContainedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.container_id = provisioner_info.get("container_id")
         kd = provisioner_info.get("kernel_dir")
         self.folder = KernelFolder.make(Path(kd).name) if kd else None
-        if self.folder is not None and self.folder.base != Path(kd):
+        if self.folder is not None and kd and self.folder.base != Path(kd):
             raise errors.KernelError(f"kernel folder {kd} is not under {kernel_runtime_dir()}")
         self._kernel_info = provisioner_info.get("kernel_info")
         chosen = provisioner_info.get("start_options")
