@@ -288,6 +288,7 @@ def default_settings() -> PoolSettings:
 _wake = threading.Event()
 _thread: threading.Thread | None = None
 _stopping = False
+_at_exit = False
 #: refills wait this long after the last hand-out: a burst of starts (a class clicking at once)
 #: gets the CPU first; 30 hand-outs with refills running beside them took 6.3 s (p50), see the README
 REFILL_QUIET = 2.0
@@ -307,7 +308,7 @@ def take(recipe: Recipe, runtime: Runtime) -> PooledKernel | None:
     its image changed) are drained. A pool is made on the first demand and
     filled in the background.
     """
-    global _thread
+    global _thread, _at_exit
     if recipe.settings.size <= 0:
         return None
     stale: list[_Pool] = []
@@ -322,6 +323,9 @@ def take(recipe: Recipe, runtime: Runtime) -> PooledKernel | None:
         if pool is None:
             pool = _pools[recipe.key] = _Pool(recipe, runtime)
         if _thread is None or not _thread.is_alive():
+            if not _at_exit:
+                _at_exit = True
+                atexit.register(drain_all)   # a process that made pooled kernels removes them when it ends
             _thread = threading.Thread(target=_refill_loop, name="jc-pool", daemon=True)
             _thread.start()
     for p in stale:
@@ -380,8 +384,6 @@ def drain_all() -> int:
         _stopping = False
     return n
 
-
-atexit.register(drain_all)
 
 
 def _close(p: _Pool) -> int:
