@@ -220,7 +220,8 @@ def test_escape_probes_as_a_rootless_user(lone_user, probe):
         "| sed 's/:/=/'; "
         "echo x > /proc/sys/kernel/hostname 2>/dev/null; echo sysctl=$?; "
         "echo h > /proc/sysrq-trigger 2>/dev/null; echo sysrq=$?; "
-        "head -c1 /proc/kcore >/dev/null 2>&1; echo kcore=$?; "
+        # masked: nothing comes out (an open of the /dev/null over it may succeed: 6.1 lets it)
+        "head -c1 /proc/kcore 2>/dev/null | grep -q .; echo kcore=$?; "
         "mknod /tmp/blk b 8 0 2>/dev/null; echo mknod=$?; "
         "mount -t tmpfs none /mnt 2>/dev/null; echo mount=$?; "
         "echo pids=$(cd /proc && ls -d [0-9]* | tr '\\n' ,); echo init=$(cat /proc/1/comm); "

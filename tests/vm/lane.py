@@ -67,11 +67,18 @@ def prepare(cache: Path = CACHE) -> str:
             (cache / "tree" / "lib" / "modules" / have / "modules.dep").is_file():
         return have
     cache.mkdir(parents=True, exist_ok=True)
-    dep = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True, check=True)
-    pkg = next((ln.split(":", 1)[1].strip() for ln in dep.stdout.splitlines()
-                if ln.strip().startswith("Depends:") and "linux-image-" in ln), None)
+    def kernel_package() -> str | None:
+        dep = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True,
+                             check=False)
+        return next((ln.split(":", 1)[1].strip() for ln in dep.stdout.splitlines()
+                     if ln.strip().startswith("Depends:") and "linux-image-" in ln), None)
+
+    pkg = kernel_package()
+    if pkg is None:   # a machine whose package lists were never fetched
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        pkg = kernel_package()
     if pkg is None:
-        raise SystemExit(f"apt-cache names no kernel for linux-image-amd64:\n{dep.stdout}")
+        raise SystemExit("apt-cache names no kernel package for linux-image-amd64 (is this Debian 12?)")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         subprocess.run(["apt-get", "download", "-q", pkg], cwd=tmp, check=True,
                        stdout=subprocess.DEVNULL)
