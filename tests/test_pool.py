@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ def no_pool_left(kernel_env, kernel_runtime):
     """Every test drains what it pooled (before kernel_runtime's own check); then nothing pooled remains."""
     yield
     pool.drain_all()
+    for d in kernel_env.kernels_dir.glob("t-pool*"):   # a server started later would fill their pools
+        shutil.rmtree(d)
     rt = Runtime(kernel_env.store)
     left = [c.id[:12] for c in rt.containers() if c.state.labels.get(POOL_LABEL)]
     folders = [p.name for p in kernel_runtime_dir().glob("pool-*")] if kernel_runtime_dir().is_dir() else []
@@ -319,6 +322,27 @@ def test_pool_through_jupyter_server(tmp_path, kernel_env, kernel_runtime):
             ws.close()
         cwd, session = r["stdout"].split()
         assert cwd == str(srv.root / "week1") and session.endswith("week1/b.ipynb"), r
+    finally:
+        srv.stop()
+    assert Runtime(kernel_env.store).containers() == []
+
+
+def test_server_fills_a_kernelspecs_own_pool_at_its_start(tmp_path, kernel_env, kernel_runtime):
+    """A kernelspec that sets ``pool`` is warm before its first start: the server fills it when it starts."""
+    from test_kernel_server import Server
+
+    name = make_spec(kernel_env, "t-pool7", pool=1)
+    srv = Server(tmp_path, kernel_env)
+    try:
+        rt = Runtime(kernel_env.store)
+        deadline = time.monotonic() + 90
+        while not (waiting := _waiting_pooled(rt)):
+            assert time.monotonic() < deadline, "the server did not fill the kernelspec's pool"
+            time.sleep(0.2)
+        code, k = srv.request("POST", "/api/kernels", {"name": name})
+        assert code == 201, k
+        (c,) = [c for c in rt.containers() if c.state.labels.get("jupyter-contain.kernel-id") == k["id"]]
+        assert c.id in waiting, "the first start did not get the pooled kernel"
     finally:
         srv.stop()
     assert Runtime(kernel_env.store).containers() == []

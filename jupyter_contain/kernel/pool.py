@@ -58,7 +58,7 @@ from .folder import KernelFolder, write_connection_file
 log = logging.getLogger(__name__)
 
 __all__ = ["HANDOUT_FIFO", "PoolSettings", "PooledKernel", "Recipe", "default_settings", "drain", "drain_all",
-           "hand_out", "pool_key", "pools", "set_default", "take", "wait_ready"]
+           "hand_out", "pool_key", "pools", "prefill", "prefill_kernelspecs", "set_default", "take", "wait_ready"]
 
 #: the FIFO in the kernel folder's read-only part (``ch/``) a pooled kernel waits on
 HANDOUT_FIFO = "handout"
@@ -344,6 +344,62 @@ def take(recipe: Recipe, runtime: Runtime) -> PooledKernel | None:
             threading.Thread(target=pk.discard, daemon=True).start()
     _wake.set()
     return got
+
+
+def prefill(recipe: Recipe, runtime: Runtime) -> None:
+    """Make ``recipe``'s pool now, before any start (the server's start: kernelspecs that set ``pool``)."""
+    global _thread, _at_exit
+    if recipe.settings.size <= 0:
+        return
+    with _lock:
+        if _stopping or recipe.key in _pools:
+            return
+        _pools[recipe.key] = _Pool(recipe, runtime)
+        if _thread is None or not _thread.is_alive():
+            if not _at_exit:
+                _at_exit = True
+                atexit.register(drain_all)
+            _thread = threading.Thread(target=_refill_loop, name="jc-pool", daemon=True)
+            _thread.start()
+    log.info("pool %s: filling %d kernel(s) ahead of the first start", recipe.kernel_name, recipe.settings.size)
+    _wake.set()
+
+
+def prefill_kernelspecs(kernel_spec_manager: Any, parent: Any) -> list[str]:
+    """Fill the pools of every contained kernelspec that sets ``pool`` itself (at a server's start).
+
+    Made as its first start would make it: a provisioner of the kernelspec
+    under a kernel manager of ``parent`` (so the server's configuration
+    applies), with the server's environment as the launch environment.
+    Kernelspecs without their own ``pool`` (the server default) fill at
+    their first start instead: a server with many kernelspecs would
+    otherwise start one kernel for each of them at every start. Returns the
+    kernelspec names; a kernelspec that fails is logged and skipped.
+    """
+    import uuid
+
+    from jupyter_client.manager import KernelManager
+    from jupyter_client.provisioning import KernelProvisionerFactory
+
+    from .kernelspec import PROVISIONER_NAME
+
+    done = []
+    for name, info in sorted(kernel_spec_manager.get_all_specs().items()):
+        prov_cfg = ((info.get("spec") or {}).get("metadata") or {}).get("kernel_provisioner") or {}
+        if prov_cfg.get("provisioner_name") != PROVISIONER_NAME or not (prov_cfg.get("config") or {}).get("pool"):
+            continue
+        try:
+            km = KernelManager(kernel_name=name, kernel_spec_manager=kernel_spec_manager, parent=parent)
+            prov = KernelProvisionerFactory.instance(parent=parent).create_provisioner_instance(
+                str(uuid.uuid4()), km.kernel_spec, parent=km)
+            warm = getattr(prov, "warm_pool", None)
+            if warm is None:
+                continue
+            warm()
+            done.append(name)
+        except Exception as exc:   # a pool is an optimisation: the kernelspec still starts cold
+            log.warning("pool %s: not filled ahead: %s", name, exc)
+    return done
 
 
 def wait_ready(kernel_name: str, n: int, *, timeout: float = 60.0) -> bool:

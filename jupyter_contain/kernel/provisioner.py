@@ -53,7 +53,7 @@ from . import containers, pool
 from .channel import socket_path
 from .containers import KernelOptions
 from .folder import KernelFolder, SocketPins, kernel_runtime_dir, write_connection_file
-from .pool import PooledKernel  # by name: the traitlet ``pool`` hides the module in the class
+from .pool import PooledKernel, Recipe  # by name: the traitlet ``pool`` hides the module in the class
 from .start_options import StartLimits, StartOptions, from_kwargs
 from .trace import StartTrace
 
@@ -243,23 +243,41 @@ class ContainedProvisioner(KernelProvisionerBase):
             trace.mark("container made" if self._container is not None else "container kept")
         return kwargs
 
-    def _take_pooled(self, options: KernelOptions, kwargs: dict[str, Any],
-                     extra: list[str]) -> PooledKernel | None:
-        """A pooled kernel for this start, if the kernelspec has a pool holding one (worker thread)."""
+    def _pool_recipe(self, options: KernelOptions, launch_env: dict[str, str]) -> Recipe | None:
+        """This kernelspec's pool recipe for a start with ``launch_env`` (None: no pool for it)."""
         settings = (pool.PoolSettings.from_config(self.pool, where=self._where()) if self.pool is not None
                     else pool.default_settings())
         rt = self._runtime()
-        if settings.size <= 0 or rt.rootless or extra:
-            return None   # a pooled kernel is initialised already: a client's extra arguments need a cold one
+        if settings.size <= 0 or rt.rootless:
+            return None
         containers.gc_once(rt, logger=self.log)
         image = containers.resolve_image(rt, options)
         env = containers.kernel_env(options, kernel_id=str(self.kernel_id), folder=KernelFolder(Path("/")),
-                                    launch_env=kwargs.get("env") or {}, spec_env=self.kernel_spec.env or {})
+                                    launch_env=launch_env, spec_env=self.kernel_spec.env or {})
         spec_dir = getattr(self.kernel_spec, "resource_dir", None)
-        recipe = pool.pool_key(kernel_name=getattr(self.parent, "kernel_name", "") or "", options=options,
-                               settings=settings, env=env, image_digest=image.digest,
-                               spec_file=Path(spec_dir) / "kernel.json" if spec_dir else None)
-        return pool.take(recipe, rt)
+        return pool.pool_key(kernel_name=getattr(self.parent, "kernel_name", "") or "", options=options,
+                             settings=settings, env=env, image_digest=image.digest,
+                             spec_file=Path(spec_dir) / "kernel.json" if spec_dir else None)
+
+    def _take_pooled(self, options: KernelOptions, kwargs: dict[str, Any],
+                     extra: list[str]) -> PooledKernel | None:
+        """A pooled kernel for this start, if the kernelspec has a pool holding one (worker thread)."""
+        if extra:
+            return None   # a pooled kernel is initialised already: a client's extra arguments need a cold one
+        recipe = self._pool_recipe(options, kwargs.get("env") or {})
+        return pool.take(recipe, self._runtime()) if recipe is not None else None
+
+    def warm_pool(self) -> None:
+        """Fill this kernelspec's pool before its first start (blocking: may pull the image).
+
+        The launch environment is the one a start by this process would
+        give: its own environment (``KernelProvisionerBase.pre_launch``).
+        """
+        env = dict(os.environ)
+        self._finalize_env(env)
+        recipe = self._pool_recipe(self.options(), env)
+        if recipe is not None:
+            pool.prefill(recipe, self._runtime())
 
     def _hand_out(self, pk: PooledKernel, options: KernelOptions, kwargs: dict[str, Any],
                   extra: list[str]) -> None:

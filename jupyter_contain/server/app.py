@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
@@ -93,6 +94,10 @@ class ContainApp(ExtensionApp):
         from ..kernel import pool
 
         pool.set_default(pool.PoolSettings(size=max(0, self.kernel_pool)))
+        # kernelspecs that set a pool of their own fill it now, in the background (a class's kernelspec
+        # with pool 30 is ready before the first student clicks); the others at their first start
+        threading.Thread(target=pool.prefill_kernelspecs, args=(sa.kernel_spec_manager, sa.kernel_manager),
+                         name="jc-pool-prefill", daemon=True).start()
         store = Store(self.store_root or None)
         if self.switch_interval > 0:
             # a pull runs 4-5 threads that take the GIL in turns of the switch interval; the loop's
