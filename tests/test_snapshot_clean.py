@@ -243,6 +243,19 @@ def test_kernel_snapshot_by_magic_and_cli_leave_history_out(jupyter_path, kernel
         assert "opt/made-by-kernel.txt" in names
         assert not any("history.sqlite" in n or "/security" in n for n in names), names
 
+        # the widget: its summary says what is left out; "Keep runtime state" keeps it
+        out = run_cell(kc, "from jupyter_contain_guest import snapshot_widget\n"
+                           "w = snapshot_widget()\n"
+                           "print('Left out' in w.summary.value, 'history.sqlite' in w.summary.value)\n"
+                           f"w.tag.value = 'clean-widget-{os.getpid()}:1'\n"
+                           "w.keep_state.value = True\n"
+                           "w.button._click_handlers(w.button)\n"
+                           "print(w.progress.bar_style, w.image)\n", timeout=120)
+        assert out["stdout"].splitlines()[:2] == [
+            "True True", f"success localhost/kernel-snapshot/clean-widget-{os.getpid()}:1"], out
+        kept = kernel_env.store.resolve(f"localhost/kernel-snapshot/clean-widget-{os.getpid()}:1")
+        assert "root/.ipython/profile_default/history.sqlite" in _names(kept, kernel_env.store)
+
         env = {**os.environ, "JUPYTER_CONTAIN_ROOT": str(kernel_env.store.root)}
         cli = [sys.executable, "-m", "jupyter_contain.cli"]
         r = subprocess.run([*cli, "diff", c.id], capture_output=True, text=True, env=env, timeout=60)
@@ -262,7 +275,8 @@ def test_kernel_snapshot_by_magic_and_cli_leave_history_out(jupyter_path, kernel
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-        for ref in (f"localhost/kernel-snapshot/{tag}", f"clean-cli-{os.getpid()}:1",
+        for ref in (f"localhost/kernel-snapshot/{tag}", f"localhost/kernel-snapshot/clean-widget-{os.getpid()}:1",
+                    f"clean-cli-{os.getpid()}:1",
                     f"clean-cli-all-{os.getpid()}:1"):
             try:
                 kernel_env.store.rmi(ref)

@@ -75,6 +75,8 @@ def _class(name):
             self.feedback = W.HTML(value="")
             self.message = _described(W, "Textarea", "Message", placeholder="what this environment holds")
             self.compress = _described(W, "Dropdown", "Compression", options=["gzip", "zstd"], value="gzip")
+            # left out by default: IPython's history and caches (the summary above lists them)
+            self.keep_state = _described(W, "Checkbox", "Keep runtime state", value=False)
             self.button = W.Button(description="Snapshot", button_style="primary")
             self.progress = W.IntProgress(value=0, min=0, max=100, description="")
             self.result = W.HTML(value="")
@@ -82,7 +84,7 @@ def _class(name):
             self.install_button = W.Button(description="Install as kernel", disabled=True)
             self.image = None
             kwargs.setdefault("children", [
-                self.summary, self.tag, self.feedback, self.message, self.compress, self.button,
+                self.summary, self.tag, self.feedback, self.message, self.compress, self.keep_state, self.button,
                 self.progress, self.result, W.HBox(children=[self.display_name, self.install_button]),
             ])
             super(SnapshotWidget, self).__init__(**kwargs)
@@ -128,8 +130,9 @@ def _class(name):
                     self.progress.value = 100 if ev.get("stage") == "commit" or not total else \
                         min(99, int(done * 100 / total))
             try:
+                keep = {"include_runtime_state": True} if self.keep_state.value else {}
                 answer = request("snapshot", tag=tag, message=self.message.value, compress=self.compress.value,
-                                 _on_event=on_event)
+                                 _on_event=on_event, **keep)
             except HostError as exc:
                 self.progress.bar_style = "danger"
                 self._say(str(exc), ok=False)
