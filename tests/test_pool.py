@@ -190,6 +190,11 @@ def test_kernelspec_change_drains_pool(ksm, kernel_env, kernel_runtime, tmp_path
     old = [c.id for c in kernel_runtime.containers() if c.state.labels.get(POOL_LABEL)]
     assert len(old) == 1
     _spec(kernel_env, "t-pool3", pool=1, kernel_env_vars={"V": "2"})
+    # drained in the background (the refill thread looks at the kernelspec every 5 s), before any start
+    deadline = time.monotonic() + 30
+    while any(c.state.labels.get(POOL_LABEL) for c in kernel_runtime.containers() if c.id in old):
+        assert time.monotonic() < deadline, "the changed kernelspec's pool was not drained"
+        time.sleep(0.2)
     km, kc = _start(ksm, name, tmp_path)
     try:
         assert not _pooled(km), "a kernel of the old kernelspec was handed out"

@@ -500,6 +500,17 @@ def _refill_once(state: dict[str, Any]) -> bool:
             return False
         pools_now = list(_pools.values())
     now = time.monotonic()
+    if now - state.get("checked", 0.0) > 5.0:
+        # a kernelspec file changed (reinstalled, edited): its pool goes now, not at its next start
+        state["checked"] = now
+        for p in pools_now:
+            if p.recipe.spec_file is not None and _file_digest(p.recipe.spec_file) != p.recipe.spec_digest:
+                with _lock:
+                    _pools.pop(p.recipe.key, None)
+                log.info("pool %s: the kernelspec changed: draining its pool", p.recipe.kernel_name)
+                _close(p)
+        with _lock:
+            pools_now = list(_pools.values())
     for p in pools_now:
         _expire(p, now)
     if now - _last_take < REFILL_QUIET:
