@@ -285,6 +285,8 @@ def set_default(settings: PoolSettings) -> None:
 
 def default_settings() -> PoolSettings:
     return _default
+
+
 _wake = threading.Event()
 _thread: threading.Thread | None = None
 _stopping = False
@@ -308,7 +310,7 @@ def take(recipe: Recipe, runtime: Runtime) -> PooledKernel | None:
     its image changed) are drained. A pool is made on the first demand and
     filled in the background.
     """
-    global _thread, _at_exit
+    global _thread, _at_exit, _last_take
     if recipe.settings.size <= 0:
         return None
     stale: list[_Pool] = []
@@ -332,7 +334,6 @@ def take(recipe: Recipe, runtime: Runtime) -> PooledKernel | None:
         log.info("pool: kernelspec %s or its image changed: draining %d pooled kernel(s)",
                  p.recipe.kernel_name, len(p.ready))
         _close(p)
-    global _last_take
     got = None
     with pool.lock:
         pool.last_demand = _last_take = time.monotonic()
