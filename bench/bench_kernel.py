@@ -57,6 +57,8 @@ from jupyter_contain.runtime import Runtime, Store  # noqa: E402
 from jupyter_contain.runtime.images import archive, bootstrap  # noqa: E402
 
 IMAGE = "localhost/debian:bookworm"
+#: the notebooks' folder the kernels start in (made in the run's work folder)
+NOTEBOOKS = Path("/nonexistent")
 RUN_PEER = Path("/work/shared/tools/run-peer")
 PEER_SCRIPT = r"""
 while read -r cmd a b; do
@@ -95,7 +97,7 @@ def _km_ready(ksm: KernelSpecManager, name: str) -> tuple[float, float]:
     """(total launch -> kernel_info_reply, of which start_kernel) in seconds."""
     km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
     t0 = time.perf_counter()
-    km.start_kernel()
+    km.start_kernel(cwd=str(NOTEBOOKS))   # a notebook's folder, as a server starts kernels: bound in
     t1 = time.perf_counter()
     prov = km.provisioner
     pins = getattr(prov, "_pins", None)
@@ -175,7 +177,7 @@ def _concurrent(ksm: KernelSpecManager, name: str, n: int) -> list[float]:
     async def one() -> tuple[float, AsyncKernelManager]:
         km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
         t0 = time.perf_counter()
-        await km.start_kernel()
+        await km.start_kernel(cwd=str(NOTEBOOKS))
         kc = km.client()
         kc.start_channels()
         try:
@@ -269,6 +271,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-kernel-", dir=os.environ.get("TMPDIR", "/var/tmp")))
     crun: CrunAnchor | None = None
     try:
+        global NOTEBOOKS
+        NOTEBOOKS = work / "notebooks"
+        NOTEBOOKS.mkdir()
         store = Store(work / "store")
         cfg = bootstrap.DEBIAN_KERNEL.config
         image = archive.import_rootfs(store, bootstrap.cached_rootfs_tar(bootstrap.DEBIAN_KERNEL), IMAGE,
