@@ -416,3 +416,56 @@ def test_an_image_with_an_older_glibc_keeps_it_for_its_programs(standins, tmp_pa
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+#: what a %%container Python cell says about the Python that runs it and the layer it sees
+_CELL_PROBE = r"""
+import errno, os, sys
+where = [l.split() for l in open('/proc/self/mountinfo') if l.split()[4] == '/.jupyter-contain-kernel']
+try:
+    open('/.jupyter-contain-kernel/usr/bin/x', 'w')
+    wrote = 0
+except OSError as e:
+    wrote = errno.errorcode.get(e.errno, e.errno)
+print(sys.version.split()[0], sys.executable, os.path.exists('/bin/busybox'), wrote,
+      [w[5] for w in where])
+"""
+
+
+def test_container_cells_of_a_layer_kernel_run_where_the_image_has_no_python(standins, tmp_path):
+    """``%%container`` in a busybox kernel: Python cells run the layer's Python (read-only bind), the
+    image's own python3 where an allowed image has one, and ``--shell`` cells the image's shell."""
+    spec = json.loads((standins.kernels_dir / standins.names["busybox"] / "kernel.json").read_text())
+    spec["metadata"]["kernel_provisioner"]["config"]["allowed_images"] = [standins.images["python3"]]
+    d = tmp_path / "kernels/cells-busybox"
+    d.mkdir(parents=True)
+    (d / "kernel.json").write_text(json.dumps(spec))
+    km = KernelManager(kernel_name="cells-busybox", kernel_spec_manager=KernelSpecManager(
+        kernel_dirs=[str(tmp_path / "kernels")]))
+    km.start_kernel(cwd=str(tmp_path))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(READY)
+        r = run_cell(kc, "%%container\n" + _CELL_PROBE, timeout=60)
+        assert r["error"] is None, r
+        version, exe, busybox, wrote, opts = r["stdout"].strip().split(" ", 4)
+        assert version.startswith("3.11.") and exe == kernel_layer.LAYER_PYTHON and busybox == "True", r
+        # the same bind as the kernel's: the cell cannot write the host-made layer
+        assert wrote == "EROFS", r
+        assert {"ro", "nosuid", "nodev"} <= set(opts.strip("[]'").split(",")), opts
+        # a failing cell reaches the notebook as a failure, its traceback from the layer's Python
+        r = run_cell(kc, "%%container\nimport sys\nprint('before')\nraise SystemExit(3)", timeout=60)
+        assert r["stdout"].strip() == "before" and r["error"] is not None, r
+        # --shell: the image's own shell, never the layer
+        r = run_cell(kc, "%%container --shell\nreadlink /proc/$$/exe; ls /.jupyter-contain-kernel 2>&1 | head -1",
+                     timeout=60)
+        assert r["stdout"].split("\n")[0] == "/bin/busybox" and "No such file" in r["stdout"], r
+        # an allowed image with a python3 of its own runs the cell with it (its packages, its version)
+        r = run_cell(kc, f"%%container {standins.images['python3']}\nimport sys; print(sys.executable)",
+                     timeout=60)
+        assert r["error"] is None and r["stdout"].strip() == "/usr/bin/python3", r
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert Runtime(standins.store).containers() == []

@@ -60,6 +60,7 @@ from typing import Any, Protocol
 
 from .. import errors
 from ..runtime import (
+    Bind,
     Container,
     ContainerSpec,
     ExitInfo,
@@ -71,7 +72,7 @@ from ..runtime import (
     parse_cpus,
     parse_memory,
 )
-from . import snapshots
+from . import kernel_layer, snapshots
 from .snapshots import diff_summary, snapshot  # with the kernel's labels and what a snapshot leaves out
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,20 @@ def _tag_lock(name: str) -> threading.Lock:
 
 
 # --- running code in a fresh container (shared with the host-side magics) ---------------------
+
+#: a kernel-layer kernel's Python cell, run by the layer's Python (``-I``: nothing of the image's
+#: environment shapes this step): argv is ``PYTHON [ARGS...] CODE``, the kernel's ``python``
+#: option and the cell. The image's own Python runs the cell where the image has one (its
+#: packages, as in a kernel from the image's own Python); else the layer's Python does, started
+#: afresh (not ``-I``: a snapshot's ``%pip``-installed user site is on its path, as in the kernel)
+CELL_DISPATCH = (
+    "import os, shutil, sys\n"
+    "py, code = sys.argv[1:-1], sys.argv[-1]\n"
+    "own = shutil.which(py[0])\n"
+    "if own and not os.path.realpath(own).startswith('/.jupyter-contain-kernel/'):\n"
+    "    os.execv(own, [py[0], *py[1:], '-c', code])\n"
+    "os.execv(sys.executable, [sys.executable, '-c', code])\n"
+)
 
 
 def run_code(rt: Runtime, spec: ContainerSpec, *, on_output: Callable[[str, str], None],
@@ -860,8 +875,9 @@ class HostChannel:
             image = await self._work(c.image)
         if self._cell_running:
             raise errors.ChannelError("another %%container cell of this kernel is running")
-        argv = ("/bin/sh", "-c", code) if shell else (*self.ctx.python, "-c", code)
-        spec = ContainerSpec(image=image.name, command=argv, entrypoint=(), limits=limits, network=network,
+        argv, binds = await self._work(self._cell_command, code, shell)
+        spec = ContainerSpec(image=image.name, command=argv, entrypoint=(), binds=binds, limits=limits,
+                             network=network,
                              userns=self.ctx.userns,  # type: ignore[arg-type]
                              seccomp=self.ctx.seccomp,
                              labels={CELL_LABEL: self.ctx.kernel_id}, owner_pid=os.getpid())
@@ -908,6 +924,25 @@ class HostChannel:
             self._cell_running = False
         return {"ok": True, "exit": {"code": info.code, "signal": info.signal, "oom_killed": info.oom_killed,
                                      "reason": info.describe()}}
+
+    def _cell_command(self, code: str, shell: bool) -> tuple[tuple[str, ...], tuple[Bind, ...]]:
+        """A cell's argv and binds: the image's shell or Python, or the kernel layer's Python.
+
+        A kernel-layer kernel's image may have no Python (busybox): its Python
+        cells get the kernel's own layer, the same read-only ``nosuid,nodev``
+        bind at the same path, and :data:`CELL_DISPATCH` run by the layer's
+        Python picks inside the container: the image's ``python3`` where the
+        image has one (its packages), else the layer's. Inside, not here: the
+        cell's image may be any allowed image, and the container's own view of
+        its PATH is the only one that needs no host-side reading of image files.
+        ``--shell`` cells always run the image's shell.
+        """
+        if shell:
+            return ("/bin/sh", "-c", code), ()
+        if kernel_layer.KernelChoice.parse(self.ctx.kernel_layer).mode != "layer":
+            return (*self.ctx.python, "-c", code), ()
+        binds = kernel_layer.binds(kernel_layer.KernelChoice("layer"))
+        return (kernel_layer.LAYER_PYTHON, "-I", "-c", CELL_DISPATCH, *self.ctx.python, code), tuple(binds)
 
     def _cell_limits(self, req: Mapping[str, Any]) -> Limits:
         """The kernel's own limits, lowered (never raised) by what the cell asks."""
