@@ -143,10 +143,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "runs in a sandboxed container (network none unless --network); COPY/ADD read only CONTEXT "
                     "(less what .containerignore or .dockerignore exclude). Names without a registry go under "
                     "localhost/.")
-    p.add_argument("context", metavar="CONTEXT", nargs="?", help="the build context folder")
+    p.add_argument("context", metavar="CONTEXT", nargs="?",
+                   help="the build context folder (with --url: a folder on the server, inside the root it allows)")
     p.add_argument("-t", "--tag", action="append", metavar="NAME[:TAG]", help="name the image (repeatable)")
     p.add_argument("-f", "--file", metavar="FILE", help="the Containerfile (default: CONTEXT/Containerfile or "
-                                                        "CONTEXT/Dockerfile; - reads standard input)")
+                                                        "CONTEXT/Dockerfile; - reads standard input; with --url: relative to "
+                                                        "CONTEXT on the server)")
     p.add_argument("--build-arg", action="append", metavar="KEY[=VALUE]",
                    help="set a build arg (KEY alone takes the value from the environment)")
     p.add_argument("--target", metavar="STAGE", help="build up to this stage")

@@ -7,8 +7,9 @@ verbs use, and printing results exactly as the local verbs print them (like
 ``docker -H``). Must not touch the local store: with ``--url`` (or
 ``$JUPYTER_CONTAIN_URL``) nothing local is read or written. Verbs that need the
 local machine (run, exec, bundle, bootstrap, login) are refused with a clear
-message; paths for import and save are the server's paths, inside the root it
-allows.
+message; paths for import and save, and a build's context and ``-f FILE``, are
+the server's paths, inside the root it allows (``-f -`` sends the Containerfile
+read from the local standard input).
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def follow(client: Client, op: dict[str, Any], *, quiet: bool) -> dict[str, Any]
 
     render = None if quiet else p.renderer_for(sys.stderr)
     last_state: dict[str, tuple[str, int]] = {}
+    printed: dict[str, str] = {}
     final = op
     resolved = False
     for snap in client.events(op["id"]):
@@ -127,6 +129,9 @@ def follow(client: Client, op: dict[str, Any], *, quiet: bool) -> dict[str, Any]
         prog = snap["progress"]
         if render is not None and snap["kind"] in ("pull", "push"):
             resolved = _render_transfer(render, snap, prog, last_state, resolved)
+        elif snap["kind"] == "build":
+            if not quiet:
+                _print_steps(prog, printed)
         elif render is not None and snap["kind"] == "commit" and prog.get("total"):
             sys.stderr.write(f"\r{prog['stage']}: {human_size(prog['done'])} / {human_size(prog['total'])}\x1b[K")
             sys.stderr.flush()
@@ -136,6 +141,24 @@ def follow(client: Client, op: dict[str, Any], *, quiet: bool) -> dict[str, Any]
         return final.get("result") or {}
     err = final.get("error") or {}
     raise RemoteError(err.get("message") or f"{final['kind']} {final['state']}", code=err.get("code", ""))
+
+
+def _print_steps(prog: dict[str, Any], printed: dict[str, str]) -> None:
+    """A build's step lines as the local verb prints them (``--progress plain``), each line once.
+
+    A snapshot may show a step already done (snapshots come at most 5 per second): then both its
+    lines at once. The text is the server's (an instruction of a Containerfile on the server).
+    """
+    for item in sorted(prog.get("items", []), key=lambda i: int(i.get("index") or 0)):
+        seen = printed.get(item["id"])
+        if seen is None:
+            sys.stdout.write(f"STEP {item.get('index')}/{item.get('total')}: {shown(str(item.get('text', '')))}\n")
+            seen = printed[item["id"]] = "running"
+        if item.get("state") == "done" and seen != "done":
+            what = "Using cache" if item.get("status") == "cached" else f"{float(item.get('seconds') or 0):.2f} s"
+            sys.stdout.write(f"--> {what}\n")
+            printed[item["id"]] = "done"
+    sys.stdout.flush()
 
 
 def _render_transfer(render: Callable[[Any], None], snap: dict[str, Any], prog: dict[str, Any],
@@ -268,6 +291,45 @@ def v_push(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def v_build(c: Client, args: argparse.Namespace) -> int:
+    from .build import _key_values
+
+    if args.pull not in ("missing", "always", "never"):
+        if args.context is not None:
+            raise RemoteError(f"--pull {args.pull!r}: missing, always or never")
+        args.context, args.pull = args.pull, "always"   # `build --pull CONTEXT`, as the local verb
+    if args.context is None:
+        raise RemoteError("give the build context folder (CONTEXT, a folder on the server)")
+    if args.platform or args.label:
+        raise RemoteError("build --platform and --label are not available remotely")
+    body: dict[str, Any] = {"context": args.context, "tags": list(args.tag or []), "network": args.network,
+                            "no_cache": args.no_cache, "pull": args.pull,
+                            "build_args": _key_values(args.build_arg or [], "--build-arg", env_fallback=True)}
+    if args.file == "-":
+        body["containerfile"] = sys.stdin.read()
+    elif args.file:
+        body["file"] = args.file
+    if args.target:
+        body["target"] = args.target
+    if args.kernelspec is not None:
+        body["kernelspec"] = args.kernelspec or True
+    op = c.request("POST", "builds", body=body)["operation"]
+    r = follow(c, op, quiet=args.quiet)
+    if args.iidfile:
+        with open(args.iidfile, "w") as f:
+            f.write(r["image_id"])
+    if args.quiet:
+        print(r["image_id"])
+        return 0
+    print(f"--> {r['image_id'][7:19]} ({r['steps']} steps, {r['cached']} cached, {r['seconds']:.2f} s)")
+    for n in r["names"]:
+        print(f"Successfully tagged {n}")
+    print(r["image_id"])
+    if r.get("kernelspec"):
+        print(f"installed kernelspec {r['kernelspec']} on the server")
+    return 0
+
+
 def v_import(c: Client, args: argparse.Namespace) -> int:
     if args.env or args.cmd or args.entrypoint or args.workdir or args.user:
         raise RemoteError("import options for root filesystems (-e, --cmd, ...) are not available remotely")
@@ -394,7 +456,7 @@ def v_kernelspec(c: Client, args: argparse.Namespace) -> int:
 
 VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "images": v_images, "inspect": v_inspect, "tag": v_tag, "rmi": v_rmi, "gc": v_gc, "df": v_df,
-    "pull": v_pull, "push": v_push, "import": v_import, "save": v_save,
+    "pull": v_pull, "push": v_push, "import": v_import, "save": v_save, "build": v_build,
     "ps": v_ps, "stats": v_stats, "diff": v_diff, "commit": v_commit, "stop": v_stop, "rm": v_rm,
     "logs": v_logs, "reset": v_reset, "kernelspec": v_kernelspec,
 }

@@ -50,8 +50,9 @@ class BaseHandler(ExtensionHandlerMixin, APIHandler):
 
     def body(self, route: str) -> dict[str, Any]:
         raw = self.request.body or b""
-        if len(raw) > validate.MAX_BODY:
-            raise validate.BadRequest(f"request body larger than {validate.MAX_BODY} bytes", "body_too_large")
+        limit = validate.MAX_BODIES.get(route, validate.MAX_BODY)
+        if len(raw) > limit:
+            raise validate.BadRequest(f"request body larger than {limit} bytes", "body_too_large")
         if not raw.strip():
             data: Any = {}
         else:
@@ -173,6 +174,15 @@ class DfHandler(BaseHandler):
     @authorized
     async def get(self) -> None:
         self.reply(await self.service.df())
+
+
+class BuildsHandler(BaseHandler):
+    """Build an image from a Containerfile in a server-side folder (an operation of kind build)."""
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        self.operation_reply(await self.service.build(self.body("build")))
 
 
 # --- operations ----------------------------------------------------------------------------
@@ -429,6 +439,7 @@ ROUTES: list[tuple[str, type[BaseHandler]]] = [
     (f"images/{_SEG}/tag", ImageTagHandler),
     (f"images/{_SEG}/push", ImagePushHandler),
     (f"images/{_SEG}/save", ImageSaveHandler),
+    ("builds", BuildsHandler),
     ("operations", OperationsHandler),
     (f"operations/{_SEG}", OperationHandler),
     (f"operations/{_SEG}/events", OperationEventsHandler),

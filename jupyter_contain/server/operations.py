@@ -1,4 +1,4 @@
-"""Long work of the REST API as operations: pull, push, commit, each one worker thread.
+"""Long work of the REST API as operations: pull, push, commit, build, each one worker thread.
 
 Owns :class:`Operation` (state, progress per item, result, error, the cancel
 flag) and :class:`Operations` (the registry: start, look up, cancel, forget old
@@ -10,9 +10,9 @@ Cancellation is cooperative and safe by construction: the worker's progress
 callbacks call :meth:`Operation.checkpoint`, which raises :class:`Cancelled`
 only at points where the runtime undoes everything on the way out (a pull while
 its blobs and layers are still in ``tmp/``, a snapshot while its blob is being
-written). Past those points (a pull's commit, a snapshot's ``commit`` stage) a
-cancel comes too late and the operation finishes; the store is never left
-half-written either way.
+written, a build between two steps: it tags only after its last). Past those
+points (a pull's commit, a snapshot's ``commit`` stage) a cancel comes too late
+and the operation finishes; the store is never left half-written either way.
 """
 
 from __future__ import annotations
@@ -53,11 +53,13 @@ class Item:
     total: int | None = None
     state: str = "waiting"    # waiting | running | done
     status: str = ""          # the runtime's word for it (downloading, unpacking, exists, ...)
-    index: int = -1           # position in the image's layers (-1: the config)
+    index: int = -1           # position in the image's layers (-1: the config); a build's step number
+    text: str = ""            # a build step's instruction (truncated)
+    seconds: float | None = None   # how long a finished build step took
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "done": self.done, "total": self.total, "state": self.state,
-                "status": self.status, "index": self.index}
+                "status": self.status, "index": self.index, "text": self.text, "seconds": self.seconds}
 
 
 @dataclass

@@ -5,7 +5,7 @@ server): the JSON shapes of images, containers, stats, diffs and kernels'
 containers (``openapi.yaml``), the mapping of
 runtime exceptions to HTTP status and error codes, finding the container behind
 a kernel of this server (through its provisioner's public ``container``), and
-starting pulls, pushes and commits as operations. Must not know tornado (the
+starting pulls, pushes, commits and builds as operations. Must not know tornado (the
 handlers own HTTP), must not block the loop (every runtime call goes through
 :meth:`Service.run` or an operation's worker thread), and talks to the runtime
 and kernel rooms through their public names only.
@@ -42,12 +42,17 @@ KERNEL_NAME_LABEL = "jupyter-contain.kernel-name"
 MAX_DIFF_CHANGES = 1000
 #: at most this much of a container's log in one answer (the end of it)
 MAX_LOG_BYTES = 1 << 20
+#: a build step's instruction in its progress item, and the end of a failed RUN's output in the error
+MAX_STEP_TEXT = 200
+MAX_BUILD_OUTPUT = 4096
 
 # --- errors ---------------------------------------------------------------------------
 
 #: exception class -> (HTTP status, error code); the first match in this order wins
 _ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
     (BadRequest, 400, "bad_request"),
+    (errors.BuildStepFailed, 400, "build_step_failed"),
+    (errors.BuildError, 400, "build_failed"),
     (errors.ImageInUse, 409, "image_in_use"),
     (errors.ImageNotFound, 404, "image_not_found"),
     (errors.ContainerNotFound, 404, "container_not_found"),
@@ -97,12 +102,23 @@ def error_status(exc: BaseException) -> tuple[int, dict[str, Any]]:
             step = getattr(exc, "step", None)
             if step:
                 body["step"] = step
+            if isinstance(exc, errors.BuildError):
+                body.update(build_error_json(exc))
             return status, body
     return 500, {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
     return error_status(exc)[1]
+
+
+def build_error_json(exc: errors.BuildError) -> dict[str, Any]:
+    """Where a build failed (line, instruction) and, for a RUN, its exit code and the end of its output."""
+    out: dict[str, Any] = {"line": exc.line or None, "instruction": exc.instruction or None}
+    if isinstance(exc, errors.BuildStepFailed):
+        out["exit_code"] = exc.code
+        out["output"] = exc.output[-MAX_BUILD_OUTPUT:]
+    return out
 
 
 # --- JSON views (worker threads: they read the store) ------------------------------------
@@ -253,6 +269,43 @@ def snapshot_progress(op: Operation) -> Callable[[str, int, int], None]:
     return callback
 
 
+def build_reporter(op: Operation) -> Any:
+    """A build's Reporter feeding ``op``: one item per step; the cancel checkpoint at step boundaries.
+
+    The builder tags only after its last step and undoes everything on any
+    exception (its contract), so raising :class:`Cancelled` as a step begins or
+    ends stops the build with no tag and no container left.
+    """
+    from ..runtime.build import Reporter
+
+    class StepItems(Reporter):
+        def __init__(self) -> None:
+            self.item: Item | None = None
+            self.total = 0
+
+        def step(self, n: int, total: int, stage: str, text: str) -> None:
+            op.checkpoint()
+            self.total = total
+            self.item = Item(f"step-{n}", n - 1, total, "running", status="running", index=n,
+                             text=text if len(text) <= MAX_STEP_TEXT else text[:MAX_STEP_TEXT - 3] + "...")
+            op.update(stage="step", done=n - 1, total=total, count=total, item=self.item)
+
+        def done(self, *, cached: bool, seconds: float, layer: Any) -> None:
+            item = self.item
+            if item is not None:
+                item = Item(item.id, item.index, self.total, "done", status="cached" if cached else "ran",
+                            index=item.index, text=item.text, seconds=round(seconds, 3))
+                self.item = item
+                op.update(done=item.index, item=item)
+            op.checkpoint()
+
+        def note(self, text: str) -> None:
+            if text.startswith("COMMIT"):
+                op.update(stage="commit")
+
+    return StepItems()
+
+
 # --- the service ---------------------------------------------------------------------------
 
 
@@ -352,6 +405,42 @@ class Service:
             return {"image": image_json(rec)}
 
         return self.operations.start("pull", str(ref), work)
+
+    async def build(self, body: Mapping[str, Any]) -> Operation:
+        """Start a build (``docker build``'s options, the context a folder inside the allowed root)."""
+        from ..runtime.build import BuildOptions
+
+        req = await self.run(validate.build_request, body, self.allowed_root, self.limits)
+        try:   # the options check themselves as they are made: a bad one is a 400 before any work
+            opts = BuildOptions(context=req.context, containerfile=req.file,
+                                containerfile_text=req.containerfile.encode() if req.containerfile else None,
+                                tags=req.tags, build_args=dict(req.build_args), target=req.target,
+                                network=req.network, no_cache=req.no_cache, pull=req.pull)  # type: ignore[arg-type]
+        except (errors.BuildError, errors.InvalidReference) as exc:
+            raise BadRequest(str(exc), "invalid_field") from None
+        if req.kernelspec and self.ksm is not None and req.kernelspec in await self.run(self.ksm.find_kernel_specs):
+            raise Conflict(f"a kernelspec named {req.kernelspec} exists already", "kernelspec_exists")
+
+        def work(op: Operation) -> dict[str, Any]:
+            from ..runtime.build import build
+
+            res = build(self.store, opts, reporter=build_reporter(op))
+            rec = res.record if res.record is not None else self.store.resolve(res.digest)
+            out: dict[str, Any] = {"image": image_json(rec), "names": list(res.names), "image_id": res.image_id,
+                                   "steps": res.steps, "cached": res.cached, "seconds": round(res.seconds, 3),
+                                   "kernelspec": None}
+            if req.kernelspec is not None:
+                from ..kernel import kernelspec
+
+                # a build has no resource options: the kernelspec starts with the defaults, no probe (the
+                # result's Python is found at the first start, as for a snapshot's kernelspec)
+                out["kernelspec"], _path = kernelspec.install(
+                    store=self.store, image_name=res.names[0], name=req.kernelspec or None, probe=False,
+                    user=self.kernelspec_user)
+            return out
+
+        target = req.tags[0] if req.tags else str(req.context.relative_to(self.allowed_root.resolve()) or ".")
+        return self.operations.start("build", target, work)
 
     async def push(self, name: str, body: Mapping[str, Any]) -> Operation:
         target = validate.text(body, "target")

@@ -37,9 +37,21 @@ FIELDS: dict[str, frozenset[str]] = {
     "kernelspec": frozenset({"image", "name", "display_name", "memory", "cpus", "pids", "network", "probe",
                              "start_dialog"}),
     "kernel_start": frozenset({"name", "path", "options"}),
+    "build": frozenset({"context", "file", "containerfile", "tags", "build_args", "target", "network", "no_cache",
+                        "pull", "kernelspec"}),
 }
 
 MAX_BODY = 64 << 10
+#: routes whose body may be larger: a build's inline Containerfile may be 64 KiB on its own
+MAX_BODIES = {"build": MAX_BODY + (16 << 10)}
+#: a build's inline Containerfile, tags, build args (each value) and their counts
+MAX_CONTAINERFILE = 64 << 10
+MAX_TAGS = 16
+MAX_BUILD_ARGS = 64
+MAX_BUILD_ARG = 1024
+_BUILD_ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PULL_POLICIES = ("missing", "always", "never")
 MAX_TEXT = 512
 MAX_MESSAGE = 4096
 _KERNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -261,3 +273,89 @@ def resource(body: Mapping[str, Any], name: str, limits: Limits) -> str | None:
     if ceiling is not None and parsed > ceiling:
         raise BadRequest(f"{name} {s} is above this server's maximum ({ceiling})", "limit_exceeded")
     return s
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """A build as the REST API takes it; ``context`` and ``file`` resolved inside the allowed root."""
+
+    context: Path
+    file: Path | None
+    containerfile: str | None
+    tags: tuple[str, ...]
+    build_args: tuple[tuple[str, str], ...]
+    target: str | None
+    network: str
+    no_cache: bool
+    pull: str
+    #: None: no kernelspec; "": one named after the image; else its name
+    kernelspec: str | None
+
+
+def build_request(body: Mapping[str, Any], root: Path, limits: Limits) -> BuildRequest:
+    """Check a build body (this walks the file system: call it off the event loop).
+
+    ``context`` is a folder inside ``root`` (as import paths are); ``file`` a
+    Containerfile relative to the context, also inside ``root`` after symlinks;
+    ``containerfile`` the text instead (never both).
+    """
+    context = path_inside(root, text(body, "context", required=True, limit=4096) or "", must_exist=True)
+    if not context.is_dir():
+        raise BadRequest("field context must name a folder", "invalid_path")
+    inline = body.get("containerfile")
+    file_text = text(body, "file", limit=4096)
+    if inline is not None and file_text is not None:
+        raise BadRequest("give either file or containerfile, not both", "invalid_field")
+    file = None
+    if file_text is not None:
+        if os.path.isabs(file_text):
+            raise BadRequest("field file must be relative to the context", "invalid_path")
+        file = path_inside(root, str(context / file_text), must_exist=True)
+        if not file.is_file():
+            raise BadRequest(f"{file_text}: not a regular file", "invalid_path")
+    if inline is not None:
+        if not isinstance(inline, str) or not inline.strip():
+            raise BadRequest("field containerfile must be a non-empty string", "invalid_field")
+        if len(inline.encode()) > MAX_CONTAINERFILE or "\x00" in inline:
+            raise BadRequest(f"field containerfile is larger than {MAX_CONTAINERFILE} bytes or holds a NUL",
+                             "invalid_field")
+    tags = body.get("tags", [])
+    if not isinstance(tags, list) or len(tags) > MAX_TAGS or not all(isinstance(t, str) for t in tags):
+        raise BadRequest(f"field tags must be a list of at most {MAX_TAGS} names (NAME[:TAG])", "invalid_field")
+    for t in tags:
+        snapshot_tag(t)
+    args = body.get("build_args", {})
+    if not isinstance(args, dict) or len(args) > MAX_BUILD_ARGS:
+        raise BadRequest(f"field build_args must be an object of at most {MAX_BUILD_ARGS} names", "invalid_field")
+    for k, v in args.items():
+        if not _BUILD_ARG_NAME.match(k):
+            raise BadRequest(f"invalid build arg name {k[:40]!r}", "invalid_field")
+        if not isinstance(v, str) or len(v) > MAX_BUILD_ARG or "\x00" in v:
+            raise BadRequest(f"build arg {k} must be a string of at most {MAX_BUILD_ARG} characters",
+                             "invalid_field")
+    target = text(body, "target", limit=128)
+    if target is not None and not _STAGE_NAME.match(target):
+        raise BadRequest(f"invalid target stage {target[:40]!r}", "invalid_field")
+    network = body.get("network", "none")
+    if network not in NETWORK_MODES:
+        raise BadRequest(f"unknown network mode {str(network)[:20]!r} (none, bridge or host)", "invalid_field")
+    if network != "none" and network not in limits.networks:
+        raise BadRequest(f"network {network} is not allowed on this server (allowed: "
+                         f"{', '.join(limits.networks)})", "limit_exceeded")
+    pull = body.get("pull", "missing")
+    if pull not in PULL_POLICIES:
+        raise BadRequest(f"field pull must be missing, always or never, not {str(pull)[:20]!r}", "invalid_field")
+    ks = body.get("kernelspec")
+    if ks is True:
+        ks = ""
+    elif ks is False:
+        ks = None
+    elif ks is not None:
+        if not isinstance(ks, str):
+            raise BadRequest("field kernelspec must be a kernel name or true", "invalid_field")
+        kernel_name(ks)
+    if ks is not None and not tags:
+        raise BadRequest("a kernelspec needs a tag for the kernel to start from (field tags)", "missing_field")
+    return BuildRequest(context=context, file=file, containerfile=inline, tags=tuple(tags),
+                        build_args=tuple(sorted(args.items())), target=target, network=network,
+                        no_cache=flag(body, "no_cache", False), pull=pull, kernelspec=ks)

@@ -128,7 +128,11 @@ class BuildOptions:
 
 
 class Reporter:
-    """What a build tells as it goes; the CLI, the magic and the API give their own."""
+    """What a build tells as it goes; the CLI, the magic and the API give their own.
+
+    An exception raised by ``step`` or ``done`` stops the build at that step boundary with
+    the undo of any failure (no tag, no container): the REST API's cancel works so.
+    """
 
     def step(self, n: int, total: int, stage: str, text: str) -> None:
         """A step begins."""
