@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from kernel_fixtures import *  # noqa: F403
+from kernel_fixtures import KERNEL_NAME
 from test_server import ApiServer, store_state
 
 from jupyter_contain.errors import ImageNotFound
@@ -107,7 +108,7 @@ def test_build_streams_its_steps_tags_the_image_and_a_rebuild_is_all_cached(srv,
     srv.api("DELETE", "kernelspecs/srvbuild-ks", ok=(204,))
 
     # nothing changed: every step from the cache, the same image
-    again, _ = _build(srv, {"context": ctx, "tags": ["srvbuild:1"], "pull": "never"})
+    again, _ = _build(srv, {"context": ctx, "file": "Containerfile", "tags": ["srvbuild:1"], "pull": "never"})
     assert again["state"] == "succeeded", again["error"]
     assert [i["status"] for i in sorted(again["progress"]["items"], key=lambda i: i["index"])][1:] == \
         ["cached", "cached"]
@@ -122,6 +123,13 @@ def test_bad_build_bodies_are_refused_before_any_work(srv, kernel_env, tmp_path)
     outside.mkdir()
     (outside / "Containerfile").write_text(f"FROM {BASE}\n")
     (srv.root / "link-out").symlink_to(outside)
+    # a Containerfile (the default one, or one named) that leads out of the root through a symlink
+    sneaky = _ctx(srv, "")
+    (srv.root / sneaky / "Containerfile").unlink()
+    (srv.root / sneaky / "Containerfile").symlink_to(outside / "Containerfile")
+    (srv.root / sneaky / "other").symlink_to(outside / "Containerfile")
+    empty = _ctx(srv, "")
+    (srv.root / empty / "Containerfile").unlink()
     _, ops = srv.api("GET", "operations", ok=(200,))
     before = (store_state(kernel_env.store), len(ops["operations"]))
     bad = [
@@ -148,10 +156,16 @@ def test_bad_build_bodies_are_refused_before_any_work(srv, kernel_env, tmp_path)
         ({"context": ctx, "target": "-x"}, "invalid_field"),
         ({"context": ctx, "kernelspec": "Bad Name"}, "invalid_kernel_name"),
         ({"context": ctx, "kernelspec": True}, "missing_field"),   # a kernelspec needs a tag
+        ({"context": sneaky}, "path_outside_root"),
+        ({"context": sneaky, "file": "other"}, "path_outside_root"),
+        ({"context": empty}, "path_not_found"),
     ]
     for body, code in bad:
         status, answer = srv.api("POST", "builds", body)
         assert status == 400 and answer["error"]["code"] == code, (body if len(str(body)) < 200 else code, answer)
+    # a kernelspec of that name exists already: a conflict, before any work
+    status, answer = srv.api("POST", "builds", {"context": ctx, "tags": ["srvbuild-x:1"], "kernelspec": KERNEL_NAME})
+    assert status == 409 and answer["error"]["code"] == "kernelspec_exists", answer
     _, ops = srv.api("GET", "operations", ok=(200,))
     assert (store_state(kernel_env.store), len(ops["operations"])) == before
     (srv.root / "link-out").unlink()

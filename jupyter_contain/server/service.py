@@ -14,6 +14,8 @@ and kernel rooms through their public names only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 import stat
@@ -306,6 +308,42 @@ def build_reporter(op: Operation) -> Any:
     return StepItems()
 
 
+def _open_inside(root: Path, path: Path, *, directory: bool) -> int:
+    """``path`` opened (no symlink as its last name), and where the open file really is checked: inside ``root``.
+
+    The request was checked by name; the folder is written by kernels meanwhile, so what
+    the build reads is pinned by this descriptor, after the check of what it refers to.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else os.O_NONBLOCK)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise BadRequest(f"{path}: {exc.strerror}", "invalid_path") from None
+    real = Path(os.path.realpath(f"/proc/self/fd/{fd}"))
+    base = root.resolve()
+    if (real != base and base not in real.parents) or (not directory and not stat.S_ISREG(os.fstat(fd).st_mode)):
+        os.close(fd)
+        raise BadRequest(f"{path}: outside the allowed root or not a regular file", "path_outside_root")
+    return fd
+
+
+def pinned_build(opts: Any, req: validate.BuildRequest, root: Path, stack: contextlib.ExitStack) -> Any:
+    """``opts`` with the context as a held descriptor and a named Containerfile read through one (worker thread)."""
+    ctx_fd = _open_inside(root, req.context, directory=True)
+    stack.callback(os.close, ctx_fd)
+    if req.file is None:
+        return dataclasses.replace(opts, context=Path(f"/proc/self/fd/{ctx_fd}"))
+    fd = _open_inside(root, req.file, directory=False)
+    with os.fdopen(fd, "rb") as f:
+        text = f.read(8 << 20)
+    try:   # named relative to the context where it is inside it (error messages, <name>.containerignore)
+        name = req.file.relative_to(req.context)
+    except ValueError:
+        name = Path(req.file.name)
+    return dataclasses.replace(opts, context=Path(f"/proc/self/fd/{ctx_fd}"), containerfile=name,
+                               containerfile_text=text)
+
+
 # --- the service ---------------------------------------------------------------------------
 
 
@@ -424,8 +462,9 @@ class Service:
         def work(op: Operation) -> dict[str, Any]:
             from ..runtime.build import build
 
-            res = build(self.store, opts, reporter=build_reporter(op))
-            rec = res.record if res.record is not None else self.store.resolve(res.digest)
+            with contextlib.ExitStack() as stack:
+                res = build(self.store, pinned_build(opts, req, self.allowed_root, stack), reporter=build_reporter(op))
+                rec = res.record if res.record is not None else self.store.resolve(res.digest)
             out: dict[str, Any] = {"image": image_json(rec), "names": list(res.names), "image_id": res.image_id,
                                    "steps": res.steps, "cached": res.cached, "seconds": round(res.seconds, 3),
                                    "kernelspec": None}

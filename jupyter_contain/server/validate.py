@@ -296,7 +296,8 @@ def build_request(body: Mapping[str, Any], root: Path, limits: Limits) -> BuildR
     """Check a build body (this walks the file system: call it off the event loop).
 
     ``context`` is a folder inside ``root`` (as import paths are); ``file`` a
-    Containerfile relative to the context, also inside ``root`` after symlinks;
+    Containerfile relative to the context, also inside ``root`` after symlinks
+    (default: the context's Containerfile or Dockerfile, checked the same way);
     ``containerfile`` the text instead (never both).
     """
     context = path_inside(root, text(body, "context", required=True, limit=4096) or "", must_exist=True)
@@ -313,6 +314,14 @@ def build_request(body: Mapping[str, Any], root: Path, limits: Limits) -> BuildR
         file = path_inside(root, str(context / file_text), must_exist=True)
         if not file.is_file():
             raise BadRequest(f"{file_text}: not a regular file", "invalid_path")
+    if file is None and inline is None:   # the builder's default, checked here as a named file is
+        for cand in ("Containerfile", "Dockerfile"):
+            if (context / cand).is_file() or (context / cand).is_symlink():
+                file = path_inside(root, str(context / cand), must_exist=True)
+                break
+        else:
+            raise BadRequest("no Containerfile or Dockerfile in the context (give file or containerfile)",
+                             "path_not_found")
     if inline is not None:
         if not isinstance(inline, str) or not inline.strip():
             raise BadRequest("field containerfile must be a non-empty string", "invalid_field")
