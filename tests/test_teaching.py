@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -301,3 +302,148 @@ def test_valid_small_bundle_imports(good_parts, jupyter_path, tmp_path):
     with pytest.raises(errors.KernelError, match="exists already"):
         classroom.import_bundle(bundle, store=fresh, prefix=str(jupyter_path), notebooks_dir=tmp_path / "nb2")
     assert not (tmp_path / "nb2").exists()
+
+
+# --- class bundles of kernel-layer kernelspecs: the layer travels, and is hostile input ----------------------
+
+
+def test_bundle_carries_the_kernel_layer_and_its_kernel_runs_offline(kernel_env, image_store, tmp_path, monkeypatch):
+    """A busybox kernelspec (kernel layer) exported and imported where no layer is cached: the kernel runs."""
+    from jupyter_contain.kernel import kernel_layer
+
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    monkeypatch.setenv("JUPYTER_PATH", str(teacher / "share/jupyter"))
+    name, path = kernelspec.install(store=image_store, image_name="busybox:test", name="t-bb-class",
+                                    prefix=str(teacher))
+    assert json.loads((Path(path) / "kernel.json").read_text())["metadata"]["kernel_provisioner"]["config"][
+        "kernel_layer"] == "layer"
+    bundle = tmp_path / "class.tar"
+    info = classroom.export_bundle(name, bundle, store=image_store)
+    here = kernel_layer.tree_digest(kernel_layer.cached_kernel_layer())
+    assert info.layer is not None and info.layer[:2] == ("layer", here)
+    with tarfile.open(bundle) as t:
+        layer_members = [m for m in t.getmembers() if m.name.startswith("kernel-layer/")]
+    assert any(m.name == "kernel-layer/usr/bin/python3.11" and m.isreg() for m in layer_members)
+    assert all((m.isdir() or m.isreg() or m.issym()) and not m.mode & ~0o777 for m in layer_members)
+
+    # the student's machine: no kernel layer cached (and no bootstrap tarball would be needed), a fresh store
+    layers = tmp_path / "student-layers"
+    monkeypatch.setenv(kernel_layer.CACHE_ENV, str(layers))
+    monkeypatch.setenv("JUPYTER_PATH", str(student / "share/jupyter"))
+    fresh = Store(tmp_path / "student-store")
+    got, spec_path, _ = classroom.import_bundle(bundle, store=fresh, prefix=str(student))
+    cfg = json.loads((Path(spec_path) / "kernel.json").read_text())["metadata"]["kernel_provisioner"]["config"]
+    assert cfg["kernel_layer"] == f"layer@{here}", cfg
+    installed = layers / f"bundle-layer-{here.split(':')[1]}"
+    assert sorted(p.name for p in layers.iterdir()) == [installed.name]   # no temp folder left
+    assert kernel_layer.tree_digest(installed) == here
+    assert not any(p.lstat().st_mode & 0o7022 for p in installed.rglob("*") if not p.is_symlink())
+
+    km, kc = _start(_ksm(student), name, tmp_path)
+    try:
+        out = run_cell(kc, "import sys, os; print(sys.executable, 6 * 7, os.path.exists('/bin/busybox'))")
+        assert out["stdout"].split() == [kernel_layer.LAYER_PYTHON, "42", "True"], out
+    finally:
+        _stop(km, kc)
+
+    # imported again under another name: the same folder serves it, never replaced
+    inode = installed.stat().st_ino
+    classroom.import_bundle(bundle, store=fresh, prefix=str(student), name="t-bb-class-2")
+    assert installed.stat().st_ino == inode and sorted(p.name for p in layers.iterdir()) == [installed.name]
+    # the kernelspec names content this machine does not have: a clear error at start, nothing built
+    shutil.rmtree(installed)
+    with pytest.raises(errors.KernelError, match="came with a class bundle"):
+        kernel_layer.binds(kernel_layer.KernelChoice.parse(cfg["kernel_layer"]))
+
+
+def _tiny_layer(root: Path) -> str:
+    """A small stand-in layer tree; returns its content digest."""
+    from jupyter_contain.kernel import kernel_layer
+
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/lib").mkdir()
+    (root / "usr/bin/python3").write_bytes(b"#!not really\n")
+    (root / "usr/bin/python3").chmod(0o755)
+    (root / "usr/lib/site.py").write_bytes(b"x = 1\n")
+    (root / "usr/bin/python").symlink_to("python3")
+    return kernel_layer.tree_digest(root)
+
+
+L = "kernel-layer/"
+_TINY = [((L + "usr",), {"type": tarfile.DIRTYPE, "mode": 0o755}), ((L + "usr/bin",), {"type": tarfile.DIRTYPE}),
+         ((L + "usr/lib",), {"type": tarfile.DIRTYPE}),
+         ((L + "usr/bin/python3", b"#!not really\n"), {"mode": 0o755}), ((L + "usr/lib/site.py", b"x = 1\n"), {}),
+         ((L + "usr/bin/python",), {"type": tarfile.SYMTYPE, "linkname": "python3"})]
+LAYER_CASES = {
+    "link out of the tree": ([(("kernel-layer/usr/etc",), {"type": tarfile.SYMTYPE, "linkname": "../../etc"})],
+                             "leaves the layer"),
+    "link out through a link": ([((L + "usr/here",), {"type": tarfile.SYMTYPE, "linkname": "."}),
+                                 ((L + "usr/up",), {"type": tarfile.SYMTYPE, "linkname": "here/../.."})],
+                                "leaves the layer"),
+    "absolute link": ([((L + "usr/passwd",), {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"})],
+                      "stay inside it"),
+    "written through a link": ([((L + "usr/to-lib",), {"type": tarfile.SYMTYPE, "linkname": "lib"}),
+                                ((L + "usr/to-lib/evil.py", b"x"), {})], "written through the link"),
+    "setuid": ([((L + "usr/bin/su", b"x"), {"mode": 0o4755})], "setuid"),
+    "hard link": ([((L + "usr/bin/py2",), {"type": tarfile.LNKTYPE, "linkname": L + "usr/bin/python3"})],
+                  "hard link"),
+    "device": ([((L + "usr/null",), {"type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3})], "device"),
+    "traversal": ([((L + "usr/../../escaped", b"x"), {})], "not a plain relative path"),
+    "content hash": ([], "not the sha256:0000"),
+    "not the kernelspec's": ([], "is not the kernelspec's"),
+}
+
+
+def _layer_manifest(manifest: dict, digest: str) -> dict:
+    import platform
+
+    m = json.loads(json.dumps(manifest))
+    m["kernelspec"]["options"]["kernel_layer"] = "layer"
+    m["kernel_layer"] = {"choice": "layer", "digest": digest, "machine": platform.machine()}
+    m["notebooks"] = []
+    return m
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_hostile_kernel_layer_in_a_bundle_is_refused_and_installs_nothing(case, good_parts, jupyter_path,
+                                                                           tmp_path, monkeypatch):
+    from jupyter_contain.kernel import kernel_layer
+
+    manifest, image, _ = good_parts
+    manifest = _layer_manifest(manifest, _tiny_layer(tmp_path / "tree"))
+    extra, why = LAYER_CASES[case]
+    if case == "content hash":
+        manifest["kernel_layer"]["digest"] = "sha256:" + "0" * 64
+    if case == "not the kernelspec's":
+        manifest["kernel_layer"]["choice"] = "site:3.11"
+    layers = tmp_path / "layers"
+    monkeypatch.setenv(kernel_layer.CACHE_ENV, str(layers))
+    bundle = _bundle(tmp_path / "hostile.tar", manifest, image, [*_TINY, *extra])
+    fresh = Store(tmp_path / "fresh")
+    index = (fresh.root / "index.json").read_bytes()
+    with pytest.raises(errors.ContainError, match=why.replace(".", r"\.")):
+        classroom.import_bundle(bundle, store=fresh, prefix=str(jupyter_path))
+    assert not layers.exists() or not list(layers.iterdir())
+    assert (fresh.root / "index.json").read_bytes() == index
+    assert not list((jupyter_path / "share/jupyter/kernels").iterdir())
+    assert not list(fresh.tmp_dir.iterdir())
+    assert not (tmp_path.parent / "escaped").exists()
+
+
+def test_valid_small_kernel_layer_bundle_imports(good_parts, jupyter_path, tmp_path, monkeypatch):
+    """The control for the hostile layer cases: the tiny tree installs under its content's name."""
+    from jupyter_contain.kernel import kernel_layer
+
+    manifest, image, _ = good_parts
+    digest = _tiny_layer(tmp_path / "tree")
+    layers = tmp_path / "layers"
+    monkeypatch.setenv(kernel_layer.CACHE_ENV, str(layers))
+    bundle = _bundle(tmp_path / "ok.tar", _layer_manifest(manifest, digest), image, _TINY)
+    info, path, _ = classroom.import_bundle(bundle, store=Store(tmp_path / "fresh"), prefix=str(jupyter_path))
+    cfg = json.loads((Path(path) / "kernel.json").read_text())["metadata"]["kernel_provisioner"]["config"]
+    assert cfg["kernel_layer"] == f"layer@{digest}"
+    final = layers / f"bundle-layer-{digest.split(':')[1]}"
+    assert sorted(p.name for p in layers.iterdir()) == [final.name]
+    assert os.readlink(final / "usr/bin/python") == "python3"
+    assert (final / "usr/bin/python3").stat().st_mode & 0o7777 == 0o755
+    assert (final / "usr/lib/site.py").stat().st_mode & 0o7777 == 0o644

@@ -14,6 +14,10 @@ A bundle is an uncompressed tar::
                                   the pinned image reference and digest, the notebooks' paths
     image.oci.tar                 the image as an oci-archive (``skopeo``/``podman load`` read it too)
     notebooks/...                 the notebooks folder, regular files only
+    kernel-layer/...              for a kernelspec whose kernels run from the kernel layer or a
+                                  kernel site: that folder (~125 MB), which a student's machine
+                                  cannot make offline (the layer needs the bootstrap tarball, the
+                                  site a package index)
 
 Must not: trust a bundle. Everything in it is hostile input: members are
 read as a stream, only the names above, regular files only (no links,
@@ -25,6 +29,20 @@ against the pinned one before anything is stored and again after (every blob
 is verified by the store), and an import that fails undoes what it did
 (untags the image it added, removes the notebooks folder it made): nothing
 half-written, nothing existing replaced.
+
+The kernel layer or site a bundle carries is hostile too, though it is only
+ever bind-mounted read-only (``nosuid,nodev``) into containers and never run
+on the host: only folders, regular files and symbolic links that resolve
+inside its tree (followed through each other, as the kernel would), no
+setuid/setgid/sticky bits, no hard links or devices, within size and count
+limits, never written through a link; modes are set here (0644/0755, the
+host user). Its content digest (:func:`kernel_layer.tree_digest`) is computed
+from what was unpacked and must be the manifest's; it is installed under a
+name made of that digest (``bundle-layer-<sha256>``, beside the machine's own
+layers, atomically, an existing one never replaced), which no local build
+ever uses, and the imported kernelspec names that content
+(``kernel_layer: layer@sha256:...``): a bundle's layer serves its own
+kernels only.
 """
 
 from __future__ import annotations
@@ -34,6 +52,7 @@ import fcntl
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import stat
@@ -48,7 +67,7 @@ from typing import IO, Any
 
 from .. import errors
 from ..runtime import ImageRecord, Reference, Runtime, Store, parse_cpus, parse_memory
-from . import kernelspec
+from . import kernel_layer, kernelspec
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +79,8 @@ BUNDLE_VERSION = 1
 MANIFEST = "jupyter-contain-bundle.json"
 IMAGE_MEMBER = "image.oci.tar"
 NOTEBOOKS = "notebooks"
+#: the kernel layer's (or kernel site's) folder, when the kernelspec runs from one
+LAYER_MEMBER = "kernel-layer"
 
 #: kernelspec options a bundle carries (machine-independent, checked again on import); anything
 #: else a kernelspec holds (mounts, env, store_root, userns, seccomp, python, ...) stays behind
@@ -76,6 +97,10 @@ MAX_NOTEBOOKS_BYTES = 2 << 30
 MAX_PATH = 1024
 #: notebook-folder entries never exported (editor and interpreter debris)
 _SKIP_DIRS = {".ipynb_checkpoints", "__pycache__", ".git"}
+#: limits on a bundle's kernel layer or site (the layer: about 36,000 entries, 141 MB)
+MAX_LAYER_ENTRIES = 200_000
+MAX_LAYER_BYTES = 2 << 30
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 # --- pinned images ---------------------------------------------------------------------------
@@ -175,13 +200,18 @@ class BundleInfo:
     image: str          # NAME@sha256:... (pinned)
     digest: str
     notebooks: tuple[str, ...]
+    #: the kernel layer or site it carries: (choice "layer" or "site:3.N", content digest, machine)
+    layer: tuple[str, str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
-                "kernelspec": {"name": self.kernel_name, "display_name": self.display_name,
-                               "options": self.options},
-                "image": {"reference": self.image, "digest": self.digest},
-                "notebooks": list(self.notebooks)}
+        doc = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
+               "kernelspec": {"name": self.kernel_name, "display_name": self.display_name,
+                              "options": self.options},
+               "image": {"reference": self.image, "digest": self.digest},
+               "notebooks": list(self.notebooks)}
+        if self.layer is not None:
+            doc["kernel_layer"] = dict(zip(("choice", "digest", "machine"), self.layer, strict=True))
+        return doc
 
 
 def _bad(what: str) -> errors.KernelError:
@@ -264,8 +294,20 @@ def _parse_manifest(data: bytes) -> BundleInfo:
     paths = tuple(_check_notebook_path(p) for p in notebooks)
     if len(set(paths)) != len(paths):
         raise _bad("a notebook path is listed twice")
-    return BundleInfo(name, display, _check_options(ks.get("options") or {}), f"{ref.name}@{ref.digest}",
-                      ref.digest, paths)
+    options = _check_options(ks.get("options") or {})
+    layer = None
+    if doc.get("kernel_layer") is not None:
+        kl = doc["kernel_layer"]
+        if not isinstance(kl, dict) or set(kl) != {"choice", "digest", "machine"} or not all(
+                isinstance(v, str) for v in kl.values()):
+            raise _bad("kernel_layer must be an object with choice, digest and machine")
+        if not kl["choice"] or kl["choice"] != options.get("kernel_layer"):
+            raise _bad(f"the kernel layer it carries ({kl['choice'][:20]!r}) is not the kernelspec's "
+                       f"({options.get('kernel_layer', '')!r})")
+        if not _DIGEST_RE.match(kl["digest"]):
+            raise _bad("the kernel layer's digest must be sha256:<64 hex>")
+        layer = (kl["choice"], kl["digest"], kl["machine"][:40])
+    return BundleInfo(name, display, options, f"{ref.name}@{ref.digest}", ref.digest, paths, layer)
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -316,6 +358,19 @@ def export_bundle(name: str, dest: Path, *, notebooks: Path | None = None, store
         log.warning("bundle: kernelspec %s's options %s are this machine's and stay out of the bundle",
                     name, ", ".join(dropped))
     options = {k: config[k] for k in BUNDLE_OPTIONS if config.get(k) not in (None, "")}
+    layer_dir, layer = None, None
+    if options.get("kernel_layer"):
+        choice = kernel_layer.KernelChoice.parse(str(options["kernel_layer"]))
+        options["kernel_layer"] = choice.base   # the content pin is this machine's: the bundle has its own
+        if progress:
+            progress(f"taking the kernel {'layer' if choice.mode == 'layer' else 'site'} along (no network on the "
+                     "students' side to make it)")
+        layer_dir = kernel_layer.local_folder(choice, progress=progress)
+        digest = kernel_layer.tree_digest(layer_dir)
+        if choice.content is not None and digest != choice.content:
+            raise errors.KernelError(f"{layer_dir} is not what kernelspec {name} names ({choice.content[:19]}...): "
+                                     "it was changed on disk")
+        layer = (choice.base, digest, platform.machine())
     if options.get("network") not in (None, *IMPORT_NETWORKS):
         log.warning("bundle: network %s stays out of the bundle (an imported kernel gets none)", options["network"])
         del options["network"]
@@ -323,7 +378,7 @@ def export_bundle(name: str, dest: Path, *, notebooks: Path | None = None, store
     if notebooks is not None and not Path(notebooks).is_dir():
         raise errors.KernelError(f"{notebooks} is not a folder")
     info = BundleInfo(name, display, _check_options(options), pinned_reference(rec), rec.digest,
-                      tuple(rel for rel, _ in files))
+                      tuple(rel for rel, _ in files), layer)
     from ..runtime.fsutil import atomic_writer
     from ..runtime.images import archive
 
@@ -340,8 +395,30 @@ def export_bundle(name: str, dest: Path, *, notebooks: Path | None = None, store
             tar.add(image_tar, arcname=IMAGE_MEMBER, recursive=False, filter=_plain)
             for rel, path in files:
                 tar.add(path, arcname=f"{NOTEBOOKS}/{rel}", recursive=False, filter=_plain)
+            if layer_dir is not None:
+                _add_tree(tar, layer_dir, LAYER_MEMBER)
     log.info("bundle %s: kernelspec %s, image %s, %d notebook files", dest, name, info.image, len(files))
     return info
+
+
+def _add_tree(tar: tarfile.TarFile, root: Path, arcname: str) -> None:
+    """``root``'s folders, files and links as ``arcname/...``, without hard links (the import refuses them)."""
+    for top, dirs, files in os.walk(root):
+        dirs.sort()
+        for entry in sorted([*dirs, *files]):
+            path = os.path.join(top, entry)
+            ti = tar.gettarinfo(path, arcname=f"{arcname}/{os.path.relpath(path, root)}")
+            if ti.islnk():   # the same inode twice: store the content again
+                ti.type, ti.size = tarfile.REGTYPE, os.lstat(path).st_size
+            ti.uid = ti.gid = 0
+            ti.uname = ti.gname = ""
+            if ti.isreg():
+                ti.mode = 0o755 if ti.mode & 0o111 else 0o644
+                with open(path, "rb") as f:
+                    tar.addfile(ti, f)
+            else:
+                ti.mode = 0o755 if ti.isdir() else 0o777
+                tar.addfile(ti)
 
 
 def _plain(ti: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -387,10 +464,17 @@ def read_bundle(bundle: Path, into: Path) -> BundleInfo:
     seen: set[str] = set()
     notebook_bytes = 0
     info: BundleInfo | None = None
+    layer = _LayerReader(into / LAYER_MEMBER)
     try:
         with open(bundle, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for m in tar:
                 name = m.name
+                if name.startswith(LAYER_MEMBER + "/"):
+                    if name.rstrip("/") in seen:
+                        raise _bad(f"member {name[:80]!r} appears twice")
+                    seen.add(name.rstrip("/"))
+                    layer.add(m, tar)
+                    continue
                 if m.isdir():   # folders are made as their files need them; their names are checked
                     folder = name.rstrip("/")
                     if folder != NOTEBOOKS:
@@ -414,7 +498,7 @@ def read_bundle(bundle: Path, into: Path) -> BundleInfo:
                     _copy_member(src, into / IMAGE_MEMBER, 1 << 40)
                 elif name.startswith(NOTEBOOKS + "/"):
                     rel = _check_notebook_path(name[len(NOTEBOOKS) + 1:])
-                    if len(seen) > MAX_NOTEBOOK_FILES + 2:
+                    if len(seen) - layer.entries > MAX_NOTEBOOK_FILES + 2:
                         raise _bad(f"more than {MAX_NOTEBOOK_FILES} notebook files")
                     target = into / NOTEBOOKS / rel
                     # folders made here, beneath ``into`` only (the path has no .. and no links exist)
@@ -433,7 +517,106 @@ def read_bundle(bundle: Path, into: Path) -> BundleInfo:
     got = {n[len(NOTEBOOKS) + 1:] for n in seen if n.startswith(NOTEBOOKS + "/")}
     if got != set(info.notebooks):
         raise _bad("the notebooks in the archive are not the ones its manifest lists")
+    if (info.layer is None) != (layer.entries == 0):
+        raise _bad("its manifest and its members disagree on whether it carries a kernel layer")
+    layer.check_links()
     return info
+
+
+class _LayerReader:
+    """Unpacks a bundle's ``kernel-layer/`` members into ``root``, refusing anything but a plain tree.
+
+    Folders, regular files (modes set here: 0644, or 0755 if the member is
+    executable) and symbolic links whose targets stay inside the tree; a
+    member is never written through a link (its parents must be folders made
+    here), and links are checked once all are known (:meth:`check_links`).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.links: dict[str, str] = {}
+        self.dirs: set[str] = set()
+        self.entries = 0
+        self.bytes = 0
+
+    def _unsafe(self, rel: str, what: str) -> errors.KernelError:
+        return _bad(f"its kernel layer's {rel[:120]!r} {what}; nothing was installed")
+
+    def _parent(self, rel: str) -> Path:
+        """The folder ``rel`` goes into, made here (never a link: each parent is a folder this reader made)."""
+        if not self.root.is_dir():
+            self.root.mkdir(mode=0o755)
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            folder = "/".join(parts[:i])
+            if folder in self.links:
+                raise self._unsafe(rel, f"would be written through the link {folder!r}")
+            if folder not in self.dirs:
+                os.mkdir(self.root / folder, 0o755)   # FileExistsError: a file of that name (caught below)
+                self.dirs.add(folder)
+        return self.root / "/".join(parts) if parts else self.root
+
+    def add(self, m: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        rel = m.name[len(LAYER_MEMBER) + 1:].rstrip("/")
+        if not rel:
+            return   # the tree's own folder
+        if len(rel) > MAX_PATH or "\0" in rel or "\\" in rel or rel.startswith("/") or any(
+                part in ("", ".", "..") for part in rel.split("/")) or any(
+                unicodedata.category(ch).startswith("C") for ch in rel):
+            raise self._unsafe(rel, "is not a plain relative path")
+        self.entries += 1
+        if self.entries > MAX_LAYER_ENTRIES:
+            raise _bad(f"its kernel layer has more than {MAX_LAYER_ENTRIES} entries")
+        if m.mode & ~0o777:
+            raise self._unsafe(rel, f"has mode {m.mode:o} (setuid, setgid or sticky: a layer has none)")
+        try:
+            if m.isdir():
+                self._parent(rel + "/x")
+            elif m.isreg():
+                parent = self._parent(rel)
+                src = tar.extractfile(m)
+                assert src is not None
+                target = parent / rel.rsplit("/", 1)[-1]
+                self.bytes += _copy_member(src, target, MAX_LAYER_BYTES - self.bytes)
+                os.chmod(target, 0o755 if m.mode & 0o111 else 0o644)
+                # the pyc files check their sources' times (the layer is read-only in containers)
+                with contextlib.suppress(OverflowError, ValueError, OSError):
+                    os.utime(target, (int(m.mtime), int(m.mtime)), follow_symlinks=False)
+            elif m.issym():
+                target_text = m.linkname
+                if not target_text or target_text.startswith("/") or "\0" in target_text or len(target_text) > MAX_PATH:
+                    raise self._unsafe(rel, f"is a link to {target_text[:120]!r} (a layer's links stay inside it)")
+                os.symlink(target_text, self._parent(rel) / rel.rsplit("/", 1)[-1])
+                self.links[rel] = target_text
+            else:
+                kind = "a hard link" if m.islnk() else "a device or FIFO"
+                raise self._unsafe(rel, f"is {kind} (a layer holds folders, files and links inside it only)")
+        except (FileExistsError, NotADirectoryError):
+            raise self._unsafe(rel, "appears twice or beneath a file") from None
+
+    def check_links(self) -> None:
+        """Every link, followed through the others as the kernel would, stays inside the tree."""
+        for rel in self.links:
+            parts = [*rel.split("/")[:-1], *self.links[rel].split("/")]
+            stack: list[str] = []
+            hops = 0
+            while parts:
+                part = parts.pop(0)
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if not stack:
+                        raise self._unsafe(rel, f"is a link to {self.links[rel][:120]!r}, which leaves the layer")
+                    stack.pop()
+                    continue
+                stack.append(part)
+                here = "/".join(stack)
+                if here in self.links:
+                    hops += 1
+                    if hops > 40:
+                        raise self._unsafe(rel, "is a link in a loop")
+                    stack.pop()
+                    parts = [*self.links[here].split("/"), *parts]
 
 
 def _archive_digest(image_tar: Path) -> set[str]:
@@ -510,6 +693,9 @@ def import_bundle(bundle: Path, *, store: Store | None = None, name: str | None 
             undo.callback(_untag, store, tag)
         if info.digest not in (rec.digest, rec.index_digest):
             raise _bad(f"the imported image is {rec.digest}, not the pinned {info.digest}")
+        layer_choice = None
+        if info.layer is not None:
+            layer_choice = _install_layer(info, Path(tmp) / LAYER_MEMBER, undo, progress)
         if nb_dest is not None:
             nb_dest.parent.mkdir(parents=True, exist_ok=True)
             staged = Path(tempfile.mkdtemp(dir=nb_dest.parent, prefix=f".{nb_dest.name}.tmp-"))
@@ -519,6 +705,8 @@ def import_bundle(bundle: Path, *, store: Store | None = None, name: str | None 
             os.rename(staged, nb_dest)   # whole or not at all (refused if it appeared meanwhile)
             undo.callback(shutil.rmtree, nb_dest, ignore_errors=True)
         config: dict[str, Any] = {**info.options, "image": info.image}
+        if layer_choice is not None:
+            config["kernel_layer"] = str(layer_choice)
         if store.root != Store().root:
             config["store_root"] = str(store.root)
         spec = kernelspec.kernel_json(image=rec, display_name=info.display_name, config=config)
@@ -529,6 +717,43 @@ def import_bundle(bundle: Path, *, store: Store | None = None, name: str | None 
         undo.pop_all()
     log.info("bundle %s: installed kernelspec %s (%s), image %s", bundle, kname, path, info.image)
     return info, path, nb_dest
+
+
+def _install_layer(info: BundleInfo, unpacked: Path, undo: contextlib.ExitStack,
+                   progress: Callable[[str], None] | None) -> kernel_layer.KernelChoice:
+    """Put the bundle's kernel layer or site into the machine's cache under its content's name."""
+    assert info.layer is not None
+    choice_text, digest, machine = info.layer
+    if machine != platform.machine():
+        raise _bad(f"its kernel layer was made for {machine}, this machine is {platform.machine()}")
+    got = kernel_layer.tree_digest(unpacked)
+    if got != digest:
+        raise _bad(f"its kernel layer's content is {got[:19]}..., not the {digest[:19]}... its manifest names")
+    choice = kernel_layer.KernelChoice.parse(f"{choice_text}@{got}")
+    cache = kernel_layer.default_cache_dir()
+    final = cache / kernel_layer.bundled_name(choice)
+    if final.is_dir():
+        log.info("bundle: kernel layer %s is here already (imported before)", final)
+        return choice
+    if progress:
+        progress(f"installing the kernel {'layer' if choice.mode == 'layer' else 'site'} as {final}")
+    cache.mkdir(parents=True, exist_ok=True, mode=0o755)
+    staged = cache / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        try:
+            os.rename(unpacked, staged)
+        except OSError:   # another file system: copy (links as links)
+            shutil.copytree(unpacked, staged, symlinks=True)
+        os.chmod(staged, 0o755)
+        os.sync()   # the rename below must not name a folder whose files a crash loses
+        os.rename(staged, final)
+    except OSError as exc:
+        shutil.rmtree(staged, ignore_errors=True)
+        if final.is_dir():   # another import of the same content won the race: theirs is ours
+            return choice
+        raise errors.KernelError(f"could not install the bundle's kernel layer as {final}: {exc}") from None
+    undo.callback(shutil.rmtree, final, ignore_errors=True)
+    return choice
 
 
 def _untag(store: Store, tag: str) -> None:

@@ -95,6 +95,9 @@ BUILDER_VERSION = 3
 #: Python with its ipykernel; "layer": the kernel layer; "site:X.Y": the image's Python X.Y with
 #: the kernel site for X.Y
 _SITE_RE = re.compile(r"^site:(3)\.(\d{1,2})$")
+#: a choice pinned to the content of a folder that came with a class bundle (kernel/classroom.py):
+#: "layer@sha256:<hex>" or "site:3.N@sha256:<hex>", found under :func:`bundled_name` only
+_CONTENT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 #: the bootstrap image's Python, what the layer takes of it (paths in its root filesystem)
 _PY = "python3.11"
@@ -201,10 +204,16 @@ def _multiarch() -> str:
     return arch
 
 
+#: overrides where layers and sites are cached (tests; a machine whose /var/cache is small)
+CACHE_ENV = "JUPYTER_CONTAIN_KERNEL_LAYERS"
+
+
 def default_cache_dir() -> Path:
     """Beside the bootstrap tarballs: /var/cache/jupyter-contain for root, else the XDG cache folder."""
     from ..runtime.images import bootstrap
 
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
     return bootstrap.default_cache_dir().parent / "kernel-layers"
 
 
@@ -222,8 +231,14 @@ class KernelChoice:
 
     mode: str = "image"
     python_version: tuple[int, int] | None = None
+    #: "sha256:..." of the folder's content (:func:`tree_digest`) when it came with a class bundle:
+    #: that folder, under its own name, never one this machine builds
+    content: str | None = None
 
     def __post_init__(self) -> None:
+        if self.content is not None and (self.mode == "image" or not _CONTENT_RE.match(self.content)):
+            raise errors.InvalidSpec(f"kernel_layer: content {str(self.content)[:80]!r} must be sha256:<64 hex> "
+                                     "of a layer or a site")
         if self.mode not in ("image", "layer", "site"):
             raise errors.InvalidSpec(f"kernel_layer: unknown mode {self.mode!r}")
         if (self.mode == "site") != (self.python_version is not None):
@@ -236,7 +251,11 @@ class KernelChoice:
 
     @classmethod
     def parse(cls, text: str) -> KernelChoice:
-        """From a kernelspec's ``kernel_layer`` option: "", "layer" or "site:3.11"."""
+        """From a kernelspec's ``kernel_layer`` option: "", "layer" or "site:3.11" (each may end in @sha256:...)."""
+        base, at, content = text.partition("@")
+        if at:
+            choice = cls.parse(base)
+            return cls(choice.mode, choice.python_version, content)
         if text in ("", "image"):
             return cls()
         if text == "layer":
@@ -247,10 +266,71 @@ class KernelChoice:
         return cls("site", (int(m.group(1)), int(m.group(2))))
 
     def __str__(self) -> str:
+        return self.base + (f"@{self.content}" if self.content else "")
+
+    @property
+    def base(self) -> str:
+        """The choice without its content pin: "", "layer" or "site:3.N"."""
         if self.mode == "site":
             assert self.python_version is not None
             return f"site:{self.python_version[0]}.{self.python_version[1]}"
         return "" if self.mode == "image" else "layer"
+
+
+def bundled_name(choice: KernelChoice) -> str:
+    """The cache folder name of a layer or site that came with a class bundle: its content digest.
+
+    A prefix of its own: a local build (``layer-<key>``, ``site-3.N-<key>``)
+    never finds an imported folder, so a bundle's folder serves only the
+    kernelspecs that name its content.
+    """
+    assert choice.content is not None and choice.mode != "image"
+    return f"bundle-{choice.base.replace(':', '-')}-{choice.content.split(':', 1)[1]}"
+
+
+def local_folder(choice: KernelChoice, *, progress: Progress | None = None) -> Path:
+    """The host folder of ``choice`` on this machine (built if it is a local build not made yet)."""
+    if choice.content is not None:
+        path = default_cache_dir() / bundled_name(choice)
+        if not path.is_dir():
+            raise errors.KernelError(
+                f"this kernel's {'kernel layer' if choice.mode == 'layer' else 'kernel site'} came with a class "
+                f"bundle ({choice.content[:19]}...) and is not in {path.parent}: import the bundle again "
+                f"(jupyter contain kernelspec import BUNDLE.tar --name OTHER), or reinstall the kernelspec "
+                f"(jupyter contain kernelspec install IMAGE) to build one here")
+        return path
+    if choice.mode == "layer":
+        return cached_kernel_layer(progress=progress)
+    assert choice.mode == "site" and choice.python_version is not None
+    return cached_kernel_site(choice.python_version, progress=progress)
+
+
+def tree_digest(root: Path) -> str:
+    """``sha256:`` of a folder's content: each entry's path, kind, executable bit, size and bytes or link target.
+
+    Never follows a link. Owners, times and other mode bits are left out:
+    an import sets them itself (host user, 0644/0755).
+    """
+    h = hashlib.sha256()
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        # os.walk lists links to folders among dirs, and does not descend into them
+        for name in sorted([*dirs, *files]):
+            path = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            st = os.lstat(path)
+            entry: list[object]
+            if stat.S_ISLNK(st.st_mode):
+                entry = ["l", rel, os.readlink(path)]
+            elif stat.S_ISDIR(st.st_mode):
+                entry = ["d", rel]
+            elif stat.S_ISREG(st.st_mode):
+                entry = ["f", rel, bool(st.st_mode & 0o111), st.st_size, _sha256_file(Path(path))]
+            else:
+                raise errors.KernelError(f"{path} is neither a file, a folder nor a link")
+            h.update(json.dumps(entry).encode() + b"\n")
+    return "sha256:" + h.hexdigest()
 
 
 def boot_path_lines(choice: KernelChoice) -> str:
@@ -289,6 +369,8 @@ def kernel_python(choice: KernelChoice, image_python: tuple[str, ...]) -> tuple[
 
 def binds(choice: KernelChoice, *, progress: Progress | None = None) -> list[Bind]:
     """The read-only binds a kernel with ``choice`` needs (building the folder once if it is missing)."""
+    if choice.content is not None:
+        return [Bind(local_folder(choice), LAYER_DIR if choice.mode == "layer" else SITE_DIR, readonly=True)]
     if choice.mode == "layer":
         return [Bind(cached_kernel_layer(progress=progress), LAYER_DIR, readonly=True)]
     if choice.mode == "site":
