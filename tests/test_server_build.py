@@ -233,6 +233,15 @@ def test_remote_cli_build_prints_the_step_lines(srv, kernel_env, tags):
                        input=(Path(srv.root / ctx / "Containerfile")).read_text())
     assert r.returncode == 0, r.stderr
     assert "--> Using cache" in r.stdout.splitlines() and r.stdout.splitlines()[-1] == rec.id
+    # a failing RUN: the server's error and the end of the step's output, exit code 1, no tag
+    fail = _ctx(srv, f"FROM {BASE}\nRUN echo remote-oops-{token} && exit 5\n")
+    r = subprocess.run([sys.executable, "-m", "jupyter_contain.cli", "--url", srv.url, "--token", srv.token,
+                        "build", "-t", "srvbuild-remote:2", "--pull", "never", fail], env=env,
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and f"remote-oops-{token}" in r.stderr and "non-zero code: 5" in r.stderr, \
+        (r.stdout, r.stderr)
+    with pytest.raises(ImageNotFound):
+        kernel_env.store.resolve("srvbuild-remote:2")
     # a context outside the server's root: the server's error, exit code non-zero, nothing built
     r = subprocess.run([sys.executable, "-m", "jupyter_contain.cli", "--url", srv.url, "--token", srv.token,
                         "build", "/etc"], env=env, capture_output=True, text=True, timeout=60,

@@ -140,7 +140,12 @@ def follow(client: Client, op: dict[str, Any], *, quiet: bool) -> dict[str, Any]
     if final["state"] == "succeeded":
         return final.get("result") or {}
     err = final.get("error") or {}
-    raise RemoteError(err.get("message") or f"{final['kind']} {final['state']}", code=err.get("code", ""))
+    if final["kind"] == "build" and err.get("output"):   # a failed RUN: the end of its output (a container's)
+        sys.stderr.write("".join(shown(line) + "\n" for line in str(err["output"]).splitlines()))
+    exc = RemoteError(err.get("message") or f"{final['kind']} {final['state']}", code=err.get("code", ""))
+    if err.get("code") in ("build_step_failed", "build_failed"):
+        exc.exit_code = 1   # as the local verb (and docker build) exit for a failed build
+    raise exc
 
 
 def _print_steps(prog: dict[str, Any], printed: dict[str, str]) -> None:
