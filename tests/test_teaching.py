@@ -335,7 +335,7 @@ def test_bundle_carries_the_kernel_layer_and_its_kernel_runs_offline(kernel_env,
     cfg = json.loads((Path(spec_path) / "kernel.json").read_text())["metadata"]["kernel_provisioner"]["config"]
     assert cfg["kernel_layer"] == f"layer@{here}", cfg
     installed = layers / f"bundle-layer-{here.split(':')[1]}"
-    assert sorted(p.name for p in layers.iterdir()) == [installed.name]   # no temp folder left
+    assert _names(layers) == [installed.name]   # no temp folder left
     assert kernel_layer.tree_digest(installed) == here
     assert not any(p.lstat().st_mode & 0o7022 for p in installed.rglob("*") if not p.is_symlink())
 
@@ -343,17 +343,25 @@ def test_bundle_carries_the_kernel_layer_and_its_kernel_runs_offline(kernel_env,
     try:
         out = run_cell(kc, "import sys, os; print(sys.executable, 6 * 7, os.path.exists('/bin/busybox'))")
         assert out["stdout"].split() == [kernel_layer.LAYER_PYTHON, "42", "True"], out
+        # its %%container cells get the same (imported) layer
+        out = run_cell(kc, "%%container\nimport sys; print(sys.executable, sys.version_info[:2])", timeout=60)
+        assert out["stdout"].strip() == f"{kernel_layer.LAYER_PYTHON} (3, 11)", out
     finally:
         _stop(km, kc)
 
     # imported again under another name: the same folder serves it, never replaced
     inode = installed.stat().st_ino
     classroom.import_bundle(bundle, store=fresh, prefix=str(student), name="t-bb-class-2")
-    assert installed.stat().st_ino == inode and sorted(p.name for p in layers.iterdir()) == [installed.name]
+    assert installed.stat().st_ino == inode and _names(layers) == [installed.name]
     # the kernelspec names content this machine does not have: a clear error at start, nothing built
     shutil.rmtree(installed)
     with pytest.raises(errors.KernelError, match="came with a class bundle"):
         kernel_layer.binds(kernel_layer.KernelChoice.parse(cfg["kernel_layer"]))
+
+
+def _names(layers: Path) -> list[str]:
+    """What a layer cache holds, but its lock files."""
+    return sorted(p.name for p in layers.iterdir() if not p.name.endswith(".lock"))
 
 
 def _tiny_layer(root: Path) -> str:
@@ -423,7 +431,7 @@ def test_hostile_kernel_layer_in_a_bundle_is_refused_and_installs_nothing(case, 
     index = (fresh.root / "index.json").read_bytes()
     with pytest.raises(errors.ContainError, match=why.replace(".", r"\.")):
         classroom.import_bundle(bundle, store=fresh, prefix=str(jupyter_path))
-    assert not layers.exists() or not list(layers.iterdir())
+    assert not layers.exists() or not _names(layers)
     assert (fresh.root / "index.json").read_bytes() == index
     assert not list((jupyter_path / "share/jupyter/kernels").iterdir())
     assert not list(fresh.tmp_dir.iterdir())
@@ -439,11 +447,13 @@ def test_valid_small_kernel_layer_bundle_imports(good_parts, jupyter_path, tmp_p
     layers = tmp_path / "layers"
     monkeypatch.setenv(kernel_layer.CACHE_ENV, str(layers))
     bundle = _bundle(tmp_path / "ok.tar", _layer_manifest(manifest, digest), image, _TINY)
+    stale = layers / f".bundle-layer-{digest.split(':')[1]}.99.1.tmp"   # a killed import's
+    (stale / "usr").mkdir(parents=True)
     info, path, _ = classroom.import_bundle(bundle, store=Store(tmp_path / "fresh"), prefix=str(jupyter_path))
     cfg = json.loads((Path(path) / "kernel.json").read_text())["metadata"]["kernel_provisioner"]["config"]
     assert cfg["kernel_layer"] == f"layer@{digest}"
     final = layers / f"bundle-layer-{digest.split(':')[1]}"
-    assert sorted(p.name for p in layers.iterdir()) == [final.name]
+    assert _names(layers) == [final.name] and not stale.exists()
     assert os.readlink(final / "usr/bin/python") == "python3"
     assert (final / "usr/bin/python3").stat().st_mode & 0o7777 == 0o755
     assert (final / "usr/lib/site.py").stat().st_mode & 0o7777 == 0o644

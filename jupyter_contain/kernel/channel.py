@@ -939,9 +939,10 @@ class HostChannel:
         """
         if shell:
             return ("/bin/sh", "-c", code), ()
-        if kernel_layer.KernelChoice.parse(self.ctx.kernel_layer).mode != "layer":
+        choice = kernel_layer.KernelChoice.parse(self.ctx.kernel_layer)
+        if choice.mode != "layer":
             return (*self.ctx.python, "-c", code), ()
-        binds = kernel_layer.binds(kernel_layer.KernelChoice("layer"))
+        binds = kernel_layer.binds(choice)   # the kernel's own layer (a bundle's, if it came with one)
         return (kernel_layer.LAYER_PYTHON, "-I", "-c", CELL_DISPATCH, *self.ctx.python, code), tuple(binds)
 
     def _cell_limits(self, req: Mapping[str, Any]) -> Limits:

@@ -738,7 +738,18 @@ def _install_layer(info: BundleInfo, unpacked: Path, undo: contextlib.ExitStack,
     if progress:
         progress(f"installing the kernel {'layer' if choice.mode == 'layer' else 'site'} as {final}")
     cache.mkdir(parents=True, exist_ok=True, mode=0o755)
-    staged = cache / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with kernel_layer.locked(cache / f".{final.name}.lock", progress or log.debug):
+        # we hold the lock: any temp folder for this name is a killed import's
+        for stale in cache.glob(f".{final.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.is_dir():   # imported meanwhile
+            return choice
+        return _move_layer(unpacked, final, choice, undo)
+
+
+def _move_layer(unpacked: Path, final: Path, choice: kernel_layer.KernelChoice,
+                undo: contextlib.ExitStack) -> kernel_layer.KernelChoice:
+    staged = final.parent / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         try:
             os.rename(unpacked, staged)

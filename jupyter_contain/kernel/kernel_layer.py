@@ -500,7 +500,7 @@ def _cached(cache_dir: Path, name: str, build: Callable[[Path, Progress], dict |
     if not final.is_dir():
         cache_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         say = _reporter(progress)
-        with _locked(cache_dir / f".{name}.lock", say):
+        with locked(cache_dir / f".{name}.lock", say):
             if not final.is_dir():
                 # we hold the lock: any temp folder for this name is a killed build's
                 for stale in cache_dir.glob(f".{name}.*.tmp"):
@@ -738,7 +738,8 @@ def _reporter(progress: Progress | None) -> Progress:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, say: Progress) -> Iterator[None]:
+def locked(path: Path, say: Progress) -> Iterator[None]:
+    """An exclusive lock on ``path`` (made if missing), saying so when another process holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
