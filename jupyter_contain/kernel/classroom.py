@@ -407,7 +407,11 @@ def _add_tree(tar: tarfile.TarFile, root: Path, arcname: str) -> None:
         dirs.sort()
         for entry in sorted([*dirs, *files]):
             path = os.path.join(top, entry)
-            ti = tar.gettarinfo(path, arcname=f"{arcname}/{os.path.relpath(path, root)}")
+            got = tar.gettarinfo(path, arcname=f"{arcname}/{os.path.relpath(path, root)}")
+            if got is None or not (got.isdir() or got.isreg() or got.issym() or got.islnk()):
+                raise errors.KernelError(f"{path} is not a file, a folder or a link: the kernel layer was "
+                                         "changed on disk (remove it; the next kernelspec install builds it again)")
+            ti = got
             if ti.islnk():   # the same inode twice: store the content again
                 ti.type, ti.size = tarfile.REGTYPE, os.lstat(path).st_size
             ti.uid = ti.gid = 0
