@@ -43,7 +43,14 @@ mkdir -p /dev/shm && mount -t tmpfs -o nosuid,nodev tmpfs /dev/shm
 mkdir -p /scratch && mount -t ext4 /dev/vda /scratch || { say "no scratch disk"; finish 3; }
 mkdir -p /scratch/tmp /scratch/var-lib /scratch/var-cache
 chmod 1777 /scratch/tmp
+# a checkout under /tmp (CI's fresh clone) stays visible at its path over the scratch /tmp
+case "$REPO/" in
+    /tmp/*) mkdir -p /run/jc-repo && mount --bind "$REPO" /run/jc-repo || finish 3 ;;
+esac
 mount --bind /scratch/tmp /tmp
+case "$REPO/" in
+    /tmp/*) mkdir -p "$REPO" && mount --bind /run/jc-repo "$REPO" || finish 3 ;;
+esac
 mkdir -p /var/lib/jupyter-contain && mount --bind /scratch/var-lib /var/lib/jupyter-contain
 # the host's folders that hold its own live state must not be seen as the guest's
 for d in /var/tmp /root/.local/share/jupyter/runtime; do
@@ -110,7 +117,8 @@ if [ -n "$left" ]; then
     echo "vm-guest: cgroups left behind: $left" | tee -a "$RESULTS/pytest.log" >/dev/console
     [ "$rc" -eq 0 ] && rc=4
 fi
-left="$(awk '{ for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i+1) == "overlay" && $5 != "/") print $5; break } }' /proc/self/mountinfo)"
+# (the root and, for a checkout under /tmp, its two binds above are the lane's own)
+left="$(awk -v repo="$REPO" '{ for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i+1) == "overlay" && $5 != "/" && $5 != "/run/jc-repo" && $5 != repo) print $5; break } }' /proc/self/mountinfo)"
 if [ -n "$left" ]; then
     echo "vm-guest: overlay mounts left behind: $left" | tee -a "$RESULTS/pytest.log" >/dev/console
     [ "$rc" -eq 0 ] && rc=4
