@@ -176,20 +176,25 @@ def shutdown_kernels(lab: Lab, *, timeout: float = 60) -> None:
                 lab.api("DELETE", f"/api/kernels/{k['id']}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _lab_containers(lab, Runtime):
+        if not _lab_containers(lab, Runtime, pooled=False):
             return
         time.sleep(0.2)
 
 
-def _lab_containers(lab: Lab, runtime_cls) -> list:
-    """Containers of kernels of this server (kernel containers labelled with our kernelspecs' names)."""
+def _lab_containers(lab: Lab, runtime_cls, *, pooled: bool = True) -> list:
+    """Containers of kernels of this server (kernel containers labelled with our kernelspecs' names).
+
+    ``pooled=False`` leaves out warm kernels waiting in a pool (a module with a pool keeps them
+    until the server stops, which removes them: the lab fixture checks that with ``pooled=True``).
+    """
     names = {p.name for p in lab.kernels_dir.iterdir()} if lab.kernels_dir.is_dir() else set()
     return [c for c in runtime_cls(lab.store).containers()
-            if c.state.labels.get("jupyter-contain.kernel-name") in names]
+            if c.state.labels.get("jupyter-contain.kernel-name") in names
+            and (pooled or not c.state.labels.get("jupyter-contain.pool"))]
 
 
 @pytest.fixture(scope="module")
-def lab(kernel_env, tmp_path_factory) -> Iterator[Lab]:  # noqa: F811 - kernel_env is the imported fixture
+def lab(kernel_env, tmp_path_factory, request) -> Iterator[Lab]:  # noqa: F811 - kernel_env is the imported fixture
     from jupyter_contain.kernel import kernelspec
     from jupyter_contain.runtime import Runtime
 
@@ -222,7 +227,9 @@ def lab(kernel_env, tmp_path_factory) -> Iterator[Lab]:  # noqa: F811 - kernel_e
             # the REST API (jupyter_contain.server) works on the test store, never the machine's
             f"--ContainApp.store_root={kernel_env.store.root}",
             # no warm pool: each test's kernels are gone after it (shutdown_kernels waits for their containers)
-            "--ContainApp.kernel_pool=0"]
+            "--ContainApp.kernel_pool=0",
+            # a module's own server options (LAB_ARGS), after ours: later ones win
+            *getattr(request.module, "LAB_ARGS", ())]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(argv, cwd=nbdir, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
