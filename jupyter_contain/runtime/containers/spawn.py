@@ -359,7 +359,12 @@ class ContainerProcess:
         want of the process. This failure explains that one. None while
         the child lives (or if it ended without a word).
         """
-        if self._proc.released or self._proc.poll() is None:
+        if self._proc.released:
+            return None
+        # asked because a step of the caller's failed for want of the process: a child that is
+        # ending right now has lost its namespaces (/proc/PID/ns) before it is a zombie, so it
+        # gets a moment to end and say why (on a slow machine that window is milliseconds)
+        if self._proc.poll() is None and self._proc.wait(0.5) is None:
             return None
         try:
             self.release()
