@@ -52,8 +52,6 @@ Jupyter packages (it runs in kernel start paths: only a ``stat`` when cached).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -69,13 +67,18 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import errors
 from ..runtime import Bind
 from ..runtime.fsutil import atomic_write
+
+# the bootstrap images' build lock and progress reporter, shared (``locked`` is public here too:
+# class bundles install layers under it)
+from ..runtime.images.bootstrap import locked
+from ..runtime.images.bootstrap import reporter as _reporter
 
 log = logging.getLogger(__name__)
 
@@ -729,27 +732,6 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _reporter(progress: Progress | None) -> Progress:
-    def say(msg: str) -> None:
-        log.debug("%s", msg)
-        if progress is not None:
-            progress(msg)
-    return say
-
-
-@contextlib.contextmanager
-def locked(path: Path, say: Progress) -> Iterator[None]:
-    """An exclusive lock on ``path`` (made if missing), saying so when another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another process building {path.name[1:-5]}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _sha256_file(path: Path) -> str:

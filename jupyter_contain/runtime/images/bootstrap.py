@@ -218,7 +218,7 @@ def build_rootfs_tar(
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    say = _reporter(progress)
+    say = reporter(progress)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     start = time.monotonic()
     try:
@@ -263,8 +263,8 @@ def cached_rootfs_tar(
     if final.exists():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
-    say = _reporter(progress)
-    with _locked(cache_dir / f".{final.name}.lock", say):
+    say = reporter(progress)
+    with locked(cache_dir / f".{final.name}.lock", say):
         if final.exists():  # someone else built it while we waited
             return final
         # We hold the lock, so any temp file for this key is a crashed build's.
@@ -340,7 +340,7 @@ def cached_wheels(
         return []
     wheel_dir = Path(wheel_dir) if wheel_dir is not None else default_cache_dir() / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    say = _reporter(progress)
+    say = reporter(progress)
 
     def good(w: Wheel) -> bool:
         path = wheel_dir / w.filename
@@ -348,7 +348,7 @@ def cached_wheels(
 
     missing = [w for w in wheels if not good(w)]
     if missing:
-        with _locked(wheel_dir / ".wheels.lock", say):
+        with locked(wheel_dir / ".wheels.lock", say):
             missing = [w for w in wheels if not good(w)]
             if missing:
                 _download_wheels(missing, wheel_dir, say=say, python=python or sys.executable)
@@ -646,7 +646,8 @@ def _parse_deb822(text: str) -> Iterator[tuple[str, str, list[str]]]:
                 yield uri, suite, st.get("components", "").split()
 
 
-def _reporter(progress: Progress | None) -> Progress:
+def reporter(progress: Progress | None) -> Progress:
+    """A progress callback that also logs each message at debug level."""
     def say(msg: str) -> None:
         log.debug("%s", msg)
         if progress is not None:
@@ -655,7 +656,8 @@ def _reporter(progress: Progress | None) -> Progress:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, say: Progress) -> Iterator[None]:
+def locked(path: Path, say: Progress) -> Iterator[None]:
+    """An exclusive lock on ``path`` (made if missing) for a build, saying so when another process holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
