@@ -469,3 +469,19 @@ def test_container_cells_of_a_layer_kernel_run_where_the_image_has_no_python(sta
         kc.stop_channels()
         km.shutdown_kernel(now=True)
     assert Runtime(standins.store).containers() == []
+
+
+def test_nbclient_runs_a_notebook_on_a_kernel_from_an_image_without_python(standins, tmp_path, monkeypatch):
+    """As `jupyter execute` / papermill would: nbclient makes its own kernel manager from the kernelspec."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("JUPYTER_PATH", str(standins.kernels_dir.parent))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import os, sys\nprint(os.path.realpath('/bin/sh'), sys.version_info[:2])\n"
+                                          "open('from-nbclient.txt', 'w').write('hi')")]
+    NotebookClient(nb, timeout=120, startup_timeout=120, kernel_name=standins.names["busybox"],
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    out = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.output_type == "stream")
+    assert "/bin/busybox (3, 11)" in out, nb.cells[0].outputs
+    assert (tmp_path / "from-nbclient.txt").read_text() == "hi"   # the notebook's folder, mounted
