@@ -531,15 +531,6 @@ class Container:
         # the init's own word first: it tells the payload's exit code from its
         # death by a signal, which its own exit code (128+N either way) cannot
         reported = _read_exit_file(self.dir / "exit")
-        cg = self.cgroups(st)
-        oom = limit = peak = pids_limit = None
-        refused = 0
-        if cg is not None:
-            try:
-                oom, limit, peak = cg.memory_outcome()
-                pids_limit, refused = cg.pids_outcome()
-            except errors.CgroupError:
-                pass
         sig: int | None
         if reported is not None:
             code, sig = reported
@@ -552,6 +543,23 @@ class Container:
             # admin, the OOM killer, `kill -9`) ends it so; the wait status that
             # would say it went to whoever reaped it
             code, sig = 128 + signal.SIGKILL, signal.SIGKILL
+        cg = self.cgroups(st)
+        oom = limit = peak = pids_limit = None
+        refused = 0
+        if cg is not None:
+            try:
+                oom, limit, peak = cg.memory_outcome()
+                # the kernel counts an OOM kill (memory.events, memory.oom_control) only after it
+                # sent the SIGKILL, so a victim reaped at once can be here first: a SIGKILLed
+                # container at its memory limit gets a moment for the count to land
+                for _ in range(25):
+                    if oom or sig != signal.SIGKILL or not limit or not peak or peak < limit * 0.9:
+                        break
+                    time.sleep(0.02)
+                    oom, limit, peak = cg.memory_outcome()
+                pids_limit, refused = cg.pids_outcome()
+            except errors.CgroupError:
+                pass
         info = ExitInfo(code=code, signal=sig, oom_killed=bool(oom) and sig == signal.SIGKILL,
                         memory_limit=limit, memory_peak=peak, finished=now_rfc3339(),
                         pids_limit=pids_limit, pids_refused=refused)
